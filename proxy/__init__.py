@@ -1,0 +1,1 @@
+"""Understudy proxy: an OpenAI-compatible endpoint that records tool-use trajectories."""

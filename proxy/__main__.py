@@ -1,0 +1,99 @@
+"""`python -m proxy` (console script `understudy-proxy`): start the proxy, or run one of its commands.
+
+    python -m proxy [--host H] [--port P] [--upstream URL] [--db PATH_OR_URL] [--config FILE] ...
+    python -m proxy migrate [--db PATH_OR_URL]
+
+Every flag is also the environment variable UNDERSTUDY_<NAME> and a key of the config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from proxy.config import ConfigFileError, Settings
+from proxy.storage import Database, DatabaseError
+
+COMMANDS = ("serve", "migrate")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags generated from `Settings`, so the CLI, env vars and config file never drift apart."""
+    parser = argparse.ArgumentParser(
+        prog="understudy-proxy",
+        description="OpenAI-compatible proxy that records tool-use trajectories. "
+        "Commands: serve (default), migrate.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("command", nargs="?", choices=COMMANDS, default="serve")
+    for name, field in Settings.model_fields.items():
+        env = f"UNDERSTUDY_{name.upper()}"
+        parser.add_argument(_flag(name), dest=name, metavar=name.upper(), help=f"{field.description} [{env}]")
+    return parser
+
+
+def load_settings(options: dict[str, Any]) -> Settings:
+    """Settings from flags (given ones only), env and config file; exits with one line on error."""
+    try:
+        return Settings(**options)
+    except ConfigFileError as exc:
+        sys.exit(f"understudy-proxy: {exc}")
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_flag(str(err['loc'][0])) if err['loc'] else 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        sys.exit(f"understudy-proxy: invalid settings: {problems}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command", "serve")
+    settings = load_settings(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        # Open (and migrate) the database before serving, so a bad --db fails in one line.
+        asyncio.run(_open_and_migrate(settings.db, report=command == "migrate"))
+    except DatabaseError as exc:
+        sys.exit(f"understudy-proxy: {exc}")
+    if command == "migrate":
+        return
+
+    import uvicorn
+
+    from proxy.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        server_header=False,
+        date_header=False,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+async def _open_and_migrate(target: str, *, report: bool) -> None:
+    db = await Database.open(target)
+    await db.close()
+    if report:
+        applied = ", ".join(db.applied_migrations) or "none needed"
+        print(f"database {target} is at the latest schema (applied: {applied})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Canonical chat messages and the rolling hash that stitches exchanges into trajectories.
+
+Pure functions, no I/O. A message is canonicalized so that what SDKs echo back does not change its
+hash: absent vs `null` fields, response-only fields (`refusal`, `annotations`, `audio`), content as
+a string vs a list of text parts, `arguments` JSON whitespace and key order, `developer` vs
+`system`. Tool-call ids are kept: they chain a call to its result.
+
+Hashes are SHA-256 hex strings (64 characters). For messages m_1..m_n the prefix hashes are
+`h_i = sha256(h_{i-1} || canon(m_i))` with `h_0 = ""`; an exchange's *state* is the hash of its
+request messages followed by its response message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# Fields a message can carry that matter to the conversation. Everything else (refusal,
+# annotations, audio, reasoning fields some providers add, SDK extras) is left out of the hash.
+_ROLE_ALIASES = {"developer": "system"}
+
+
+def canonical_arguments(arguments: Any) -> str:
+    """Tool-call `arguments` as compact JSON with sorted keys.
+
+    Accepts the JSON string the API sends or an already-parsed object (some clients re-serialize).
+    A string that is not valid JSON is kept as it is, stripped of surrounding white space.
+    """
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            return arguments.strip()
+    else:
+        parsed = arguments
+    return json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def canonical_content(content: Any) -> Any:
+    """Message content as one string when it is text only; `None` when empty.
+
+    A list of `{"type": "text", "text": ...}` parts becomes the concatenation of the texts (the
+    model sees them joined). A list with other parts (images, audio, files) is kept as a list of
+    parts with `None` fields dropped.
+    """
+    if content is None:
+        return None
+    if isinstance(content, str):
+        return content or None
+    if isinstance(content, list):
+        if all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            text = "".join(str(p.get("text") or "") for p in content)
+            return text or None
+        return [_drop_nones(p) for p in content]
+    return content
+
+
+def _drop_nones(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nones(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nones(v) for v in value]
+    return value
+
+
+def _canonical_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function") or {}
+    out: dict[str, Any] = {
+        "id": call.get("id"),
+        "type": call.get("type") or "function",
+        "function": {
+            "name": function.get("name"),
+            "arguments": canonical_arguments(function.get("arguments", "")),
+        },
+    }
+    if out["type"] != "function":  # e.g. custom tools: keep their payload as sent
+        out = _drop_nones({k: v for k, v in call.items() if k != "index"})
+    return out
+
+
+def canonical_message(message: Any) -> dict[str, Any]:
+    """The parts of one chat message that define the conversation, in a fixed shape.
+
+    Shape: `{"role", "content"?, "name"?, "tool_calls"?, "tool_call_id"?, "function_call"?}`;
+    keys with empty values are omitted. A message that is not an object is wrapped as
+    `{"invalid": <value>}` so hashing never fails on odd input.
+    """
+    if not isinstance(message, dict):
+        return {"invalid": message}
+    role = message.get("role")
+    out: dict[str, Any] = {"role": _ROLE_ALIASES.get(role, role) if isinstance(role, str) else role}
+    content = canonical_content(message.get("content"))
+    if content is not None:
+        out["content"] = content
+    name = message.get("name")
+    if name:
+        out["name"] = name
+    tool_calls = message.get("tool_calls")
+    if tool_calls:
+        out["tool_calls"] = [
+            _canonical_tool_call(c) if isinstance(c, dict) else c for c in tool_calls
+        ]
+    tool_call_id = message.get("tool_call_id")
+    if tool_call_id:
+        out["tool_call_id"] = tool_call_id
+    function_call = message.get("function_call")
+    if function_call:
+        out["function_call"] = {
+            "name": function_call.get("name"),
+            "arguments": canonical_arguments(function_call.get("arguments", "")),
+        }
+    return out
+
+
+def _message_bytes(message: Any) -> bytes:
+    return json.dumps(
+        canonical_message(message), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
+
+
+def chain_hash(previous: str, message: Any) -> str:
+    """`sha256(previous || canon(message))` as hex: one step of the rolling hash."""
+    digest = hashlib.sha256(previous.encode("ascii"))
+    digest.update(_message_bytes(message))
+    return digest.hexdigest()
+
+
+def prefix_hashes(messages: Iterable[Any]) -> list[str]:
+    """Rolling hashes of every prefix: element i is the hash of messages[0..i] (inclusive)."""
+    hashes: list[str] = []
+    previous = ""
+    for message in messages:
+        previous = chain_hash(previous, message)
+        hashes.append(previous)
+    return hashes
+
+
+def continuation_candidates(messages: Sequence[Any], hashes: Sequence[str]) -> list[str]:
+    """Hashes of the prefixes that end in an assistant message, longest first.
+
+    These are the states of earlier exchanges that a request could continue.
+    """
+    return [
+        hashes[i]
+        for i in range(len(messages) - 1, -1, -1)
+        if isinstance(messages[i], dict) and messages[i].get("role") == "assistant"
+    ]

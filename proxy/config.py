@@ -1,0 +1,111 @@
+"""Proxy settings: command-line flags, `UNDERSTUDY_*` environment variables and a config file.
+
+Precedence, highest first: flags given to `python -m proxy`, environment variables, the config
+file (`--config FILE` / `UNDERSTUDY_CONFIG`; TOML, YAML or JSON by its suffix), defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+
+
+class ConfigFileError(ValueError):
+    """The config file named by `--config` / `UNDERSTUDY_CONFIG` is missing or unreadable."""
+
+
+class Settings(BaseSettings):
+    """Every option of the proxy. Field names map to `--flag-name` and `UNDERSTUDY_FLAG_NAME`."""
+
+    model_config = SettingsConfigDict(env_prefix="UNDERSTUDY_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8787, ge=0, le=65535, description="TCP port to listen on.")
+    upstream: str = Field(
+        DEFAULT_UPSTREAM,
+        description="Base URL of the OpenAI-compatible API that calls are forwarded to "
+        "(the part before /chat/completions).",
+    )
+    db: str = Field(
+        "./understudy.db",
+        description="Database: a SQLite file path, or a sqlite:/// / postgresql:// URL.",
+    )
+    config: str | None = Field(None, description="Config file (TOML, YAML or JSON).")
+    upstream_api_key: SecretStr | None = Field(
+        None,
+        description="When set, the proxy authenticates upstream with this key and ignores the "
+        "client's Authorization; otherwise the client's Authorization is forwarded.",
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, description="Upstream connect timeout, seconds.")
+    read_timeout_s: float = Field(
+        600.0, gt=0, description="Upstream read timeout between bytes, seconds."
+    )
+    flush_interval_ms: int = Field(
+        50, ge=1, le=10_000, description="Longest time a recorded exchange waits before its batch is written, ms."
+    )
+    record_batch_size: int = Field(
+        500, ge=1, description="Most exchanges written in one database transaction."
+    )
+    record_queue_size: int = Field(
+        100_000, ge=1, description="Most exchanges waiting to be written before new ones are dropped (and counted)."
+    )
+    stitch_cache_size: int = Field(
+        100_000, ge=0, description="Recent conversation states kept in memory for stitching."
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+
+    @field_validator("upstream")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("upstream must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        init_kwargs: dict[str, Any] = getattr(init_settings, "init_kwargs", {})
+        path = init_kwargs.get("config") or os.environ.get("UNDERSTUDY_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path:
+            sources.append(_config_file_source(settings_cls, Path(path)))
+        return tuple(sources)
+
+
+def _config_file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    if not path.is_file():
+        raise ConfigFileError(f"config file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    if suffix in (".yaml", ".yml"):
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    if suffix == ".json":
+        return JsonConfigSettingsSource(settings_cls, json_file=path)
+    raise ConfigFileError(f"config file must end in .toml, .yaml, .yml or .json: {path}")
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings from environment and config file, read once (flags go through `Settings(...)`)."""
+    return Settings()

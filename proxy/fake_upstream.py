@@ -1,0 +1,299 @@
+"""A fake OpenAI-compatible upstream that speaks the real wire format, for tests, the benchmark and the demo.
+
+It plays a deterministic tool-using "model": given the tools in the request and the conversation
+so far, it calls tools for a few steps, then answers. No network, no API key.
+
+Behaviour, chosen by the request:
+- Steps since the last user message: step 0 calls the first tool (or, when the user text contains
+  "parallel", the first two tools at once); step 1 calls the second tool (or the first again);
+  step 2 and later answer with text that quotes the tool results. With no tools: a text answer.
+- `stream: true` sends `chat.completion.chunk` SSE events with tool-call arguments split across
+  chunks, `finish_reason`, a usage chunk when `stream_options.include_usage`, then `[DONE]`.
+- Header `x-fake-chunk-delay-ms: N` waits N ms between chunks (a slow upstream).
+- Model `fake-error-500` / `fake-error-429` answer with OpenAI error bodies (429 has `retry-after`).
+- Header `x-fake-fixed: 1` answers with one fixed small completion (for the benchmark).
+
+Every answer carries `x-request-id`, `openai-processing-ms`, `x-ratelimit-*` headers and an
+unknown body field (`x_fake_extra`) so fidelity can be checked. Requests are kept in memory and
+listed by `GET /_fake/requests` (Authorization included, for assertions) and cleared by
+`DELETE /_fake/requests`.
+
+Run: `python -m proxy.fake_upstream --port 9999`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+_counter = itertools.count(1)
+FIXED_COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-fixed",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": "fake-fast",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "ok", "refusal": None, "annotations": []},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
+    }
+).encode()
+
+
+def _headers(request_id: str) -> dict[str, str]:
+    return {
+        "x-request-id": request_id,
+        "openai-processing-ms": "7",
+        "openai-version": "2020-10-01",
+        "x-ratelimit-limit-requests": "10000",
+        "x-ratelimit-remaining-requests": "9999",
+        "x-ratelimit-reset-requests": "6ms",
+        "x-ratelimit-limit-tokens": "30000000",
+        "x-ratelimit-remaining-tokens": "29999000",
+    }
+
+
+def _tool_names(body: dict[str, Any]) -> list[str]:
+    names = []
+    for tool in body.get("tools") or []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and function.get("name"):
+            names.append(function["name"])
+    return names
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def plan_message(body: dict[str, Any], request_number: int) -> dict[str, Any]:
+    """The assistant message the fake model answers `body` with (see the module docstring)."""
+    messages = body.get("messages") or []
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    user_text = _text_of(messages[last_user].get("content")) if last_user >= 0 else ""
+    step = sum(1 for m in messages[last_user + 1 :] if m.get("role") == "assistant")
+    tools = _tool_names(body)
+    if tools and step < 2 and body.get("tool_choice") != "none":
+        if step == 0 and "parallel" in user_text and len(tools) > 1:
+            chosen = tools[:2]
+        elif step == 0:
+            chosen = tools[:1]
+        else:
+            chosen = [tools[1] if len(tools) > 1 else tools[0]]
+        calls = [
+            {
+                "id": f"call_{request_number}_{i}",
+                "type": "function",
+                "function": {
+                    "name": name,
+                    "arguments": json.dumps({"query": user_text[:40], "step": step, "n": i}),
+                },
+            }
+            for i, name in enumerate(chosen)
+        ]
+        return {"role": "assistant", "content": None, "tool_calls": calls, "refusal": None, "annotations": []}
+    results = [_text_of(m.get("content")) for m in messages[last_user + 1 :] if m.get("role") == "tool"]
+    answer = f"Answer to {user_text[:60]!r}" + (f" using {'; '.join(results)}" if results else "")
+    return {"role": "assistant", "content": answer, "refusal": None, "annotations": []}
+
+
+async def chat_completions(request: Request) -> Response:
+    number = next(_counter)
+    request_id = f"req_fake_{number}"
+    if request.headers.get("x-fake-fixed"):
+        await request.body()
+        return Response(FIXED_COMPLETION, media_type="application/json", headers=_headers(request_id))
+    request.app.state.requests.append(
+        {"headers": dict(request.headers), "body": json.loads(await request.body() or b"null")}
+    )
+    body = request.app.state.requests[-1]["body"]
+    model = body.get("model", "fake-model")
+    if model == "fake-error-500":
+        return JSONResponse(
+            {"error": {"message": "The server had an error", "type": "server_error", "param": None, "code": None}},
+            status_code=500,
+            headers=_headers(request_id),
+        )
+    if model == "fake-error-429":
+        return JSONResponse(
+            {"error": {"message": "Rate limit reached", "type": "requests", "param": None, "code": "rate_limit_exceeded"}},
+            status_code=429,
+            headers={**_headers(request_id), "retry-after": "1"},
+        )
+    message = plan_message(body, number)
+    completion_id = f"chatcmpl-fake{number}"
+    created = int(time.time())
+    prompt_tokens = sum(len(json.dumps(m)) // 4 for m in body.get("messages", []))
+    completion_tokens = max(1, len(json.dumps(message)) // 4)
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+    }
+    finish_reason = "tool_calls" if message.get("tool_calls") else "stop"
+    if body.get("stream"):
+        delay = float(request.headers.get("x-fake-chunk-delay-ms", "0")) / 1000
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        chunks = _stream_chunks(completion_id, created, model, message, finish_reason, usage if include_usage else None)
+        return StreamingResponse(
+            _sse(chunks, delay), media_type="text/event-stream", headers=_headers(request_id)
+        )
+    return JSONResponse(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage,
+            "service_tier": "default",
+            "system_fingerprint": "fp_fake",
+            "x_fake_extra": {"kept": True},
+        },
+        headers=_headers(request_id),
+    )
+
+
+def _stream_chunks(
+    completion_id: str,
+    created: int,
+    model: str,
+    message: dict[str, Any],
+    finish_reason: str,
+    usage: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_fake",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            **({"usage": None} if usage is not None else {}),
+        }
+
+    chunks = [chunk({"role": "assistant", "content": None if message.get("tool_calls") else "", "refusal": None})]
+    for index, call in enumerate(message.get("tool_calls") or []):
+        arguments = call["function"]["arguments"]
+        chunks.append(
+            chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": index,
+                            "id": call["id"],
+                            "type": "function",
+                            "function": {"name": call["function"]["name"], "arguments": ""},
+                        }
+                    ]
+                }
+            )
+        )
+        for start in range(0, len(arguments), 7):
+            piece = arguments[start : start + 7]
+            chunks.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
+    content = message.get("content") or ""
+    for start in range(0, len(content), 5):
+        chunks.append(chunk({"content": content[start : start + 5]}))
+    chunks.append(chunk({}, finish_reason))
+    if usage is not None:
+        chunks.append(
+            {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": "fp_fake",
+                "choices": [],
+                "usage": usage,
+            }
+        )
+    return chunks
+
+
+async def _sse(chunks: list[dict[str, Any]], delay: float) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+        if delay:
+            await asyncio.sleep(delay)
+    yield b"data: [DONE]\n\n"
+
+
+async def models(request: Request) -> Response:
+    return JSONResponse(
+        {"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "understudy"}]},
+        headers=_headers("req_fake_models"),
+    )
+
+
+async def embeddings(request: Request) -> Response:
+    body = json.loads(await request.body())
+    inputs = body.get("input")
+    count = len(inputs) if isinstance(inputs, list) else 1
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(count)],
+            "model": body.get("model"),
+            "usage": {"prompt_tokens": count, "total_tokens": count},
+        },
+        headers=_headers("req_fake_embeddings"),
+    )
+
+
+async def recorded_requests(request: Request) -> Response:
+    if request.method == "DELETE":
+        request.app.state.requests.clear()
+        return JSONResponse({"cleared": True})
+    return JSONResponse(request.app.state.requests)
+
+
+def create_fake_app() -> Starlette:
+    """The fake upstream as an ASGI app (serve it with uvicorn); routes under `/v1`."""
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/_fake/requests", recorded_requests, methods=["GET", "DELETE"]),
+        ]
+    )
+    app.state.requests = []
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible upstream (no network, no key).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9999)
+    args = parser.parse_args()
+    import uvicorn
+
+    uvicorn.run(create_fake_app(), host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

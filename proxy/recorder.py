@@ -1,0 +1,226 @@
+"""Recording: exchanges go through an in-memory queue to one writer task that writes them in batches.
+
+The request path only builds an `ExchangeRecord` and calls `Recorder.submit()` (never blocks,
+never raises). The writer turns records into rows (JSON encoding, usage extraction) and writes a
+batch every `flush_interval` or `batch_size` records, whichever comes first. `stop()` drains the
+queue, so a clean shutdown loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.storage import Database
+
+log = logging.getLogger("understudy.recorder")
+
+_CONTROL_HEADER_PREFIX = "x-understudy-"
+
+
+@dataclass
+class ExchangeRecord:
+    """One proxied request and its answer, as the request path saw it.
+
+    request_text: the request body as the client sent it (UTF-8). response: the answer as a
+    `chat.completion` dict (assembled for streams); response_text: the upstream body as received,
+    stored verbatim when present. error_text: the error body (upstream's or the proxy's own).
+    Times: started_utc (ISO-8601), duration_ms and ttft_ms in milliseconds.
+    """
+
+    id: str
+    trajectory_id: str
+    parent_id: str | None
+    step: int
+    new_trajectory: bool
+    id_source: str
+    route: str
+    started_utc: str
+    path: str
+    stream: bool
+    request: dict[str, Any]
+    request_text: str
+    request_hash: str
+    control_headers: dict[str, str] = field(default_factory=dict)
+    status_code: int | None = None
+    outcome: str = "ok"
+    response: dict[str, Any] | None = None
+    response_text: str | None = None
+    error_text: str | None = None
+    state_hash: str | None = None
+    duration_ms: float | None = None
+    ttft_ms: float | None = None
+    upstream_request_id: str | None = None
+    injected_logit_bias: dict[str, int] | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        """The `exchanges` row for this record (runs in the writer, off the request path)."""
+        response = self.response or {}
+        usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
+        choices = response.get("choices") or []
+        first = choices[0] if choices and isinstance(choices[0], dict) else {}
+        message = first.get("message") or {}
+        tool_calls = message.get("tool_calls") if isinstance(message, dict) else None
+        metadata = self.request.get("metadata")
+        user = self.request.get("user")
+        return {
+            "id": self.id,
+            "trajectory_id": self.trajectory_id,
+            "parent_id": self.parent_id,
+            "step": self.step,
+            "started_utc": self.started_utc,
+            "duration_ms": self.duration_ms,
+            "ttft_ms": self.ttft_ms,
+            "path": self.path,
+            "stream": self.stream,
+            "status_code": self.status_code,
+            "outcome": self.outcome,
+            "route": self.route,
+            "model_requested": _text(self.request.get("model")),
+            "model_answered": _text(response.get("model")),
+            "request_json": self.request_text,
+            "response_json": self.response_text
+            if self.response_text is not None
+            else (json.dumps(self.response) if self.response is not None else None),
+            "error_json": self.error_text,
+            "request_headers_json": json.dumps(self.control_headers) if self.control_headers else None,
+            "upstream_request_id": self.upstream_request_id,
+            "end_user": _text(user) if user is not None else None,
+            "metadata_json": json.dumps(metadata) if metadata is not None else None,
+            "prompt_tokens": _int(usage, "prompt_tokens"),
+            "completion_tokens": _int(usage, "completion_tokens"),
+            "total_tokens": _int(usage, "total_tokens"),
+            "usage_json": json.dumps(usage) if usage is not None else None,
+            "finish_reason": _text(first.get("finish_reason")),
+            "tool_call_count": len(tool_calls) if isinstance(tool_calls, list) else 0,
+            "request_hash": self.request_hash,
+            "state_hash": self.state_hash,
+            "injected_logit_bias_json": json.dumps(self.injected_logit_bias)
+            if self.injected_logit_bias
+            else None,
+        }
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else (None if value is None else str(value))
+
+
+def _int(usage: dict[str, Any] | None, key: str) -> int | None:
+    if not usage:
+        return None
+    value = usage.get(key)
+    return value if isinstance(value, int) else None
+
+
+def control_headers(headers: Any) -> dict[str, str]:
+    """The `X-Understudy-*` request headers (names lower-cased): the only headers ever stored."""
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(_CONTROL_HEADER_PREFIX)}
+
+
+def trajectory_rows(rows: list[dict[str, Any]], records: list[ExchangeRecord]) -> list[dict[str, Any]]:
+    """Per-trajectory increments for a batch (see `Database.write_exchanges`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for row, record in zip(rows, records, strict=True):
+        entry = out.get(row["trajectory_id"])
+        if entry is None:
+            entry = out[row["trajectory_id"]] = {
+                "id": row["trajectory_id"],
+                "created_utc": row["started_utc"],
+                "updated_utc": row["started_utc"],
+                "id_source": record.id_source,
+                "route": record.route,
+                "exchange_count": 0,
+                "error_count": 0,
+                "tool_call_count": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+            }
+        entry["created_utc"] = min(entry["created_utc"], row["started_utc"])
+        entry["updated_utc"] = max(entry["updated_utc"], row["started_utc"])
+        entry["exchange_count"] += 1
+        entry["error_count"] += row["outcome"] != "ok"
+        entry["tool_call_count"] += row["tool_call_count"]
+        entry["prompt_tokens"] += row["prompt_tokens"] or 0
+        entry["completion_tokens"] += row["completion_tokens"] or 0
+    return list(out.values())
+
+
+class Recorder:
+    """Queue plus single writer task. Counters: `stats` (submitted, written, dropped, failed)."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        flush_interval_s: float = 0.05,
+        batch_size: int = 500,
+        queue_size: int = 100_000,
+    ) -> None:
+        self._db = db
+        self._flush_interval_s = flush_interval_s
+        self._batch_size = batch_size
+        self._queue: asyncio.Queue[ExchangeRecord] = asyncio.Queue(maxsize=queue_size)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+        self._idle = True
+        self.stats: Counter[str] = Counter()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, record: ExchangeRecord) -> None:
+        """Queue a record for writing. Never blocks or raises; a full queue drops and counts."""
+        try:
+            self._queue.put_nowait(record)
+            self.stats["submitted"] += 1
+        except asyncio.QueueFull:
+            self.stats["dropped"] += 1
+            log.error("record queue full: exchange %s not recorded", record.id)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="understudy-recorder")
+
+    async def stop(self) -> None:
+        """Write everything queued, then end the writer task (a batch being written completes)."""
+        self._stopping = True
+        self._stop_event.set()
+        if self._task is not None:
+            if self._idle:
+                self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while not self._queue.empty():
+            await self._write(self._take(self._batch_size))
+
+    def _take(self, limit: int) -> list[ExchangeRecord]:
+        batch: list[ExchangeRecord] = []
+        while len(batch) < limit and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._idle = True
+            first = await self._queue.get()
+            self._idle = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), self._flush_interval_s)
+            await self._write([first, *self._take(self._batch_size - 1)])
+
+    async def _write(self, batch: list[ExchangeRecord]) -> None:
+        if not batch:
+            return
+        try:
+            rows = [record.to_row() for record in batch]
+            await self._db.write_exchanges(rows, trajectory_rows(rows, batch))
+            self.stats["written"] += len(batch)
+        except Exception:
+            self.stats["failed"] += len(batch)
+            log.exception("writing %d exchanges failed", len(batch))

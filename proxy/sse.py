@@ -1,0 +1,215 @@
+"""Server-sent events: parse a chat-completions stream and assemble it into one `chat.completion`.
+
+Pure, incremental, no I/O. Feed the (decoded) bytes of the stream as they arrive; the assembler
+keeps the per-choice state: content and refusal concatenated, tool calls keyed by their `index`
+with `arguments` concatenated across chunks (parallel calls too), `finish_reason`, `logprobs`
+and the final `usage` chunk that `stream_options.include_usage` adds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+DONE = "[DONE]"
+
+
+class SSEParser:
+    """Splits a byte stream into SSE events; yields each event's `data` (lines joined by "\\n").
+
+    Handles events split across reads, CRLF line ends and comment lines (`: keep-alive`).
+    Events without a data field are skipped.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[str] = []
+        self.event_names: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """Parse `chunk`; return the data payloads of the events it completed, in order."""
+        self._buffer += chunk
+        out: list[str] = []
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline < 0:
+                break
+            line = self._buffer[:newline].rstrip(b"\r").decode("utf-8", errors="replace")
+            self._buffer = self._buffer[newline + 1 :]
+            if not line:
+                if self._data:
+                    out.append("\n".join(self._data))
+                    self._data = []
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            if value.startswith(" "):
+                value = value[1:]
+            if name == "data":
+                self._data.append(value)
+            elif name == "event":
+                self.event_names.append(value)
+        return out
+
+    def close(self) -> list[str]:
+        """End of stream: return a last event that was not followed by a blank line."""
+        out = self.feed(b"\n\n") if self._buffer or self._data else []
+        return out
+
+
+@dataclass
+class _ChoiceState:
+    index: int
+    role: str | None = None
+    content: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
+    extra_text: dict[str, list[str]] = field(default_factory=dict)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    function_call: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    logprobs: dict[str, list[Any]] | None = None
+
+
+class StreamAssembler:
+    """Assembles `chat.completion.chunk` events into the `chat.completion` they add up to.
+
+    Usage: call `feed(bytes)` for each piece of the decoded stream, then `result()`.
+    `done` turns true when `data: [DONE]` arrives; `error` holds an `{"error": ...}` object the
+    stream carried instead of chunks; `chunks` counts the chunk objects seen.
+    """
+
+    def __init__(self) -> None:
+        self._parser = SSEParser()
+        self._choices: dict[int, _ChoiceState] = {}
+        self._top: dict[str, Any] = {}
+        self.usage: dict[str, Any] | None = None
+        self.error: Any = None
+        self.done = False
+        self.chunks = 0
+        self.invalid_events = 0
+
+    def feed(self, data: bytes) -> None:
+        """Consume raw (decoded) stream bytes."""
+        for payload in self._parser.feed(data):
+            self._event(payload)
+
+    def close(self) -> None:
+        """Flush an unterminated last event (streams that end without a blank line)."""
+        for payload in self._parser.close():
+            self._event(payload)
+
+    def _event(self, payload: str) -> None:
+        if payload.strip() == DONE:
+            self.done = True
+            return
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            self.invalid_events += 1
+            return
+        if not isinstance(chunk, dict):
+            self.invalid_events += 1
+            return
+        if "error" in chunk and "choices" not in chunk:
+            self.error = chunk
+            return
+        self.chunks += 1
+        for key, value in chunk.items():
+            if key in ("choices", "usage", "object"):
+                continue
+            if value is not None or key not in self._top:
+                self._top[key] = value
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            if isinstance(choice, dict):
+                self._choice(choice)
+
+    def _choice(self, choice: dict[str, Any]) -> None:
+        index = choice.get("index", 0)
+        state = self._choices.get(index)
+        if state is None:
+            state = self._choices[index] = _ChoiceState(index=index)
+        delta = choice.get("delta") or {}
+        for key, value in delta.items():
+            if value is None:
+                continue
+            if key == "role":
+                state.role = value
+            elif key == "content":
+                state.content.append(value)
+            elif key == "refusal":
+                state.refusal.append(value)
+            elif key == "tool_calls":
+                for position, call in enumerate(value):
+                    self._tool_call(state, position, call)
+            elif key == "function_call":
+                fc = state.function_call or {"name": "", "arguments": ""}
+                if value.get("name") and not fc["name"]:
+                    fc["name"] = value["name"]
+                fc["arguments"] += value.get("arguments") or ""
+                state.function_call = fc
+            elif isinstance(value, str):  # reasoning_content and other provider text fields
+                state.extra_text.setdefault(key, []).append(value)
+        if choice.get("finish_reason") is not None:
+            state.finish_reason = choice["finish_reason"]
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict):
+            if state.logprobs is None:
+                state.logprobs = {}
+            for key, items in logprobs.items():
+                if isinstance(items, list):
+                    state.logprobs.setdefault(key, []).extend(items)
+
+    @staticmethod
+    def _tool_call(state: _ChoiceState, position: int, call: dict[str, Any]) -> None:
+        index = call.get("index", position)
+        current = state.tool_calls.get(index)
+        if current is None:
+            current = state.tool_calls[index] = {
+                "id": None,
+                "type": "function",
+                "function": {"name": "", "arguments": ""},
+            }
+        if call.get("id") and not current["id"]:
+            current["id"] = call["id"]
+        if call.get("type"):
+            current["type"] = call["type"]
+        function = call.get("function") or {}
+        if function.get("name") and not current["function"]["name"]:
+            current["function"]["name"] = function["name"]
+        current["function"]["arguments"] += function.get("arguments") or ""
+
+    def result(self) -> dict[str, Any]:
+        """The assembled response as a `chat.completion` object (OpenAI's non-stream shape)."""
+        choices = []
+        for index in sorted(self._choices):
+            state = self._choices[index]
+            message: dict[str, Any] = {
+                "role": state.role or "assistant",
+                "content": "".join(state.content) if state.content else None,
+                "refusal": "".join(state.refusal) if state.refusal else None,
+            }
+            for key, parts in state.extra_text.items():
+                message[key] = "".join(parts)
+            if state.tool_calls:
+                message["tool_calls"] = [state.tool_calls[i] for i in sorted(state.tool_calls)]
+            if state.function_call is not None:
+                message["function_call"] = state.function_call
+            choices.append(
+                {
+                    "index": index,
+                    "message": message,
+                    "logprobs": state.logprobs,
+                    "finish_reason": state.finish_reason,
+                }
+            )
+        completion: dict[str, Any] = {"id": self._top.get("id"), "object": "chat.completion"}
+        for key, value in self._top.items():
+            if key != "id":
+                completion[key] = value
+        completion["choices"] = choices
+        completion["usage"] = self.usage
+        return completion

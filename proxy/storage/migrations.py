@@ -1,0 +1,86 @@
+"""Numbered schema migrations, run in order at start; each is applied once and never edited.
+
+Each migration is a list of DDL statements written in the SQL that SQLite and PostgreSQL share.
+Applied names are kept in `understudy_migrations`. To change the schema, append a migration
+(and update `schema.py` to describe the result); never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    why: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        name="001_initial",
+        why="Exchanges (one proxied request and its answer) grouped into trajectories, with the "
+        "state hashes that stitching looks up, routes, shadows and curation labels.",
+        statements=(
+            """CREATE TABLE trajectories (
+                id TEXT PRIMARY KEY,
+                created_utc TEXT NOT NULL,
+                updated_utc TEXT NOT NULL,
+                id_source TEXT NOT NULL,
+                route TEXT NOT NULL,
+                exchange_count INTEGER NOT NULL DEFAULT 0,
+                error_count INTEGER NOT NULL DEFAULT 0,
+                tool_call_count INTEGER NOT NULL DEFAULT 0,
+                prompt_tokens BIGINT NOT NULL DEFAULT 0,
+                completion_tokens BIGINT NOT NULL DEFAULT 0,
+                label TEXT,
+                tags_json TEXT,
+                note TEXT,
+                labeled_utc TEXT
+            )""",
+            "CREATE INDEX ix_trajectories_updated_utc ON trajectories (updated_utc)",
+            "CREATE INDEX ix_trajectories_label ON trajectories (label)",
+            """CREATE TABLE exchanges (
+                id TEXT PRIMARY KEY,
+                trajectory_id TEXT NOT NULL REFERENCES trajectories (id),
+                parent_id TEXT,
+                step INTEGER NOT NULL,
+                started_utc TEXT NOT NULL,
+                duration_ms DOUBLE PRECISION,
+                ttft_ms DOUBLE PRECISION,
+                path TEXT NOT NULL,
+                stream BOOLEAN NOT NULL,
+                status_code INTEGER,
+                outcome TEXT NOT NULL,
+                route TEXT NOT NULL,
+                model_requested TEXT,
+                model_answered TEXT,
+                request_json TEXT NOT NULL,
+                response_json TEXT,
+                error_json TEXT,
+                request_headers_json TEXT,
+                upstream_request_id TEXT,
+                end_user TEXT,
+                metadata_json TEXT,
+                prompt_tokens INTEGER,
+                completion_tokens INTEGER,
+                total_tokens INTEGER,
+                usage_json TEXT,
+                finish_reason TEXT,
+                tool_call_count INTEGER NOT NULL DEFAULT 0,
+                request_hash TEXT NOT NULL,
+                state_hash TEXT,
+                injected_logit_bias_json TEXT,
+                shadow_model TEXT,
+                shadow_response_json TEXT,
+                shadow_error_json TEXT,
+                shadow_duration_ms DOUBLE PRECISION
+            )""",
+            "CREATE INDEX ix_exchanges_state_hash ON exchanges (state_hash)",
+            "CREATE INDEX ix_exchanges_trajectory_step ON exchanges (trajectory_id, step)",
+            "CREATE INDEX ix_exchanges_parent_id ON exchanges (parent_id)",
+            "CREATE INDEX ix_exchanges_started_utc ON exchanges (started_utc)",
+        ),
+    ),
+)

@@ -1,0 +1,89 @@
+"""The current shape of the database, as SQLAlchemy Core tables (the query layer for both dialects).
+
+The tables are created and changed only by `proxy.storage.migrations`; this module describes the
+result so queries are written once for SQLite and PostgreSQL. Column names carry units
+(`*_ms`, `*_utc`, `*_json`). Timestamps are ISO-8601 UTC strings with milliseconds
+(`2026-11-21T18:04:06.123+00:00`), which sort and compare as text in both dialects.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Boolean, Column, Float, Integer, MetaData, Table, Text
+
+metadata = MetaData()
+
+trajectories = Table(
+    "trajectories",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("created_utc", Text, nullable=False),
+    Column("updated_utc", Text, nullable=False),
+    # How the trajectory was identified: 'hash' (stitched), 'header' or 'metadata' (explicit id).
+    Column("id_source", Text, nullable=False),
+    # 'student' or 'teacher': decided for the first exchange, kept for every later one.
+    Column("route", Text, nullable=False),
+    Column("exchange_count", Integer, nullable=False),
+    Column("error_count", Integer, nullable=False),
+    Column("tool_call_count", Integer, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    # Curation from the dashboard: 'approved' | 'rejected' | NULL, free tags and a note.
+    Column("label", Text),
+    Column("tags_json", Text),
+    Column("note", Text),
+    Column("labeled_utc", Text),
+)
+
+exchanges = Table(
+    "exchanges",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("trajectory_id", Text, nullable=False),
+    # The exchange this one continues (its state is this request's longest assistant-ended prefix).
+    Column("parent_id", Text),
+    # 0 for a trajectory's first exchange, parent's step + 1 after that.
+    Column("step", Integer, nullable=False),
+    Column("started_utc", Text, nullable=False),
+    Column("duration_ms", Float),
+    Column("ttft_ms", Float),
+    Column("path", Text, nullable=False),
+    Column("stream", Boolean, nullable=False),
+    Column("status_code", Integer),
+    # 'ok' (2xx answer), 'error' (upstream or proxy error) or 'cancelled' (client went away).
+    Column("outcome", Text, nullable=False),
+    Column("route", Text, nullable=False),
+    Column("model_requested", Text),
+    Column("model_answered", Text),
+    Column("request_json", Text, nullable=False),
+    # The answer as a `chat.completion` object (assembled from the chunks for a stream).
+    Column("response_json", Text),
+    Column("error_json", Text),
+    # The client's X-Understudy-* request headers, lower-cased names.
+    Column("request_headers_json", Text),
+    Column("upstream_request_id", Text),
+    Column("end_user", Text),
+    Column("metadata_json", Text),
+    Column("prompt_tokens", Integer),
+    Column("completion_tokens", Integer),
+    Column("total_tokens", Integer),
+    Column("usage_json", Text),
+    Column("finish_reason", Text),
+    Column("tool_call_count", Integer, nullable=False),
+    # Rolling hash of the request messages, and of request messages + response message.
+    Column("request_hash", Text, nullable=False),
+    Column("state_hash", Text),
+    # logit_bias entries the proxy added to the request (tool-call promotion), if any.
+    Column("injected_logit_bias_json", Text),
+    # A teacher's answer to the same request, recorded beside the student's, never returned.
+    Column("shadow_model", Text),
+    Column("shadow_response_json", Text),
+    Column("shadow_error_json", Text),
+    Column("shadow_duration_ms", Float),
+)
+
+migrations_table = Table(
+    "understudy_migrations",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("applied_utc", Text, nullable=False),
+)

@@ -1,0 +1,121 @@
+"""The upstream side: one shared httpx client, header filtering both ways, body decoding, and the
+mapping of transport errors to OpenAI-shaped 502/504 answers.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+
+import httpx
+
+from proxy.config import Settings
+
+# Headers that describe one hop of the connection, not the message (RFC 9110 section 7.6.1),
+# plus those the HTTP client or server recomputes.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+_SECRET_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})
+# Codings the proxy can decode to record a copy; others are not offered upstream.
+_DECODABLE = ("gzip", "deflate", "identity")
+
+
+def create_client(settings: Settings) -> httpx.AsyncClient:
+    """The shared upstream client: pooled keep-alive connections, configured timeouts, no retries."""
+    timeout = httpx.Timeout(
+        connect=settings.connect_timeout_s,
+        read=settings.read_timeout_s,
+        write=settings.read_timeout_s,
+        pool=settings.connect_timeout_s,
+    )
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000, keepalive_expiry=60)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False)
+
+
+def upstream_url(settings: Settings, path: str, query: bytes = b"") -> str:
+    """`settings.upstream` joined with `path` (the part after `/v1`, starting with "/")."""
+    url = settings.upstream + path
+    return f"{url}?{query.decode('latin-1')}" if query else url
+
+
+def forward_headers(incoming: Iterable[tuple[str, str]], api_key: str | None) -> list[tuple[str, str]]:
+    """The client's headers as sent upstream.
+
+    Drops hop-by-hop headers and the proxy's own `X-Understudy-*` controls; offers only codings
+    the proxy can decode; with `api_key`, replaces the client's credentials with the proxy's.
+    """
+    out: list[tuple[str, str]] = []
+    for name, value in incoming:
+        lower = name.lower()
+        if lower in _HOP_BY_HOP or lower.startswith("x-understudy-"):
+            continue
+        if api_key is not None and lower in _SECRET_HEADERS:
+            continue
+        if lower == "accept-encoding":
+            offered = [c.strip() for c in value.split(",")]
+            kept = [c for c in offered if c.split(";")[0].strip().lower() in _DECODABLE]
+            if not kept:
+                continue
+            value = ", ".join(kept)
+        out.append((name, value))
+    if api_key is not None:
+        out.append(("authorization", f"Bearer {api_key}"))
+    return out
+
+
+def response_headers(upstream: httpx.Headers) -> list[tuple[bytes, bytes]]:
+    """Upstream response headers as passed to the client (raw, duplicates kept), minus hop-by-hop."""
+    return [
+        (name, value)
+        for name, value in upstream.raw
+        if name.decode("latin-1").lower() not in _HOP_BY_HOP
+    ]
+
+
+class BodyDecoder:
+    """Incremental decoder for a response body's `content-encoding` (gzip, deflate or none).
+
+    The client receives the raw bytes; this gives the proxy a decoded copy to record.
+    """
+
+    def __init__(self, content_encoding: str | None) -> None:
+        coding = (content_encoding or "identity").strip().lower()
+        if coding in ("gzip", "x-gzip"):
+            self._zlib: zlib._Decompress | None = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        elif coding == "deflate":
+            self._zlib = zlib.decompressobj()
+        else:
+            self._zlib = None
+
+    def decode(self, data: bytes) -> bytes:
+        if self._zlib is None:
+            return data
+        try:
+            return self._zlib.decompress(data)
+        except zlib.error:
+            return b""
+
+
+def transport_error(exc: httpx.HTTPError, settings: Settings) -> tuple[int, str, str]:
+    """(status, message, code) for an upstream call that failed below HTTP.
+
+    Timeouts are 504 `upstream_timeout`; anything else (refused, reset, DNS, protocol) is 502
+    `upstream_unreachable`.
+    """
+    if isinstance(exc, httpx.TimeoutException):
+        return 504, f"upstream timed out ({type(exc).__name__}) calling {settings.upstream}", "upstream_timeout"
+    return 502, f"upstream unreachable ({type(exc).__name__}: {exc}) at {settings.upstream}", "upstream_unreachable"
