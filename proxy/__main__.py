@@ -2,6 +2,7 @@
 
     python -m proxy [--host H] [--port P] [--upstream URL] [--db PATH_OR_URL] [--config FILE] ...
     python -m proxy migrate [--db PATH_OR_URL]
+    python -m proxy demo [--port P]
 
 Every flag is also the environment variable UNDERSTUDY_<NAME> and a key of the config file.
 """
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 from proxy.config import ConfigFileError, Settings
 from proxy.storage import Database, DatabaseError
 
-COMMANDS = ("serve", "migrate")
+COMMANDS = ("serve", "migrate", "demo")
 
 
 def _flag(name: str) -> str:
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="understudy-proxy",
         description="OpenAI-compatible proxy that records tool-use trajectories. "
-        "Commands: serve (default), migrate.",
+        "Commands: serve (default), migrate, demo (a local fake upstream and sample traffic).",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("command", nargs="?", choices=COMMANDS, default="serve")
@@ -59,6 +60,11 @@ def load_settings(options: dict[str, Any]) -> Settings:
 def main(argv: Sequence[str] | None = None) -> None:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command", "serve")
+    if command == "demo":
+        from proxy.demo import run_demo
+
+        run_demo(args)
+        return
     settings = load_settings(args)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from proxy.chat import chat_completions
 from proxy.config import Settings, get_settings
+from proxy.dashboard import mount_dashboard
 from proxy.errors import error_response
 from proxy.passthrough import passthrough
 from proxy.recorder import Recorder
@@ -63,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         passthrough,
         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
     )
+
+    mount_dashboard(app, settings)
 
     @app.get("/health")
     async def health(request: Request) -> Response:

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     stitch_cache_size: int = Field(
         100_000, ge=0, description="Recent conversation states kept in memory for stitching."
     )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Token that protects /dashboard and /api/ (login form or Bearer header). "
+        "Without it the dashboard is served on loopback addresses only.",
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
     @field_validator("upstream")
