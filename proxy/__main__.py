@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_origin
 
 from pydantic import ValidationError
 
@@ -39,12 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", nargs="?", choices=COMMANDS, default="serve")
     for name, field in Settings.model_fields.items():
         env = f"UNDERSTUDY_{name.upper()}"
-        parser.add_argument(_flag(name), dest=name, metavar=name.upper(), help=f"{field.description} [{env}]")
+        parser.add_argument(
+            _flag(name), dest=name, metavar=name.upper(), help=f"{field.description} [{env}]"
+        )
     return parser
 
 
 def load_settings(options: dict[str, Any]) -> Settings:
-    """Settings from flags (given ones only), env and config file; exits with one line on error."""
+    """Settings from flags (given ones only), env and config file; exits with one line on error.
+
+    Flags of list or dict options (`--routing-rules`) take JSON, as their env vars do.
+    """
+    for name, value in list(options.items()):
+        if get_origin(Settings.model_fields[name].annotation) in (list, dict):
+            try:
+                options[name] = json.loads(value)
+            except ValueError as exc:
+                sys.exit(f"understudy-proxy: {_flag(name)} must be JSON: {exc}")
     try:
         return Settings(**options)
     except ConfigFileError as exc:

@@ -19,6 +19,7 @@ from proxy.recorder import Recorder
 from proxy.state import ProxyState
 from proxy.stitching import Stitcher
 from proxy.storage import Database
+from proxy.teacher import Teacher
 from proxy.upstream import create_client
 
 log = logging.getLogger("understudy")
@@ -40,17 +41,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         await recorder.start()
         client = create_client(settings)
-        app.state.proxy = ProxyState(
+        proxy = ProxyState(
             settings=settings,
             db=db,
             recorder=recorder,
             stitcher=Stitcher(db, settings.stitch_cache_size),
             client=client,
+            teacher=Teacher(settings) if settings.teacher_model else None,
         )
+        app.state.proxy = proxy
         log.info("understudy proxy: upstream %s, database %s", settings.upstream, settings.db)
+        if proxy.teacher is not None:
+            log.info(
+                "teacher %s: rate %.2f, %d routing rules",
+                settings.teacher_model,
+                settings.teacher_rate,
+                len(settings.routing_rules),
+            )
         try:
             yield
         finally:
+            await proxy.drain_background(settings.read_timeout_s)
             await client.aclose()
             await recorder.stop()
             await db.close()
@@ -86,7 +97,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(405)
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
         return error_response(
-            405, f"method {request.method} not allowed on {request.url.path}", code="method_not_allowed"
+            405,
+            f"method {request.method} not allowed on {request.url.path}",
+            code="method_not_allowed",
         )
 
     return app

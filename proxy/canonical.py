@@ -26,9 +26,15 @@ def canonical_arguments(arguments: Any) -> str:
     """Tool-call `arguments` as compact JSON with sorted keys.
 
     Accepts the JSON string the API sends or an already-parsed object (some clients re-serialize).
-    A string that is not valid JSON is kept as it is, stripped of surrounding white space.
+    No arguments (absent, `null` or an empty / blank string, which some clients echo for a call the
+    API sent as "{}") is "{}". A string that is not valid JSON is kept as it is, stripped of
+    surrounding white space.
     """
+    if arguments is None:
+        return "{}"
     if isinstance(arguments, str):
+        if not arguments.strip():
+            return "{}"
         try:
             parsed = json.loads(arguments)
         except ValueError:
@@ -67,12 +73,14 @@ def _drop_nones(value: Any) -> Any:
 
 def _canonical_tool_call(call: dict[str, Any]) -> dict[str, Any]:
     function = call.get("function") or {}
+    if not isinstance(function, dict):  # malformed: keep it as sent, hashing must not fail
+        return _drop_nones({k: v for k, v in call.items() if k != "index"})
     out: dict[str, Any] = {
         "id": call.get("id"),
         "type": call.get("type") or "function",
         "function": {
             "name": function.get("name"),
-            "arguments": canonical_arguments(function.get("arguments", "")),
+            "arguments": canonical_arguments(function.get("arguments")),
         },
     }
     if out["type"] != "function":  # e.g. custom tools: keep their payload as sent
@@ -98,19 +106,23 @@ def canonical_message(message: Any) -> dict[str, Any]:
     if name:
         out["name"] = name
     tool_calls = message.get("tool_calls")
-    if tool_calls:
+    if tool_calls and isinstance(tool_calls, list):
         out["tool_calls"] = [
             _canonical_tool_call(c) if isinstance(c, dict) else c for c in tool_calls
         ]
+    elif tool_calls:
+        out["tool_calls"] = tool_calls
     tool_call_id = message.get("tool_call_id")
     if tool_call_id:
         out["tool_call_id"] = tool_call_id
     function_call = message.get("function_call")
-    if function_call:
+    if function_call and isinstance(function_call, dict):
         out["function_call"] = {
             "name": function_call.get("name"),
-            "arguments": canonical_arguments(function_call.get("arguments", "")),
+            "arguments": canonical_arguments(function_call.get("arguments")),
         }
+    elif function_call:
+        out["function_call"] = function_call
     return out
 
 

@@ -8,10 +8,11 @@ the recorder's queue. Recording never changes what the client receives.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -21,12 +22,21 @@ from starlette.responses import Response, StreamingResponse
 
 from proxy.canonical import chain_hash
 from proxy.errors import InvalidRequest, error_body, error_response
-from proxy.recorder import ExchangeRecord, control_headers
+from proxy.promotion import promote_tool_calls
+from proxy.recorder import ExchangeRecord, ShadowUpdate, control_headers
+from proxy.routing import ROUTE_HEADER, decide_route
 from proxy.sse import StreamAssembler
 from proxy.state import ProxyState
 from proxy.stitching import MAX_TRAJECTORY_ID_LENGTH, TRAJECTORY_HEADER, Link
 from proxy.storage import StateRef, new_id, utc_now
-from proxy.upstream import BodyDecoder, forward_headers, response_headers, transport_error, upstream_url
+from proxy.teacher import Teacher, TeacherError
+from proxy.upstream import (
+    BodyDecoder,
+    forward_headers,
+    response_headers,
+    transport_error,
+    upstream_url,
+)
 
 log = logging.getLogger("understudy.chat")
 
@@ -102,50 +112,82 @@ class _Exchange:
         self.record = record
         self.link = link
         self.start = start
-        self.finished = False
+        self.submitted = asyncio.Event()
 
     @property
     def own_headers(self) -> list[tuple[bytes, bytes]]:
         return [
             (b"x-understudy-trajectory-id", self.record.trajectory_id.encode("latin-1", "replace")),
             (EXCHANGE_HEADER.encode(), self.record.id.encode()),
+            (ROUTE_HEADER.encode(), self.record.route.encode()),
         ]
 
     def answered(self, response: dict[str, Any] | None) -> None:
-        """The upstream answered with `response` (a chat.completion): remember the new state."""
+        """The model answered with `response` (a chat.completion): remember the new state."""
         self.record.response = response
         message = _response_message(response) if response else None
         if self.record.outcome == "ok" and message is not None:
             state_hash = chain_hash(self.link.request_hash, message)
             self.record.state_hash = state_hash
+            record = self.record
             self.proxy.stitcher.remember(
                 state_hash,
-                StateRef(self.record.id, self.record.trajectory_id, self.record.step, self.record.route),
+                StateRef(record.id, record.trajectory_id, record.step, record.route, record.shadow),
             )
+
+    def failed(self, status: int, body: dict[str, Any]) -> Response:
+        """Record an error the proxy answers itself (502/504 or a teacher error) and build it."""
+        self.record.status_code, self.record.outcome = status, "error"
+        self.record.error_text = json.dumps(body)
+        self.finish()
+        response = Response(
+            self.record.error_text.encode(), status_code=status, media_type="application/json"
+        )
+        response.raw_headers = [*response.raw_headers, *self.own_headers]
+        return response
 
     def finish(self) -> None:
         """Stamp the duration and hand the record to the recorder (once)."""
-        if self.finished:
+        if self.submitted.is_set():
             return
-        self.finished = True
         self.record.duration_ms = _ms_since(self.start)
         if self.link.new_trajectory:
-            self.proxy.stitcher.remember_route(self.record.trajectory_id, self.record.route)
+            self.proxy.stitcher.remember_route(
+                self.record.trajectory_id, self.record.route, self.record.shadow
+            )
         self.proxy.recorder.submit(self.record)
+        self.submitted.set()
+
+
+def _client_key(headers: Any) -> str | None:
+    value = headers.get("authorization", "")
+    return value[7:].strip() or None if value[:7].lower() == "bearer " else None
 
 
 async def chat_completions(request: Request) -> Response:
     """Proxy one chat-completions call; see the module docstring."""
     start = time.perf_counter()
     proxy: ProxyState = request.app.state.proxy
+    settings = proxy.settings
     raw = await request.body()
     try:
         body = parse_chat_request(raw)
         explicit_id, id_source = explicit_trajectory_id(request.headers, body)
+        link = await proxy.stitcher.link(body["messages"], explicit_id, id_source)
+        if link.route is None:
+            decision = decide_route(
+                body, request.headers.get(ROUTE_HEADER), link.request_hash, settings
+            )
+            route, shadow = decision.route, decision.shadow
+        else:
+            route, shadow = link.route, link.shadow
     except InvalidRequest as exc:
         return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+    except ValueError as exc:
+        return error_response(400, str(exc), param=ROUTE_HEADER)
+    if proxy.teacher is None:  # routed earlier by a proxy that had a teacher configured
+        route, shadow = "student", False
 
-    link = await proxy.stitcher.link(body["messages"], explicit_id, id_source)
     record = ExchangeRecord(
         id=new_id(),
         trajectory_id=link.trajectory_id,
@@ -153,7 +195,8 @@ async def chat_completions(request: Request) -> Response:
         step=link.step,
         new_trajectory=link.new_trajectory,
         id_source=link.id_source,
-        route=link.route or "student",
+        route=route,
+        shadow=shadow,
         started_utc=utc_now(),
         path=request.url.path,
         stream=body.get("stream") is True,
@@ -163,40 +206,49 @@ async def chat_completions(request: Request) -> Response:
         control_headers=control_headers(request.headers),
     )
     exchange = _Exchange(proxy, record, link, start)
-    settings = proxy.settings
+    client_key = _client_key(request.headers)
+    if route == "teacher" and proxy.teacher is not None:
+        return await _teacher_call(exchange, proxy.teacher, body, client_key)
+    if shadow and proxy.teacher is not None:
+        proxy.track(_shadow_call(exchange, proxy.teacher, body, client_key))
+
+    content = raw
+    if settings.promote_tool_calls is not None:
+        forwarded = dict(body)
+        injected = promote_tool_calls(
+            forwarded, settings.promote_tool_calls, drop_sampling=settings.promote_drop_sampling
+        )
+        if injected:
+            record.injected_logit_bias = injected
+            content = json.dumps(forwarded).encode()
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
     upstream_request = proxy.client.build_request(
         "POST",
         upstream_url(settings, "/chat/completions", request.url.query.encode()),
-        content=raw,
+        content=content,
         headers=forward_headers(request.headers.items(), api_key),
     )
     try:
         upstream = await proxy.client.send(upstream_request, stream=True)
     except httpx.HTTPError as exc:
         status, message, code = transport_error(exc, settings)
-        record.status_code, record.outcome = status, "error"
-        record.error_text = json.dumps(error_body(message, "upstream_error", code=code))
-        exchange.finish()
-        return _proxy_error(exchange, status)
+        return exchange.failed(status, error_body(message, "upstream_error", code=code))
 
     record.status_code = upstream.status_code
     record.upstream_request_id = upstream.headers.get("x-request-id")
     content_type = upstream.headers.get("content-type", "")
     if upstream.status_code == 200 and content_type.startswith("text/event-stream"):
-        response = StreamingResponse(_relay_stream(exchange, upstream))
+        response = StreamingResponse(
+            _relay_stream(
+                exchange,
+                upstream.aiter_raw(),
+                BodyDecoder(upstream.headers.get("content-encoding")),
+                upstream.aclose,
+            )
+        )
         response.raw_headers = [*response_headers(upstream.headers), *exchange.own_headers]
         return response
     return await _relay_body(exchange, upstream)
-
-
-def _proxy_error(exchange: _Exchange, status: int) -> Response:
-    """The proxy's own error answer (502/504), with the trajectory headers."""
-    response = Response(
-        (exchange.record.error_text or "").encode(), status_code=status, media_type="application/json"
-    )
-    response.raw_headers = [*response.raw_headers, *exchange.own_headers]
-    return response
 
 
 async def _relay_body(exchange: _Exchange, upstream: httpx.Response) -> Response:
@@ -207,12 +259,11 @@ async def _relay_body(exchange: _Exchange, upstream: httpx.Response) -> Response
     except httpx.HTTPError as exc:
         await upstream.aclose()
         status, message, code = transport_error(exc, exchange.proxy.settings)
-        record.status_code, record.outcome = status, "error"
-        record.error_text = json.dumps(error_body(message, "upstream_error", code=code))
-        exchange.finish()
-        return _proxy_error(exchange, status)
+        return exchange.failed(status, error_body(message, "upstream_error", code=code))
     await upstream.aclose()
-    text = BodyDecoder(upstream.headers.get("content-encoding")).decode(raw).decode("utf-8", "replace")
+    text = (
+        BodyDecoder(upstream.headers.get("content-encoding")).decode(raw).decode("utf-8", "replace")
+    )
     if 200 <= upstream.status_code < 300:
         try:
             parsed = json.loads(text)
@@ -237,19 +288,23 @@ async def _relay_body(exchange: _Exchange, upstream: httpx.Response) -> Response
     return response
 
 
-async def _relay_stream(exchange: _Exchange, upstream: httpx.Response) -> AsyncIterator[bytes]:
-    """SSE: yield each upstream chunk as it arrives; assemble a decoded copy on the side.
+async def _relay_stream(
+    exchange: _Exchange,
+    chunks: AsyncIterator[bytes],
+    decoder: BodyDecoder,
+    close: Callable[[], Awaitable[None]],
+) -> AsyncIterator[bytes]:
+    """SSE: yield each chunk as it arrives; assemble a decoded copy on the side.
 
     The new state is remembered before the `[DONE]` event is passed on. A client that goes away
     leaves the exchange recorded as 'cancelled'; an upstream that breaks mid-stream, as 'error'.
     """
     record = exchange.record
     assembler = StreamAssembler()
-    decoder = BodyDecoder(upstream.headers.get("content-encoding"))
     record.outcome = "cancelled"
     answered = False
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in chunks:
             if record.ttft_ms is None:
                 record.ttft_ms = _ms_since(exchange.start)
             assembler.feed(decoder.decode(chunk))
@@ -270,9 +325,67 @@ async def _relay_stream(exchange: _Exchange, upstream: httpx.Response) -> AsyncI
         )
     finally:
         with anyio.CancelScope(shield=True):
-            await upstream.aclose()
+            await close()
         if not answered:
             record.response = assembler.result() if assembler.chunks else None
         if assembler.error is not None:
             record.error_text = json.dumps(assembler.error)
         exchange.finish()
+
+
+async def _teacher_call(
+    exchange: _Exchange, teacher: Teacher, body: dict[str, Any], client_key: str | None
+) -> Response:
+    """Answer from the teacher (litellm), in OpenAI's format, streamed when the app asked."""
+    record = exchange.record
+    try:
+        if record.stream:
+            events = await teacher.open_stream(body, client_key)
+        else:
+            completion = await teacher.complete(body, client_key)
+    except TeacherError as exc:
+        return exchange.failed(exc.status, exc.body)
+    record.status_code = 200
+    headers = [
+        *exchange.own_headers,
+        (b"x-understudy-teacher-model", teacher.display_model.encode()),
+    ]
+    if record.stream:
+
+        async def close() -> None:
+            await events.aclose()  # type: ignore[attr-defined]
+
+        response: Response = StreamingResponse(
+            _relay_stream(exchange, events, BodyDecoder(None), close),
+            media_type="text/event-stream",
+        )
+        response.raw_headers = [*response.raw_headers, *headers]
+        return response
+    text = json.dumps(completion)
+    record.response_text = text
+    exchange.answered(completion)
+    exchange.finish()
+    response = Response(text.encode(), media_type="application/json")
+    response.raw_headers = [*response.raw_headers, *headers]
+    return response
+
+
+async def _shadow_call(
+    exchange: _Exchange, teacher: Teacher, body: dict[str, Any], client_key: str | None
+) -> None:
+    """Ask the teacher the same request in the background; store its answer beside the exchange."""
+    start = time.perf_counter()
+    response_json = error_json = None
+    try:
+        response_json = json.dumps(await teacher.complete({**body, "stream": False}, client_key))
+    except TeacherError as exc:
+        error_json = json.dumps(exc.body)
+    except Exception as exc:  # never let a shadow failure escape into the event loop
+        log.exception("shadow call failed")
+        error_json = json.dumps(error_body(f"shadow call failed: {exc}", "teacher_error"))
+    await exchange.submitted.wait()
+    exchange.proxy.recorder.submit(
+        ShadowUpdate(
+            exchange.record.id, teacher.display_model, response_json, error_json, _ms_since(start)
+        )
+    )

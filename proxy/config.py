@@ -9,9 +9,9 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -26,6 +26,24 @@ DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 
 class ConfigFileError(ValueError):
     """The config file named by `--config` / `UNDERSTUDY_CONFIG` is missing or unreadable."""
+
+
+class RoutingRule(BaseModel):
+    """One routing rule (config file key `routing_rules`, a list; the first matching rule decides).
+
+    A rule matches a new trajectory's first request when every condition given holds: `model`
+    (a glob on the requested model, e.g. "gpt-4.1*"), `has_tools` (the request offers tools),
+    `metadata` (each key equals the request's `metadata` value). `rate` (0..1) is the share of
+    matching trajectories the rule takes, decided deterministically from the first request.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    route: Literal["teacher", "student", "shadow"]
+    model: str | None = None
+    has_tools: bool | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    rate: float = Field(1.0, ge=0.0, le=1.0)
 
 
 class Settings(BaseSettings):
@@ -55,16 +73,49 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Upstream read timeout between bytes, seconds."
     )
     flush_interval_ms: int = Field(
-        50, ge=1, le=10_000, description="Longest time a recorded exchange waits before its batch is written, ms."
+        50,
+        ge=1,
+        le=10_000,
+        description="Longest time a recorded exchange waits before its batch is written, ms.",
     )
     record_batch_size: int = Field(
         500, ge=1, description="Most exchanges written in one database transaction."
     )
     record_queue_size: int = Field(
-        100_000, ge=1, description="Most exchanges waiting to be written before new ones are dropped (and counted)."
+        100_000,
+        ge=1,
+        description="Most exchanges waiting to be written before new ones are dropped (and counted).",
     )
     stitch_cache_size: int = Field(
         100_000, ge=0, description="Recent conversation states kept in memory for stitching."
+    )
+    teacher_model: str | None = Field(
+        None,
+        description="litellm model name of the teacher (o3, openai/o4-mini, "
+        "anthropic/claude-sonnet-4-5, ...). Without it every call goes to the student.",
+    )
+    teacher_base_url: str | None = Field(
+        None, description="API base of the teacher; default: the upstream for OpenAI models."
+    )
+    teacher_api_key: SecretStr | None = Field(
+        None,
+        description="Key for the teacher; default: the upstream key, else the client's own key.",
+    )
+    teacher_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of new trajectories routed to the teacher (0..1)."
+    )
+    routing_rules: list[RoutingRule] = Field(
+        default_factory=list,
+        description="Ordered routing rules (JSON list; see README). The first match decides.",
+    )
+    promote_tool_calls: float | None = Field(
+        None,
+        ge=-100,
+        le=100,
+        description="logit_bias added to the token ' to' for requests with tools (e.g. 5).",
+    )
+    promote_drop_sampling: bool = Field(
+        False, description="Drop temperature/top_p from requests that get the tool-call bias."
     )
     admin_token: SecretStr | None = Field(
         None,

@@ -46,7 +46,12 @@ FIXED_COMPLETION = json.dumps(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": "ok", "refusal": None, "annotations": []},
+                "message": {
+                    "role": "assistant",
+                    "content": "ok",
+                    "refusal": None,
+                    "annotations": [],
+                },
                 "logprobs": None,
                 "finish_reason": "stop",
             }
@@ -111,8 +116,16 @@ def plan_message(body: dict[str, Any], request_number: int) -> dict[str, Any]:
             }
             for i, name in enumerate(chosen)
         ]
-        return {"role": "assistant", "content": None, "tool_calls": calls, "refusal": None, "annotations": []}
-    results = [_text_of(m.get("content")) for m in messages[last_user + 1 :] if m.get("role") == "tool"]
+        return {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": calls,
+            "refusal": None,
+            "annotations": [],
+        }
+    results = [
+        _text_of(m.get("content")) for m in messages[last_user + 1 :] if m.get("role") == "tool"
+    ]
     answer = f"Answer to {user_text[:60]!r}" + (f" using {'; '.join(results)}" if results else "")
     return {"role": "assistant", "content": answer, "refusal": None, "annotations": []}
 
@@ -122,7 +135,9 @@ async def chat_completions(request: Request) -> Response:
     request_id = f"req_fake_{number}"
     if request.headers.get("x-fake-fixed"):
         await request.body()
-        return Response(FIXED_COMPLETION, media_type="application/json", headers=_headers(request_id))
+        return Response(
+            FIXED_COMPLETION, media_type="application/json", headers=_headers(request_id)
+        )
     request.app.state.requests.append(
         {"headers": dict(request.headers), "body": json.loads(await request.body() or b"null")}
     )
@@ -130,13 +145,27 @@ async def chat_completions(request: Request) -> Response:
     model = body.get("model", "fake-model")
     if model == "fake-error-500":
         return JSONResponse(
-            {"error": {"message": "The server had an error", "type": "server_error", "param": None, "code": None}},
+            {
+                "error": {
+                    "message": "The server had an error",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
             status_code=500,
             headers=_headers(request_id),
         )
     if model == "fake-error-429":
         return JSONResponse(
-            {"error": {"message": "Rate limit reached", "type": "requests", "param": None, "code": "rate_limit_exceeded"}},
+            {
+                "error": {
+                    "message": "Rate limit reached",
+                    "type": "requests",
+                    "param": None,
+                    "code": "rate_limit_exceeded",
+                }
+            },
             status_code=429,
             headers={**_headers(request_id), "retry-after": "1"},
         )
@@ -156,7 +185,9 @@ async def chat_completions(request: Request) -> Response:
     if body.get("stream"):
         delay = float(request.headers.get("x-fake-chunk-delay-ms", "0")) / 1000
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunks = _stream_chunks(completion_id, created, model, message, finish_reason, usage if include_usage else None)
+        chunks = _stream_chunks(
+            completion_id, created, model, message, finish_reason, usage if include_usage else None
+        )
         return StreamingResponse(
             _sse(chunks, delay), media_type="text/event-stream", headers=_headers(request_id)
         )
@@ -166,7 +197,9 @@ async def chat_completions(request: Request) -> Response:
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+            ],
             "usage": usage,
             "service_tier": "default",
             "system_fingerprint": "fp_fake",
@@ -195,7 +228,15 @@ def _stream_chunks(
             **({"usage": None} if usage is not None else {}),
         }
 
-    chunks = [chunk({"role": "assistant", "content": None if message.get("tool_calls") else "", "refusal": None})]
+    chunks = [
+        chunk(
+            {
+                "role": "assistant",
+                "content": None if message.get("tool_calls") else "",
+                "refusal": None,
+            }
+        )
+    ]
     for index, call in enumerate(message.get("tool_calls") or []):
         arguments = call["function"]["arguments"]
         chunks.append(
@@ -214,7 +255,9 @@ def _stream_chunks(
         )
         for start in range(0, len(arguments), 7):
             piece = arguments[start : start + 7]
-            chunks.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
+            chunks.append(
+                chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+            )
     content = message.get("content") or ""
     for start in range(0, len(content), 5):
         chunks.append(chunk({"content": content[start : start + 5]}))
@@ -244,7 +287,12 @@ async def _sse(chunks: list[dict[str, Any]], delay: float) -> AsyncIterator[byte
 
 async def models(request: Request) -> Response:
     return JSONResponse(
-        {"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "understudy"}]},
+        {
+            "object": "list",
+            "data": [
+                {"id": "fake-model", "object": "model", "created": 0, "owned_by": "understudy"}
+            ],
+        },
         headers=_headers("req_fake_models"),
     )
 
@@ -256,7 +304,10 @@ async def embeddings(request: Request) -> Response:
     return JSONResponse(
         {
             "object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(count)],
+            "data": [
+                {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                for i in range(count)
+            ],
             "model": body.get("model"),
             "usage": {"prompt_tokens": count, "total_tokens": count},
         },
@@ -286,13 +337,17 @@ def create_fake_app() -> Starlette:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible upstream (no network, no key).")
+    parser = argparse.ArgumentParser(
+        description="Fake OpenAI-compatible upstream (no network, no key)."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9999)
     args = parser.parse_args()
     import uvicorn
 
-    uvicorn.run(create_fake_app(), host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        create_fake_app(), host=args.host, port=args.port, log_level="warning", access_log=False
+    )
 
 
 if __name__ == "__main__":

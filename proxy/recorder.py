@@ -40,6 +40,7 @@ class ExchangeRecord:
     new_trajectory: bool
     id_source: str
     route: str
+    shadow: bool
     started_utc: str
     path: str
     stream: bool
@@ -56,7 +57,7 @@ class ExchangeRecord:
     duration_ms: float | None = None
     ttft_ms: float | None = None
     upstream_request_id: str | None = None
-    injected_logit_bias: dict[str, int] | None = None
+    injected_logit_bias: dict[str, int | float] | None = None
 
     def to_row(self) -> dict[str, Any]:
         """The `exchanges` row for this record (runs in the writer, off the request path)."""
@@ -88,7 +89,9 @@ class ExchangeRecord:
             if self.response_text is not None
             else (json.dumps(self.response) if self.response is not None else None),
             "error_json": self.error_text,
-            "request_headers_json": json.dumps(self.control_headers) if self.control_headers else None,
+            "request_headers_json": json.dumps(self.control_headers)
+            if self.control_headers
+            else None,
             "upstream_request_id": self.upstream_request_id,
             "end_user": _text(user) if user is not None else None,
             "metadata_json": json.dumps(metadata) if metadata is not None else None,
@@ -119,10 +122,14 @@ def _int(usage: dict[str, Any] | None, key: str) -> int | None:
 
 def control_headers(headers: Any) -> dict[str, str]:
     """The `X-Understudy-*` request headers (names lower-cased): the only headers ever stored."""
-    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(_CONTROL_HEADER_PREFIX)}
+    return {
+        k.lower(): v for k, v in headers.items() if k.lower().startswith(_CONTROL_HEADER_PREFIX)
+    }
 
 
-def trajectory_rows(rows: list[dict[str, Any]], records: list[ExchangeRecord]) -> list[dict[str, Any]]:
+def trajectory_rows(
+    rows: list[dict[str, Any]], records: list[ExchangeRecord]
+) -> list[dict[str, Any]]:
     """Per-trajectory increments for a batch (see `Database.write_exchanges`)."""
     out: dict[str, dict[str, Any]] = {}
     for row, record in zip(rows, records, strict=True):
@@ -134,6 +141,7 @@ def trajectory_rows(rows: list[dict[str, Any]], records: list[ExchangeRecord]) -
                 "updated_utc": row["started_utc"],
                 "id_source": record.id_source,
                 "route": record.route,
+                "shadow": record.shadow,
                 "exchange_count": 0,
                 "error_count": 0,
                 "tool_call_count": 0,
@@ -150,6 +158,26 @@ def trajectory_rows(rows: list[dict[str, Any]], records: list[ExchangeRecord]) -
     return list(out.values())
 
 
+@dataclass
+class ShadowUpdate:
+    """A teacher's shadow answer for an exchange submitted earlier (JSON texts, duration in ms)."""
+
+    exchange_id: str
+    model: str
+    response_json: str | None
+    error_json: str | None
+    duration_ms: float
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "id": self.exchange_id,
+            "shadow_model": self.model,
+            "shadow_response_json": self.response_json,
+            "shadow_error_json": self.error_json,
+            "shadow_duration_ms": self.duration_ms,
+        }
+
+
 class Recorder:
     """Queue plus single writer task. Counters: `stats` (submitted, written, dropped, failed)."""
 
@@ -164,7 +192,9 @@ class Recorder:
         self._db = db
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
-        self._queue: asyncio.Queue[ExchangeRecord] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[ExchangeRecord | ShadowUpdate] = asyncio.Queue(
+            maxsize=queue_size
+        )
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._stop_event = asyncio.Event()
@@ -175,14 +205,16 @@ class Recorder:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, record: ExchangeRecord) -> None:
-        """Queue a record for writing. Never blocks or raises; a full queue drops and counts."""
+    def submit(self, record: ExchangeRecord | ShadowUpdate) -> None:
+        """Queue a record (or a shadow answer) for writing. Never blocks or raises; a full queue
+        drops and counts."""
         try:
             self._queue.put_nowait(record)
             self.stats["submitted"] += 1
         except asyncio.QueueFull:
             self.stats["dropped"] += 1
-            log.error("record queue full: exchange %s not recorded", record.id)
+            exchange_id = record.id if isinstance(record, ExchangeRecord) else record.exchange_id
+            log.error("record queue full: exchange %s not recorded", exchange_id)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="understudy-recorder")
@@ -199,8 +231,8 @@ class Recorder:
         while not self._queue.empty():
             await self._write(self._take(self._batch_size))
 
-    def _take(self, limit: int) -> list[ExchangeRecord]:
-        batch: list[ExchangeRecord] = []
+    def _take(self, limit: int) -> list[ExchangeRecord | ShadowUpdate]:
+        batch: list[ExchangeRecord | ShadowUpdate] = []
         while len(batch) < limit and not self._queue.empty():
             batch.append(self._queue.get_nowait())
         return batch
@@ -214,12 +246,14 @@ class Recorder:
                 await asyncio.wait_for(self._stop_event.wait(), self._flush_interval_s)
             await self._write([first, *self._take(self._batch_size - 1)])
 
-    async def _write(self, batch: list[ExchangeRecord]) -> None:
+    async def _write(self, batch: list[ExchangeRecord | ShadowUpdate]) -> None:
         if not batch:
             return
         try:
-            rows = [record.to_row() for record in batch]
-            await self._db.write_exchanges(rows, trajectory_rows(rows, batch))
+            records = [item for item in batch if isinstance(item, ExchangeRecord)]
+            rows = [record.to_row() for record in records]
+            shadows = [item.to_row() for item in batch if isinstance(item, ShadowUpdate)]
+            await self._db.write_exchanges(rows, trajectory_rows(rows, records), shadows)
             self.stats["written"] += len(batch)
         except Exception:
             self.stats["failed"] += len(batch)

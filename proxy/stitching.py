@@ -30,7 +30,7 @@ class Link:
 
     trajectory_id: existing or new id. parent: the exchange it continues, or None. step: 0 for a
     trajectory's first exchange. route: the trajectory's route when it already exists, else None
-    (the caller decides). new_trajectory: no exchange of this trajectory is known yet.
+    (the caller decides); shadow: the trajectory's shadow flag. new_trajectory: no exchange of this trajectory is known yet.
     request_hash: rolling hash of all request messages ("" for no messages).
     """
 
@@ -38,6 +38,7 @@ class Link:
     parent: StateRef | None
     step: int
     route: str | None
+    shadow: bool
     new_trajectory: bool
     id_source: str
     request_hash: str
@@ -50,7 +51,7 @@ class Stitcher:
         self._db = db
         self._cache_size = cache_size
         self._states: OrderedDict[str, StateRef] = OrderedDict()
-        self._routes: OrderedDict[str, str] = OrderedDict()  # trajectory id -> route
+        self._routes: OrderedDict[str, tuple[str, bool]] = OrderedDict()  # id -> (route, shadow)
         self.cache_hits = 0
         self.db_lookups = 0
 
@@ -62,13 +63,13 @@ class Stitcher:
         self._states.move_to_end(state_hash)
         if len(self._states) > self._cache_size:
             self._states.popitem(last=False)
-        self.remember_route(ref.trajectory_id, ref.route)
+        self.remember_route(ref.trajectory_id, ref.route, ref.shadow)
 
-    def remember_route(self, trajectory_id: str, route: str) -> None:
-        """Record a trajectory's route (its first exchange decided it)."""
+    def remember_route(self, trajectory_id: str, route: str, shadow: bool = False) -> None:
+        """Record a trajectory's route and shadow flag (its first exchange decided them)."""
         if self._cache_size <= 0:
             return
-        self._routes[trajectory_id] = route
+        self._routes[trajectory_id] = (route, shadow)
         self._routes.move_to_end(trajectory_id)
         if len(self._routes) > self._cache_size:
             self._routes.popitem(last=False)
@@ -112,21 +113,23 @@ class Stitcher:
                 parent=parent,
                 step=parent.step + 1,
                 route=parent.route,
+                shadow=parent.shadow,
                 new_trajectory=False,
                 id_source=id_source if explicit_id else "hash",
                 request_hash=request_hash,
             )
         if explicit_id is not None:
-            route = self._routes.get(explicit_id)
-            if route is None:
+            known = self._routes.get(explicit_id)
+            if known is None:
                 self.db_lookups += 1
-                route = await self._db.trajectory_route(explicit_id)
+                known = await self._db.trajectory_route(explicit_id)
             return Link(
                 trajectory_id=explicit_id,
                 parent=None,
                 step=0,
-                route=route,
-                new_trajectory=route is None,
+                route=known[0] if known else None,
+                shadow=known[1] if known else False,
+                new_trajectory=known is None,
                 id_source=id_source,
                 request_hash=request_hash,
             )
@@ -135,6 +138,7 @@ class Stitcher:
             parent=None,
             step=0,
             route=None,
+            shadow=False,
             new_trajectory=True,
             id_source="hash",
             request_hash=request_hash,

@@ -43,7 +43,9 @@ def create_client(settings: Settings) -> httpx.AsyncClient:
         pool=settings.connect_timeout_s,
     )
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000, keepalive_expiry=60)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False)
+    return httpx.AsyncClient(
+        timeout=timeout, limits=limits, follow_redirects=False, trust_env=False
+    )
 
 
 def upstream_url(settings: Settings, path: str, query: bytes = b"") -> str:
@@ -52,7 +54,9 @@ def upstream_url(settings: Settings, path: str, query: bytes = b"") -> str:
     return f"{url}?{query.decode('latin-1')}" if query else url
 
 
-def forward_headers(incoming: Iterable[tuple[str, str]], api_key: str | None) -> list[tuple[str, str]]:
+def forward_headers(
+    incoming: Iterable[tuple[str, str]], api_key: str | None
+) -> list[tuple[str, str]]:
     """The client's headers as sent upstream.
 
     Drops hop-by-hop headers and the proxy's own `X-Understudy-*` controls; offers only codings
@@ -117,5 +121,13 @@ def transport_error(exc: httpx.HTTPError, settings: Settings) -> tuple[int, str,
     `upstream_unreachable`.
     """
     if isinstance(exc, httpx.TimeoutException):
-        return 504, f"upstream timed out ({type(exc).__name__}) calling {settings.upstream}", "upstream_timeout"
-    return 502, f"upstream unreachable ({type(exc).__name__}: {exc}) at {settings.upstream}", "upstream_unreachable"
+        return (
+            504,
+            f"upstream timed out ({type(exc).__name__}) calling {settings.upstream}",
+            "upstream_timeout",
+        )
+    return (
+        502,
+        f"upstream unreachable ({type(exc).__name__}: {exc}) at {settings.upstream}",
+        "upstream_unreachable",
+    )

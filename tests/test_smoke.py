@@ -17,5 +17,7 @@ def test_one_call_is_forwarded_and_recorded(proxy_server: ProxyServer) -> None:
     assert completion.choices[0].message.content == "Answer to 'hi'"
     proxy_server.stop()
     with sqlite3.connect(proxy_server.db) as conn:
-        rows = conn.execute("SELECT model_requested, outcome, status_code FROM exchanges").fetchall()
+        rows = conn.execute(
+            "SELECT model_requested, outcome, status_code FROM exchanges"
+        ).fetchall()
     assert rows == [("gpt-4.1-mini", "ok", 200)]

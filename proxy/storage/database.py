@@ -73,6 +73,7 @@ class StateRef:
     trajectory_id: str
     step: int
     route: str
+    shadow: bool = False
 
 
 class Database:
@@ -171,17 +172,26 @@ class Database:
         return sqlite_insert(table).on_conflict_do_nothing()
 
     async def write_exchanges(
-        self, exchange_rows: Sequence[dict[str, Any]], trajectory_rows: Sequence[dict[str, Any]]
+        self,
+        exchange_rows: Sequence[dict[str, Any]],
+        trajectory_rows: Sequence[dict[str, Any]],
+        shadow_rows: Sequence[dict[str, Any]] = (),
     ) -> None:
         """Insert a batch in one transaction.
 
         exchange_rows: dicts keyed by `exchanges` columns. trajectory_rows: one per trajectory the
-        batch touches, with `id`, `created_utc`, `updated_utc`, `id_source`, `route` and the batch's
-        increments `exchange_count`, `error_count`, `tool_call_count`, `prompt_tokens`,
-        `completion_tokens`. New trajectories are inserted; existing ones get the increments.
+        batch touches, with `id`, `created_utc`, `updated_utc`, `id_source`, `route`, `shadow` and
+        the batch's increments `exchange_count`, `error_count`, `tool_call_count`,
+        `prompt_tokens`, `completion_tokens`. New trajectories are inserted; existing ones get the
+        increments. shadow_rows: `{"id", "shadow_model", "shadow_response_json",
+        "shadow_error_json", "shadow_duration_ms"}` set on exchanges already written (or in this
+        batch).
         """
         t = trajectories.c
         async with self.engine.begin() as conn:
+            if not trajectory_rows:
+                await self._write_shadows(conn, shadow_rows)
+                return
             await conn.execute(
                 self._insert_ignore(trajectories),
                 [
@@ -213,6 +223,24 @@ class Database:
                 [{f"b_{k}": v for k, v in row.items()} for row in trajectory_rows],
             )
             await conn.execute(exchanges.insert(), list(exchange_rows))
+            await self._write_shadows(conn, shadow_rows)
+
+    @staticmethod
+    async def _write_shadows(conn: AsyncConnection, shadow_rows: Sequence[dict[str, Any]]) -> None:
+        if not shadow_rows:
+            return
+        columns = (
+            "shadow_model",
+            "shadow_response_json",
+            "shadow_error_json",
+            "shadow_duration_ms",
+        )
+        await conn.execute(
+            exchanges.update()
+            .where(exchanges.c.id == bindparam("b_id"))
+            .values({name: bindparam(f"b_{name}") for name in columns}),
+            [{f"b_{k}": v for k, v in row.items()} for row in shadow_rows],
+        )
 
     # -- stitching -----------------------------------------------------------------------------
 
@@ -226,8 +254,10 @@ class Database:
         if not state_hashes:
             return {}
         e = exchanges.c
-        query = select(e.state_hash, e.id, e.trajectory_id, e.step, e.route).where(
-            e.state_hash.in_(list(state_hashes))
+        query = (
+            select(e.state_hash, e.id, e.trajectory_id, e.step, e.route, trajectories.c.shadow)
+            .join(trajectories, trajectories.c.id == e.trajectory_id)
+            .where(e.state_hash.in_(list(state_hashes)))
         )
         if trajectory_id is not None:
             query = query.where(e.trajectory_id == trajectory_id)
@@ -235,25 +265,28 @@ class Database:
         found: dict[str, StateRef] = {}
         async with self.engine.connect() as conn:
             for row in await conn.execute(query):
-                found[row.state_hash] = StateRef(row.id, row.trajectory_id, row.step, row.route)
+                found[row.state_hash] = StateRef(
+                    row.id, row.trajectory_id, row.step, row.route, bool(row.shadow)
+                )
         return found
 
-    async def trajectory_route(self, trajectory_id: str) -> str | None:
-        """The route of an existing trajectory, or None when it is not recorded."""
+    async def trajectory_route(self, trajectory_id: str) -> tuple[str, bool] | None:
+        """(route, shadow) of an existing trajectory, or None when it is not recorded."""
+        t = trajectories.c
         async with self.engine.connect() as conn:
             row = (
-                await conn.execute(
-                    select(trajectories.c.route).where(trajectories.c.id == trajectory_id)
-                )
+                await conn.execute(select(t.route, t.shadow).where(t.id == trajectory_id))
             ).first()
-        return row[0] if row else None
+        return (row[0], bool(row[1])) if row else None
 
     # -- reading -------------------------------------------------------------------------------
 
     async def counts(self) -> dict[str, int]:
         """`{"exchanges": N, "trajectories": N}`."""
         async with self.engine.connect() as conn:
-            n_exchanges = (await conn.execute(select(func.count()).select_from(exchanges))).scalar_one()
+            n_exchanges = (
+                await conn.execute(select(func.count()).select_from(exchanges))
+            ).scalar_one()
             n_trajectories = (
                 await conn.execute(select(func.count()).select_from(trajectories))
             ).scalar_one()
@@ -279,6 +312,10 @@ class Database:
     async def exchanges_of(self, trajectory_id: str) -> list[dict[str, Any]]:
         """All exchanges of one trajectory, by step then time."""
         e = exchanges.c
-        query = select(exchanges).where(e.trajectory_id == trajectory_id).order_by(e.step, e.started_utc)
+        query = (
+            select(exchanges)
+            .where(e.trajectory_id == trajectory_id)
+            .order_by(e.step, e.started_utc)
+        )
         async with self.engine.connect() as conn:
             return [dict(row) for row in (await conn.execute(query)).mappings()]

@@ -29,6 +29,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 updated_utc TEXT NOT NULL,
                 id_source TEXT NOT NULL,
                 route TEXT NOT NULL,
+                shadow BOOLEAN NOT NULL DEFAULT FALSE,
                 exchange_count INTEGER NOT NULL DEFAULT 0,
                 error_count INTEGER NOT NULL DEFAULT 0,
                 tool_call_count INTEGER NOT NULL DEFAULT 0,

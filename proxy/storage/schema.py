@@ -22,6 +22,8 @@ trajectories = Table(
     Column("id_source", Text, nullable=False),
     # 'student' or 'teacher': decided for the first exchange, kept for every later one.
     Column("route", Text, nullable=False),
+    # A teacher also answers every request of this trajectory in the background (never returned).
+    Column("shadow", Boolean, nullable=False),
     Column("exchange_count", Integer, nullable=False),
     Column("error_count", Integer, nullable=False),
     Column("tool_call_count", Integer, nullable=False),
