@@ -122,7 +122,7 @@ class _Exchange:
             (ROUTE_HEADER.encode(), self.record.route.encode()),
         ]
 
-    def answered(self, response: dict[str, Any] | None) -> None:
+    async def answered(self, response: dict[str, Any] | None) -> None:
         """The model answered with `response` (a chat.completion): remember the new state."""
         self.record.response = response
         message = _response_message(response) if response else None
@@ -130,7 +130,7 @@ class _Exchange:
             state_hash = chain_hash(self.link.request_hash, message)
             self.record.state_hash = state_hash
             record = self.record
-            self.proxy.stitcher.remember(
+            await self.proxy.stitcher.remember(
                 state_hash,
                 StateRef(record.id, record.trajectory_id, record.step, record.route, record.shadow),
             )
@@ -151,10 +151,6 @@ class _Exchange:
         if self.submitted.is_set():
             return
         self.record.duration_ms = _ms_since(self.start)
-        if self.link.new_trajectory:
-            self.proxy.stitcher.remember_route(
-                self.record.trajectory_id, self.record.route, self.record.shadow
-            )
         self.proxy.recorder.submit(self.record)
         self.submitted.set()
 
@@ -271,7 +267,7 @@ async def _relay_body(exchange: _Exchange, upstream: httpx.Response) -> Response
             parsed = None
         if isinstance(parsed, dict):
             record.response_text = text
-            exchange.answered(parsed)
+            await exchange.answered(parsed)
         else:
             record.outcome = "error"
             record.error_text = text
@@ -311,13 +307,13 @@ async def _relay_stream(
             if assembler.done and not answered:
                 answered = True
                 record.outcome = "error" if assembler.error else "ok"
-                exchange.answered(assembler.result())
+                await exchange.answered(assembler.result())
             yield chunk
         if not answered:
             assembler.close()
             answered = True
             record.outcome = "error" if assembler.error else "ok"
-            exchange.answered(assembler.result())
+            await exchange.answered(assembler.result())
     except httpx.HTTPError as exc:
         record.outcome = "error"
         record.error_text = json.dumps(
@@ -363,7 +359,7 @@ async def _teacher_call(
         return response
     text = json.dumps(completion)
     record.response_text = text
-    exchange.answered(completion)
+    await exchange.answered(completion)
     exchange.finish()
     response = Response(text.encode(), media_type="application/json")
     response.raw_headers = [*response.raw_headers, *headers]

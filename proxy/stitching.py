@@ -55,8 +55,23 @@ class Stitcher:
         self.cache_hits = 0
         self.db_lookups = 0
 
-    def remember(self, state_hash: str, ref: StateRef) -> None:
-        """Record that `ref`'s exchange produced `state_hash` (call before the client can reply)."""
+    async def claim(self, link: Link, route: str, shadow: bool) -> tuple[str, bool]:
+        """Fix the route of a new trajectory; return the (route, shadow) that holds for it.
+
+        Call once for a `link` with `new_trajectory`; later requests of the trajectory find the
+        route through `link()`.
+        """
+        self.remember_route(link.trajectory_id, route, shadow)
+        return route, shadow
+
+    async def remember(self, state_hash: str, ref: StateRef) -> None:
+        """Record that `ref`'s exchange produced `state_hash`.
+
+        Awaited before the client receives the end of the answer, so its next request stitches.
+        """
+        self._remember_local(state_hash, ref)
+
+    def _remember_local(self, state_hash: str, ref: StateRef) -> None:
         if self._cache_size <= 0:
             return
         self._states[state_hash] = ref
