@@ -49,10 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 def load_settings(options: dict[str, Any]) -> Settings:
     """Settings from flags (given ones only), env and config file; exits with one line on error.
 
-    Flags of list or dict options (`--routing-rules`) take JSON, as their env vars do.
+    Flags of list or dict options (`--routing-rules`) take JSON, as their env vars do
+    (`--redact-pii` also takes a comma-separated list).
     """
     for name, value in list(options.items()):
-        if get_origin(Settings.model_fields[name].annotation) in (list, dict):
+        if get_origin(Settings.model_fields[name].annotation) in (list, dict) and value.lstrip()[
+            :1
+        ] in ("[", "{"):
             try:
                 options[name] = json.loads(value)
             except ValueError as exc:

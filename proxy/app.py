@@ -7,18 +7,23 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy.chat import chat_completions
-from proxy.config import Settings, get_settings
+from proxy.config import Settings, get_settings, journal_path
 from proxy.dashboard import mount_dashboard
 from proxy.errors import error_response
+from proxy.journal import Journal
+from proxy.metrics import Metrics
 from proxy.passthrough import passthrough
 from proxy.recorder import Recorder
+from proxy.redaction import Redactor
 from proxy.state import ProxyState
 from proxy.stitching import Stitcher
 from proxy.storage import Database
+from proxy.storage.recovery import ping
 from proxy.teacher import Teacher
 from proxy.upstream import create_client
 
@@ -35,18 +40,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db = await Database.open(settings.db)
         recorder = Recorder(
             db,
+            journal=Journal(journal_path(settings)),
+            redactor=Redactor(settings.redact_pii, settings.phone_region),
             flush_interval_s=settings.flush_interval_ms / 1000,
             batch_size=settings.record_batch_size,
             queue_size=settings.record_queue_size,
         )
         await recorder.start()
         client = create_client(settings)
+        stitcher = Stitcher(db, settings.stitch_cache_size)
         proxy = ProxyState(
             settings=settings,
             db=db,
             recorder=recorder,
-            stitcher=Stitcher(db, settings.stitch_cache_size),
+            stitcher=stitcher,
             client=client,
+            metrics=Metrics(recorder, stitcher),
             teacher=Teacher(settings) if settings.teacher_model else None,
         )
         app.state.proxy = proxy
@@ -80,15 +89,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health(request: Request) -> Response:
-        """Liveness and recorder counters."""
+        """Liveness: the process answers. Includes the recorder's counters."""
         proxy: ProxyState = request.app.state.proxy
         return JSONResponse(
             {
                 "status": "ok",
                 "record_queue_depth": proxy.recorder.queue_depth,
+                "journal_bytes": proxy.recorder.journal.size_bytes,
                 "recorder": dict(proxy.recorder.stats),
             }
         )
+
+    @app.get("/ready")
+    async def ready(request: Request) -> Response:
+        """Readiness: the database answers and the recorder runs (503 otherwise).
+
+        Calls are still served when not ready (records go to the journal); a load balancer may
+        prefer replicas that are ready.
+        """
+        proxy: ProxyState = request.app.state.proxy
+        problems = []
+        if not proxy.recorder.running:
+            problems.append("recorder not running")
+        try:
+            await ping(proxy.db)
+        except Exception as exc:
+            problems.append(f"database: {type(exc).__name__}: {exc}")
+        if problems:
+            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics (see proxy.metrics)."""
+        proxy: ProxyState = request.app.state.proxy
+        return Response(proxy.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc: Exception) -> Response:

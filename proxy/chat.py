@@ -43,6 +43,39 @@ log = logging.getLogger("understudy.chat")
 EXCHANGE_HEADER = "x-understudy-exchange-id"
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes (InvalidRequest 413) and bodies that are
+    not JSON by their content type (415; a missing content type is accepted)."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None:
+        media_type = content_type.split(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise InvalidRequest(
+                f"Content-Type must be application/json, not {media_type!r}",
+                code="unsupported_media_type",
+                status=415,
+            )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise InvalidRequest(
+            f"request body of {declared} bytes is over the limit of {limit}",
+            code="request_too_large",
+            status=413,
+        )
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise InvalidRequest(
+                f"request body is over the limit of {limit} bytes",
+                code="request_too_large",
+                status=413,
+            )
+        parts.append(part)
+    return b"".join(parts)
+
+
 def parse_chat_request(raw: bytes) -> dict[str, Any]:
     """Decode and check a chat-completions body; return it as a dict.
 
@@ -53,6 +86,8 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("request body is nested too deeply", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_type")
     model = body.get("model")
@@ -152,6 +187,7 @@ class _Exchange:
             return
         self.record.duration_ms = _ms_since(self.start)
         self.proxy.recorder.submit(self.record)
+        self.proxy.metrics.observe(self.record)
         self.submitted.set()
 
 
@@ -165,8 +201,8 @@ async def chat_completions(request: Request) -> Response:
     start = time.perf_counter()
     proxy: ProxyState = request.app.state.proxy
     settings = proxy.settings
-    raw = await request.body()
     try:
+        raw = await read_body(request, settings.max_body_bytes)
         body = parse_chat_request(raw)
         explicit_id, id_source = explicit_trajectory_id(request.headers, body)
         link = await proxy.stitcher.link(body["messages"], explicit_id, id_source)
@@ -179,6 +215,8 @@ async def chat_completions(request: Request) -> Response:
             route, shadow = link.route, link.shadow
     except InvalidRequest as exc:
         return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+    except RecursionError:
+        return error_response(400, "messages are nested too deeply", param="messages")
     except ValueError as exc:
         return error_response(400, str(exc), param=ROUTE_HEADER)
     if proxy.teacher is None:  # routed earlier by a proxy that had a teacher configured
@@ -316,9 +354,10 @@ async def _relay_stream(
             await exchange.answered(assembler.result())
     except httpx.HTTPError as exc:
         record.outcome = "error"
-        record.error_text = json.dumps(
-            error_body(f"upstream stream broke: {type(exc).__name__}: {exc}", "upstream_error")
-        )
+        error = error_body(f"upstream stream broke: {type(exc).__name__}: {exc}", "upstream_error")
+        record.error_text = json.dumps(error)
+        if decoder.identity:  # end the stream with an error event the SDKs raise on
+            yield b"data: " + record.error_text.encode() + b"\n\n"
     finally:
         with anyio.CancelScope(shield=True):
             await close()

@@ -7,14 +7,16 @@ file (`--config FILE` / `UNDERSTUDY_CONFIG`; TOML, YAML or JSON by its suffix), 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -122,7 +124,41 @@ class Settings(BaseSettings):
         description="Token that protects /dashboard and /api/ (login form or Bearer header). "
         "Without it the dashboard is served on loopback addresses only.",
     )
+    journal: str | None = Field(
+        None,
+        description="Journal file for records the database cannot take "
+        "(default: next to a SQLite database, else ./understudy-journal.jsonl).",
+    )
+    redact_pii: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description='PII masked before storage: any of "email", "phone", "card" '
+        "(JSON list, or comma-separated). Key-shaped secrets are always masked.",
+    )
+    phone_region: str = Field(
+        "US", description="Default country for phone numbers without a + prefix (ISO code)."
+    )
+    max_body_bytes: int = Field(
+        50 * 1024 * 1024, ge=1024, description="Largest request body accepted, bytes (else 413)."
+    )
+    teacher_retries: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description="Retries for failed teacher calls (the student path never retries).",
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text or as JSON objects (one per line)."
+    )
+
+    @field_validator("redact_pii", mode="before")
+    @classmethod
+    def _split_kinds(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.strip().startswith("["):
+                return json.loads(value)
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
 
     @field_validator("upstream")
     @classmethod
@@ -159,6 +195,18 @@ def _config_file_source(settings_cls: type[BaseSettings], path: Path) -> Pydanti
     if suffix == ".json":
         return JsonConfigSettingsSource(settings_cls, json_file=path)
     raise ConfigFileError(f"config file must end in .toml, .yaml, .yml or .json: {path}")
+
+
+def journal_path(settings: Settings) -> Path:
+    """Where the journal lives: `--journal`, else `<sqlite file>.journal.jsonl`, else
+    `./understudy-journal.jsonl` (PostgreSQL)."""
+    if settings.journal:
+        return Path(settings.journal)
+    if "://" not in settings.db:
+        return Path(settings.db + ".journal.jsonl")
+    if settings.db.startswith("sqlite:///"):
+        return Path(settings.db.removeprefix("sqlite:///") + ".journal.jsonl")
+    return Path("understudy-journal.jsonl")
 
 
 @functools.lru_cache(maxsize=1)

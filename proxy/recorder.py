@@ -16,7 +16,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.journal import Journal
+from proxy.redaction import Redactor
 from proxy.storage import Database
+from proxy.storage.recovery import existing_exchange_ids
 
 log = logging.getLogger("understudy.recorder")
 
@@ -127,21 +130,25 @@ def control_headers(headers: Any) -> dict[str, str]:
     }
 
 
-def trajectory_rows(
-    rows: list[dict[str, Any]], records: list[ExchangeRecord]
-) -> list[dict[str, Any]]:
-    """Per-trajectory increments for a batch (see `Database.write_exchanges`)."""
+def trajectory_meta(record: ExchangeRecord) -> dict[str, Any]:
+    """What a new trajectory row needs beyond the exchange row: how it was identified, its route."""
+    return {"id_source": record.id_source, "route": record.route, "shadow": record.shadow}
+
+
+def trajectory_rows(entries: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per-trajectory increments for a batch of (exchange row, trajectory meta) pairs
+    (see `Database.write_exchanges`)."""
     out: dict[str, dict[str, Any]] = {}
-    for row, record in zip(rows, records, strict=True):
+    for row, meta in entries:
         entry = out.get(row["trajectory_id"])
         if entry is None:
             entry = out[row["trajectory_id"]] = {
                 "id": row["trajectory_id"],
                 "created_utc": row["started_utc"],
                 "updated_utc": row["started_utc"],
-                "id_source": record.id_source,
-                "route": record.route,
-                "shadow": record.shadow,
+                "id_source": meta["id_source"],
+                "route": meta["route"],
+                "shadow": meta["shadow"],
                 "exchange_count": 0,
                 "error_count": 0,
                 "tool_call_count": 0,
@@ -178,18 +185,39 @@ class ShadowUpdate:
         }
 
 
+_REDACTED_EXCHANGE_COLUMNS = (
+    "request_json",
+    "response_json",
+    "error_json",
+    "request_headers_json",
+    "end_user",
+    "metadata_json",
+)
+_REDACTED_SHADOW_COLUMNS = ("shadow_response_json", "shadow_error_json")
+
+
 class Recorder:
-    """Queue plus single writer task. Counters: `stats` (submitted, written, dropped, failed)."""
+    """Queue plus single writer task, with redaction and the journal as the fallback.
+
+    Backpressure: the queue holds at most `queue_size` records (memory stays bounded); when it is
+    full, records go straight to the journal file instead (never dropped while the disk takes
+    them). Counters in `stats`: submitted, written, failed_batches, journaled, spilled (queue
+    full), replayed, lost (neither database nor journal took them).
+    """
 
     def __init__(
         self,
         db: Database,
         *,
+        journal: Journal,
+        redactor: Redactor | None = None,
         flush_interval_s: float = 0.05,
         batch_size: int = 500,
         queue_size: int = 100_000,
     ) -> None:
         self._db = db
+        self.journal = journal
+        self._redact = redactor or Redactor()
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
         self._queue: asyncio.Queue[ExchangeRecord | ShadowUpdate] = asyncio.Queue(
@@ -205,18 +233,60 @@ class Recorder:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     def submit(self, record: ExchangeRecord | ShadowUpdate) -> None:
-        """Queue a record (or a shadow answer) for writing. Never blocks or raises; a full queue
-        drops and counts."""
+        """Queue a record (or a shadow answer) for writing. Never blocks or raises; when the
+        queue is full the record is appended to the journal instead."""
+        self.stats["submitted"] += 1
         try:
             self._queue.put_nowait(record)
-            self.stats["submitted"] += 1
         except asyncio.QueueFull:
-            self.stats["dropped"] += 1
-            exchange_id = record.id if isinstance(record, ExchangeRecord) else record.exchange_id
-            log.error("record queue full: exchange %s not recorded", exchange_id)
+            self.stats["spilled"] += 1
+            self._to_journal([record])
+
+    def _entries(
+        self, batch: list[ExchangeRecord | ShadowUpdate]
+    ) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], list[dict[str, Any]]]:
+        """Redacted (exchange row, trajectory meta) pairs and shadow rows of a batch."""
+        entries = []
+        shadows = []
+        for item in batch:
+            if isinstance(item, ExchangeRecord):
+                row = item.to_row()
+                for column in _REDACTED_EXCHANGE_COLUMNS:
+                    row[column] = self._redact(row[column])
+                entries.append((row, trajectory_meta(item)))
+            else:
+                row = item.to_row()
+                for column in _REDACTED_SHADOW_COLUMNS:
+                    row[column] = self._redact(row[column])
+                shadows.append(row)
+        return entries, shadows
+
+    def _to_journal(self, batch: list[ExchangeRecord | ShadowUpdate]) -> None:
+        entries, shadows = self._entries(batch)
+        self._append_journal(entries, shadows)
+
+    def _append_journal(
+        self, entries: list[tuple[dict[str, Any], dict[str, Any]]], shadows: list[dict[str, Any]]
+    ) -> None:
+        lines = [{"exchange": row, "trajectory": meta} for row, meta in entries]
+        lines += [{"shadow": row} for row in shadows]
+        try:
+            self.journal.append(lines)
+            self.stats["journaled"] += len(lines)
+        except OSError:
+            self.stats["lost"] += len(lines)
+            log.exception(
+                "journal %s refused %d records: they are lost", self.journal.path, len(lines)
+            )
 
     async def start(self) -> None:
+        """Replay what an earlier run left in the journal, then start the writer task."""
+        await self.replay()
         self._task = asyncio.create_task(self._run(), name="understudy-recorder")
 
     async def stop(self) -> None:
@@ -249,12 +319,57 @@ class Recorder:
     async def _write(self, batch: list[ExchangeRecord | ShadowUpdate]) -> None:
         if not batch:
             return
+        entries, shadows = self._entries(batch)
         try:
-            records = [item for item in batch if isinstance(item, ExchangeRecord)]
-            rows = [record.to_row() for record in records]
-            shadows = [item.to_row() for item in batch if isinstance(item, ShadowUpdate)]
-            await self._db.write_exchanges(rows, trajectory_rows(rows, records), shadows)
-            self.stats["written"] += len(batch)
-        except Exception:
-            self.stats["failed"] += len(batch)
-            log.exception("writing %d exchanges failed", len(batch))
+            await self._db.write_exchanges(
+                [row for row, _ in entries], trajectory_rows(entries), shadows
+            )
+        except Exception as exc:
+            self.stats["failed_batches"] += 1
+            log.warning(
+                "database write of %d records failed (%s): journaling them", len(batch), exc
+            )
+            self._append_journal(entries, shadows)
+            return
+        self.stats["written"] += len(batch)
+        if self.journal.pending() and not self._stopping:
+            await self.replay()
+
+    async def replay(self) -> int:
+        """Write journaled records into the database, skipping exchanges it already holds.
+
+        Returns the number of records replayed. On a database error the journal is kept for the
+        next attempt.
+        """
+        path = self.journal.take()
+        if path is None:
+            return 0
+        replayed = 0
+        try:
+            chunk: list[dict[str, Any]] = []
+            for entry in Journal.read(path):
+                chunk.append(entry)
+                if len(chunk) >= self._batch_size:
+                    replayed += await self._replay_chunk(chunk)
+                    chunk = []
+            replayed += await self._replay_chunk(chunk)
+        except Exception as exc:
+            log.warning("journal replay stopped (%s); will retry", exc)
+            return replayed
+        Journal.done(path)
+        self.stats["replayed"] += replayed
+        if replayed:
+            log.info("replayed %d journaled records from %s", replayed, path)
+        return replayed
+
+    async def _replay_chunk(self, chunk: list[dict[str, Any]]) -> int:
+        if not chunk:
+            return 0
+        entries = [(e["exchange"], e["trajectory"]) for e in chunk if "exchange" in e]
+        shadows = [e["shadow"] for e in chunk if "shadow" in e]
+        held = await existing_exchange_ids(self._db, [row["id"] for row, _ in entries])
+        entries = [(row, meta) for row, meta in entries if row["id"] not in held]
+        await self._db.write_exchanges(
+            [row for row, _ in entries], trajectory_rows(entries), shadows
+        )
+        return len(entries) + len(shadows)

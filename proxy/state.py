@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from proxy.config import Settings
+from proxy.metrics import Metrics
 from proxy.recorder import Recorder
 from proxy.stitching import Stitcher
 from proxy.storage import Database
@@ -22,13 +23,14 @@ log = logging.getLogger("understudy")
 @dataclass
 class ProxyState:
     """Resources opened in the app's lifespan: settings, database, recorder, stitcher, upstream
-    client, the teacher (None when no teacher model is configured) and background tasks."""
+    client, metrics, the teacher (None when no teacher model is configured) and background tasks."""
 
     settings: Settings
     db: Database
     recorder: Recorder
     stitcher: Stitcher
     client: httpx.AsyncClient
+    metrics: Metrics
     teacher: Teacher | None = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 

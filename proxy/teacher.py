@@ -77,6 +77,7 @@ class Teacher:
         self.model = settings.teacher_model
         self._base_url = settings.teacher_base_url
         self._timeout = settings.read_timeout_s
+        self._retries = settings.teacher_retries
         openai_compatible = "/" not in self.model or self.model.startswith("openai/")
         if openai_compatible:
             # An OpenAI(-compatible) teacher: the upstream unless told otherwise, and its auth.
@@ -110,7 +111,7 @@ class Teacher:
         if key:
             kwargs["api_key"] = key
         kwargs["timeout"] = self._timeout
-        kwargs["num_retries"] = 0
+        kwargs["num_retries"] = self._retries
         return kwargs
 
     def _error(self, exc: Exception) -> TeacherError:

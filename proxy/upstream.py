@@ -105,6 +105,11 @@ class BodyDecoder:
         else:
             self._zlib = None
 
+    @property
+    def identity(self) -> bool:
+        """The body is not compressed (the proxy may add bytes of its own)."""
+        return self._zlib is None
+
     def decode(self, data: bytes) -> bytes:
         if self._zlib is None:
             return data

@@ -1,0 +1,112 @@
+"""Prometheus metrics (`GET /metrics`), one registry per app so several apps never collide.
+
+- `understudy_requests_total{route,stream,outcome}`: chat-completion exchanges answered.
+- `understudy_request_duration_seconds{route,stream}`: whole call, histogram.
+- `understudy_time_to_first_token_seconds{route}`: streams only, histogram.
+- `understudy_record_queue_depth`, `understudy_journal_bytes`: gauges read at scrape time.
+- `understudy_recorder_records_total{event}`: submitted, written, journaled, spilled, replayed,
+  lost; `understudy_recorder_failed_batches_total`.
+- `understudy_stitch_lookups_total{source}`: cache hits and database lookups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from proxy.recorder import ExchangeRecord, Recorder
+    from proxy.stitching import Stitcher
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_RECORDER_EVENTS = ("submitted", "written", "journaled", "spilled", "replayed", "lost")
+
+
+class _StateCollector(Collector):
+    """Reads the recorder's and stitcher's counters at scrape time."""
+
+    def __init__(self, recorder: Recorder, stitcher: Stitcher) -> None:
+        self._recorder = recorder
+        self._stitcher = stitcher
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily(
+            "understudy_record_queue_depth",
+            "Exchanges waiting to be written to the database.",
+            value=self._recorder.queue_depth,
+        )
+        yield GaugeMetricFamily(
+            "understudy_journal_bytes",
+            "Size of the journal of records waiting for the database, bytes.",
+            value=self._recorder.journal.size_bytes,
+        )
+        records = CounterMetricFamily(
+            "understudy_recorder_records", "Records by what happened to them.", labels=["event"]
+        )
+        for event in _RECORDER_EVENTS:
+            records.add_metric([event], self._recorder.stats[event])
+        yield records
+        yield CounterMetricFamily(
+            "understudy_recorder_failed_batches",
+            "Database writes that failed (their records went to the journal).",
+            value=self._recorder.stats["failed_batches"],
+        )
+        lookups = CounterMetricFamily(
+            "understudy_stitch_lookups",
+            "Stitching lookups by where they were answered.",
+            labels=["source"],
+        )
+        lookups.add_metric(["cache"], self._stitcher.cache_hits)
+        lookups.add_metric(["database"], self._stitcher.db_lookups)
+        yield lookups
+
+
+class Metrics:
+    """The proxy's metrics. `observe(record)` once per exchange; `render()` for the scrape."""
+
+    def __init__(self, recorder: Recorder, stitcher: Stitcher) -> None:
+        disable_created_metrics()  # `*_created` series only add noise here
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "understudy_requests",
+            "Chat-completion exchanges answered.",
+            ["route", "stream", "outcome"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "understudy_request_duration_seconds",
+            "Duration of chat-completion calls through the proxy.",
+            ["route", "stream"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "understudy_time_to_first_token_seconds",
+            "Time to the first streamed chunk.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(recorder, stitcher))
+
+    def observe(self, record: ExchangeRecord) -> None:
+        stream = "true" if record.stream else "false"
+        self.requests.labels(record.route, stream, record.outcome).inc()
+        if record.duration_ms is not None:
+            self.duration.labels(record.route, stream).observe(record.duration_ms / 1000)
+        if record.ttft_ms is not None:
+            self.ttft.labels(record.route).observe(record.ttft_ms / 1000)
+
+    def render(self) -> bytes:
+        """The exposition text (Prometheus format 0.0.4)."""
+        return generate_latest(self.registry)
