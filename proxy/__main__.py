@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import logging.config
 import sys
 from collections.abc import Sequence
 from typing import Any, get_origin
@@ -20,6 +21,7 @@ from typing import Any, get_origin
 from pydantic import ValidationError
 
 from proxy.config import ConfigFileError, Settings
+from proxy.logs import log_config
 from proxy.storage import Database, DatabaseError
 
 COMMANDS = ("serve", "migrate", "demo")
@@ -81,9 +83,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_demo(args)
         return
     settings = load_settings(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging_config = log_config(settings.log_level, settings.log_format)
+    logging.config.dictConfig(logging_config)
     try:
         # Open (and migrate) the database before serving, so a bad --db fails in one line.
         asyncio.run(_open_and_migrate(settings.db, report=command == "migrate"))
@@ -101,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=logging_config,
         server_header=False,
         date_header=False,
         access_log=False,

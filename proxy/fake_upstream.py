@@ -9,7 +9,9 @@ Behaviour, chosen by the request:
   step 2 and later answer with text that quotes the tool results. With no tools: a text answer.
 - `stream: true` sends `chat.completion.chunk` SSE events with tool-call arguments split across
   chunks, `finish_reason`, a usage chunk when `stream_options.include_usage`, then `[DONE]`.
-- Header `x-fake-chunk-delay-ms: N` waits N ms between chunks (a slow upstream).
+- Header `x-fake-chunk-delay-ms: N` waits N ms between chunks (a slow upstream); header
+  `x-fake-delay-ms: N` waits N ms before answering at all (a read timeout); header
+  `x-fake-break-after: N` drops the connection after N stream chunks (a stream that breaks).
 - Model `fake-error-500` / `fake-error-429` answer with OpenAI error bodies (429 has `retry-after`).
 - Header `x-fake-fixed: 1` answers with one fixed small completion (for the benchmark).
 
@@ -143,6 +145,8 @@ async def chat_completions(request: Request) -> Response:
     )
     body = request.app.state.requests[-1]["body"]
     model = body.get("model", "fake-model")
+    if request.headers.get("x-fake-delay-ms"):
+        await asyncio.sleep(float(request.headers["x-fake-delay-ms"]) / 1000)
     if model == "fake-error-500":
         return JSONResponse(
             {
@@ -188,8 +192,11 @@ async def chat_completions(request: Request) -> Response:
         chunks = _stream_chunks(
             completion_id, created, model, message, finish_reason, usage if include_usage else None
         )
+        break_after = request.headers.get("x-fake-break-after")
         return StreamingResponse(
-            _sse(chunks, delay), media_type="text/event-stream", headers=_headers(request_id)
+            _sse(chunks, delay, int(break_after) if break_after else None),
+            media_type="text/event-stream",
+            headers=_headers(request_id),
         )
     return JSONResponse(
         {
@@ -277,8 +284,16 @@ def _stream_chunks(
     return chunks
 
 
-async def _sse(chunks: list[dict[str, Any]], delay: float) -> AsyncIterator[bytes]:
-    for chunk in chunks:
+class BrokenStream(Exception):
+    """Raised mid-stream so the server drops the connection (the `x-fake-break-after` fault)."""
+
+
+async def _sse(
+    chunks: list[dict[str, Any]], delay: float, break_after: int | None = None
+) -> AsyncIterator[bytes]:
+    for number, chunk in enumerate(chunks):
+        if break_after is not None and number >= break_after:
+            raise BrokenStream(f"connection dropped after {number} chunks")
         yield f"data: {json.dumps(chunk)}\n\n".encode()
         if delay:
             await asyncio.sleep(delay)
