@@ -210,7 +210,7 @@ async def chat_completions(request: Request) -> Response:
             decision = decide_route(
                 body, request.headers.get(ROUTE_HEADER), link.request_hash, settings
             )
-            route, shadow = decision.route, decision.shadow
+            route, shadow = await proxy.stitcher.claim(link, decision.route, decision.shadow)
         else:
             route, shadow = link.route, link.shadow
     except InvalidRequest as exc:

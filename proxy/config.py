@@ -101,7 +101,8 @@ class Settings(BaseSettings):
     )
     teacher_api_key: SecretStr | None = Field(
         None,
-        description="Key for the teacher; default: the upstream key, else the client's own key.",
+        description="Key for the teacher; default: the upstream key, else (for a teacher on "
+        "the upstream itself) the client's own key.",
     )
     teacher_rate: float = Field(
         0.0, ge=0.0, le=1.0, description="Share of new trajectories routed to the teacher (0..1)."

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 # Reasoning models ignore logit_bias (or reject it); they are never biased.
-_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5", "gpt-oss")
 
 
 def use_bundled_tiktoken() -> None:
@@ -36,7 +36,12 @@ def use_bundled_tiktoken() -> None:
 
 
 def _bare_model(model: str) -> str:
-    return model.split("/", 1)[1] if model.startswith("openai/") else model
+    """`openai/gpt-4.1` -> `gpt-4.1`; a fine-tuned `ft:gpt-4.1-mini-2025-04-14:org::id` -> its
+    base model (tiktoken would match `ft:gpt-4` and give the wrong encoding)."""
+    name = model.split("/", 1)[1] if model.startswith("openai/") else model
+    if name.startswith("ft:"):
+        name = name.split(":")[1]
+    return name
 
 
 def is_reasoning_model(model: str) -> bool:

@@ -10,6 +10,7 @@ the same way.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +33,6 @@ class RouteDecision:
 
 def sample_point(request_hash: str, salt: str = "") -> float:
     """A number in [0, 1) derived from the first request's hash: the deterministic coin."""
-    import hashlib
-
     digest = hashlib.sha256((salt + request_hash).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
@@ -48,7 +47,7 @@ def rule_matches(rule: RoutingRule, body: Mapping[str, Any]) -> bool:
         metadata = body.get("metadata")
         if not isinstance(metadata, Mapping):
             return False
-        if any(str(metadata.get(k)) != v for k, v in rule.metadata.items()):
+        if any(metadata.get(k) is None or str(metadata[k]) != v for k, v in rule.metadata.items()):
             return False
     return True
 

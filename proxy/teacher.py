@@ -44,11 +44,19 @@ class TeacherError(Exception):
 def teacher_params(body: dict[str, Any], model: str) -> dict[str, Any]:
     """Keyword arguments for `litellm.acompletion` from an OpenAI chat request `body` (pure).
 
-    Result: `{"model", "messages", **params}`; for reasoning teachers, `max_tokens` is renamed
-    `max_completion_tokens` and sampling parameters are left out.
+    Result: `{"model", "messages", **params}`; for reasoning teachers, `system` messages become
+    `developer` messages, `max_tokens` is renamed `max_completion_tokens` and sampling
+    parameters are left out.
     """
     params: dict[str, Any] = {k: v for k, v in body.items() if k not in _NOT_FORWARDED}
+    messages = body["messages"]
     if is_reasoning_model(model):
+        # Reasoning models take instructions as `developer` messages; litellm would turn a
+        # `system` message into a `user` one for models its table does not mark as taking them.
+        messages = [
+            {**m, "role": "developer"} if isinstance(m, dict) and m.get("role") == "system" else m
+            for m in messages
+        ]
         for key in _REASONING_DROPPED:
             params.pop(key, None)
         if "max_tokens" in params:
@@ -56,7 +64,7 @@ def teacher_params(body: dict[str, Any], model: str) -> dict[str, Any]:
             params.pop("max_tokens", None)
     if isinstance(body.get("user"), str):
         params["user"] = body["user"]
-    return {"model": model, "messages": body["messages"], **params}
+    return {"model": model, "messages": messages, **params}
 
 
 class Teacher:
@@ -81,7 +89,7 @@ class Teacher:
         openai_compatible = "/" not in self.model or self.model.startswith("openai/")
         if openai_compatible:
             # An OpenAI(-compatible) teacher: the upstream unless told otherwise, and its auth.
-            self._base_url = settings.teacher_base_url or settings.upstream
+            self._base_url = (settings.teacher_base_url or settings.upstream).rstrip("/")
             self.model = self.model if "/" in self.model else f"openai/{self.model}"
         self._api_key = (
             settings.teacher_api_key.get_secret_value()
@@ -92,8 +100,11 @@ class Teacher:
                 else None
             )
         )
-        # Other providers read their own env vars (ANTHROPIC_API_KEY, ...) through litellm.
-        self._uses_client_key = self._api_key is None and openai_compatible
+        # The app's own key goes only to the upstream it was meant for; a teacher elsewhere needs
+        # its key configured. Other providers read their env vars (ANTHROPIC_API_KEY, ...).
+        self._uses_client_key = (
+            self._api_key is None and openai_compatible and self._base_url == settings.upstream
+        )
 
     @property
     def display_model(self) -> str:

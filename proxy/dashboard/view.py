@@ -1,0 +1,229 @@
+"""Pure shaping of stored rows for the API and the pages: summaries, exchanges, branches.
+
+No I/O. Every captured value stays data here; the templates escape it when they show it.
+The chat turns of the trajectory page are built in `proxy.dashboard.turns`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from proxy.dashboard.pricing import cost_usd
+from proxy.storage.browse import TrajectoryDetails
+
+MAX_PRETTY_CHARS = 200_000
+"""Raw JSON shown on a page is cut at this many characters (the API returns it whole)."""
+
+
+def parse_json(text: str | None) -> Any:
+    """`text` decoded as JSON, or None when it is empty or not JSON."""
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def pretty_json(value: Any, limit: int = MAX_PRETTY_CHARS) -> str:
+    """Indented JSON (non-ASCII kept), cut to `limit` characters with a marker."""
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    if len(text) > limit:
+        return text[:limit] + f"\n... ({len(text) - limit:,} more characters)"
+    return text
+
+
+def tags_of(row: Mapping[str, Any]) -> list[str]:
+    """The curation tags of a trajectory row (`tags_json`), [] when none or unreadable."""
+    tags = parse_json(row.get("tags_json"))
+    return [str(tag) for tag in tags] if isinstance(tags, list) else []
+
+
+def summary(row: Mapping[str, Any], details: TrajectoryDetails | None = None) -> dict[str, Any]:
+    """A trajectory as the list and `GET /api/trajectories` show it.
+
+    Keys: the `trajectories` columns (tags decoded into `tags`), `total_tokens`, `status` ('ok' or
+    'error'), and from `details`: `models` (distinct names), `model_usage`, `cost_usd` (None when
+    no price is known), `duration_ms`, `first_user_text`.
+    """
+    out: dict[str, Any] = {k: v for k, v in row.items() if k != "tags_json"}
+    out["object"] = "trajectory"
+    if "shadow" in out:
+        out["shadow"] = bool(out["shadow"])
+    out["tags"] = tags_of(row)
+    out["total_tokens"] = int(row.get("prompt_tokens") or 0) + int(
+        row.get("completion_tokens") or 0
+    )
+    out["status"] = "error" if row.get("error_count") else "ok"
+    if details is not None:
+        names: list[str] = []
+        for usage in details.models:
+            for key in ("model_requested", "model_answered"):
+                name = usage.get(key)
+                if name and name not in names:
+                    names.append(name)
+        out["models"] = names
+        out["model_usage"] = details.models
+        out["cost_usd"] = cost_usd(details.models)
+        out["duration_ms"] = details.duration_ms
+        out["first_user_text"] = details.first_user_text
+    return out
+
+
+def exchange_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One exchange for the API: its columns with the `*_json` ones decoded (key without `_json`).
+
+    `request_json` becomes `request`, `response_json` `response`, `error_json` `error`, and so on;
+    a stored body that is not JSON is kept as its text.
+    """
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key.endswith("_json"):
+            decoded = parse_json(value)
+            out[key.removesuffix("_json")] = decoded if decoded is not None else value
+        else:
+            out[key] = value
+    out["stream"] = bool(out.get("stream"))
+    return out
+
+
+def messages_of(exchange: Mapping[str, Any]) -> list[Any]:
+    """The request messages of an exchange (decoded by `exchange_view`), [] when unreadable."""
+    request = exchange.get("request")
+    messages = request.get("messages") if isinstance(request, dict) else None
+    return list(messages) if isinstance(messages, list) else []
+
+
+def response_message(exchange: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The assistant message of an exchange's answer (first choice), or None."""
+    response = exchange.get("response")
+    if not isinstance(response, dict):
+        return None
+    choices = response.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        message = choices[0].get("message")
+        if isinstance(message, dict):
+            return message
+    return None
+
+
+def _chain(leaf_id: str, by_id: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Exchange ids from the root to `leaf_id`, following `parent_id`."""
+    chain: list[str] = []
+    seen: set[str] = set()
+    current: str | None = leaf_id
+    while current is not None and current in by_id and current not in seen:
+        seen.add(current)
+        chain.append(current)
+        current = by_id[current].get("parent_id")
+    chain.reverse()
+    return chain
+
+
+def branches(exchanges: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The trajectory's leaves as branches, the latest first.
+
+    Each: `leaf_id`, `number` (1 = latest), `steps` (exchanges on its path), `chain` (exchange
+    ids root to leaf), `fork_step` (the first step where it differs from branch 1; None for
+    branch 1, 0 when it shares no exchange with it), `fork_exchange_id` (the last shared
+    exchange), `outcome` and `started_utc` of its leaf.
+    """
+    by_id = {e["id"]: e for e in exchanges}
+    has_child = {e.get("parent_id") for e in exchanges if e.get("parent_id") in by_id}
+    leaves = [e for e in exchanges if e["id"] not in has_child]
+    leaves.sort(key=lambda e: (e.get("started_utc") or "", e["id"]), reverse=True)
+    out: list[dict[str, Any]] = []
+    main: list[str] = []
+    for number, leaf in enumerate(leaves, start=1):
+        chain = _chain(leaf["id"], by_id)
+        entry: dict[str, Any] = {
+            "leaf_id": leaf["id"],
+            "number": number,
+            "steps": len(chain),
+            "chain": chain,
+            "fork_step": None,
+            "fork_exchange_id": None,
+            "outcome": leaf.get("outcome"),
+            "started_utc": leaf.get("started_utc"),
+        }
+        if number == 1:
+            main = chain
+        else:
+            shared = [eid for eid in chain if eid in set(main)]
+            if shared:
+                entry["fork_exchange_id"] = shared[-1]
+                entry["fork_step"] = int(by_id[shared[-1]].get("step") or 0) + 1
+            else:
+                entry["fork_step"] = 0
+        out.append(entry)
+    return out
+
+
+def trajectory_payload(
+    row: Mapping[str, Any], exchange_rows: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """A trajectory as `GET /api/trajectories/{id}` returns it and its page renders it.
+
+    The summary keys, plus `exchanges` (see `exchange_view`), `branches` (see `branches`), and
+    `conversation`: the latest leaf's request messages followed by its answer message.
+    """
+    exchanges = [exchange_view(e) for e in exchange_rows]
+    usage: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for e in exchanges:
+        key = (e.get("model_requested"), e.get("model_answered"))
+        entry = usage.setdefault(
+            key,
+            {
+                "model_requested": key[0],
+                "model_answered": key[1],
+                "exchanges": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+            },
+        )
+        entry["exchanges"] += 1
+        entry["prompt_tokens"] += int(e.get("prompt_tokens") or 0)
+        entry["completion_tokens"] += int(e.get("completion_tokens") or 0)
+    details = TrajectoryDetails(models=list(usage.values()))
+    payload = summary(row, details)
+    payload["duration_ms"] = sum(float(e.get("duration_ms") or 0) for e in exchanges) or None
+    first = min(
+        exchanges, key=lambda e: (e.get("step") or 0, e.get("started_utc") or ""), default=None
+    )
+    payload["first_user_text"] = _first_user(first)
+    payload["exchanges"] = exchanges
+    payload["branches"] = branches(exchanges)
+    leaf = next(
+        (
+            e
+            for e in exchanges
+            if payload["branches"] and e["id"] == payload["branches"][0]["leaf_id"]
+        ),
+        None,
+    )
+    payload["conversation"] = conversation(leaf) if leaf else []
+    return payload
+
+
+def _first_user(exchange: Mapping[str, Any] | None) -> str | None:
+    if exchange is None:
+        return None
+    for message in messages_of(exchange):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                content = " ".join(
+                    str(part.get("text", "")) for part in content if isinstance(part, dict)
+                )
+            text = " ".join(str(content or "").split())
+            return text[:199] + "\u2026" if len(text) > 200 else text
+    return None
+
+
+def conversation(leaf: Mapping[str, Any]) -> list[Any]:
+    """The whole conversation at a leaf: its request messages, then its answer message if any."""
+    messages = messages_of(leaf)
+    answer = response_message(leaf)
+    return [*messages, answer] if answer is not None else messages

@@ -1,0 +1,197 @@
+"""The dashboard in real headless Chromium (Debian's package, driven by Playwright; no browser
+download): traffic through the real proxy, then list, filter, read, label, chart and export.
+
+A screenshot of each page goes to test-artifacts/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, ProxyServer, child_env
+from tests.test_dashboard_http import CONVERSATIONS, TOKEN, by_name, record_traffic
+
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="Playwright for Python not installed"
+)
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium from the system package."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (.ci/run installs Debian's package)")
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh browser context (own cookies) and page; JavaScript dialogs fail the test."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+    tab = context.new_page()
+    dialogs: list[str] = []
+    tab.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    yield tab
+    context.close()
+    assert not dialogs, f"captured traffic ran script: {dialogs}"
+
+
+def shot(tab: Any, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    tab.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
+
+
+def rows(tab: Any) -> Any:
+    return tab.locator("table.trajectories tbody tr")
+
+
+def test_browse_filter_read_label_chart_export(
+    start_proxy: Callable[..., ProxyServer], page: Any, tmp_path: Path
+) -> None:
+    proxy = start_proxy()
+    record_traffic(proxy, CONVERSATIONS)
+    # More finished conversations, so the approved export reaches OpenAI's 10-sample minimum.
+    record_traffic(
+        proxy, by_name("trip-planner", "support-refund", "docs-helper"), rounds=2, run="more"
+    )
+    root = proxy.root_url
+    expect = playwright_api.expect
+
+    # The list.
+    page.goto(f"{root}/dashboard")
+    expect(rows(page)).to_have_count(13)
+    expect(page.locator("tbody")).to_contain_text("Plan a weekend in Lisbon")
+    expect(page.locator(".badge.error").first).to_contain_text("1 error")
+    shot(page, "list")
+
+    # Filter: free text, then tool calls + errors from the selects.
+    page.fill("#f-q", "kitchenware")
+    page.click("form.filters button[type=submit]")
+    expect(rows(page)).to_have_count(3)
+    expect(rows(page).first).to_contain_text("My order A1234 arrived broken")
+    shot(page, "list-filtered")
+    page.click("form.filters a.button")
+    page.select_option("#f-errors", "yes")
+    page.click("form.filters button[type=submit]")
+    expect(rows(page)).to_have_count(1)
+    expect(rows(page).first).to_contain_text("Summarise yesterday's orders.")
+    page.select_option("#f-errors", "")
+    page.select_option("#f-tools", "no")
+    page.click("form.filters button[type=submit]")
+    expect(rows(page)).to_have_count(2)
+
+    # Read a trajectory: tool calls with pretty arguments, results beside them, escaped.
+    page.goto(f"{root}/dashboard?q=rotate+an+API+key&tools=yes")
+    expect(rows(page)).to_have_count(3)
+    rows(page).first.locator(".convo a").click()
+    expect(page.locator("h1")).to_contain_text("Trajectory")
+    expect(page.locator(".call .tool-name")).to_have_count(4)
+    expect(page.locator(".call pre.args").first).to_contain_text(
+        '"query": "How do I rotate an API key?"'
+    )
+    result = page.locator(".call-row", has=page.locator(".tool-name", has_text="fetch_page")).first
+    expect(result.locator(".result")).to_contain_text(
+        "<script>alert('tool results are shown as text')</script>"
+    )
+    assert page.locator("script").count() == 0
+    expect(page.locator(".step").first).to_contain_text("step 0")
+    shot(page, "trajectory")
+
+    # Label it: approve with tags and a note.
+    page.fill("#tags", "good-plan, docs")
+    page.fill("#note", "clear two-step lookup")
+    page.click("button.approve")
+    expect(page.locator(".flash")).to_contain_text("Saved: approved")
+    expect(page.locator(".curation .badge.label-approved")).to_be_visible()
+    expect(page.locator("#tags")).to_have_value("good-plan, docs")
+    shot(page, "trajectory-labeled")
+
+    # A fork: the retried step shows as a second branch.
+    page.goto(f"{root}/dashboard?q=sauna")
+    rows(page).first.locator(".convo a").click()
+    expect(page.locator(".branches li")).to_have_count(2)
+    page.click("text=branch 2")
+    expect(page.locator(".badge.fork").first).to_be_visible()
+    shot(page, "trajectory-fork")
+
+    # Bulk curation from the list, then the approved filter.
+    page.goto(f"{root}/dashboard?errors=no")
+    boxes = page.locator("tbody input[type=checkbox]")
+    for i in range(boxes.count()):
+        boxes.nth(i).check()
+    page.click(".bulk-actions button.approve")
+    expect(page.locator(".flash")).to_contain_text("Labeled 12 trajectories")
+    page.goto(f"{root}/dashboard?label=approved")
+    expect(rows(page)).to_have_count(12)
+
+    # Charts.
+    page.goto(f"{root}/dashboard/charts")
+    expect(page.locator("svg.chart")).to_have_count(5)
+    expect(page.locator(".chart-card", has_text="Tool-call frequency")).to_contain_text(
+        "search_docs"
+    )
+    shot(page, "charts")
+
+    # Export the approved ones and validate the download with the exporter's own checker.
+    from proxy.dashboard.export import exporter_available
+
+    if not exporter_available():
+        pytest.skip("exporter.api is not installed: the export button answers 503")
+    page.goto(f"{root}/dashboard?label=approved")
+    with page.expect_download() as download_info:
+        page.click("text=Export JSONL")
+    target = tmp_path / "approved.jsonl"
+    download_info.value.save_as(target)
+    lines = target.read_text().splitlines()
+    assert len(lines) >= 10
+    checked = subprocess.run(
+        [sys.executable, "-m", "exporter", "validate", str(target)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=child_env(),
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_login_with_admin_token(start_proxy: Callable[..., ProxyServer], page: Any) -> None:
+    proxy = start_proxy(env={"UNDERSTUDY_ADMIN_TOKEN": TOKEN})
+    expect = playwright_api.expect
+    page.goto(f"{proxy.root_url}/dashboard/charts")
+    expect(page.locator("h1")).to_have_text("Log in")
+    shot(page, "login")
+    page.fill("#token", "wrong")
+    page.click("button[type=submit]")
+    expect(page.locator(".alert")).to_contain_text("not the admin token")
+    page.fill("#token", TOKEN)
+    page.click("button[type=submit]")
+    expect(page.locator("h1")).to_have_text("Charts")
+    page.goto(f"{proxy.root_url}/dashboard")
+    expect(page.locator("h1")).to_have_text("Trajectories")
+    expect(page.locator(".empty")).to_contain_text("No trajectories yet")
+    page.click("text=Log out")
+    expect(page.locator("h1")).to_have_text("Log in")

@@ -1,0 +1,429 @@
+"""The dashboard's queries (`proxy.storage.browse`) on a real SQLite file and, when the machine has
+PostgreSQL's server binaries, on a throwaway PostgreSQL cluster; plus list speed at scale."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.storage import Database
+from proxy.storage.browse import (
+    CursorError,
+    TrajectoryFilter,
+    chart_rows,
+    get_trajectory,
+    label_many,
+    label_trajectory,
+    list_query,
+    list_trajectories,
+    neighbour_unlabeled,
+    recent_models,
+    trajectory_details,
+)
+from proxy.storage.schema import exchanges, trajectories
+from tests.conftest import free_port
+
+# -- PostgreSQL, when its server is installed --------------------------------------------------
+
+
+def _pg_binaries() -> tuple[str, str] | None:
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not initdb or not pg_ctl or not shutil.which("psql"):
+        return None
+    return initdb, pg_ctl
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    """Run as the `postgres` user when we are root (the server refuses to run as root)."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *args]
+    return args
+
+
+@pytest.fixture(scope="module")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL cluster on a free loopback port for this module; yields its base URL."""
+    binaries = _pg_binaries()
+    if binaries is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl, psql) not installed")
+    initdb, pg_ctl = binaries
+    # Not under pytest's tmp dir: the server's user must be able to reach it.
+    base = Path(tempfile.mkdtemp(prefix="understudy-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+    data = base / "data"
+    port = free_port()
+    try:
+        subprocess.run(
+            _as_postgres([initdb, "-D", str(data), "-A", "trust", "-U", "postgres"]),
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        subprocess.run(
+            _as_postgres(
+                [
+                    pg_ctl,
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(base / "log"),
+                    "-w",
+                    "-o",
+                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off",
+                    "start",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    except (subprocess.SubprocessError, OSError) as exc:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.skip(f"cannot start a PostgreSQL cluster here: {exc}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(
+            _as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]),
+            capture_output=True,
+            timeout=60,
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database of each dialect: a SQLite path, or a new database on the cluster."""
+    if request.param == "sqlite":
+        return str(tmp_path / "browse.db")
+    server = request.getfixturevalue("postgres_server")
+    name = f"browse_{os.getpid()}_{time.monotonic_ns()}"
+    subprocess.run(
+        ["psql", f"{server}/postgres", "-q", "-c", f"CREATE DATABASE {name}"],
+        check=True,
+        capture_output=True,
+    )
+    return f"{server}/{name}"
+
+
+@pytest.fixture
+async def db(db_target: str) -> AsyncIterator[Database]:
+    """The migrated database of `db_target`."""
+    database = await Database.open(db_target)
+    yield database
+    await database.close()
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def ts(minute: int, second: int = 0) -> str:
+    return f"2026-11-21T10:{minute:02d}:{second:02d}.000+00:00"
+
+
+async def add(
+    db: Database,
+    tid: str,
+    updated: str,
+    *,
+    route: str = "student",
+    label: str | None = None,
+    tags: list[str] | None = None,
+    note: str | None = None,
+    tool_calls: int = 0,
+    errors: int = 0,
+    model: str = "gpt-4.1-mini",
+    text: str = "hello",
+    steps: int = 1,
+) -> None:
+    """A trajectory with `steps` exchanges ending at `updated` (each one second apart)."""
+    rows = []
+    started = [
+        updated[:17] + f"{max(0, int(updated[17:19]) - (steps - 1 - i)):02d}" + updated[19:]
+        for i in range(steps)
+    ]
+    for step in range(steps):
+        request = {"model": model, "messages": [{"role": "user", "content": text}]}
+        rows.append(
+            {
+                "id": f"{tid}-x{step}",
+                "trajectory_id": tid,
+                "parent_id": f"{tid}-x{step - 1}" if step else None,
+                "step": step,
+                "started_utc": started[step],
+                "duration_ms": 100.0 * (step + 1),
+                "ttft_ms": 20.0,
+                "path": "/v1/chat/completions",
+                "stream": False,
+                "status_code": 200,
+                "outcome": "error" if errors and step == steps - 1 else "ok",
+                "route": route,
+                "model_requested": model,
+                "model_answered": model,
+                "request_json": json.dumps(request),
+                "response_json": json.dumps(
+                    {
+                        "choices": [
+                            {
+                                "message": {
+                                    "role": "assistant",
+                                    "content": f"re: {text}",
+                                    "tool_calls": [{"function": {"name": "lookup"}}]
+                                    * (tool_calls if step == 0 else 0),
+                                }
+                            }
+                        ]
+                    }
+                ),
+                "prompt_tokens": 10,
+                "completion_tokens": 5,
+                "total_tokens": 15,
+                "tool_call_count": tool_calls if step == 0 else 0,
+                "request_hash": f"h{tid}{step}",
+                "state_hash": f"s{tid}{step}",
+            }
+        )
+    async with db.engine.begin() as conn:
+        await conn.execute(
+            trajectories.insert(),
+            {
+                "id": tid,
+                "created_utc": started[0],
+                "updated_utc": updated,
+                "id_source": "hash",
+                "route": route,
+                "exchange_count": steps,
+                "error_count": errors,
+                "tool_call_count": tool_calls,
+                "prompt_tokens": 10 * steps,
+                "completion_tokens": 5 * steps,
+                "label": label,
+                "tags_json": json.dumps(tags) if tags else None,
+                "note": note,
+            },
+        )
+        await conn.execute(exchanges.insert(), rows)
+
+
+async def ids(db: Database, flt: TrajectoryFilter, **kw: Any) -> list[str]:
+    return [row["id"] for row in (await list_trajectories(db, flt, **kw)).rows]
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+async def test_filters(db: Database) -> None:
+    await add(db, "a", ts(1), route="teacher", tool_calls=2, text="refund order 42", steps=3)
+    await add(db, "b", ts(2), label="approved", tags=["good", "par_allel"], model="gpt-4.1")
+    await add(db, "c", ts(3), label="rejected", errors=1, note="Wrong tool 100%")
+    await add(db, "d", ts(4, 30), text="50% off_sale")
+    assert await ids(db, TrajectoryFilter()) == ["d", "c", "b", "a"]
+    assert await ids(db, TrajectoryFilter(route="teacher")) == ["a"]
+    assert await ids(db, TrajectoryFilter(label="approved")) == ["b"]
+    assert await ids(db, TrajectoryFilter(label="unlabeled")) == ["d", "a"]
+    assert await ids(db, TrajectoryFilter(label="labeled")) == ["c", "b"]
+    assert await ids(db, TrajectoryFilter(has_tool_calls=True)) == ["a"]
+    assert await ids(db, TrajectoryFilter(has_tool_calls=False)) == ["d", "c", "b"]
+    assert await ids(db, TrajectoryFilter(errors=True)) == ["c"]
+    assert await ids(db, TrajectoryFilter(model="gpt-4.1")) == ["b"]
+    assert await ids(db, TrajectoryFilter(since_utc=ts(2), until_utc=ts(4))) == ["c", "b"]
+    assert await ids(db, TrajectoryFilter(since_utc="2026-11-22")) == []
+    assert await ids(db, TrajectoryFilter(until_utc="2026-11-22")) == ["d", "c", "b", "a"]
+    assert await ids(db, TrajectoryFilter(text="REFUND")) == ["a"]  # case-insensitive
+    assert await ids(db, TrajectoryFilter(text="wrong tool")) == ["c"]  # the note
+    assert await ids(db, TrajectoryFilter(text="50%")) == ["d"]  # % is literal
+    assert await ids(db, TrajectoryFilter(text="o_f")) == []  # _ is literal (would match "off")
+    assert await ids(db, TrajectoryFilter(text="b")) != [] and "b" in await ids(
+        db, TrajectoryFilter(text="b")
+    )
+    assert await ids(db, TrajectoryFilter(tag="par_allel")) == ["b"]
+    assert await ids(db, TrajectoryFilter(tag="par")) == []  # whole tags only
+    assert await ids(db, TrajectoryFilter(ids=("a", "c"))) == ["c", "a"]
+    assert await ids(db, TrajectoryFilter(ids=())) == []
+    assert await ids(db, TrajectoryFilter(route="teacher", label="approved")) == []
+
+
+async def test_keyset_pages_cover_everything_once(db: Database) -> None:
+    for n in range(23):
+        # Pairs share a timestamp, so the id breaks ties.
+        await add(db, f"t{n:02d}", ts(n // 2))
+    seen: list[str] = []
+    page = await list_trajectories(db, limit=5)
+    assert page.prev_cursor is None
+    pages = [page]
+    while page.next_cursor:
+        page = await list_trajectories(db, limit=5, after=page.next_cursor)
+        pages.append(page)
+    for p in pages:
+        seen += [row["id"] for row in p.rows]
+    expected = sorted(
+        (f"t{n:02d}" for n in range(23)), key=lambda i: (int(i[1:]) // 2, i), reverse=True
+    )
+    assert seen == expected
+    assert [len(p.rows) for p in pages] == [5, 5, 5, 5, 3]
+    # Going back from the third page gives the second page, then the first (full) page.
+    back = await list_trajectories(db, limit=5, before=pages[2].prev_cursor)
+    assert [r["id"] for r in back.rows] == [r["id"] for r in pages[1].rows]
+    assert back.prev_cursor is not None and back.next_cursor is not None
+    first = await list_trajectories(db, limit=5, before=back.prev_cursor)
+    assert [r["id"] for r in first.rows] == [r["id"] for r in pages[0].rows]
+    assert first.prev_cursor is None
+    with pytest.raises(CursorError):
+        await list_trajectories(db, after="garbage")
+
+
+async def test_details_label_and_get(db: Database) -> None:
+    await add(db, "a", ts(5, 10), steps=3, text="plan a trip", tool_calls=1)
+    page = await list_trajectories(db)
+    details = await trajectory_details(db, page.rows)
+    d = details["a"]
+    assert d.first_user_text == "plan a trip"
+    assert d.models == [
+        {
+            "model_requested": "gpt-4.1-mini",
+            "model_answered": "gpt-4.1-mini",
+            "exchanges": 3,
+            "prompt_tokens": 30,
+            "completion_tokens": 15,
+        }
+    ]
+    assert d.duration_ms == pytest.approx(2000 + 300)  # 2 s span + the last exchange's 300 ms
+
+    row = await label_trajectory(db, "a", label="approved", tags=["x", "y"], note="fine")
+    assert row is not None
+    assert (row["label"], json.loads(row["tags_json"]), row["note"]) == (
+        "approved",
+        ["x", "y"],
+        "fine",
+    )
+    assert row["labeled_utc"]
+    row = await label_trajectory(db, "a", label=None)  # tags and note kept
+    assert row is not None and row["label"] is None and row["note"] == "fine"
+    assert await label_trajectory(db, "missing", label="approved") is None
+    with pytest.raises(ValueError, match="label"):
+        await label_trajectory(db, "a", label="great")
+
+    found = await get_trajectory(db, "a")
+    assert found is not None and [e["step"] for e in found["exchanges"]] == [0, 1, 2]
+    assert await get_trajectory(db, "missing") is None
+
+
+async def test_label_many_and_next_unlabeled(db: Database) -> None:
+    for n, tid in enumerate(["a", "b", "c", "d"]):
+        await add(db, tid, ts(n))
+    assert await label_many(db, ["b", "c", "nope"], "rejected") == 2
+    assert await ids(db, TrajectoryFilter(label="rejected")) == ["c", "b"]
+    d = (await list_trajectories(db, TrajectoryFilter(ids=("d",)))).rows[0]
+    assert await neighbour_unlabeled(db, d) == "a"
+    assert await recent_models(db) == ["gpt-4.1-mini"]
+
+
+async def test_chart_rows(db: Database) -> None:
+    await add(db, "a", ts(1), route="teacher", tool_calls=2)
+    await add(db, "b", ts(2), steps=2, model="gpt-4.1")
+    rows = await chart_rows(db, "2026-11-21T00:00:00.000+00:00")
+    assert sorted(rows.by_bucket_route) == [
+        ("2026-11-21T10", "student", 2),
+        ("2026-11-21T10", "teacher", 1),
+    ]
+    assert sorted(rows.tokens_by_model) == [("gpt-4.1", 20, 10, 2), ("gpt-4.1-mini", 10, 5, 1)]
+    assert len(rows.latencies) == 3 and len(rows.tool_responses) == 1
+    assert rows.totals == {"exchanges": 3, "trajectories": 2}
+    empty = await chart_rows(db, "2026-11-22T00:00:00.000+00:00", bucket_chars=10)
+    assert empty.by_bucket_route == [] and empty.latencies == []
+
+
+# -- speed at scale (SQLite) -------------------------------------------------------------------
+
+SCALE = 200_000
+
+
+@pytest.fixture(scope="module")
+def big_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file with SCALE trajectories of one exchange each (written with sqlite3)."""
+    import asyncio
+
+    path = tmp_path_factory.mktemp("scale") / "big.db"
+
+    async def create() -> None:
+        await (await Database.open(str(path))).close()
+
+    asyncio.run(create())
+    with sqlite3.connect(path) as conn:
+        conn.executemany(
+            "INSERT INTO trajectories (id, created_utc, updated_utc, id_source, route, exchange_count,"
+            " error_count, tool_call_count, prompt_tokens, completion_tokens, label)"
+            " VALUES (?, ?, ?, 'hash', ?, 1, 0, ?, 10, 5, ?)",
+            (
+                (
+                    f"t{n:07d}",
+                    f"2026-{1 + n // 20000:02d}-01T00:00:{n % 60:02d}.000+00:00",
+                    f"2026-{1 + n // 20000:02d}-{1 + (n // 700) % 28:02d}T{(n // 60) % 24:02d}:{n % 60:02d}:00.000+00:00",
+                    "teacher" if n % 10 == 0 else "student",
+                    n % 3,
+                    "approved" if n % 7 == 0 else None,
+                )
+                for n in range(SCALE)
+            ),
+        )
+        conn.executemany(
+            "INSERT INTO exchanges (id, trajectory_id, step, started_utc, path, stream, outcome, route,"
+            " model_requested, request_json, tool_call_count, request_hash)"
+            " VALUES (?, ?, 0, '2026-01-01T00:00:00.000+00:00', '/v1/chat/completions', 0, 'ok',"
+            " 'student', 'gpt-4.1-mini', ?, 0, ?)",
+            (
+                (f"x{n:07d}", f"t{n:07d}", '{"messages":[{"role":"user","content":"hi"}]}', f"h{n}")
+                for n in range(SCALE)
+            ),
+        )
+    return path
+
+
+async def test_list_stays_fast_and_uses_the_index(big_db: Path) -> None:
+    db = await Database.open(str(big_db))
+    try:
+        timings = []
+        page = await list_trajectories(db, limit=50)
+        cursor = page.next_cursor
+        for _ in range(3):  # a first page and pages deep into the table
+            start = time.perf_counter()
+            page = await list_trajectories(db, limit=50, after=cursor)
+            timings.append(time.perf_counter() - start)
+            assert len(page.rows) == 50
+            cursor = (await list_trajectories(db, limit=500, after=page.next_cursor)).next_cursor
+        start = time.perf_counter()
+        await list_trajectories(
+            db, TrajectoryFilter(route="teacher", has_tool_calls=True), limit=50
+        )
+        await list_trajectories(db, TrajectoryFilter(label="unlabeled"), limit=50)
+        await list_trajectories(db, TrajectoryFilter(label="approved"), limit=50)
+        await trajectory_details(db, page.rows)
+        timings.append(time.perf_counter() - start)
+        assert max(timings) < 0.25, timings
+
+        compiled = list_query(limit=50, after=cursor).compile(
+            dialect=db.engine.dialect, compile_kwargs={"literal_binds": True}
+        )
+        with sqlite3.connect(big_db) as conn:
+            plan = " ".join(str(r[-1]) for r in conn.execute(f"EXPLAIN QUERY PLAN {compiled}"))
+        assert "ix_trajectories_updated_utc" in plan, plan
+        assert "exchanges" not in plan
+        unlabeled = list_query(TrajectoryFilter(label="unlabeled"), limit=50).compile(
+            dialect=db.engine.dialect, compile_kwargs={"literal_binds": True}
+        )
+        with sqlite3.connect(big_db) as conn:
+            plan = " ".join(str(r[-1]) for r in conn.execute(f"EXPLAIN QUERY PLAN {unlabeled}"))
+        assert "ix_trajectories_updated_utc" in plan, plan  # not a sort of every unlabeled row
+    finally:
+        await db.close()
