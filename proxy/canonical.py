@@ -127,9 +127,11 @@ def canonical_message(message: Any) -> dict[str, Any]:
 
 
 def _message_bytes(message: Any) -> bytes:
+    # surrogatepass: JSON may carry a lone surrogate escape ("\ud83d", half an emoji cut by a
+    # client); it must hash, not raise.
     return json.dumps(
         canonical_message(message), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    ).encode("utf-8")
+    ).encode("utf-8", "surrogatepass")
 
 
 def chain_hash(previous: str, message: Any) -> str:

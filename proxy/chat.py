@@ -76,15 +76,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def parse_chat_request(raw: bytes) -> dict[str, Any]:
-    """Decode and check a chat-completions body; return it as a dict.
+def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], str]:
+    """Decode and check a chat-completions body; return it as a dict and as text.
 
     Raises InvalidRequest (400) when it is not UTF-8 JSON, not an object, lacks a string `model`
     or a non-empty `messages` array of objects with a string `role`.
     """
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not UTF-8: {exc}", code="invalid_json") from exc
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     except RecursionError as exc:
         raise InvalidRequest("request body is nested too deeply", code="invalid_json") from exc
@@ -101,13 +105,14 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
             raise InvalidRequest(
                 f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]"
             )
-    return body
+    return body, text
 
 
 def explicit_trajectory_id(headers: Any, body: dict[str, Any]) -> tuple[str | None, str]:
     """The client-chosen trajectory id and where it came from ('header', 'metadata' or 'hash').
 
-    The header wins over `metadata.trajectory_id`. Raises InvalidRequest for an empty or over-long id.
+    The header wins over `metadata.trajectory_id`. Raises InvalidRequest for an id that is empty,
+    over-long or not printable ASCII (it is echoed in a response header).
     """
     value = headers.get(TRAJECTORY_HEADER)
     source = "header"
@@ -118,12 +123,25 @@ def explicit_trajectory_id(headers: Any, body: dict[str, Any]) -> tuple[str | No
     if value is None:
         return None, "hash"
     value = str(value).strip()
-    if not value or len(value) > MAX_TRAJECTORY_ID_LENGTH:
+    if (
+        not value
+        or len(value) > MAX_TRAJECTORY_ID_LENGTH
+        or not all(" " <= c <= "~" for c in value)
+    ):
         raise InvalidRequest(
-            f"trajectory id must be 1 to {MAX_TRAJECTORY_ID_LENGTH} characters",
+            f"trajectory id must be 1 to {MAX_TRAJECTORY_ID_LENGTH} printable ASCII characters",
             param=TRAJECTORY_HEADER if source == "header" else "metadata.trajectory_id",
         )
     return value, source
+
+
+def _error_json(text: str) -> str:
+    """An upstream error body as stored: itself when it is JSON, else wrapped in an error object."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return json.dumps(error_body(text, "upstream_error", code="upstream_invalid_body"))
+    return text
 
 
 def _response_message(response: dict[str, Any]) -> dict[str, Any] | None:
@@ -152,7 +170,7 @@ class _Exchange:
     @property
     def own_headers(self) -> list[tuple[bytes, bytes]]:
         return [
-            (b"x-understudy-trajectory-id", self.record.trajectory_id.encode("latin-1", "replace")),
+            (b"x-understudy-trajectory-id", self.record.trajectory_id.encode("ascii")),
             (EXCHANGE_HEADER.encode(), self.record.id.encode()),
             (ROUTE_HEADER.encode(), self.record.route.encode()),
         ]
@@ -203,7 +221,7 @@ async def chat_completions(request: Request) -> Response:
     settings = proxy.settings
     try:
         raw = await read_body(request, settings.max_body_bytes)
-        body = parse_chat_request(raw)
+        body, request_text = parse_chat_request(raw)
         explicit_id, id_source = explicit_trajectory_id(request.headers, body)
         link = await proxy.stitcher.link(body["messages"], explicit_id, id_source)
         if link.route is None:
@@ -235,7 +253,7 @@ async def chat_completions(request: Request) -> Response:
         path=request.url.path,
         stream=body.get("stream") is True,
         request=body,
-        request_text=raw.decode("utf-8"),
+        request_text=request_text,
         request_hash=link.request_hash,
         control_headers=control_headers(request.headers),
     )
@@ -308,10 +326,10 @@ async def _relay_body(exchange: _Exchange, upstream: httpx.Response) -> Response
             await exchange.answered(parsed)
         else:
             record.outcome = "error"
-            record.error_text = text
+            record.error_text = _error_json(text)
     else:
         record.outcome = "error"
-        record.error_text = text
+        record.error_text = _error_json(text)
     exchange.finish()
     response = Response(raw, status_code=upstream.status_code)
     response.raw_headers = [

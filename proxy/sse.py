@@ -28,15 +28,19 @@ class SSEParser:
         self.event_names: list[str] = []
 
     def feed(self, chunk: bytes) -> list[str]:
-        """Parse `chunk`; return the data payloads of the events it completed, in order."""
-        self._buffer += chunk
+        """Parse `chunk`; return the data payloads of the events it completed, in order.
+
+        Linear in the size of `chunk`: a large read holding many events is split once, not
+        re-copied per line.
+        """
+        if b"\n" not in chunk:
+            self._buffer += chunk
+            return []
+        lines = (self._buffer + chunk).split(b"\n")
+        self._buffer = lines.pop()  # the unterminated rest, b"" when chunk ended a line
         out: list[str] = []
-        while True:
-            newline = self._buffer.find(b"\n")
-            if newline < 0:
-                break
-            line = self._buffer[:newline].rstrip(b"\r").decode("utf-8", errors="replace")
-            self._buffer = self._buffer[newline + 1 :]
+        for raw in lines:
+            line = raw.rstrip(b"\r").decode("utf-8", errors="replace")
             if not line:
                 if self._data:
                     out.append("\n".join(self._data))

@@ -43,8 +43,13 @@ def create_client(settings: Settings) -> httpx.AsyncClient:
         pool=settings.connect_timeout_s,
     )
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000, keepalive_expiry=60)
+    # Without a client Accept-Encoding, ask for none (httpx would offer gzip on its own).
     return httpx.AsyncClient(
-        timeout=timeout, limits=limits, follow_redirects=False, trust_env=False
+        timeout=timeout,
+        limits=limits,
+        follow_redirects=False,
+        trust_env=False,
+        headers={"accept-encoding": "identity"},
     )
 
 
