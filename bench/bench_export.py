@@ -1,0 +1,242 @@
+"""Benchmark: export 100,000 recorded trajectories (issue 3: "seconds, not minutes").
+
+    python bench/bench_export.py [--trajectories 100000] [--db PATH] [--reuse]
+
+Builds a SQLite database the way the recorder writes it (`ExchangeRecord.to_row`,
+`trajectory_rows`, `Database.write_exchanges`, in large batches), shaped like the seed use case:
+a shared system prompt and 5 tools, a user question, two tool-calling steps (a third of them with
+two parallel calls) and a final answer, so 3 exchanges per trajectory and one leaf each. Then it
+times `python -m exporter export` (the real CLI, as a subprocess, tokens counted, duplicates
+checked) and `validate` on the output, and prints one JSON line with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from proxy.recorder import ExchangeRecord, trajectory_meta, trajectory_rows  # noqa: E402
+from proxy.storage import Database, new_id  # noqa: E402
+
+SYSTEM = (
+    "You are the support agent of an online shop. Look orders up before answering, never guess "
+    "amounts, refund only delivered orders, and answer in the customer's language. " * 2
+)
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": f"{name.replace('_', ' ')} in the shop's back office.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "order_id": {"type": "string", "description": "the order number"},
+                    "reason": {"type": "string", "description": "why, in a few words"},
+                },
+                "required": ["order_id"],
+            },
+        },
+    }
+    for name in ("lookup_order", "track_parcel", "refund_order", "email_customer", "open_ticket")
+]
+WORDS = [
+    "parcel",
+    "late",
+    "refund",
+    "broken",
+    "address",
+    "invoice",
+    "colour",
+    "size",
+    "wrong",
+    "missing",
+    "box",
+    "courier",
+]
+
+
+def _completion(message: dict[str, Any], n: int) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{n}",
+        "object": "chat.completion",
+        "created": 1_763_000_000,
+        "model": "gpt-4.1-mini-2025-04-14",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"refusal": None, "annotations": [], **message},
+                "finish_reason": "tool_calls" if message.get("tool_calls") else "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 900, "completion_tokens": 60, "total_tokens": 960},
+    }
+
+
+def _call(i: int, name: str, order: str) -> dict[str, Any]:
+    return {
+        "id": f"call_{i}",
+        "type": "function",
+        "function": {
+            "name": name,
+            "arguments": json.dumps({"order_id": order, "reason": "customer asked"}),
+        },
+    }
+
+
+def _record(**kwargs: Any) -> ExchangeRecord:
+    names = {f.name for f in dataclasses.fields(ExchangeRecord)}
+    if "shadow" in names:
+        kwargs.setdefault("shadow", False)
+    return ExchangeRecord(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def trajectory(n: int, rng: random.Random) -> list[ExchangeRecord]:
+    """The three exchanges of one conversation, as the recorder would have built them."""
+    order = f"A{rng.randrange(10**7):07d}"
+    question = (
+        f"Hi, my order {order} is {' '.join(rng.choices(WORDS, k=8))}. What can you do? ({n})"
+    )
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": question},
+    ]
+    plans = [["lookup_order", "track_parcel"] if n % 3 == 0 else ["lookup_order"], ["refund_order"]]
+    trajectory_id, parent, records = new_id(), None, []
+    minute = n // 60
+    for step in range(3):
+        if step < 2:
+            answer = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    _call(10 * step + i, name, order) for i, name in enumerate(plans[step])
+                ],
+            }
+        else:
+            answer = {
+                "role": "assistant",
+                "content": f"Order {order}: refunded, you will get an email. "
+                + " ".join(rng.choices(WORDS, k=30)),
+            }
+        request = {
+            "model": "gpt-4.1-mini",
+            "messages": list(messages),
+            "tools": TOOLS,
+            "parallel_tool_calls": True,
+        }
+        record = _record(
+            id=new_id(),
+            trajectory_id=trajectory_id,
+            parent_id=parent,
+            step=step,
+            new_trajectory=step == 0,
+            id_source="hash",
+            route="student",
+            started_utc=f"2026-11-{1 + minute // 1440:02d}T{minute // 60 % 24:02d}:{minute % 60:02d}:{step:02d}.000+00:00",
+            path="/v1/chat/completions",
+            stream=False,
+            request=request,
+            request_text=json.dumps(request),
+            request_hash=new_id(),
+            status_code=200,
+            response=_completion(answer, n),
+            state_hash=new_id(),
+        )
+        records.append(record)
+        parent = record.id
+        messages.append(answer)
+        for call in answer.get("tool_calls") or ():
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": call["id"],
+                    "content": json.dumps(
+                        {
+                            "order_id": order,
+                            "status": rng.choice(WORDS),
+                            "eta_days": rng.randrange(9),
+                        }
+                    ),
+                }
+            )
+    return records
+
+
+async def build(path: Path, count: int) -> float:
+    started = time.perf_counter()
+    db = await Database.open(str(path))
+    rng = random.Random(1)
+    try:
+        batch: list[ExchangeRecord] = []
+        for n in range(count):
+            batch.extend(trajectory(n, rng))
+            if len(batch) >= 6000 or n == count - 1:
+                entries = [(r.to_row(), trajectory_meta(r)) for r in batch]
+                await db.write_exchanges([row for row, _ in entries], trajectory_rows(entries))
+                batch = []
+    finally:
+        await db.close()
+    return time.perf_counter() - started
+
+
+def timed(*args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", *args], cwd=ROOT, capture_output=True, text=True
+    )
+    return time.perf_counter() - started, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--trajectories", type=int, default=100_000)
+    parser.add_argument("--db", type=Path, help="database file (default: a temporary directory)")
+    parser.add_argument("--reuse", action="store_true", help="use --db as it is if it exists")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="understudy-bench-"))
+    db = args.db or workdir / "bench.db"
+    build_s = None
+    if not (args.reuse and db.exists()):
+        db.unlink(missing_ok=True)
+        build_s = asyncio.run(build(db, args.trajectories))
+    out = workdir / "train.jsonl"
+    export_s, result = timed("export", "--db", str(db), "--out", str(out), "--json")
+    if result.returncode != 0:
+        sys.exit(f"export failed: {result.stderr.strip()}")
+    summary = json.loads(result.stdout)
+    validate_s, checked = timed("validate", str(out), "--json")
+    print(
+        json.dumps(
+            {
+                "trajectories": args.trajectories,
+                "db_mb": round(db.stat().st_size / 1e6, 1),
+                "build_s": round(build_s, 1) if build_s is not None else None,
+                "export_s": round(export_s, 2),
+                "export_pipeline_s": summary["seconds"],
+                "samples_per_s": round(summary["written"] / export_s),
+                "written": summary["written"],
+                "dropped": summary["dropped"],
+                "tokens": summary["tokens"],
+                "out_mb": round(out.stat().st_size / 1e6, 1),
+                "validate_s": round(validate_s, 2),
+                "valid": json.loads(checked.stdout)["valid"] if checked.stdout else False,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

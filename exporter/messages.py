@@ -1,0 +1,284 @@
+"""Message normalization: one recorded chat message, tool list or tool call in training form.
+
+Pure functions, no I/O; the rules of the OpenAI fine-tuning chat format (see `exporter.samples`
+for the whole list). Anything that cannot be made correct raises `Rejected` with a short stable
+`reason` (counted in the export summary) and a one-line detail.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+"""Function and message names OpenAI accepts."""
+
+
+class Rejected(ValueError):
+    """A conversation cannot become a correct sample.
+
+    reason: short stable key for counting (e.g. 'unanswered_tool_call'); detail: one line for people.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# -- content -----------------------------------------------------------------------------------
+
+
+def text_of(content: Any, where: str) -> str:
+    """Content as one string: a string as is, a list of text parts joined, None as "".
+
+    Raises Rejected('unsupported_content') for non-text parts (images, audio, files) or other
+    shapes, since system, assistant and tool content must be text in the training format.
+    """
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") in (
+                "text",
+                "input_text",
+                "output_text",
+            ):
+                texts.append(str(part.get("text") or ""))
+            elif isinstance(part, dict) and part.get("type") == "refusal":
+                raise Rejected("refusal", f"{where} is a refusal")
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise Rejected("unsupported_content", f"{where} has a {kind!r} content part")
+        return "".join(texts)
+    if isinstance(content, dict | int | float | bool):
+        return json.dumps(content, ensure_ascii=False)
+    raise Rejected("unsupported_content", f"{where} content is a {type(content).__name__}")
+
+
+def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """User content: a string, or a list of text and `image_url` parts when images are present."""
+    if not isinstance(content, list) or all(
+        isinstance(p, str) or (isinstance(p, dict) and p.get("type") == "text") for p in content
+    ):
+        return text_of(content, where)
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "text":
+            parts.append({"type": "text", "text": str(part.get("text") or "")})
+        elif isinstance(part, dict) and part.get("type") == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                raise Rejected("unsupported_content", f"{where} has an image part without a url")
+            image_out: dict[str, Any] = {"url": url}
+            if isinstance(image, dict) and isinstance(image.get("detail"), str):
+                image_out["detail"] = image["detail"]
+            parts.append({"type": "image_url", "image_url": image_out})
+        else:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise Rejected("unsupported_content", f"{where} has a {kind!r} content part")
+    return parts
+
+
+def arguments_string(arguments: Any, where: str) -> str:
+    """Tool-call `arguments` as the JSON string the format requires.
+
+    A string holding a JSON object is kept byte for byte (the tokens the model produced); an
+    object is dumped compactly (`{"a":1}`, non-ASCII kept). Raises Rejected('invalid_arguments')
+    when it is not JSON or not a JSON object.
+    """
+    if isinstance(arguments, dict):
+        return json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
+    if arguments is None or arguments == "":
+        raise Rejected("invalid_arguments", f"{where} has no arguments")
+    if not isinstance(arguments, str):
+        raise Rejected("invalid_arguments", f"{where} arguments are a {type(arguments).__name__}")
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        raise Rejected("invalid_arguments", f"{where} arguments are not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise Rejected("invalid_arguments", f"{where} arguments are not a JSON object")
+    return arguments
+
+
+_GOOD_NAMES: set[str] = set()  # names already checked (tool names repeat in every sample)
+
+
+def _check_name(name: Any, where: str) -> str:
+    if isinstance(name, str) and name in _GOOD_NAMES:
+        return name
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise Rejected("invalid_name", f"{where} name {name!r} is not ^[a-zA-Z0-9_-]{{1,64}}$")
+    if len(_GOOD_NAMES) < 10_000:
+        _GOOD_NAMES.add(name)
+    return name
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    if not isinstance(call, dict):
+        raise Rejected("invalid_tool_call", f"{where} is not an object")
+    if (call.get("type") or "function") != "function":
+        raise Rejected("unsupported_tool", f"{where} has type {call.get('type')!r}")
+    function = call.get("function")
+    if not isinstance(function, dict):
+        raise Rejected("invalid_tool_call", f"{where} has no function")
+    return {
+        "id": call.get("id"),
+        "type": "function",
+        "function": {
+            "name": _check_name(function.get("name"), where),
+            "arguments": arguments_string(function.get("arguments"), where),
+        },
+    }
+
+
+def normalize_message(message: Any, index: int) -> dict[str, Any]:
+    """One recorded chat message in training form (ids not yet renumbered).
+
+    Keeps only role, content, name (system/user/assistant), tool_calls (assistant) and
+    tool_call_id (tool). Legacy shapes: role `function` becomes a tool message with its `name`
+    kept under `_function_name` until pairing; an assistant `function_call` becomes one tool call.
+    Raises Rejected for unknown roles, empty assistant messages and bad tool calls.
+    """
+    where = f"message {index}"
+    if not isinstance(message, dict):
+        raise Rejected("invalid_message", f"{where} is not an object")
+    role = message.get("role")
+    if role == "developer":
+        role = "system"
+    out: dict[str, Any] = {"role": role}
+    if role in ("system", "user", "assistant"):
+        name = message.get("name")
+        if name:
+            out["name"] = _check_name(name, where)
+    if role == "system":
+        out["content"] = text_of(message.get("content"), where)
+    elif role == "user":
+        out["content"] = _user_content(message.get("content"), where)
+    elif role == "assistant":
+        content = text_of(message.get("content"), where)
+        calls = message.get("tool_calls")
+        function_call = message.get("function_call")
+        tool_calls: list[dict[str, Any]] = []
+        if calls:
+            if not isinstance(calls, list):
+                raise Rejected("invalid_tool_call", f"{where} tool_calls is not an array")
+            tool_calls = [_tool_call(c, f"{where} tool call {i}") for i, c in enumerate(calls)]
+        elif isinstance(function_call, dict):
+            tool_calls = [
+                _tool_call(
+                    {"id": None, "type": "function", "function": function_call},
+                    f"{where} function_call",
+                )
+            ]
+        if content:
+            out["content"] = content
+        if tool_calls:
+            out["tool_calls"] = tool_calls
+        if not content and not tool_calls:
+            raise Rejected("empty_assistant_message", f"{where} has neither content nor tool calls")
+    elif role == "tool":
+        out["tool_call_id"] = message.get("tool_call_id")
+        out["content"] = text_of(message.get("content"), where)
+    elif role == "function":
+        out = {"role": "tool", "tool_call_id": None, "_function_name": message.get("name")}
+        out["content"] = text_of(message.get("content"), where)
+    else:
+        raise Rejected("unsupported_role", f"{where} has role {role!r}")
+    return out
+
+
+def pair_and_renumber(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Renumber tool-call ids `call_1`, `call_2`, ... and check that calls and results pair up.
+
+    Each assistant message's calls must be answered by exactly one tool message each, directly
+    after it (in any order) and before any other message; only the last message of the
+    conversation may leave its calls unanswered (a sample that ends in a tool call). Ids are
+    matched within their assistant message, so ids an app reuses across turns still pair.
+    Raises Rejected: 'duplicate_tool_call_id', 'orphan_tool_message', 'unanswered_tool_call'.
+    Mutates and returns `messages`.
+    """
+    counter = 0
+    pending: dict[Any, str] = {}
+    pending_names: dict[str, str] = {}
+    for index, message in enumerate(messages):
+        role = message["role"]
+        if role == "tool":
+            old = message.get("tool_call_id")
+            legacy_name = message.pop("_function_name", None)
+            if old is None and legacy_name is not None:
+                old = next(
+                    (o for o, new in pending.items() if pending_names.get(new) == legacy_name), None
+                )
+            if old not in pending:
+                raise Rejected(
+                    "orphan_tool_message",
+                    f"message {index} answers {old!r}, which no open tool call has",
+                )
+            message["tool_call_id"] = pending.pop(old)
+            continue
+        if pending:
+            raise Rejected(
+                "unanswered_tool_call",
+                f"{len(pending)} tool call(s) not answered before message {index}",
+            )
+        if role == "assistant" and message.get("tool_calls"):
+            for call_index, call in enumerate(message["tool_calls"]):
+                counter += 1
+                new = f"call_{counter}"
+                old = call.get("id")
+                if old is None:
+                    old = ("__legacy__", index, call_index)
+                if old in pending:
+                    raise Rejected("duplicate_tool_call_id", f"message {index} repeats id {old!r}")
+                pending[old] = new
+                pending_names[new] = call["function"]["name"]
+                call["id"] = new
+    if pending and messages[-1]["role"] != "assistant":
+        raise Rejected("unanswered_tool_call", f"{len(pending)} tool call(s) never answered")
+    return messages
+
+
+def normalize_tools(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request's function tools (`tools`, or legacy `functions`) in training form.
+
+    Keeps `name`, `description`, `parameters` and `strict`; tools of other types are left out.
+    Raises Rejected('invalid_name') for bad names and 'duplicate_tool' for repeated ones.
+    """
+    raw = request.get("tools")
+    if not raw and isinstance(request.get("functions"), list):
+        raw = [{"type": "function", "function": f} for f in request["functions"]]
+    tools: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, tool in enumerate(raw if isinstance(raw, list) else []):
+        if not isinstance(tool, dict) or (tool.get("type") or "function") != "function":
+            continue
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            continue
+        name = _check_name(function.get("name"), f"tool {i}")
+        if name in seen:
+            raise Rejected("duplicate_tool", f"tool {name!r} is declared twice")
+        seen.add(name)
+        out: dict[str, Any] = {"name": name}
+        if isinstance(function.get("description"), str):
+            out["description"] = function["description"]
+        if isinstance(function.get("parameters"), dict):
+            out["parameters"] = function[
+                "parameters"
+            ]  # shared, never mutated (see strip_descriptions)
+        if isinstance(function.get("strict"), bool):
+            out["strict"] = function["strict"]
+        tools.append({"type": "function", "function": out})
+    return tools

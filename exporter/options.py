@@ -1,0 +1,209 @@
+"""Export options and the export summary: plain dataclasses shared by the CLI, the API and the dashboard."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from exporter.formats import FORMATS
+from exporter.samples import TRAIN_ON_CHOICES
+from exporter.tokens import token_limit, training_price
+
+LEAVES_CHOICES = ("all", "longest")
+ROUTE_CHOICES = ("any", "student", "teacher")
+LABEL_CHOICES = ("approved", "rejected", "unlabeled", "any")
+DEFAULT_LABELS = ("approved", "unlabeled")
+"""Without `--label`, rejected trajectories are left out."""
+DEFAULT_BASE_MODEL = "gpt-4.1-mini"
+
+
+class OptionsError(ValueError):
+    """Options that do not go together or are out of range (one-line message)."""
+
+
+def parse_utc(value: str, flag: str = "time") -> str:
+    """A date or ISO-8601 time as the stored timestamp format (`2026-11-21T00:00:00.000+00:00`).
+
+    Naive times are taken as UTC. Raises OptionsError for anything else.
+    """
+    try:
+        parsed = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise OptionsError(f"{flag}: not a date or ISO-8601 time: {value!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.astimezone(dt.UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything `export` can be asked; defaults are the CLI's defaults.
+
+    format: 'openai' | 'hf' | 'sharegpt' | 'dpo'. leaves: 'all' (every leaf of a forked
+    trajectory) or 'longest'. train_on: 'all' | 'final' | 'tool-calls' | 'last' (assistant
+    `weight`s). system_prompt: text that replaces every system message (None: keep them).
+    drop_system: remove system messages. strip_tool_descriptions: drop `description` from tools
+    and their parameter schemas. route: 'any' | 'student' | 'teacher'. models: keep exchanges
+    whose requested or answered model is one of these. since / until: ISO-8601 bounds on when the
+    trajectory started (until is exclusive). labels: trajectory labels to keep ('approved',
+    'rejected', 'unlabeled'; 'any' keeps all). tags: every one must be among the trajectory's tags.
+    min_tool_calls: fewer tool calls in the sample drops it. include_incomplete: also export
+    leaves that did not end with a final answer (they end at their last assistant message).
+    exclude_promoted: leave out trajectories with an injected logit_bias. base_model: the model
+    to fine-tune: picks the tokenizer, the token limit and the price (default gpt-4.1-mini for the
+    openai and dpo formats; none for hf and sharegpt). max_tokens: token limit per sample,
+    overriding the base model's. val_fraction: share of trajectories (0 <= F < 1) written to the
+    validation file, split by a hash of the trajectory id and `seed`. epochs: for the cost
+    estimate. limit: stop after this many samples written. workers: processes that build samples
+    (1: a worker thread in this process, what the dashboard uses; more: spawned processes, for
+    large exports on several cores; the output is identical). trajectory_ids: only these
+    trajectories (the dashboard's selection; None: no selection), on top of every other filter.
+    """
+
+    format: str = "openai"
+    leaves: str = "all"
+    train_on: str = "all"
+    system_prompt: str | None = None
+    drop_system: bool = False
+    strip_tool_descriptions: bool = False
+    route: str = "any"
+    models: tuple[str, ...] = ()
+    since: str | None = None
+    until: str | None = None
+    labels: tuple[str, ...] = DEFAULT_LABELS
+    tags: tuple[str, ...] = ()
+    min_tool_calls: int = 0
+    include_incomplete: bool = False
+    exclude_promoted: bool = False
+    base_model: str | None = None
+    max_tokens: int | None = None
+    val_fraction: float = 0.0
+    seed: int = 0
+    epochs: int = 3
+    limit: int | None = None
+    workers: int = 1
+    trajectory_ids: tuple[str, ...] | None = None
+
+    def check(self) -> None:
+        """Raise OptionsError when the options are out of range or do not go together."""
+        if self.format not in FORMATS:
+            raise OptionsError(f"--format must be one of {', '.join(FORMATS)}")
+        if self.leaves not in LEAVES_CHOICES:
+            raise OptionsError(f"--leaves must be one of {', '.join(LEAVES_CHOICES)}")
+        if self.train_on not in TRAIN_ON_CHOICES:
+            raise OptionsError(f"--train-on must be one of {', '.join(TRAIN_ON_CHOICES)}")
+        if self.route not in ROUTE_CHOICES:
+            raise OptionsError(f"--route must be one of {', '.join(ROUTE_CHOICES)}")
+        for label in self.labels:
+            if label not in LABEL_CHOICES:
+                raise OptionsError(f"--label must be one of {', '.join(LABEL_CHOICES)}")
+        if self.system_prompt is not None and self.drop_system:
+            raise OptionsError("--system-prompt and --drop-system cannot be used together")
+        if self.train_on != "all" and self.format in ("sharegpt", "dpo"):
+            raise OptionsError(
+                f"--train-on {self.train_on} needs per-message weights, which the {self.format} "
+                "format has not (LLaMA-Factory: mask_history trains the last turn only)"
+            )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise OptionsError("--val-fraction must be at least 0 and below 1")
+        if self.min_tool_calls < 0:
+            raise OptionsError("--min-tool-calls must be 0 or more")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise OptionsError("--max-tokens must be positive")
+        if self.epochs <= 0:
+            raise OptionsError("--epochs must be positive")
+        if self.limit is not None and self.limit <= 0:
+            raise OptionsError("--limit must be positive")
+        if self.workers < 1:
+            raise OptionsError("--workers must be positive")
+        if self.since is not None:
+            parse_utc(self.since, "--since")
+        if self.until is not None:
+            parse_utc(self.until, "--until")
+
+    @property
+    def model_for_tokens(self) -> str:
+        """The model whose tokenizer counts tokens (the base model, else gpt-4.1-mini)."""
+        return self.base_model or DEFAULT_BASE_MODEL
+
+    @property
+    def pricing_model(self) -> str | None:
+        """The base model for limits and prices: given, or the default for OpenAI formats."""
+        if self.base_model:
+            return self.base_model
+        return DEFAULT_BASE_MODEL if self.format in ("openai", "dpo") else None
+
+    @property
+    def token_limit(self) -> int | None:
+        """Most tokens per sample: `max_tokens`, else the base model's known limit, else None."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return token_limit(self.pricing_model) if self.pricing_model else None
+
+
+@dataclass
+class ExportSummary:
+    """What an export did.
+
+    read: rows read from the database (leaves, or shadow exchanges for dpo). written: samples
+    written (train + valid). train / valid: samples per file. dropped: reason -> count (reasons
+    from `samples.Rejected`, plus 'duplicate', 'over_token_limit', 'below_min_tool_calls',
+    'missing_tag', 'unreadable'). dropped_examples: reason -> up to 5 exchange ids. tokens /
+    trained_tokens: sums over written samples; max_sample_tokens: the largest. token_limit and
+    base_model as applied; estimated_cost_usd: tokens x epochs x the base model's training price
+    (None when the price is not known).
+    """
+
+    format: str = "openai"
+    read: int = 0
+    written: int = 0
+    train: int = 0
+    valid: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    dropped_examples: dict[str, list[str]] = field(default_factory=dict)
+    tokens: int = 0
+    trained_tokens: int = 0
+    max_sample_tokens: int = 0
+    token_limit: int | None = None
+    base_model: str | None = None
+    encoding: str | None = None
+    epochs: int = 3
+    estimated_cost_usd: float | None = None
+    seconds: float = 0.0
+
+    def drop(self, reason: str, exchange_id: str) -> None:
+        """Count a dropped sample and keep its exchange id as an example (first 5 per reason)."""
+        self.dropped[reason] += 1
+        examples = self.dropped_examples.setdefault(reason, [])
+        if len(examples) < 5:
+            examples.append(exchange_id)
+
+    def finish(self) -> None:
+        """Compute the cost estimate from the token total."""
+        price = training_price(self.base_model) if self.base_model else None
+        self.estimated_cost_usd = (
+            round(self.tokens * self.epochs * price / 1_000_000, 2) if price is not None else None
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (`dropped` as a plain dict, largest first)."""
+        return {
+            "format": self.format,
+            "read": self.read,
+            "written": self.written,
+            "train": self.train,
+            "valid": self.valid,
+            "dropped": dict(self.dropped.most_common()),
+            "dropped_examples": self.dropped_examples,
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "max_sample_tokens": self.max_sample_tokens,
+            "token_limit": self.token_limit,
+            "base_model": self.base_model,
+            "encoding": self.encoding,
+            "epochs": self.epochs,
+            "estimated_cost_usd": self.estimated_cost_usd,
+            "seconds": round(self.seconds, 3),
+        }

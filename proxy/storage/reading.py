@@ -1,0 +1,343 @@
+"""Read queries for the exporter and `stats`: trajectory leaves, shadow pairs and aggregates.
+
+All SQL stays in `proxy.storage`; these are SQLAlchemy Core queries that run unchanged on SQLite
+and PostgreSQL. Large reads stream through a server-side cursor in batches (`stream_batches`), so
+memory stays constant however many exchanges the database holds.
+
+Words: a **leaf** is an exchange that no other exchange has as `parent_id`; its request messages
+plus its response message are the whole conversation. A trajectory that forked has several.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, and_, case, exists, false, func, or_, select
+
+from proxy.storage.database import Database
+from proxy.storage.schema import exchanges, trajectories
+
+UNLABELED = "unlabeled"
+"""The value of `LeafFilter.labels` that stands for trajectories without a label (NULL)."""
+
+# finish_reason values that mean the answer is not a complete final answer.
+_UNFINISHED_REASONS = ("length", "content_filter", "tool_calls", "function_call")
+
+
+@dataclass(frozen=True)
+class LeafFilter:
+    """Which exchanges a read returns; every field narrows the result, defaults select everything.
+
+    route: 'student' | 'teacher' | None (any), the trajectory's route. models: the exchange's
+    requested or answered model is one of these, or its answered model is a dated snapshot of
+    one (`o3` matches `o3-2025-04-16`); empty: any. since_utc / until_utc: the
+    trajectory started at or after / strictly before this stored-format timestamp
+    (`2026-11-21T00:00:00.000+00:00`). labels: trajectory labels to keep ('approved', 'rejected',
+    `UNLABELED`); None keeps all. complete_only: the exchange answered ok with a final answer
+    (no tool calls, finish_reason not length/content_filter). exclude_promoted: leave out
+    trajectories where any exchange had a logit_bias injected. longest_only: per trajectory, only
+    the leaf with the highest step (ties: the latest). trajectory_ids: only these trajectories
+    (at most `MAX_SQL_IDS`; callers filter larger selections themselves).
+    """
+
+    route: str | None = None
+    models: tuple[str, ...] = ()
+    since_utc: str | None = None
+    until_utc: str | None = None
+    labels: tuple[str, ...] | None = None
+    complete_only: bool = True
+    exclude_promoted: bool = False
+    longest_only: bool = False
+    trajectory_ids: tuple[str, ...] | None = None
+
+
+MAX_SQL_IDS = 5000
+"""Most `trajectory_ids` sent as query parameters (SQLite allows 32,766 per statement)."""
+
+_LEAF_COLUMNS = (
+    exchanges.c.id,
+    exchanges.c.trajectory_id,
+    exchanges.c.step,
+    exchanges.c.started_utc,
+    exchanges.c.outcome,
+    exchanges.c.route,
+    exchanges.c.model_requested,
+    exchanges.c.model_answered,
+    exchanges.c.request_json,
+    exchanges.c.response_json,
+    exchanges.c.finish_reason,
+    exchanges.c.tool_call_count,
+    trajectories.c.label.label("trajectory_label"),
+    trajectories.c.tags_json.label("trajectory_tags_json"),
+    trajectories.c.created_utc.label("trajectory_created_utc"),
+)
+
+_SHADOW_COLUMNS = (
+    exchanges.c.id,
+    exchanges.c.trajectory_id,
+    exchanges.c.step,
+    exchanges.c.started_utc,
+    exchanges.c.route,
+    exchanges.c.model_requested,
+    exchanges.c.model_answered,
+    exchanges.c.request_json,
+    exchanges.c.response_json,
+    exchanges.c.shadow_model,
+    exchanges.c.shadow_response_json,
+    trajectories.c.label.label("trajectory_label"),
+    trajectories.c.tags_json.label("trajectory_tags_json"),
+    trajectories.c.created_utc.label("trajectory_created_utc"),
+)
+
+
+def _is_leaf() -> ColumnElement[bool]:
+    child = exchanges.alias("child")
+    return ~exists(select(child.c.id).where(child.c.parent_id == exchanges.c.id))
+
+
+def _common_conditions(f: LeafFilter) -> list[ColumnElement[bool]]:
+    e, t = exchanges.c, trajectories.c
+    conditions: list[ColumnElement[bool]] = []
+    if f.route is not None:
+        conditions.append(t.route == f.route)
+    if f.models:
+        models = list(f.models)
+        snapshots = [e.model_answered.startswith(f"{m}-", autoescape=True) for m in models]
+        conditions.append(
+            or_(e.model_requested.in_(models), e.model_answered.in_(models), *snapshots)
+        )
+    if f.since_utc is not None:
+        conditions.append(t.created_utc >= f.since_utc)
+    if f.until_utc is not None:
+        conditions.append(t.created_utc < f.until_utc)
+    if f.labels is not None:
+        named = [label for label in f.labels if label != UNLABELED]
+        options: list[ColumnElement[bool]] = []
+        if named:
+            options.append(t.label.in_(named))
+        if UNLABELED in f.labels:
+            options.append(t.label.is_(None))
+        conditions.append(or_(*options) if options else false())
+    if f.trajectory_ids is not None:
+        if len(f.trajectory_ids) > MAX_SQL_IDS:
+            raise ValueError(f"at most {MAX_SQL_IDS} trajectory ids per query")
+        conditions.append(e.trajectory_id.in_(list(f.trajectory_ids)))
+    if f.exclude_promoted:
+        other = exchanges.alias("promoted")
+        conditions.append(
+            ~exists(
+                select(other.c.id).where(
+                    other.c.trajectory_id == e.trajectory_id,
+                    other.c.injected_logit_bias_json.is_not(None),
+                )
+            )
+        )
+    return conditions
+
+
+def leaves_query(f: LeafFilter) -> Select[Any]:
+    """Leaves matching `f`, oldest first (`started_utc`, then id).
+
+    Rows carry the `exchanges` columns the exporter needs (`request_json`: the client's request
+    body text; `response_json`: a `chat.completion` JSON text or NULL) plus the trajectory's
+    `trajectory_label`, `trajectory_tags_json` and `trajectory_created_utc`.
+    """
+    e = exchanges.c
+    conditions = [_is_leaf(), *_common_conditions(f)]
+    if f.complete_only:
+        conditions += [
+            e.outcome == "ok",
+            e.response_json.is_not(None),
+            e.tool_call_count == 0,
+            or_(e.finish_reason.is_(None), e.finish_reason.not_in(_UNFINISHED_REASONS)),
+        ]
+    joined = exchanges.join(trajectories, trajectories.c.id == e.trajectory_id)
+    if not f.longest_only:
+        return (
+            select(*_LEAF_COLUMNS)
+            .select_from(joined)
+            .where(and_(*conditions))
+            .order_by(e.started_utc, e.id)
+        )
+    rank = (
+        func.row_number()
+        .over(
+            partition_by=e.trajectory_id,
+            order_by=(e.step.desc(), e.started_utc.desc(), e.id.desc()),
+        )
+        .label("leaf_rank")
+    )
+    ranked = select(*_LEAF_COLUMNS, rank).select_from(joined).where(and_(*conditions)).subquery()
+    return (
+        select(*[ranked.c[c.name] for c in _LEAF_COLUMNS])
+        .where(ranked.c.leaf_rank == 1)
+        .order_by(ranked.c.started_utc, ranked.c.id)
+    )
+
+
+def shadow_query(f: LeafFilter) -> Select[Any]:
+    """Exchanges that answered ok and have a recorded shadow (teacher) answer, oldest first.
+
+    Any step, not only leaves (a preference pair is one request, two answers). `complete_only` and
+    `longest_only` do not apply. Columns: as `leaves_query` plus `shadow_model` and
+    `shadow_response_json` (a `chat.completion` JSON text).
+    """
+    e = exchanges.c
+    conditions = [
+        e.outcome == "ok",
+        e.response_json.is_not(None),
+        e.shadow_response_json.is_not(None),
+        *_common_conditions(f),
+    ]
+    return (
+        select(*_SHADOW_COLUMNS)
+        .select_from(exchanges.join(trajectories, trajectories.c.id == e.trajectory_id))
+        .where(and_(*conditions))
+        .order_by(e.started_utc, e.id)
+    )
+
+
+async def stream_batches(
+    db: Database, query: Select[Any], batch: int = 500
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """Run `query` with a server-side cursor and yield its rows as lists of up to `batch` dicts."""
+    async with db.engine.connect() as conn:
+        result = await conn.stream(query.execution_options(yield_per=batch))
+        async for partition in result.mappings().partitions(batch):
+            yield [dict(row) for row in partition]
+
+
+async def count_rows(db: Database, query: Select[Any]) -> int:
+    """How many rows `query` returns (one COUNT over it as a subquery)."""
+    async with db.engine.connect() as conn:
+        counted = select(func.count()).select_from(query.order_by(None).subquery())
+        return int((await conn.execute(counted)).scalar_one())
+
+
+async def statistics(db: Database) -> dict[str, Any]:
+    """Aggregates for `stats`, all computed in SQL.
+
+    Returns `{"exchanges", "trajectories", "leaves", "forked_trajectories", "errors",
+    "error_rate", "prompt_tokens", "completion_tokens", "first_utc", "last_utc",
+    "promoted_exchanges", "shadow_exchanges", "by_route": {route: {...}},
+    "by_model": {model: {...}}, "outcomes": {outcome: n}, "labels": {label|"unlabeled": n},
+    "tool_call_histogram": {tool calls per trajectory: number of trajectories}}`. Per-route and
+    per-model entries hold `exchanges`, `errors`, `prompt_tokens`, `completion_tokens`
+    (per-route also `trajectories`). Tokens are the upstream's `usage` numbers.
+    """
+    e, t = exchanges.c, trajectories.c
+    errors = func.coalesce(func.sum(case((e.outcome != "ok", 1), else_=0)), 0)
+    out: dict[str, Any] = {}
+    async with db.engine.connect() as conn:
+        totals = (
+            await conn.execute(
+                select(
+                    func.count(),
+                    errors,
+                    func.coalesce(func.sum(e.prompt_tokens), 0),
+                    func.coalesce(func.sum(e.completion_tokens), 0),
+                    func.min(e.started_utc),
+                    func.max(e.started_utc),
+                    func.count(e.injected_logit_bias_json),
+                    func.count(e.shadow_response_json),
+                ).select_from(exchanges)
+            )
+        ).one()
+        n_exchanges = int(totals[0])
+        out["exchanges"] = n_exchanges
+        out["trajectories"] = int(
+            (await conn.execute(select(func.count()).select_from(trajectories))).scalar_one()
+        )
+        out["errors"] = int(totals[1] or 0)
+        out["error_rate"] = round(out["errors"] / n_exchanges, 4) if n_exchanges else 0.0
+        out["prompt_tokens"] = int(totals[2])
+        out["completion_tokens"] = int(totals[3])
+        out["first_utc"], out["last_utc"] = totals[4], totals[5]
+        out["promoted_exchanges"] = int(totals[6])
+        out["shadow_exchanges"] = int(totals[7])
+
+        leaves_per = (
+            select(e.trajectory_id, func.count().label("n"))
+            .where(_is_leaf())
+            .group_by(e.trajectory_id)
+            .subquery()
+        )
+        leaf_row = (
+            await conn.execute(
+                select(
+                    func.coalesce(func.sum(leaves_per.c.n), 0),
+                    func.count().filter(leaves_per.c.n > 1),
+                ).select_from(leaves_per)
+            )
+        ).one()
+        out["leaves"] = int(leaf_row[0])
+        out["forked_trajectories"] = int(leaf_row[1] or 0)
+
+        by_route: dict[str, dict[str, int]] = {}
+        for row in await conn.execute(
+            select(
+                e.route,
+                func.count(),
+                errors,
+                func.coalesce(func.sum(e.prompt_tokens), 0),
+                func.coalesce(func.sum(e.completion_tokens), 0),
+            ).group_by(e.route)
+        ):
+            by_route[row[0]] = {
+                "trajectories": 0,
+                "exchanges": int(row[1]),
+                "errors": int(row[2] or 0),
+                "prompt_tokens": int(row[3]),
+                "completion_tokens": int(row[4]),
+            }
+        for row in await conn.execute(select(t.route, func.count()).group_by(t.route)):
+            by_route.setdefault(
+                row[0],
+                {"exchanges": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0},
+            )["trajectories"] = int(row[1])
+        out["by_route"] = dict(sorted(by_route.items()))
+
+        by_model: dict[str, dict[str, int]] = {}
+        model = func.coalesce(e.model_answered, e.model_requested, "(none)")
+        for row in await conn.execute(
+            select(
+                model,
+                func.count(),
+                errors,
+                func.coalesce(func.sum(e.prompt_tokens), 0),
+                func.coalesce(func.sum(e.completion_tokens), 0),
+            )
+            .group_by(model)
+            .order_by(func.count().desc())
+        ):
+            by_model[str(row[0])] = {
+                "exchanges": int(row[1]),
+                "errors": int(row[2] or 0),
+                "prompt_tokens": int(row[3]),
+                "completion_tokens": int(row[4]),
+            }
+        out["by_model"] = by_model
+
+        out["outcomes"] = {
+            row[0]: int(row[1])
+            for row in await conn.execute(
+                select(e.outcome, func.count()).group_by(e.outcome).order_by(e.outcome)
+            )
+        }
+        out["labels"] = {
+            (row[0] if row[0] is not None else UNLABELED): int(row[1])
+            for row in await conn.execute(
+                select(t.label, func.count()).group_by(t.label).order_by(t.label)
+            )
+        }
+        out["tool_call_histogram"] = {
+            int(row[0]): int(row[1])
+            for row in await conn.execute(
+                select(t.tool_call_count, func.count())
+                .group_by(t.tool_call_count)
+                .order_by(t.tool_call_count)
+            )
+        }
+    return out

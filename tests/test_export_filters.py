@@ -1,0 +1,360 @@
+"""Filters, DPO, limits and the dashboard API on a real database written through the storage API.
+
+Routes, labels, shadow answers and injected logit_bias come from other issues; these rows are
+written the way the recorder writes them (`ExchangeRecord.to_row`, `Database.write_exchanges`).
+Every test runs on a SQLite file and, when a server answers (`UNDERSTUDY_TEST_POSTGRES_URL`,
+default postgresql://postgres@127.0.0.1:5432/postgres), on a fresh PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from exporter.api import ExportOptions, export_samples, write_export
+from exporter.options import OptionsError
+from proxy.storage import Database, new_id
+from tests.exporter_helpers import (
+    completion,
+    read_jsonl,
+    record,
+    run_cli,
+    simple_trajectory,
+    write_records,
+)
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}},
+    }
+]
+
+
+async def build_db(path: Path | str) -> dict[str, str]:
+    """Trajectories with every attribute a filter looks at; returns name -> trajectory id."""
+    ids: dict[str, str] = {}
+    items: list[Any] = []
+
+    def add(name: str, rows: list[Any]) -> None:
+        ids[name] = rows[0][1]["trajectory_id"]
+        items.extend(rows)
+
+    add(
+        "student",
+        simple_trajectory("q student", "a student", started_utc="2026-11-01T10:00:00.000+00:00"),
+    )
+    add(
+        "teacher",
+        simple_trajectory(
+            "q teacher",
+            "a teacher",
+            route="teacher",
+            model="o3",
+            started_utc="2026-11-10T10:00:00.000+00:00",
+        ),
+    )
+    add(
+        "approved",
+        simple_trajectory("q approved", "a approved", started_utc="2026-11-15T10:00:00.000+00:00"),
+    )
+    add(
+        "rejected",
+        simple_trajectory("q rejected", "a rejected", started_utc="2026-11-16T10:00:00.000+00:00"),
+    )
+    add(
+        "tagged",
+        simple_trajectory(
+            "q tagged", "a tagged", started_utc="2026-11-17T10:00:00.000+00:00", **{}
+        ),
+    )
+    add(
+        "promoted",
+        simple_trajectory(
+            "q promoted",
+            "a promoted",
+            injected_logit_bias={"316": 5},
+            started_utc="2026-11-18T10:00:00.000+00:00",
+        ),
+    )
+    add(
+        "gpt4o",
+        simple_trajectory(
+            "q gpt4o",
+            "a gpt4o",
+            model="gpt-4o",
+            answered_by="gpt-4o-2024-08-06",
+            started_utc="2026-11-19T10:00:00.000+00:00",
+        ),
+    )
+    add(
+        "long",
+        simple_trajectory("long " * 400, "a long", started_utc="2026-11-19T11:00:00.000+00:00"),
+    )
+    failed = simple_trajectory(
+        "q failed", "x", outcome="error", started_utc="2026-11-19T12:00:00.000+00:00"
+    )
+    failed[0][1]["response_json"] = None
+    add("failed", failed)
+    garbage = simple_trajectory("q garbage", "x", started_utc="2026-11-19T13:00:00.000+00:00")
+    garbage[0][1]["request_json"] = "{not json"
+    add("garbage", garbage)
+    # A shadowed exchange: the student answered in text, the teacher (shadow) called a tool.
+    trajectory = new_id()
+    request = {
+        "model": "gpt-4.1-mini",
+        "tools": TOOLS,
+        "messages": [{"role": "user", "content": "find it"}],
+    }
+    student = completion({"role": "assistant", "content": "I cannot."})
+    teacher = completion(
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "t1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+            ],
+        },
+        "o3",
+    )
+    items.append(
+        record(
+            trajectory,
+            request,
+            student,
+            started_utc="2026-11-20T10:00:00.000+00:00",
+            shadow_model="o3",
+            shadow_response_json=json.dumps(teacher),
+        )
+    )
+    same = new_id()
+    items.append(
+        record(
+            same,
+            {**request, "messages": [{"role": "user", "content": "same"}]},
+            student,
+            started_utc="2026-11-20T11:00:00.000+00:00",
+            shadow_model="o3",
+            shadow_response_json=json.dumps(student),
+        )
+    )
+    ids["shadow"] = trajectory
+    await write_records(
+        path, items, labels={ids["approved"]: "approved", ids["rejected"]: "rejected"}
+    )
+    db = await Database.open(str(path))
+    try:
+        from proxy.storage.schema import trajectories
+
+        async with db.engine.begin() as conn:
+            await conn.execute(
+                trajectories.update()
+                .where(trajectories.c.id == ids["tagged"])
+                .values(tags_json=json.dumps(["gold", "billing"]))
+            )
+    finally:
+        await db.close()
+    return ids
+
+
+async def _admin(url: str, statement: str) -> None:
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database to fill: a SQLite file, or a fresh database on the PostgreSQL test server."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "filters.db")
+        return
+    server = os.environ.get(
+        "UNDERSTUDY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+    name = f"understudy_export_{secrets.token_hex(6)}"
+    try:
+        asyncio.run(_admin(server, f'CREATE DATABASE "{name}"'))
+    except (TimeoutError, OSError) as exc:
+        pytest.skip(f"no PostgreSQL server at {server}: {exc}")
+    yield f"{server.rpartition('/')[0]}/{name}"
+    asyncio.run(_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def db(target: str) -> Any:
+    path = target
+    ids = await build_db(path)
+    database = await Database.open(str(path), migrate=False, must_exist=True)
+    yield database, ids, path
+    await database.close()
+
+
+def users(lines: list[str]) -> list[str]:
+    return [
+        next(m["content"] for m in json.loads(line)["messages"] if m["role"] == "user")
+        for line in lines
+    ]
+
+
+async def test_default_export_leaves_out_rejected_failed_and_reports_drops(db: Any) -> None:
+    database, _, _ = db
+    lines, summary = await export_samples(database, ExportOptions())
+    assert users(lines) == [
+        "q student",
+        "q teacher",
+        "q approved",
+        "q tagged",
+        "q promoted",
+        "q gpt4o",
+        "long " * 400,
+        "find it",
+        "same",
+    ]
+    assert summary.dropped == {"unreadable": 1}
+    assert summary.read == 10 and summary.written == 9
+    assert summary.base_model == "gpt-4.1-mini" and summary.token_limit == 65_536
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (ExportOptions(route="teacher"), ["q teacher"]),
+        (ExportOptions(models=("o3",)), ["q teacher"]),
+        (ExportOptions(models=("gpt-4o", "o3")), ["q teacher", "q gpt4o"]),
+        (ExportOptions(models=("gpt-4o-2024-08-06",)), ["q gpt4o"]),
+        (ExportOptions(models=("gpt-4",)), []),
+        (ExportOptions(labels=("approved",)), ["q approved"]),
+        (ExportOptions(labels=("rejected", "approved")), ["q approved", "q rejected"]),
+        (ExportOptions(tags=("gold",)), ["q tagged"]),
+        (ExportOptions(since="2026-11-15", until="2026-11-17T00:00:00"), ["q approved"]),
+        (ExportOptions(since="2026-11-19T11:30:00Z", include_incomplete=True), ["find it", "same"]),
+        (
+            ExportOptions(exclude_promoted=True, until="2026-11-19"),
+            ["q student", "q teacher", "q approved", "q tagged"],
+        ),
+    ],
+)
+async def test_filters(db: Any, options: ExportOptions, expected: list[str]) -> None:
+    database, _, _ = db
+    lines, _ = await export_samples(database, options)
+    assert users(lines) == expected
+
+
+async def test_token_limit_drops_and_reports_never_truncates(db: Any) -> None:
+    database, ids, _ = db
+    lines, summary = await export_samples(database, ExportOptions(max_tokens=100))
+    assert "long " * 400 not in users(lines)
+    assert summary.dropped["over_token_limit"] == 1
+    assert len(summary.dropped_examples["over_token_limit"]) == 1
+    assert summary.max_sample_tokens <= 100
+    lines, summary = await export_samples(database, ExportOptions(format="hf"))
+    assert summary.token_limit is None and summary.estimated_cost_usd is None
+
+
+async def test_dpo_export_from_shadow_answers(db: Any, tmp_path: Path) -> None:
+    database, _, _ = db
+    lines, summary = await export_samples(database, ExportOptions(format="dpo"))
+    assert summary.read == 2 and summary.dropped == {"identical_answers": 1}
+    (pair,) = [json.loads(line) for line in lines]
+    assert pair["preferred_output"][0]["tool_calls"][0]["id"] == "call_1"
+    assert pair["non_preferred_output"] == [{"role": "assistant", "content": "I cannot."}]
+
+
+async def test_split_and_limit_through_write_export(db: Any, tmp_path: Path) -> None:
+    database, _, _ = db
+    train, valid = (tmp_path / "t.jsonl").open("w"), (tmp_path / "v.jsonl").open("w")
+    with train, valid:
+        summary = await write_export(
+            database, ExportOptions(val_fraction=0.5, seed=3), train, valid
+        )
+    assert summary.train + summary.valid == summary.written == 9
+    assert len(read_jsonl(tmp_path / "t.jsonl")) == summary.train
+    lines, summary = await export_samples(database, ExportOptions(limit=2))
+    assert len(lines) == 2 and summary.written == 2
+    with pytest.raises(ValueError, match="validation file"):
+        await write_export(database, ExportOptions(val_fraction=0.5), train)
+
+
+def test_bad_option_combinations() -> None:
+    for options in (
+        ExportOptions(system_prompt="x", drop_system=True),
+        ExportOptions(format="dpo", train_on="last"),
+        ExportOptions(format="xml"),
+        ExportOptions(val_fraction=1.0),
+        ExportOptions(since="yesterday"),
+        ExportOptions(labels=("good",)),
+    ):
+        with pytest.raises(OptionsError):
+            options.check()
+
+
+def test_cli_filters_dpo_and_stats(db: Any, tmp_path: Path) -> None:
+    _, _, path = db
+    out = tmp_path / "dpo.jsonl"
+    result = run_cli("export", "--db", str(path), "--out", str(out), "--format", "dpo", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["written"] == 1
+    check = run_cli("validate", str(out), "--format", "dpo", "--min-samples", "1")
+    assert check.returncode == 0, check.stdout
+    result = run_cli(
+        "export",
+        "--db",
+        str(path),
+        "--out",
+        str(tmp_path / "p.jsonl"),
+        "--exclude-promoted",
+        "--label",
+        "any",
+        "--json",
+    )
+    assert json.loads(result.stdout)["written"] == 9
+    stats = json.loads(run_cli("stats", "--db", str(path), "--json").stdout)
+    assert stats["by_route"]["teacher"]["trajectories"] == 1
+    assert stats["promoted_exchanges"] == 1 and stats["shadow_exchanges"] == 2
+    assert stats["labels"] == {"unlabeled": 10, "approved": 1, "rejected": 1}
+    assert stats["errors"] == 1 and stats["outcomes"] == {"error": 1, "ok": 11}
+
+
+async def test_worker_processes_write_the_same_file(db: Any, tmp_path: Path) -> None:
+    database, _, _ = db
+    one, two = (tmp_path / "one.jsonl").open("w"), (tmp_path / "two.jsonl").open("w")
+    with one, two:
+        first = await write_export(database, ExportOptions(labels=("any",)), one)
+        second = await write_export(database, ExportOptions(labels=("any",), workers=2), two)
+    assert (tmp_path / "one.jsonl").read_text() == (tmp_path / "two.jsonl").read_text()
+    assert first.as_dict() | {"seconds": 0} == second.as_dict() | {"seconds": 0}
+    assert first.written == 10
+
+
+async def test_selection_of_trajectory_ids_small_and_large(db: Any) -> None:
+    database, ids, _ = db
+    chosen = (ids["teacher"], ids["gpt4o"], ids["rejected"])
+    lines, _ = await export_samples(database, ExportOptions(trajectory_ids=chosen))
+    assert users(lines) == ["q teacher", "q gpt4o"]  # rejected stays out: labels still apply
+    padded = chosen + tuple(f"missing-{i}" for i in range(6000))  # filtered outside SQL
+    lines, summary = await export_samples(database, ExportOptions(trajectory_ids=padded))
+    assert users(lines) == ["q teacher", "q gpt4o"] and summary.read == 2
+    lines, _ = await export_samples(database, ExportOptions(trajectory_ids=()))
+    assert lines == []
+
+
+def test_cli_export_to_stdout(db: Any) -> None:
+    _, _, path = db
+    result = run_cli("export", "--db", str(path), "--out", "-", "--route", "teacher", "--json")
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert json.loads(line)["messages"][1]["content"] == "q teacher"
+    assert json.loads(result.stderr)["written"] == 1
+    refused = run_cli("export", "--db", str(path), "--out", "-", "--val-fraction", "0.2")
+    assert refused.returncode == 1 and "needs files" in refused.stderr
