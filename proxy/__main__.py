@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from proxy.config import ConfigFileError, Settings
 from proxy.logs import log_config
 from proxy.storage import Database, DatabaseError
+from proxy.storage.database import display_target
 
 COMMANDS = ("serve", "migrate", "demo")
 
@@ -115,7 +116,7 @@ async def _open_and_migrate(target: str, *, report: bool) -> None:
     await db.close()
     if report:
         applied = ", ".join(db.applied_migrations) or "none needed"
-        print(f"database {target} is at the latest schema (applied: {applied})")
+        print(f"database {display_target(target)} is at the latest schema (applied: {applied})")
 
 
 if __name__ == "__main__":

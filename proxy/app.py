@@ -23,6 +23,7 @@ from proxy.redaction import Redactor
 from proxy.state import ProxyState
 from proxy.stitching import Stitcher
 from proxy.storage import Database
+from proxy.storage.database import display_target
 from proxy.storage.recovery import ping
 from proxy.teacher import Teacher
 from proxy.upstream import create_client
@@ -59,7 +60,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             teacher=Teacher(settings) if settings.teacher_model else None,
         )
         app.state.proxy = proxy
-        log.info("understudy proxy: upstream %s, database %s", settings.upstream, settings.db)
+        log.info(
+            "understudy proxy: upstream %s, database %s (%s stitching)",
+            settings.upstream,
+            display_target(settings.db),
+            proxy.stitcher.mode,
+        )
         if proxy.teacher is not None:
             log.info(
                 "teacher %s: rate %.2f, %d routing rules",

@@ -8,17 +8,38 @@ explicit id (`X-Understudy-Trajectory-Id` header or `metadata.trajectory_id`) wi
 States of recent exchanges are kept in memory (an LRU), so a request that arrives before the
 previous exchange's batch is written still stitches; older states are found with one indexed
 query on `exchanges.state_hash`.
+
+The Stitcher has two modes, chosen by the database (`Database.shared`):
+
+- **local** (SQLite: one process owns the database). The in-memory LRU covers the gap until the
+  recorder flushes; nothing is written on the request path.
+- **shared** (PostgreSQL: replicas behind a load balancer). Step k can be answered by replica A
+  and step k+1 reach replica B milliseconds later, before A's recorder has flushed. So
+  `remember()` writes the state through to `conversation_states` (one autocommit upsert, awaited
+  before the client gets the end of the answer) and `link()` looks there as well as in
+  `exchanges`. `claim()` fixes an explicitly named trajectory's route with the primary key of
+  `trajectories` (insert-or-ignore, then read the winner), so concurrent first requests on
+  several replicas agree on one route. A hash-stitched new trajectory needs no claim: its id is
+  fresh and random, and no other replica can reach it before `remember()` has written its
+  route along with its first state.
+
+Both modes fail open: a database error on the request path is logged and counted
+(`db_errors`), and the request goes on as if nothing were found (or, for `claim`, with its own
+route decision); it never fails the call.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.canonical import continuation_candidates, prefix_hashes
 from proxy.storage import Database, StateRef, new_id
+
+log = logging.getLogger("understudy.stitching")
 
 TRAJECTORY_HEADER = "x-understudy-trajectory-id"
 MAX_TRAJECTORY_ID_LENGTH = 200
@@ -30,8 +51,9 @@ class Link:
 
     trajectory_id: existing or new id. parent: the exchange it continues, or None. step: 0 for a
     trajectory's first exchange. route: the trajectory's route when it already exists, else None
-    (the caller decides); shadow: the trajectory's shadow flag. new_trajectory: no exchange of this trajectory is known yet.
-    request_hash: rolling hash of all request messages ("" for no messages).
+    (the caller decides, then calls `Stitcher.claim`); shadow: the trajectory's shadow flag.
+    new_trajectory: no exchange of this trajectory is known yet. id_source: 'hash', 'header' or
+    'metadata'. request_hash: rolling hash of all request messages ("" for no messages).
     """
 
     trajectory_id: str
@@ -44,32 +66,160 @@ class Link:
     request_hash: str
 
 
+class StateStore(Protocol):
+    """Where a Stitcher publishes states, finds them and fixes routes: the mode's database side.
+
+    mode: 'local' or 'shared'. writes: database writes made so far (write-throughs and claims).
+    """
+
+    mode: str
+    writes: int
+
+    async def publish(self, state_hash: str, ref: StateRef) -> None:
+        """Make `state_hash -> ref` findable by the other processes on the database."""
+
+    async def find(
+        self, state_hashes: Sequence[str], trajectory_id: str | None
+    ) -> dict[str, StateRef]:
+        """The latest known exchange for each hash found (see `Database.find_states`)."""
+        ...
+
+    async def route_of(self, trajectory_id: str) -> tuple[str, bool] | None:
+        """(route, shadow) of a known trajectory, or None."""
+        ...
+
+    async def claim(
+        self, trajectory_id: str, id_source: str, route: str, shadow: bool
+    ) -> tuple[str, bool]:
+        """Fix a new trajectory's route; return the (route, shadow) that holds."""
+        ...
+
+
+class LocalStates:
+    """One process owns the database: states live in memory until the recorder writes them."""
+
+    mode = "local"
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.writes = 0
+
+    async def publish(self, state_hash: str, ref: StateRef) -> None:
+        """Nothing to write: the Stitcher's LRU covers this process until the batch is flushed."""
+
+    async def find(
+        self, state_hashes: Sequence[str], trajectory_id: str | None
+    ) -> dict[str, StateRef]:
+        return await self._db.find_states(state_hashes, trajectory_id)
+
+    async def route_of(self, trajectory_id: str) -> tuple[str, bool] | None:
+        return await self._db.trajectory_route(trajectory_id)
+
+    async def claim(
+        self, trajectory_id: str, id_source: str, route: str, shadow: bool
+    ) -> tuple[str, bool]:
+        """No other writer can race this process: its own decision holds."""
+        return route, shadow
+
+
+class SharedStates:
+    """Several processes write the database: states and explicit routes are written through."""
+
+    mode = "shared"
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.writes = 0
+
+    async def publish(self, state_hash: str, ref: StateRef) -> None:
+        """One upsert into `conversation_states`, committed when this returns."""
+        self.writes += 1
+        await self._db.remember_state(state_hash, ref)
+
+    async def find(
+        self, state_hashes: Sequence[str], trajectory_id: str | None
+    ) -> dict[str, StateRef]:
+        return await self._db.find_states(state_hashes, trajectory_id, include_pending=True)
+
+    async def route_of(self, trajectory_id: str) -> tuple[str, bool] | None:
+        return await self._db.trajectory_route(trajectory_id)
+
+    async def claim(
+        self, trajectory_id: str, id_source: str, route: str, shadow: bool
+    ) -> tuple[str, bool]:
+        """An explicit id can be sent to several replicas at once: the primary key decides.
+
+        A hash-stitched id is fresh and random (`new_id`), so nobody else can hold it: no write.
+        """
+        if id_source == "hash":
+            return route, shadow
+        self.writes += 1
+        return await self._db.claim_trajectory(
+            trajectory_id, id_source=id_source, route=route, shadow=shadow
+        )
+
+
 class Stitcher:
-    """Links requests to trajectories. `link()` on the request path, `remember()` once answered."""
+    """Links requests to trajectories. `link()` on the request path, `remember()` once answered.
+
+    mode: 'local' or 'shared' (see the module docstring), chosen by `Database.shared`.
+    Counters: cache_hits, db_lookups (reads), db_writes (write-throughs and claims), db_errors
+    (request-path database errors, failed open).
+    """
 
     def __init__(self, db: Database, cache_size: int = 100_000) -> None:
         self._db = db
+        self._store: StateStore = SharedStates(db) if db.shared else LocalStates(db)
         self._cache_size = cache_size
         self._states: OrderedDict[str, StateRef] = OrderedDict()
         self._routes: OrderedDict[str, tuple[str, bool]] = OrderedDict()  # id -> (route, shadow)
         self.cache_hits = 0
         self.db_lookups = 0
+        self.db_errors = 0
+
+    @property
+    def mode(self) -> str:
+        """'local' (SQLite, one process) or 'shared' (PostgreSQL, replicas)."""
+        return self._store.mode
+
+    @property
+    def db_writes(self) -> int:
+        """Database writes on the request path so far (0 in local mode)."""
+        return self._store.writes
+
+    def _failed(self, action: str, exc: Exception) -> None:
+        self.db_errors += 1
+        log.warning(
+            "stitching: %s failed, going on without it (%s: %s)", action, type(exc).__name__, exc
+        )
 
     async def claim(self, link: Link, route: str, shadow: bool) -> tuple[str, bool]:
         """Fix the route of a new trajectory; return the (route, shadow) that holds for it.
 
-        Call once for a `link` with `new_trajectory`; later requests of the trajectory find the
-        route through `link()`.
+        Call once for a `link` with `new_trajectory`, with the route the caller decided, and use
+        the answer: in shared mode another replica may have claimed the same explicit id first,
+        and its route wins. Later requests of the trajectory find the route through `link()`.
         """
-        self.remember_route(link.trajectory_id, route, shadow)
-        return route, shadow
+        try:
+            held = await self._store.claim(link.trajectory_id, link.id_source, route, shadow)
+        except Exception as exc:
+            self._failed(f"claiming trajectory {link.trajectory_id!r}", exc)
+            held = (route, shadow)
+        self.remember_route(link.trajectory_id, *held)
+        return held
 
     async def remember(self, state_hash: str, ref: StateRef) -> None:
         """Record that `ref`'s exchange produced `state_hash`.
 
-        Awaited before the client receives the end of the answer, so its next request stitches.
+        Awaited before the client receives the end of the answer, so its next request stitches:
+        in memory always; in shared mode also in the database, committed before this returns
+        (one round trip), so the next request stitches on whichever replica it reaches.
         """
         self._remember_local(state_hash, ref)
+        try:
+            await self._store.publish(state_hash, ref)
+        except Exception as exc:
+            self._failed(f"writing state of exchange {ref.exchange_id}", exc)
 
     def _remember_local(self, state_hash: str, ref: StateRef) -> None:
         if self._cache_size <= 0:
@@ -81,7 +231,7 @@ class Stitcher:
         self.remember_route(ref.trajectory_id, ref.route, ref.shadow)
 
     def remember_route(self, trajectory_id: str, route: str, shadow: bool = False) -> None:
-        """Record a trajectory's route and shadow flag (its first exchange decided them)."""
+        """Record a trajectory's route and shadow flag in memory (its first exchange decided them)."""
         if self._cache_size <= 0:
             return
         self._routes[trajectory_id] = (route, shadow)
@@ -99,16 +249,33 @@ class Stitcher:
             if ref is not None and (trajectory_id is None or ref.trajectory_id == trajectory_id):
                 hit_at, hit = position, ref
                 break
+        # Longer prefixes than the cache hit may have been answered elsewhere (another replica,
+        # or before this process started): one indexed query for them.
         longer = candidates[:hit_at]
         if longer:
             self.db_lookups += 1
-            found = await self._db.find_states(longer, trajectory_id)
+            try:
+                found = await self._store.find(longer, trajectory_id)
+            except Exception as exc:
+                self._failed("looking up conversation states", exc)
+                found = {}
             for state_hash in longer:
                 if state_hash in found:
                     return found[state_hash]
         if hit is not None:
             self.cache_hits += 1
         return hit
+
+    async def _known_route(self, trajectory_id: str) -> tuple[str, bool] | None:
+        known = self._routes.get(trajectory_id)
+        if known is not None:
+            return known
+        self.db_lookups += 1
+        try:
+            return await self._store.route_of(trajectory_id)
+        except Exception as exc:
+            self._failed(f"reading the route of trajectory {trajectory_id!r}", exc)
+            return None
 
     async def link(
         self, messages: Sequence[Any], explicit_id: str | None = None, id_source: str = "hash"
@@ -134,10 +301,7 @@ class Stitcher:
                 request_hash=request_hash,
             )
         if explicit_id is not None:
-            known = self._routes.get(explicit_id)
-            if known is None:
-                self.db_lookups += 1
-                known = await self._db.trajectory_route(explicit_id)
+            known = await self._known_route(explicit_id)
             return Link(
                 trajectory_id=explicit_id,
                 parent=None,

@@ -91,13 +91,15 @@ class FakeUpstream:
 
 @dataclass
 class ProxyServer:
-    """A running proxy process. `base_url` ends in /v1; `db` is its SQLite file."""
+    """A running proxy process. `base_url` ends in /v1; `db_url` is its `--db`, and `db` that
+    path for a SQLite database (for a database URL, `db` is not a file)."""
 
     base_url: str
     root_url: str
     db: Path
     process: subprocess.Popen[bytes]
     output: list[str] = field(default_factory=list)
+    db_url: str = ""
 
     def stop(self, timeout: float = 30.0) -> str:
         """SIGTERM, wait for a clean exit (the recorder drains); return the process output."""
@@ -144,13 +146,19 @@ def launch_proxy(
     """Start `python -m proxy` with `flags` (`upstream` required; `db` defaults to a new file in
     `directory`) and wait until it answers. The caller stops it."""
     port = free_port()
-    db = Path(flags.pop("db", directory / f"understudy-{port}.db"))
-    options = {"port": port, "db": str(db), **flags}
+    db_url = str(flags.pop("db", directory / f"understudy-{port}.db"))
+    options = {"port": port, "db": db_url, **flags}
     args = ["-m", "proxy"]
     for name, value in options.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
     process = start_server(args, f"http://127.0.0.1:{port}/health", child_env(**(env or {})))
-    return ProxyServer(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}", db, process)
+    return ProxyServer(
+        f"http://127.0.0.1:{port}/v1",
+        f"http://127.0.0.1:{port}",
+        Path(db_url),
+        process,
+        db_url=db_url,
+    )
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """Numbered schema migrations, run in order at start; each is applied once and never edited.
 
-Each migration is a list of DDL statements written in the SQL that SQLite and PostgreSQL share.
-Applied names are kept in `understudy_migrations`. To change the schema, append a migration
+Each migration is a list of DDL statements written in the SQL that SQLite and PostgreSQL share
+(`tests/test_postgres.py` applies them to both). Applied names are kept in `understudy_migrations`;
+on PostgreSQL the runner holds an advisory lock, so replicas that start at once apply each
+migration exactly once. To change the schema, append a migration
 (and update `schema.py` to describe the result); never edit one that has shipped.
 """
 
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Migration:
+    """One schema change: `name` (`NNN_words`, the order), `why` it was made, its DDL statements."""
+
     name: str
     why: str
     statements: tuple[str, ...]
@@ -82,6 +86,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX ix_exchanges_trajectory_step ON exchanges (trajectory_id, step)",
             "CREATE INDEX ix_exchanges_parent_id ON exchanges (parent_id)",
             "CREATE INDEX ix_exchanges_started_utc ON exchanges (started_utc)",
+        ),
+    ),
+    Migration(
+        name="002_conversation_states",
+        why="Replicas on one database (PostgreSQL) must find a conversation's latest state "
+        "before its exchange row is written: the recorder batches, and the next step can reach "
+        "another replica milliseconds later. The stitcher writes each answered state here on "
+        "the request path; the recorder deletes it in the transaction that inserts the "
+        "exchange row, so this table holds only states not yet flushed (a few rows).",
+        statements=(
+            """CREATE TABLE conversation_states (
+                state_hash TEXT NOT NULL,
+                trajectory_id TEXT NOT NULL,
+                exchange_id TEXT NOT NULL,
+                step INTEGER NOT NULL,
+                route TEXT NOT NULL,
+                shadow BOOLEAN NOT NULL DEFAULT FALSE,
+                remembered_utc TEXT NOT NULL,
+                PRIMARY KEY (state_hash, trajectory_id)
+            )""",
         ),
     ),
 )

@@ -83,6 +83,20 @@ exchanges = Table(
     Column("shadow_duration_ms", Float),
 )
 
+# States answered but not yet flushed by their replica's recorder (shared databases only): the
+# stitcher writes one on the request path, the recorder deletes it with the exchange row's insert.
+conversation_states = Table(
+    "conversation_states",
+    metadata,
+    Column("state_hash", Text, primary_key=True),
+    Column("trajectory_id", Text, primary_key=True),
+    Column("exchange_id", Text, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("route", Text, nullable=False),
+    Column("shadow", Boolean, nullable=False),
+    Column("remembered_utc", Text, nullable=False),
+)
+
 migrations_table = Table(
     "understudy_migrations",
     metadata,
