@@ -284,6 +284,11 @@ class Database:
                 db.applied_migrations = await db.migrate()
             else:
                 pending = await db.pending_migrations()
+                if len(pending) == len(MIGRATIONS):
+                    raise DatabaseError(
+                        f"{shown} is not an Understudy database (no recorded exchanges); "
+                        "check --db, or start the proxy on it first"
+                    )
                 if pending:
                     raise DatabaseError(
                         f"database {shown} is at an older schema (pending: {', '.join(pending)}); "
