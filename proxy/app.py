@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "status": "ok",
                 "record_queue_depth": proxy.recorder.queue_depth,
                 "journal_bytes": proxy.recorder.journal.size_bytes,
+                "journal_rejected_bytes": proxy.recorder.journal.rejected_bytes,
                 "recorder": dict(proxy.recorder.stats),
             }
         )

@@ -80,7 +80,9 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], str]:
     """Decode and check a chat-completions body; return it as a dict and as text.
 
     Raises InvalidRequest (400) when it is not UTF-8 JSON, not an object, lacks a string `model`
-    or a non-empty `messages` array of objects with a string `role`.
+    or a non-empty `messages` array of objects with a string `role`, has a `stream` that is not
+    a boolean or `tools` that are not an array of objects, or nests deeper than MAX_NESTING
+    (everything stored must be readable back by the exporter and the dashboard).
     """
     try:
         text = raw.decode("utf-8")
@@ -105,7 +107,36 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], str]:
             raise InvalidRequest(
                 f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]"
             )
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    tools = body.get("tools")
+    if tools is not None and not (
+        isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
+    ):
+        raise InvalidRequest("'tools' must be an array of objects", param="tools")
+    if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and nesting_depth(body) > MAX_NESTING:
+        raise InvalidRequest(
+            f"request body is nested deeper than {MAX_NESTING} levels", code="invalid_json"
+        )
     return body, text
+
+
+MAX_NESTING = 128
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in `value` (iterative: safe on any depth)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 def explicit_trajectory_id(headers: Any, body: dict[str, Any]) -> tuple[str | None, str]:

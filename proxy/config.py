@@ -23,6 +23,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from proxy.redaction import PII_KINDS
+
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 
 
@@ -86,10 +88,14 @@ class Settings(BaseSettings):
     record_queue_size: int = Field(
         100_000,
         ge=1,
-        description="Most exchanges waiting to be written before new ones are dropped (and counted).",
+        description="Most exchanges waiting in memory to be written; beyond it new ones go "
+        "straight to the journal file (never dropped while the disk takes them).",
     )
     stitch_cache_size: int = Field(
-        100_000, ge=0, description="Recent conversation states kept in memory for stitching."
+        20_000,
+        ge=0,
+        description="Recent conversation states kept in memory for stitching (about 0.5 KB "
+        "each); older ones are found in the database.",
     )
     teacher_model: str | None = Field(
         None,
@@ -158,8 +164,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             if value.strip().startswith("["):
                 return json.loads(value)
-            return [k.strip() for k in value.split(",") if k.strip()]
+            value = [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("redact_pii")
+    @classmethod
+    def _known_kinds(cls, value: list[str]) -> list[str]:
+        kinds = [k.strip().lower() for k in value]
+        unknown = sorted(set(kinds) - set(PII_KINDS))
+        if unknown:
+            raise ValueError(f"unknown kinds {unknown}; choose from {', '.join(PII_KINDS)}")
+        return kinds
 
     @field_validator("upstream")
     @classmethod

@@ -9,6 +9,7 @@ Replay skips exchanges the database already holds, so nothing is written twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -26,14 +27,25 @@ class Journal:
 
     @property
     def size_bytes(self) -> int:
-        """Current size of the journal file (0 when absent)."""
+        """Bytes waiting: the journal plus a replay file not yet done (0 when neither exists)."""
+        total = 0
+        for path in (self.path, self._replaying_path):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
+
+    @property
+    def rejected_path(self) -> Path:
+        """Where records the database refused even one by one are set aside for a person."""
+        return self.path.with_name(self.path.name + ".rejected")
+
+    @property
+    def rejected_bytes(self) -> int:
+        """Size of the set-aside file (0 when absent)."""
         try:
-            return self.path.stat().st_size + self._replaying_path.stat().st_size
+            return self.rejected_path.stat().st_size
         except FileNotFoundError:
-            try:
-                return self.path.stat().st_size
-            except FileNotFoundError:
-                return 0
+            return 0
 
     @property
     def _replaying_path(self) -> Path:
@@ -78,6 +90,15 @@ class Journal:
                     continue
                 if isinstance(entry, dict):
                     yield entry
+
+    def reject(self, entries: list[dict[str, Any]]) -> Path:
+        """Set aside entries the database refuses even one by one (`<journal>.rejected`), so
+        they never block the rest; returns that file."""
+        rejected = self.rejected_path
+        with self._lock, rejected.open("a", encoding="utf-8") as handle:
+            for entry in entries:
+                handle.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        return rejected
 
     @staticmethod
     def done(path: Path) -> None:

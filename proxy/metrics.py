@@ -3,9 +3,10 @@
 - `understudy_requests_total{route,stream,outcome}`: chat-completion exchanges answered.
 - `understudy_request_duration_seconds{route,stream}`: whole call, histogram.
 - `understudy_time_to_first_token_seconds{route}`: streams only, histogram.
-- `understudy_record_queue_depth`, `understudy_journal_bytes`: gauges read at scrape time.
+- `understudy_record_queue_depth`, `understudy_journal_bytes`,
+  `understudy_journal_rejected_bytes`: gauges read at scrape time.
 - `understudy_recorder_records_total{event}`: submitted, written, journaled, spilled, replayed,
-  lost; `understudy_recorder_failed_batches_total`.
+  rejected, lost; `understudy_recorder_failed_batches_total`.
 - `understudy_stitch_lookups_total{source}`: cache hits and database lookups.
 """
 
@@ -29,7 +30,15 @@ if TYPE_CHECKING:
     from proxy.stitching import Stitcher
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-_RECORDER_EVENTS = ("submitted", "written", "journaled", "spilled", "replayed", "lost")
+_RECORDER_EVENTS = (
+    "submitted",
+    "written",
+    "journaled",
+    "spilled",
+    "replayed",
+    "rejected",
+    "lost",
+)
 
 
 class _StateCollector(Collector):
@@ -49,6 +58,11 @@ class _StateCollector(Collector):
             "understudy_journal_bytes",
             "Size of the journal of records waiting for the database, bytes.",
             value=self._recorder.journal.size_bytes,
+        )
+        yield GaugeMetricFamily(
+            "understudy_journal_rejected_bytes",
+            "Size of the journal records the database refused, set aside for a person, bytes.",
+            value=self._recorder.journal.rejected_bytes,
         )
         records = CounterMetricFamily(
             "understudy_recorder_records", "Records by what happened to them.", labels=["event"]

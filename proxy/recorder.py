@@ -12,14 +12,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.journal import Journal
-from proxy.redaction import Redactor
+from proxy.redaction import Redactor, storable
 from proxy.storage import Database
-from proxy.storage.recovery import existing_exchange_ids
+from proxy.storage.recovery import existing_exchange_ids, ping
 
 log = logging.getLogger("understudy.recorder")
 
@@ -61,6 +62,7 @@ class ExchangeRecord:
     ttft_ms: float | None = None
     upstream_request_id: str | None = None
     injected_logit_bias: dict[str, int | float] | None = None
+    queued_at: float = 0.0  # time.monotonic() when submitted to the recorder
 
     def to_row(self) -> dict[str, Any]:
         """The `exchanges` row for this record (runs in the writer, off the request path)."""
@@ -113,7 +115,9 @@ class ExchangeRecord:
 
 
 def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else (None if value is None else str(value))
+    if value is None:
+        return None
+    return storable(value if isinstance(value, str) else str(value))
 
 
 def _int(usage: dict[str, Any] | None, key: str) -> int | None:
@@ -174,6 +178,7 @@ class ShadowUpdate:
     response_json: str | None
     error_json: str | None
     duration_ms: float
+    queued_at: float = 0.0
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -185,14 +190,14 @@ class ShadowUpdate:
         }
 
 
-_REDACTED_EXCHANGE_COLUMNS = (
+_REDACTED_JSON_COLUMNS = (
     "request_json",
     "response_json",
     "error_json",
     "request_headers_json",
-    "end_user",
     "metadata_json",
 )
+_REDACTED_TEXT_COLUMNS = ("end_user",)
 _REDACTED_SHADOW_COLUMNS = ("shadow_response_json", "shadow_error_json")
 
 
@@ -241,6 +246,7 @@ class Recorder:
         """Queue a record (or a shadow answer) for writing. Never blocks or raises; when the
         queue is full the record is appended to the journal instead."""
         self.stats["submitted"] += 1
+        record.queued_at = time.monotonic()
         try:
             self._queue.put_nowait(record)
         except asyncio.QueueFull:
@@ -256,13 +262,15 @@ class Recorder:
         for item in batch:
             if isinstance(item, ExchangeRecord):
                 row = item.to_row()
-                for column in _REDACTED_EXCHANGE_COLUMNS:
+                for column in _REDACTED_JSON_COLUMNS:
+                    row[column] = self._redact.json_text(row[column])
+                for column in _REDACTED_TEXT_COLUMNS:
                     row[column] = self._redact(row[column])
                 entries.append((row, trajectory_meta(item)))
             else:
                 row = item.to_row()
                 for column in _REDACTED_SHADOW_COLUMNS:
-                    row[column] = self._redact(row[column])
+                    row[column] = self._redact.json_text(row[column])
                 shadows.append(row)
         return entries, shadows
 
@@ -293,13 +301,19 @@ class Recorder:
         """Write everything queued, then end the writer task (a batch being written completes)."""
         self._stopping = True
         self._stop_event.set()
+        failed_before = self.stats["failed_batches"]
         if self._task is not None:
             if self._idle:
                 self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         while not self._queue.empty():
-            await self._write(self._take(self._batch_size))
+            if self.stats["failed_batches"] > failed_before:
+                # The database refused during shutdown: journal the rest at once, so a large
+                # queue never outlasts the orchestrator's grace period.
+                self._to_journal(self._take(self._queue.qsize()))
+            else:
+                await self._write(self._take(self._batch_size))
 
     def _take(self, limit: int) -> list[ExchangeRecord | ShadowUpdate]:
         batch: list[ExchangeRecord | ShadowUpdate] = []
@@ -312,8 +326,12 @@ class Recorder:
             self._idle = True
             first = await self._queue.get()
             self._idle = False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_event.wait(), self._flush_interval_s)
+            # Write at most one flush interval after the oldest record arrived; a batch that
+            # took long to write leaves less (or no) waiting for the next one.
+            wait = self._flush_interval_s - (time.monotonic() - first.queued_at)
+            if wait > 0 and self._queue.qsize() < self._batch_size - 1:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_event.wait(), wait)
             await self._write([first, *self._take(self._batch_size - 1)])
 
     async def _write(self, batch: list[ExchangeRecord | ShadowUpdate]) -> None:
@@ -321,6 +339,7 @@ class Recorder:
             return
         entries, shadows = self._entries(batch)
         try:
+            self._db.check_file()
             await self._db.write_exchanges(
                 [row for row, _ in entries], trajectory_rows(entries), shadows
             )
@@ -369,7 +388,36 @@ class Recorder:
         shadows = [e["shadow"] for e in chunk if "shadow" in e]
         held = await existing_exchange_ids(self._db, [row["id"] for row, _ in entries])
         entries = [(row, meta) for row, meta in entries if row["id"] not in held]
-        await self._db.write_exchanges(
-            [row for row, _ in entries], trajectory_rows(entries), shadows
-        )
+        try:
+            await self._db.write_exchanges(
+                [row for row, _ in entries], trajectory_rows(entries), shadows
+            )
+        except Exception:
+            await ping(self._db)  # unreachable: raise, keep the journal for the next attempt
+            return await self._replay_one_by_one(entries, shadows)
         return len(entries) + len(shadows)
+
+    async def _replay_one_by_one(
+        self, entries: list[tuple[dict[str, Any], dict[str, Any]]], shadows: list[dict[str, Any]]
+    ) -> int:
+        """The database answers but refused the chunk: write its records one at a time and set
+        aside the ones it refuses (counted as `rejected`), so one bad record blocks nothing."""
+        written = 0
+        refused: list[dict[str, Any]] = []
+        for row, meta in entries:
+            try:
+                await self._db.write_exchanges([row], trajectory_rows([(row, meta)]))
+                written += 1
+            except Exception:
+                refused.append({"exchange": row, "trajectory": meta})
+        for shadow in shadows:
+            try:
+                await self._db.write_exchanges([], [], [shadow])
+                written += 1
+            except Exception:
+                refused.append({"shadow": shadow})
+        if refused:
+            self.stats["rejected"] += len(refused)
+            path = self.journal.reject(refused)
+            log.error("database refused %d journaled records; set aside in %s", len(refused), path)
+        return written

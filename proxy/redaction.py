@@ -10,8 +10,10 @@ backslash, so a masked JSON text still parses and the dashboard shows where mask
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable
+from typing import Any
 
 SECRET_MASK = "[REDACTED:secret]"
 PII_KINDS = ("email", "phone", "card")
@@ -90,12 +92,64 @@ class Redactor:
         if "phone" in kinds:
             steps.append(_phone_masker(phone_region.upper()))
         self._steps = steps
+        self._pii = bool(kinds)
         self.kinds = tuple(kinds)
 
     def __call__(self, text: str | None) -> str | None:
-        """The redacted text (None stays None)."""
+        """The redacted plain text (None stays None); lone surrogates become U+FFFD."""
         if not text:
             return text
+        text = storable(text)
         for step in self._steps:
             text = step(text)
         return text
+
+    def json_text(self, text: str | None) -> str | None:
+        """Redact a JSON document's string values (and keys); return it unchanged when nothing
+        was masked, else re-serialized. Text that is not JSON is redacted as plain text.
+
+        Masking values, not the text, matters: in JSON text an escape (`\\n`, `\\u00e9`) sits
+        right before the secret, and numbers outside strings must never be touched.
+        """
+        if not text:
+            return text
+        if "\\" not in text and not self._pii:
+            masked = self(text)  # no escapes, secrets only: the text is the values
+            return masked
+        try:
+            document = json.loads(text)
+        except (ValueError, RecursionError):
+            return self(text)
+        changed = False
+
+        def walk(value: Any, depth: int) -> Any:
+            nonlocal changed
+            if isinstance(value, str):
+                masked = self(value)
+                if masked != value:
+                    changed = True
+                return masked
+            if depth > _MAX_DEPTH:
+                return value
+            if isinstance(value, list):
+                return [walk(item, depth + 1) for item in value]
+            if isinstance(value, dict):
+                return {walk(k, depth + 1): walk(v, depth + 1) for k, v in value.items()}
+            return value
+
+        redacted = walk(document, 0)
+        return json.dumps(redacted, ensure_ascii=False) if changed else text
+
+
+_MAX_DEPTH = 200
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """`text` with lone surrogates (half an emoji a client cut) replaced by U+FFFD, so it can be
+    encoded as UTF-8 by any database driver and page."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text

@@ -344,16 +344,22 @@ def test_deeply_nested_json_is_400(
     assert_openai_error(response, 400)
 
 
-def test_moderately_nested_json_is_forwarded_and_recorded(
+def test_nesting_up_to_the_limit_is_forwarded_and_recorded_deeper_is_refused(
     client: httpx.Client, proxy: ProxyServer
 ) -> None:
-    """Nesting that Python's JSON parser takes (500 levels) goes through and is recorded."""
-    text = (
-        f'{{"model": "m", "messages": [{{"role": "user", "content": "nest", "x": {nested(500)}}}]}}'
-    )
-    response = post(client, proxy, text.encode())
+    """Nesting up to MAX_NESTING (128) goes through and is recorded; deeper nesting, which no
+    chat request needs and which readers of stored JSON could not re-encode, is a 400."""
+
+    def body(depth: int) -> bytes:
+        inner = nested(depth)
+        return f'{{"model": "m", "messages": [{{"role": "user", "content": "nest", "x": {inner}}}]}}'.encode()
+
+    response = post(client, proxy, body(100))
     assert response.status_code == 200, response.text[:300]
     wait_recorded(proxy, {response.headers["x-understudy-exchange-id"]})
+    refused = post(client, proxy, body(500))
+    assert_openai_error(refused, 400)
+    assert "nested" in refused.json()["error"]["message"]
 
 
 def test_accepted_nesting_does_not_break_the_pages_that_show_it(
@@ -365,7 +371,7 @@ def test_accepted_nesting_does_not_break_the_pages_that_show_it(
     (hashed for stitching) and in an extra top-level field (only stored)."""
     stored = []
     for where in ("content", "extra"):
-        for depth in (975, 960, 900, 700, 480, 300):
+        for depth in (975, 960, 900, 700, 480, 300, 120):
             deep = nested(depth)
             if where == "content":
                 text = f'{{"model": "m", "messages": [{{"role": "user", "content": {deep}}}]}}'

@@ -164,12 +164,12 @@ def test_ready_is_503_when_the_database_is_gone(
         server.stop()
 
 
-def test_journal_gauge_counts_a_replay_that_failed(
+def test_a_journaled_record_the_database_refuses_is_set_aside_and_counted(
     tmp_path: Path, fake_upstream: FakeUpstream
 ) -> None:
-    """A journal whose replay fails (here: a row from a newer schema that this database refuses)
-    stays on disk as `<journal>.replaying`; `/health` and `/metrics` must still count its bytes,
-    or the operator sees an empty journal while records wait."""
+    """A journaled row the database refuses even on its own (here: a row from a newer schema)
+    must not block the journal: it is moved to `<journal>.rejected`, counted, and shown by
+    `/health` and `/metrics`, so the operator sees records that wait for a person."""
     db = tmp_path / "gauge.db"
     journal = tmp_path / (db.name + ".journal.jsonl")
     row = {"id": "from-a-newer-version", "no_such_column": 1}
@@ -177,10 +177,15 @@ def test_journal_gauge_counts_a_replay_that_failed(
     journal.write_text(json.dumps({"exchange": row, "trajectory": meta}) + "\n")
     server = launch_proxy(tmp_path, upstream=fake_upstream.base_url, db=db)
     try:
-        on_disk = sum(p.stat().st_size for p in tmp_path.glob(db.name + ".journal.jsonl*"))
-        assert on_disk > 0, "the failed replay should leave its file for the next attempt"
-        assert health(server)["journal_bytes"] == on_disk
-        assert value(scrape(server), "understudy_journal_bytes") == on_disk
+        rejected = tmp_path / (db.name + ".journal.jsonl.rejected")
+        assert rejected.is_file()
+        assert "from-a-newer-version" in rejected.read_text()
+        status = health(server)
+        assert status["journal_bytes"] == 0
+        assert status["journal_rejected_bytes"] == rejected.stat().st_size
+        assert status["recorder"]["rejected"] == 1
+        metrics = scrape(server)
+        assert value(metrics, "understudy_journal_rejected_bytes") == rejected.stat().st_size
     finally:
         server.stop()
     assert db_rows(db, "SELECT COUNT(*) AS n FROM exchanges")[0]["n"] == 0

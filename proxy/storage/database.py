@@ -210,6 +210,8 @@ class Database:
         self.dialect = engine.dialect.name
         self.shared = self.dialect == "postgresql" if shared is None else shared
         self.applied_migrations: list[str] = []
+        self.sqlite_file: Path | None = None
+        self._sqlite_identity: tuple[int, int] = (0, 0)
         # The stitcher's statements on the request path (see `_request_path`); None: `engine`.
         self._request_engine = request_engine
         self._next_state_sweep = 0.0  # time.monotonic() of the next stale-state sweep
@@ -301,7 +303,24 @@ class Database:
             await db.close()
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise DatabaseError(f"cannot open database {shown}: {reason}") from exc
+        if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+            db.sqlite_file = Path(engine.url.database)
+            stat = db.sqlite_file.stat()
+            db._sqlite_identity = (stat.st_dev, stat.st_ino)
         return db
+
+    def check_file(self) -> None:
+        """For SQLite: raise DatabaseError when the file was removed or replaced since it was
+        opened (open connections would go on writing into the removed file, and what they
+        write would be lost)."""
+        if self.sqlite_file is None:
+            return
+        try:
+            stat = self.sqlite_file.stat()
+        except OSError as exc:
+            raise DatabaseError(f"database file {self.sqlite_file} is gone") from exc
+        if (stat.st_dev, stat.st_ino) != self._sqlite_identity:
+            raise DatabaseError(f"database file {self.sqlite_file} was replaced")
 
     async def close(self) -> None:
         """Close every pooled connection (both pools on PostgreSQL)."""

@@ -22,6 +22,8 @@ async def existing_exchange_ids(db: Database, ids: Sequence[str]) -> set[str]:
 
 
 async def ping(db: Database) -> None:
-    """One round trip to the database (`SELECT 1`); raises what the driver raises."""
+    """One round trip to the database (`SELECT 1`); raises what the driver raises, or
+    DatabaseError when a SQLite file was removed or replaced."""
+    db.check_file()
     async with db.engine.connect() as conn:
         await conn.execute(select(1))
