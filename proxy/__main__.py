@@ -96,10 +96,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     import uvicorn
 
-    from proxy.app import create_app
+    from proxy.app import FastPath, create_app
 
     uvicorn.run(
-        create_app(settings),
+        FastPath(create_app(settings)),
+        proxy_headers=False,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),

@@ -28,6 +28,8 @@ _SECRET_PATTERNS = (
     r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",  # JWT
 )
 _SECRETS = re.compile("|".join(f"(?:{p})" for p in _SECRET_PATTERNS))
+# Every secret pattern starts with one of these, and an escaped lone surrogate is `\\udXXX`.
+_SECRET_HINT = re.compile(r"sk-|[Bb](?i:earer)|AKIA|AIza|gh[pousr]_|xox[abprs]-|eyJ|\\u[dD][89a-fA-F]")
 _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
 _CARD_CANDIDATE = re.compile(r"(?<![\d])(?:\d[ \-]?){12,18}\d(?![\d])")
 
@@ -113,9 +115,11 @@ class Redactor:
         """
         if not text:
             return text
-        if "\\" not in text and not self._pii:
-            masked = self(text)  # no escapes, secrets only: the text is the values
-            return masked
+        if not self._pii:
+            if not _SECRET_HINT.search(text):
+                return text  # no key-shaped string, no escaped lone surrogate: nothing to do
+            if "\\" not in text:
+                return self(text)  # no escapes: the text is the values
         try:
             document = json.loads(text)
         except (ValueError, RecursionError):

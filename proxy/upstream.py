@@ -4,10 +4,14 @@ mapping of transport errors to OpenAI-shaped 502/504 answers.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import Iterable
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
+import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from proxy.config import Settings
 
@@ -35,7 +39,12 @@ _DECODABLE = ("gzip", "deflate", "identity")
 
 
 def create_client(settings: Settings) -> httpx.AsyncClient:
-    """The shared upstream client: pooled keep-alive connections, configured timeouts, no retries."""
+    """The shared upstream client: pooled keep-alive connections, configured timeouts, no retries.
+
+    httpx's API over aiohttp's connection pool (`httpx-aiohttp`): httpcore's pool scans every
+    connection on every request and cost ~3 ms of CPU per call at 32 connections. The cookie jar
+    refuses every cookie: one client's `Set-Cookie` must never reach another client's requests.
+    """
     timeout = httpx.Timeout(
         connect=settings.connect_timeout_s,
         read=settings.read_timeout_s,
@@ -45,6 +54,8 @@ def create_client(settings: Settings) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000, keepalive_expiry=60)
     # Without a client Accept-Encoding, ask for none (httpx would offer gzip on its own).
     return httpx.AsyncClient(
+        transport=AiohttpTransport(limits=limits, trust_env=False),
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         timeout=timeout,
         limits=limits,
         follow_redirects=False,
@@ -127,17 +138,21 @@ class BodyDecoder:
 def transport_error(exc: httpx.HTTPError, settings: Settings) -> tuple[int, str, str]:
     """(status, message, code) for an upstream call that failed below HTTP.
 
-    Timeouts are 504 `upstream_timeout`; anything else (refused, reset, DNS, protocol) is 502
-    `upstream_unreachable`.
+    Timeouts (connect or read) are 504 `upstream_timeout`; anything else (refused, reset, DNS,
+    protocol) is 502 `upstream_unreachable`. The aiohttp error under the httpx one decides, when
+    there is one (httpx-aiohttp maps a refused connection to httpx's ConnectTimeout).
     """
-    if isinstance(exc, httpx.TimeoutException):
-        return (
-            504,
-            f"upstream timed out ({type(exc).__name__}) calling {settings.upstream}",
-            "upstream_timeout",
-        )
+    cause = exc.__cause__
+    if cause is not None and isinstance(cause, aiohttp.ClientError | asyncio.TimeoutError):
+        timed_out = isinstance(cause, asyncio.TimeoutError | aiohttp.ServerTimeoutError)
+        kind = type(cause).__name__
+    else:
+        timed_out = isinstance(exc, httpx.TimeoutException)
+        kind = type(exc).__name__
+    if timed_out:
+        return 504, f"upstream timed out ({kind}) calling {settings.upstream}", "upstream_timeout"
     return (
         502,
-        f"upstream unreachable ({type(exc).__name__}: {exc}) at {settings.upstream}",
+        f"upstream unreachable ({kind}: {exc}) at {settings.upstream}",
         "upstream_unreachable",
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
-import secrets
+import random
 import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
@@ -69,9 +69,12 @@ class DatabaseError(RuntimeError):
     """The database cannot be opened or is not in a usable state (message is one line, for users)."""
 
 
+_random = random.Random()  # ids need uniqueness, not secrecy: no system call per id
+
+
 def new_id() -> str:
     """A time-ordered unique id: 32 hex characters, 48-bit ms timestamp then 80 random bits."""
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+    return f"{time.time_ns() // 1_000_000:012x}{_random.getrandbits(80):020x}"
 
 
 def utc_now() -> str:
@@ -286,7 +289,7 @@ class Database:
                 db.applied_migrations = await db.migrate()
             else:
                 pending = await db.pending_migrations()
-                if len(pending) == len(MIGRATIONS):
+                if pending and not await db._has_migrations_table():
                     raise DatabaseError(
                         f"{shown} is not an Understudy database (no recorded exchanges); "
                         "check --db, or start the proxy on it first"
@@ -343,6 +346,14 @@ class Database:
             return set()
         rows = await conn.execute(select(migrations_table.c.name))
         return {row[0] for row in rows}
+
+    async def _has_migrations_table(self) -> bool:
+        async with self.engine.connect() as conn:
+            return bool(
+                await conn.run_sync(
+                    lambda sync: sync.dialect.has_table(sync, migrations_table.name)
+                )
+            )
 
     async def _lock_migrations(self, conn: AsyncConnection) -> None:
         """On PostgreSQL, wait for the migration lock; it is released when `conn`'s transaction ends.
