@@ -15,8 +15,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -31,6 +31,7 @@ from proxy.stitching import MAX_TRAJECTORY_ID_LENGTH, TRAJECTORY_HEADER, Link
 from proxy.storage import StateRef, new_id, utc_now
 from proxy.teacher import Teacher, TeacherError
 from proxy.upstream import (
+    UPSTREAM_ERRORS,
     BodyDecoder,
     forward_headers,
     response_headers,
@@ -305,49 +306,53 @@ async def chat_completions(request: Request) -> Response:
             record.injected_logit_bias = injected
             content = json.dumps(forwarded).encode()
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-    upstream_request = proxy.client.build_request(
-        "POST",
-        upstream_url(settings, "/chat/completions", request.url.query.encode()),
-        content=content,
-        headers=forward_headers(request.headers.items(), api_key),
-    )
     try:
-        upstream = await proxy.client.send(upstream_request, stream=True)
-    except httpx.HTTPError as exc:
+        upstream = await proxy.client.request(
+            "POST",
+            upstream_url(settings, "/chat/completions", request.url.query.encode()),
+            data=content,
+            headers=forward_headers(request.headers.items(), api_key),
+            allow_redirects=False,
+        )
+    except UPSTREAM_ERRORS as exc:
         status, message, code = transport_error(exc, settings)
         return exchange.failed(status, error_body(message, "upstream_error", code=code))
 
-    record.status_code = upstream.status_code
+    record.status_code = upstream.status
     record.upstream_request_id = upstream.headers.get("x-request-id")
     content_type = upstream.headers.get("content-type", "")
-    if upstream.status_code == 200 and content_type.startswith("text/event-stream"):
+    if upstream.status == 200 and content_type.startswith("text/event-stream"):
+
+        async def close() -> None:
+            upstream.release()  # back to the pool; closed instead when the body was not all read
+
         response = StreamingResponse(
             _relay_stream(
                 exchange,
-                upstream.aiter_raw(),
+                upstream.content.iter_any(),
                 BodyDecoder(upstream.headers.get("content-encoding")),
-                upstream.aclose,
+                close,
             )
         )
-        response.raw_headers = [*response_headers(upstream.headers), *exchange.own_headers]
+        response.raw_headers = [*response_headers(upstream.raw_headers), *exchange.own_headers]
         return response
     return await _relay_body(exchange, upstream)
 
 
-async def _relay_body(exchange: _Exchange, upstream: httpx.Response) -> Response:
+async def _relay_body(exchange: _Exchange, upstream: aiohttp.ClientResponse) -> Response:
     """A whole (JSON) answer: read it raw, record a decoded copy, return the raw bytes."""
     record = exchange.record
     try:
-        raw = b"".join([chunk async for chunk in upstream.aiter_raw()])
-    except httpx.HTTPError as exc:
-        await upstream.aclose()
+        raw = await upstream.read()
+    except UPSTREAM_ERRORS as exc:
+        upstream.release()
         status, message, code = transport_error(exc, exchange.proxy.settings)
         return exchange.failed(status, error_body(message, "upstream_error", code=code))
-    await upstream.aclose()
+    upstream.release()
     text = (
         BodyDecoder(upstream.headers.get("content-encoding")).decode(raw).decode("utf-8", "replace")
     )
-    if 200 <= upstream.status_code < 300:
+    if 200 <= upstream.status < 300:
         try:
             parsed = json.loads(text)
         except ValueError:
@@ -362,9 +367,9 @@ async def _relay_body(exchange: _Exchange, upstream: httpx.Response) -> Response
         record.outcome = "error"
         record.error_text = _error_json(text)
     exchange.finish()
-    response = Response(raw, status_code=upstream.status_code)
+    response = Response(raw, status_code=upstream.status)
     response.raw_headers = [
-        *response_headers(upstream.headers),
+        *response_headers(upstream.raw_headers),
         *exchange.own_headers,
         (b"content-length", str(len(raw)).encode()),
     ]
@@ -401,9 +406,11 @@ async def _relay_stream(
             answered = True
             record.outcome = "error" if assembler.error else "ok"
             await exchange.answered(assembler.result())
-    except httpx.HTTPError as exc:
+    except UPSTREAM_ERRORS as exc:
         record.outcome = "error"
-        error = error_body(f"upstream stream broke: {type(exc).__name__}: {exc}", "upstream_error")
+        # The same words whichever HTTP client is underneath (tests and users grep for them).
+        kind = "ReadTimeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+        error = error_body(f"upstream stream broke: {kind}: {exc}", "upstream_error")
         record.error_text = json.dumps(error)
         if decoder.identity:  # end the stream with an error event the SDKs raise on
             yield b"data: " + record.error_text.encode() + b"\n\n"

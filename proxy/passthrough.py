@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import anyio
-import httpx
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy.errors import error_response
 from proxy.state import ProxyState
-from proxy.upstream import forward_headers, response_headers, transport_error, upstream_url
+from proxy.upstream import (
+    UPSTREAM_ERRORS,
+    forward_headers,
+    response_headers,
+    transport_error,
+    upstream_url,
+)
 
 
 async def passthrough(request: Request) -> Response:
@@ -25,26 +29,27 @@ async def passthrough(request: Request) -> Response:
     headers = forward_headers(request.headers.items(), api_key)
     if has_body and "content-length" in request.headers:
         headers.append(("content-length", request.headers["content-length"]))
-    upstream_request = proxy.client.build_request(
-        request.method,
-        upstream_url(settings, path, request.url.query.encode()),
-        content=request.stream() if has_body else None,
-        headers=headers,
-    )
     try:
-        upstream = await proxy.client.send(upstream_request, stream=True)
-    except httpx.HTTPError as exc:
+        upstream = await proxy.client.request(
+            request.method,
+            upstream_url(settings, path, request.url.query.encode()),
+            data=request.stream() if has_body else None,
+            headers=headers,
+            allow_redirects=False,
+        )
+    except UPSTREAM_ERRORS as exc:
         status, message, code = transport_error(exc, settings)
         return error_response(status, message, "upstream_error", code=code)
 
     async def close() -> None:
-        with anyio.CancelScope(shield=True):
-            await upstream.aclose()
+        upstream.release()  # synchronous: nothing to shield from cancellation
 
     response = StreamingResponse(
-        upstream.aiter_raw(), status_code=upstream.status_code, background=BackgroundTask(close)
+        upstream.content.iter_any(), status_code=upstream.status, background=BackgroundTask(close)
     )
-    response.raw_headers = response_headers(upstream.headers)
+    response.raw_headers = response_headers(upstream.raw_headers)
     if "content-length" in upstream.headers:
-        response.raw_headers.append((b"content-length", upstream.headers["content-length"].encode()))
+        response.raw_headers.append(
+            (b"content-length", upstream.headers["content-length"].encode())
+        )
     return response

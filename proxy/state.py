@@ -8,7 +8,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 from proxy.config import Settings
 from proxy.metrics import Metrics
@@ -29,7 +29,7 @@ class ProxyState:
     db: Database
     recorder: Recorder
     stitcher: Stitcher
-    client: httpx.AsyncClient
+    client: aiohttp.ClientSession
     metrics: Metrics
     teacher: Teacher | None = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
