@@ -36,6 +36,7 @@ from exporter.messages import (
     pair_and_renumber,
     text_of,
 )
+from proxy.canonical import response_message
 
 __all__ = [
     "NAME_PATTERN",
@@ -83,18 +84,6 @@ class Conversation:
         return sum(
             len(m.get("tool_calls") or ()) for m in self.messages if m["role"] == "assistant"
         )
-
-
-def response_message(response: Any) -> dict[str, Any] | None:
-    """`choices[0].message` of a `chat.completion` dict, or None."""
-    if not isinstance(response, dict):
-        return None
-    choices = response.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        message = choices[0].get("message")
-        if isinstance(message, dict):
-            return message
-    return None
 
 
 def finish_reason(response: Any) -> str | None:

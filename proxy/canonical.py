@@ -161,3 +161,16 @@ def continuation_candidates(messages: Sequence[Any], hashes: Sequence[str]) -> l
         for i in range(len(messages) - 1, -1, -1)
         if isinstance(messages[i], dict) and messages[i].get("role") == "assistant"
     ]
+
+
+def response_message(response: Any) -> dict[str, Any] | None:
+    """`choices[0].message` of a `chat.completion` dict (the answer a state hash ends with), or
+    None when `response` has no such message."""
+    if not isinstance(response, dict):
+        return None
+    choices = response.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        message = choices[0].get("message")
+        if isinstance(message, dict):
+            return message
+    return None

@@ -20,7 +20,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy.canonical import chain_hash
+from proxy.canonical import chain_hash, response_message
 from proxy.errors import InvalidRequest, error_body, error_response
 from proxy.promotion import promote_tool_calls
 from proxy.recorder import ExchangeRecord, ShadowUpdate, control_headers
@@ -176,15 +176,6 @@ def _error_json(text: str) -> str:
     return text
 
 
-def _response_message(response: dict[str, Any]) -> dict[str, Any] | None:
-    choices = response.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        message = choices[0].get("message")
-        if isinstance(message, dict):
-            return message
-    return None
-
-
 def _ms_since(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
 
@@ -210,7 +201,7 @@ class _Exchange:
     async def answered(self, response: dict[str, Any] | None) -> None:
         """The model answered with `response` (a chat.completion): remember the new state."""
         self.record.response = response
-        message = _response_message(response) if response else None
+        message = response_message(response)
         if self.record.outcome == "ok" and message is not None:
             state_hash = chain_hash(self.link.request_hash, message)
             self.record.state_hash = state_hash

@@ -10,6 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from proxy.canonical import response_message as answer_message
 from proxy.dashboard.pricing import cost_usd
 from proxy.storage.browse import TrajectoryDetails
 
@@ -98,15 +99,7 @@ def messages_of(exchange: Mapping[str, Any]) -> list[Any]:
 
 def response_message(exchange: Mapping[str, Any]) -> dict[str, Any] | None:
     """The assistant message of an exchange's answer (first choice), or None."""
-    response = exchange.get("response")
-    if not isinstance(response, dict):
-        return None
-    choices = response.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        message = choices[0].get("message")
-        if isinstance(message, dict):
-            return message
-    return None
+    return answer_message(exchange.get("response"))
 
 
 def _chain(leaf_id: str, by_id: Mapping[str, Mapping[str, Any]]) -> list[str]:
