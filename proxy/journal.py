@@ -5,11 +5,18 @@ its rows are appended here, already redacted, one JSON object per line:
 `{"exchange": {row}, "trajectory": {"id_source", "route", "shadow"}}` or `{"shadow": {row}}`.
 They are replayed into the database at the next start and after the next successful write.
 Replay skips exchanges the database already holds, so nothing is written twice.
+
+One journal file belongs to one process: `claim()` takes the configured path, or `NAME-2.EXT`,
+`NAME-3.EXT`, ... when another live process holds it (an exclusive `flock` on `<file>.lock`), so
+uvicorn workers or replicas sharing a directory never write into one file (`.NAME.lock` files
+stay beside the journal). At start a process
+also replays the files of processes that are gone (`orphans()`: their lock is free).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import threading
@@ -17,13 +24,71 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+_MAX_FILES = 64  # NAME.EXT, NAME-2.EXT, ... NAME-64.EXT
+
 
 class Journal:
-    """Appends and replays journal lines at `path` (created on first append)."""
+    """Appends and replays journal lines at `path` (created on first append).
+
+    `path` is the configured name; after `claim()` it is the file this process owns.
+    """
 
     def __init__(self, path: Path) -> None:
+        self.base = path
         self.path = path
         self._lock = threading.Lock()
+        self._lock_fd: int | None = None
+
+    def _candidates(self) -> list[Path]:
+        stem, suffix = self.base.name, ""
+        for ending in (".jsonl", ".json", ".log"):
+            if stem.endswith(ending):
+                stem, suffix = stem[: -len(ending)], ending
+                break
+        names = [self.base.name] + [f"{stem}-{n}{suffix}" for n in range(2, _MAX_FILES + 1)]
+        return [self.base.with_name(name) for name in names]
+
+    def _try_lock(self, path: Path) -> int | None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A hidden `.NAME.lock` beside the journal; it stays (removing it could race a claim).
+        fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    def claim(self) -> Path:
+        """Own the first journal file no live process holds; returns it. Raises OSError when the
+        directory cannot be written or all names are taken."""
+        for candidate in self._candidates():
+            fd = self._try_lock(candidate)
+            if fd is not None:
+                self.path, self._lock_fd = candidate, fd
+                return candidate
+        raise OSError(f"every journal name next to {self.base} is held by a live process")
+
+    def orphans(self) -> Iterator[Journal]:
+        """Journals of processes that are gone (unlocked files with something to replay), each
+        locked for the caller until `release()`."""
+        for candidate in self._candidates():
+            if candidate == self.path:
+                continue
+            other = Journal(candidate)
+            if not other.pending() and not other._replaying_path.exists():
+                continue
+            fd = self._try_lock(candidate)
+            if fd is None:
+                continue
+            other._lock_fd = fd
+            yield other
+
+    def release(self) -> None:
+        """Give up this journal file (its lock); at shutdown, or after replaying an orphan."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     @property
     def size_bytes(self) -> int:

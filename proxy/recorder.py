@@ -293,8 +293,18 @@ class Recorder:
             )
 
     async def start(self) -> None:
-        """Replay what an earlier run left in the journal, then start the writer task."""
+        """Own a journal file, replay what earlier runs left (this file's and those of processes
+        that are gone), then start the writer task."""
+        try:
+            self.journal.claim()
+        except OSError:
+            log.exception("cannot claim a journal file next to %s", self.journal.base)
         await self.replay()
+        for orphan in self.journal.orphans():
+            try:
+                await self.replay(orphan)
+            finally:
+                orphan.release()
         self._task = asyncio.create_task(self._run(), name="understudy-recorder")
 
     async def stop(self) -> None:
@@ -314,6 +324,7 @@ class Recorder:
                 self._to_journal(self._take(self._queue.qsize()))
             else:
                 await self._write(self._take(self._batch_size))
+        self.journal.release()
 
     def _take(self, limit: int) -> list[ExchangeRecord | ShadowUpdate]:
         batch: list[ExchangeRecord | ShadowUpdate] = []
@@ -354,13 +365,15 @@ class Recorder:
         if self.journal.pending() and not self._stopping:
             await self.replay()
 
-    async def replay(self) -> int:
-        """Write journaled records into the database, skipping exchanges it already holds.
+    async def replay(self, journal: Journal | None = None) -> int:
+        """Write journaled records (this recorder's journal, or `journal`) into the database,
+        skipping exchanges it already holds.
 
         Returns the number of records replayed. On a database error the journal is kept for the
         next attempt.
         """
-        path = self.journal.take()
+        journal = journal or self.journal
+        path = journal.take()
         if path is None:
             return 0
         replayed = 0
@@ -369,9 +382,9 @@ class Recorder:
             for entry in Journal.read(path):
                 chunk.append(entry)
                 if len(chunk) >= self._batch_size:
-                    replayed += await self._replay_chunk(chunk)
+                    replayed += await self._replay_chunk(chunk, journal)
                     chunk = []
-            replayed += await self._replay_chunk(chunk)
+            replayed += await self._replay_chunk(chunk, journal)
         except Exception as exc:
             log.warning("journal replay stopped (%s); will retry", exc)
             return replayed
@@ -381,7 +394,7 @@ class Recorder:
             log.info("replayed %d journaled records from %s", replayed, path)
         return replayed
 
-    async def _replay_chunk(self, chunk: list[dict[str, Any]]) -> int:
+    async def _replay_chunk(self, chunk: list[dict[str, Any]], journal: Journal) -> int:
         if not chunk:
             return 0
         entries = [(e["exchange"], e["trajectory"]) for e in chunk if "exchange" in e]
@@ -394,11 +407,14 @@ class Recorder:
             )
         except Exception:
             await ping(self._db)  # unreachable: raise, keep the journal for the next attempt
-            return await self._replay_one_by_one(entries, shadows)
+            return await self._replay_one_by_one(entries, shadows, journal)
         return len(entries) + len(shadows)
 
     async def _replay_one_by_one(
-        self, entries: list[tuple[dict[str, Any], dict[str, Any]]], shadows: list[dict[str, Any]]
+        self,
+        entries: list[tuple[dict[str, Any], dict[str, Any]]],
+        shadows: list[dict[str, Any]],
+        journal: Journal,
     ) -> int:
         """The database answers but refused the chunk: write its records one at a time and set
         aside the ones it refuses (counted as `rejected`), so one bad record blocks nothing."""
@@ -418,6 +434,6 @@ class Recorder:
                 refused.append({"shadow": shadow})
         if refused:
             self.stats["rejected"] += len(refused)
-            path = self.journal.reject(refused)
+            path = journal.reject(refused)
             log.error("database refused %d journaled records; set aside in %s", len(refused), path)
         return written
