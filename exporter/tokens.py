@@ -13,15 +13,15 @@ JSON. It is an estimate of what OpenAI bills, within a few percent; open models'
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
+
+from proxy.promotion import use_bundled_tiktoken
 
 ENCODING_O200K = "o200k_base"
 ENCODING_CL100K = "cl100k_base"
@@ -81,25 +81,10 @@ def training_price(model: str) -> float | None:
     return TRAINING_USD_PER_M_TOKENS.get(base_model_name(model))
 
 
-def bundled_tokenizer_dir() -> Path | None:
-    """litellm's bundled tiktoken cache directory, located without importing litellm."""
-    spec = importlib.util.find_spec("litellm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "litellm_core_utils" / "tokenizers"
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
 @cache
 def get_encoding(name: str) -> Any:
     """The tiktoken `Encoding` called `name`, loaded offline. Raises TokenizerError."""
-    if "TIKTOKEN_CACHE_DIR" not in os.environ:
-        bundled = bundled_tokenizer_dir()
-        if bundled is not None:
-            os.environ["TIKTOKEN_CACHE_DIR"] = str(bundled)
+    use_bundled_tiktoken()
     import tiktoken
 
     try:
