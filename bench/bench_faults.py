@@ -39,7 +39,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -53,6 +52,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from processes import child_env, free_port  # noqa: E402  (bench/ is on the path)
 
 from proxy.sse import StreamAssembler  # noqa: E402  (the repository root is not installed here)
 
@@ -75,20 +76,6 @@ TOOLS = [
         ("track_shipment", "Carrier events for a tracking number."),
     )
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def child_env() -> dict[str, str]:
-    """The environment of the servers: no UNDERSTUDY_* from outside, litellm offline."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNDERSTUDY_")}
-    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:

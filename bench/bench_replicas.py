@@ -63,6 +63,7 @@ sys.path.insert(0, str(BENCH))
 
 import loadgen  # noqa: E402  (sibling modules, not a package)
 import mock_upstream  # noqa: E402
+from processes import child_env, free_port, stop_process  # noqa: E402  (bench/ is on the path)
 
 HOST = "127.0.0.1"
 PATH = "/v1/chat/completions"
@@ -71,20 +72,6 @@ SETUPS = (("sqlite", 1), ("postgresql", 1), ("postgresql", 2), ("postgresql", 4)
 
 
 # -- processes -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def child_env() -> dict[str, str]:
-    """The servers' environment: no UNDERSTUDY_* from outside, offline litellm."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNDERSTUDY_")}
-    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def wait_ready(process: subprocess.Popen[bytes], port: int, timeout: float = 120.0) -> None:
@@ -100,18 +87,6 @@ def wait_ready(process: subprocess.Popen[bytes], port: int, timeout: float = 120
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"server on port {port} did not start within {timeout:.0f}s")
-
-
-def stop(process: subprocess.Popen[bytes], timeout: float = 60.0) -> str:
-    """SIGTERM, wait for a clean exit (the recorder drains); return the output."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.stdout.read().decode(errors="replace") if process.stdout else ""
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -141,7 +116,7 @@ def postgres_pids() -> list[int]:
 
 @contextmanager
 def mock_server() -> Iterator[int]:
-    port = free_port()
+    port = free_port(HOST)
     process = subprocess.Popen(
         [sys.executable, str(BENCH / "mock_upstream.py"), "--port", str(port)],
         cwd=ROOT,
@@ -153,7 +128,7 @@ def mock_server() -> Iterator[int]:
         wait_ready(process, port)
         yield port
     finally:
-        stop(process)
+        stop_process(process)
 
 
 async def _admin(server: str, statement: str) -> None:
@@ -196,7 +171,7 @@ def replicas(
     """`count` proxy processes on `db`, started at once; yields their (port, pid)."""
     started = []
     for _ in range(count):
-        port = free_port()
+        port = free_port(HOST)
         command = [
             sys.executable,
             "-m",
@@ -230,7 +205,7 @@ def replicas(
         yield [(port, process.pid) for port, process in started]
     finally:
         for _, process in started:
-            output = stop(process)
+            output = stop_process(process)[1]
             if process.returncode not in (0, -signal.SIGTERM):
                 print(output, file=sys.stderr)
 

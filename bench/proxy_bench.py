@@ -37,8 +37,6 @@ import json
 import os
 import platform
 import shlex
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -59,6 +57,7 @@ sys.path.insert(0, str(BENCH))
 
 import loadgen  # noqa: E402  (sibling modules, not a package)
 import mock_upstream  # noqa: E402
+from processes import child_env, free_port, stop_process  # noqa: E402  (bench/ is on the path)
 
 HOST = "127.0.0.1"
 PATH = "/v1/chat/completions"
@@ -69,20 +68,6 @@ LITELLM_RPS = 94.0
 
 
 # -- processes ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def child_env() -> dict[str, str]:
-    """The environment for the servers: no UNDERSTUDY_* from outside, offline litellm."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNDERSTUDY_")}
-    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -125,21 +110,6 @@ def start(command: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-
-
-def stop(process: subprocess.Popen[bytes], timeout: float = 60.0) -> tuple[float, str]:
-    """SIGTERM and wait; return (seconds it took to exit, its output)."""
-    started = time.perf_counter()
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    took = time.perf_counter() - started
-    output = process.stdout.read().decode(errors="replace") if process.stdout else ""
-    return took, output
 
 
 def cpu_seconds(pid: int) -> float:
@@ -648,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds.insert(0, "json")  # the targets are about JSON requests
     tmp = Path(tempfile.mkdtemp(prefix="understudy-bench-"))
     db = tmp / "bench.db"
-    mock_port, proxy_port = free_port(), free_port()
+    mock_port, proxy_port = free_port(HOST), free_port(HOST)
     upstream = f"http://{HOST}:{mock_port}/v1"
     if args.proxy_command:
         proxy_cmd = shlex.split(
@@ -683,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             results.append(run_loop(measure_kind(kind, ports, pids, args, console)))
         health = json.loads(http_get(proxy_port, "/health")[1])
-        shutdown_s, output = stop(proxy)
+        shutdown_s, output = stop_process(proxy)
         proxy = None
         recorded = count_recorded(db)
         answered_client = 2 + sum(r.proxy_answered for r in results)  # 2: the fidelity check
@@ -710,8 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if recording["ok"] else 1
     finally:
         if proxy is not None:
-            stop(proxy)
-        stop(mock)
+            stop_process(proxy)
+        stop_process(mock)
         if args.keep_db:
             console.print(f"database kept: {db}")
         else:
