@@ -13,14 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import playwright.sync_api as playwright_api
 import pytest
 
 from tests.conftest import ROOT, ProxyServer, child_env
 from tests.test_dashboard_http import CONVERSATIONS, TOKEN, by_name, record_traffic
-
-playwright_api = pytest.importorskip(
-    "playwright.sync_api", reason="Playwright for Python not installed"
-)
 
 pytestmark = pytest.mark.e2e
 
@@ -40,8 +37,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium from the system package."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed (.ci/run installs Debian's package)")
+    assert Path(CHROMIUM).exists(), "chromium is not installed (.ci/run installs Debian's package)"
     with playwright_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
@@ -157,10 +153,6 @@ def test_browse_filter_read_label_chart_export(
     shot(page, "charts")
 
     # Export the approved ones and validate the download with the exporter's own checker.
-    from proxy.dashboard.export import exporter_available
-
-    if not exporter_available():
-        pytest.skip("exporter.api is not installed: the export button answers 503")
     page.goto(f"{root}/dashboard?label=approved")
     with page.expect_download() as download_info:
         page.click("text=Export JSONL")

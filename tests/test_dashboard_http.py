@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 import subprocess
@@ -17,7 +16,7 @@ import openai
 import pytest
 
 from proxy.demo import CONVERSATIONS, Conversation, play
-from tests.conftest import ROOT, FakeUpstream, ProxyServer, child_env, free_port, wait_for_http
+from tests.conftest import ROOT, ProxyServer, child_env
 
 pytestmark = pytest.mark.e2e
 
@@ -339,51 +338,7 @@ def test_public_address_with_token_serves_the_api(start_proxy: StartProxy) -> No
     assert httpx.get(api, headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
 
 
-def test_export_without_exporter_api_is_a_clear_503(
-    fake_upstream: FakeUpstream, tmp_path: Path
-) -> None:
-    # A proxy that finds an `exporter` package without `api` (an install without the exporter):
-    # started outside the repository, with a stand-in package first on its path.
-    shim = tmp_path / "shim"
-    (shim / "exporter").mkdir(parents=True)
-    (shim / "exporter" / "__init__.py").write_text('"""No exporter here."""\n')
-    (shim / "exporter" / "api.py").write_text(
-        'raise ImportError("the exporter is not installed")\n'
-    )
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "proxy",
-            "--port",
-            str(port),
-            "--db",
-            str(tmp_path / "u.db"),
-            "--upstream",
-            fake_upstream.base_url,
-        ],
-        cwd=tmp_path,
-        env=child_env(PYTHONPATH=f"{shim}{os.pathsep}{ROOT}"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", process)
-        api = httpx.get(f"http://127.0.0.1:{port}/api/export?label=approved")
-        assert api.status_code == 503 and api.json()["error"]["code"] == "exporter_unavailable"
-        page = httpx.get(f"http://127.0.0.1:{port}/dashboard/export?label=approved")
-        assert page.status_code == 503 and "the exporter is unavailable" in page.text
-    finally:
-        process.terminate()
-        process.communicate(timeout=30)
-
-
 def test_export_downloads_the_filtered_set(start_proxy: StartProxy, tmp_path: Path) -> None:
-    from proxy.dashboard.export import exporter_available, supports_selection
-
-    if not exporter_available():
-        pytest.skip("exporter.api is not installed")
     proxy = start_proxy()
     # Four complete conversations a round; OpenAI (and `validate`) want at least 10 samples.
     record_traffic(
@@ -414,11 +369,8 @@ def test_export_downloads_the_filtered_set(start_proxy: StartProxy, tmp_path: Pa
 
     # Free text selects trajectories the exporter has no option for.
     searched = httpx.get(f"{api}/export", params={"q": "kitchenware", "label": "approved"})
-    if supports_selection():
-        assert searched.status_code == 200 and len(searched.text.splitlines()) == 3
-        assert '"refund_order"' in searched.text
-    else:  # the exporter has no option to select trajectory ids: a clear refusal
-        assert searched.status_code == 400 and searched.json()["error"]["param"] == "q"
+    assert searched.status_code == 200 and len(searched.text.splitlines()) == 3
+    assert '"refund_order"' in searched.text
     tools = httpx.get(f"{api}/export", params={"tools": "yes", "label": "approved"})
     assert tools.status_code == 200 and len(tools.text.splitlines()) == 9
     nothing = httpx.get(f"{api}/export", params={"label": "rejected"})

@@ -186,6 +186,8 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     try:
         asyncio.run(_admin(server, f'CREATE DATABASE "{name}"'))
     except (TimeoutError, OSError) as exc:
+        if "UNDERSTUDY_TEST_POSTGRES_URL" in os.environ:  # CI names its server: never skip there
+            raise
         pytest.skip(f"no PostgreSQL server at {server}: {exc}")
     yield f"{server.rpartition('/')[0]}/{name}"
     asyncio.run(_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

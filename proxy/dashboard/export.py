@@ -3,19 +3,17 @@
 The list's filters become `exporter.api.ExportOptions` and the samples come from the exporter's
 own pipeline (`exporter.api.export_samples`, the code path of `python -m exporter export`), as
 JSONL. Filters the exporter has no option for (free text, errors, without tool calls) select
-trajectory ids here, passed as `ExportOptions.trajectory_ids` when the exporter takes that option;
-otherwise such an export is refused with a 400 that says which filters to drop. As with the CLI,
-rejected trajectories are left out unless the label filter asks for them.
+trajectory ids here, passed as `ExportOptions.trajectory_ids`. As with the CLI, rejected
+trajectories are left out unless the label filter asks for them.
 
 Extra query parameters: `format` (openai | hf | sharegpt | dpo, default openai) and `limit` (most
-samples). Without the exporter installed, both routes answer 503 with an OpenAI-shaped error.
+samples).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import importlib
 from typing import Any
 
 from starlette.requests import Request
@@ -29,15 +27,6 @@ from proxy.storage.browse import MAX_PAGE_SIZE, TrajectoryFilter, list_trajector
 
 MAX_SELECTED_IDS = 50_000
 """Most trajectories a free-text (or errors) export selects."""
-
-
-def exporter_available() -> bool:
-    """Can `exporter.api` be imported (the exporter is installed beside the proxy, and whole)."""
-    try:
-        importlib.import_module("exporter.api")
-    except ImportError:
-        return False
-    return True
 
 
 def export_options(query: ListQuery, params: Any) -> Any:
@@ -89,25 +78,9 @@ async def selected_ids(db: Database, flt: TrajectoryFilter) -> set[str]:
     return found
 
 
-def supports_selection() -> bool:
-    """Does `ExportOptions` take `trajectory_ids` (an explicit selection of trajectories)."""
-    from exporter.api import ExportOptions
-
-    return any(f.name == "trajectory_ids" for f in dataclasses.fields(ExportOptions))
-
-
 @guarded
 async def export_download(request: Request) -> Response:
-    """Download the trajectories matching the list filters as JSONL (or 503 without exporter)."""
-    if not exporter_available():
-        return error(
-            request,
-            503,
-            "the exporter is unavailable: exporter.api is not installed; "
-            "use `python -m exporter export --db ... --out FILE` when it is",
-            type_="server_error",
-            code="exporter_unavailable",
-        )
+    """Download the trajectories matching the list filters as JSONL."""
     from exporter.api import export_samples
     from exporter.options import OptionsError
 
@@ -116,12 +89,6 @@ async def export_download(request: Request) -> Response:
     try:
         options = export_options(query, request.query_params)
         if _needs_selection(query.filter):
-            if not supports_selection():
-                raise ParamError(
-                    "the exporter cannot select by free text, errors or 'without tool calls' yet: "
-                    "export with route, model, label, tag, dates or 'with tool calls' only",
-                    "q",
-                )
             ids = tuple(sorted(await selected_ids(db, query.filter)))
             options = dataclasses.replace(options, trajectory_ids=ids)
         options.check()
