@@ -7,6 +7,11 @@
 A `ProxyServer` is stopped with SIGTERM (`.stop()`), which drains the recorder, so tests read the
 database after stopping it. Servers are started as subprocesses, as users start them.
 
+PostgreSQL: `postgres_server` (the server's maintenance URL) and `pg_url` (a fresh database on it,
+dropped afterwards). They skip only when nothing answers at the default URL and
+`UNDERSTUDY_TEST_POSTGRES_URL` is unset; when that variable names a server (as `.ci/run` does), an
+unreachable server fails the tests instead, so CI never skips them silently.
+
 Helpers: `launch_proxy()` (for module-scoped proxies), reading what a proxy recorded
 (`recorded_exchanges`, `wait_recorded` / `wait_for_ids` while it runs, `leaves`, `path_to`,
 `conversation`, `database_bytes`), `serve_in_thread(app)` for an in-process upstream (a real
@@ -436,3 +441,51 @@ def scripted_upstream() -> Iterator[ScriptedUpstream]:
     received: list[dict[str, Any]] = []
     with serve_in_thread(create_scripted_app(received)) as root:
         yield ScriptedUpstream(root + "/v1", received)
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------
+
+POSTGRES_URL_ENV = "UNDERSTUDY_TEST_POSTGRES_URL"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def with_database(url: str, name: str) -> str:
+    """`url` pointing at database `name` instead."""
+    return f"{url.rpartition('/')[0]}/{name}"
+
+
+async def pg_admin(url: str, *statements: str) -> None:
+    """Run `statements` on `url` with plain asyncpg (not the code under test)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The PostgreSQL test server's URL (its maintenance database); see the module docstring."""
+    url = os.environ.get(POSTGRES_URL_ENV, DEFAULT_POSTGRES_URL)
+    try:
+        asyncio.run(pg_admin(url, "SELECT 1"))
+    except (TimeoutError, OSError) as exc:  # nothing listening; a refusal (auth) still fails
+        message = f"no PostgreSQL server reachable at {url} ({exc})"
+        if POSTGRES_URL_ENV in os.environ:
+            pytest.fail(f"{message}, but {POSTGRES_URL_ENV} says there is one")
+        pytest.skip(f"{message}; start one or set {POSTGRES_URL_ENV}")
+    return url
+
+
+@pytest.fixture
+def pg_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database on the test server (dropped afterwards)."""
+    import secrets
+
+    name = f"understudy_test_{secrets.token_hex(6)}"  # hex only: safe as an identifier
+    asyncio.run(pg_admin(postgres_server, f'CREATE DATABASE "{name}"'))
+    yield with_database(postgres_server, name)
+    asyncio.run(pg_admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

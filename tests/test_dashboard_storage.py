@@ -1,16 +1,12 @@
-"""The dashboard's queries (`proxy.storage.browse`) on a real SQLite file and, when the machine has
-PostgreSQL's server binaries, on a throwaway PostgreSQL cluster; plus list speed at scale."""
+"""The dashboard's queries (`proxy.storage.browse`) on a real SQLite file and on a fresh
+database of the PostgreSQL test server (`pg_url` in conftest); plus list speed at scale."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sqlite3
-import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,90 +27,16 @@ from proxy.storage.browse import (
     trajectory_details,
 )
 from proxy.storage.schema import exchanges, trajectories
-from tests.conftest import free_port
 
-# -- PostgreSQL, when its server is installed --------------------------------------------------
-
-
-def _pg_binaries() -> tuple[str, str] | None:
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if not initdb or not pg_ctl or not shutil.which("psql"):
-        return None
-    return initdb, pg_ctl
-
-
-def _as_postgres(args: list[str]) -> list[str]:
-    """Run as the `postgres` user when we are root (the server refuses to run as root)."""
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--", *args]
-    return args
-
-
-@pytest.fixture(scope="module")
-def postgres_server() -> Iterator[str]:
-    """A PostgreSQL cluster on a free loopback port for this module; yields its base URL."""
-    binaries = _pg_binaries()
-    if binaries is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl, psql) not installed")
-    initdb, pg_ctl = binaries
-    # Not under pytest's tmp dir: the server's user must be able to reach it.
-    base = Path(tempfile.mkdtemp(prefix="understudy-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-    data = base / "data"
-    port = free_port()
-    try:
-        subprocess.run(
-            _as_postgres([initdb, "-D", str(data), "-A", "trust", "-U", "postgres"]),
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        subprocess.run(
-            _as_postgres(
-                [
-                    pg_ctl,
-                    "-D",
-                    str(data),
-                    "-l",
-                    str(base / "log"),
-                    "-w",
-                    "-o",
-                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off",
-                    "start",
-                ]
-            ),
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-    except (subprocess.SubprocessError, OSError) as exc:
-        shutil.rmtree(base, ignore_errors=True)
-        pytest.skip(f"cannot start a PostgreSQL cluster here: {exc}")
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run(
-            _as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]),
-            capture_output=True,
-            timeout=60,
-        )
-        shutil.rmtree(base, ignore_errors=True)
+# -- both dialects ----------------------------------------------------------------------------
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database of each dialect: a SQLite path, or a new database on the cluster."""
+    """A fresh database of each dialect: a SQLite path, or a new database on the test server."""
     if request.param == "sqlite":
         return str(tmp_path / "browse.db")
-    server = request.getfixturevalue("postgres_server")
-    name = f"browse_{os.getpid()}_{time.monotonic_ns()}"
-    subprocess.run(
-        ["psql", f"{server}/postgres", "-q", "-c", f"CREATE DATABASE {name}"],
-        check=True,
-        capture_output=True,
-    )
-    return f"{server}/{name}"
+    return str(request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture

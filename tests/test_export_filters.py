@@ -8,15 +8,11 @@ default postgresql://postgres@127.0.0.1:5432/postgres), on a fresh PostgreSQL da
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from exporter.api import ExportOptions, export_samples, write_export
@@ -165,32 +161,13 @@ async def build_db(path: Path | str) -> dict[str, str]:
     return ids
 
 
-async def _admin(url: str, statement: str) -> None:
-    conn = await asyncpg.connect(url, timeout=5)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A database to fill: a SQLite file, or a fresh database on the PostgreSQL test server."""
     if request.param == "sqlite":
         yield str(tmp_path / "filters.db")
         return
-    server = os.environ.get(
-        "UNDERSTUDY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-    )
-    name = f"understudy_export_{secrets.token_hex(6)}"
-    try:
-        asyncio.run(_admin(server, f'CREATE DATABASE "{name}"'))
-    except (TimeoutError, OSError) as exc:
-        if "UNDERSTUDY_TEST_POSTGRES_URL" in os.environ:  # CI names its server: never skip there
-            raise
-        pytest.skip(f"no PostgreSQL server at {server}: {exc}")
-    yield f"{server.rpartition('/')[0]}/{name}"
-    asyncio.run(_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    yield request.getfixturevalue("pg_url")
 
 
 @pytest.fixture

@@ -43,60 +43,17 @@ from proxy.stitching import Stitcher
 from proxy.storage import Database, StateRef, new_id, utc_now
 from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.schema import metadata
-from tests.conftest import ROOT, FakeUpstream, ProxyServer, child_env, free_port, wait_for_http
-
-SERVER_URL_ENV = "UNDERSTUDY_TEST_POSTGRES_URL"
-DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+from tests.conftest import (
+    ROOT,
+    FakeUpstream,
+    ProxyServer,
+    child_env,
+    free_port,
+    pg_admin,
+    wait_for_http,
+)
 
 pytestmark = pytest.mark.e2e
-
-
-# -- the server and a database per test ----------------------------------------------------------
-
-
-def _server_url() -> str:
-    return os.environ.get(SERVER_URL_ENV, DEFAULT_SERVER_URL)
-
-
-def _with_database(url: str, name: str) -> str:
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{name}"
-
-
-async def _admin(url: str, *statements: str) -> None:
-    conn = await asyncpg.connect(url, timeout=5)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> str:
-    """The PostgreSQL server URL (its maintenance database).
-
-    Skips when nothing answers at the default URL; when `UNDERSTUDY_TEST_POSTGRES_URL` names the
-    server (as `.ci/run` does), an unreachable server fails instead, so CI never skips silently.
-    """
-    url = _server_url()
-    try:
-        asyncio.run(_admin(url, "SELECT 1"))
-    except (TimeoutError, OSError) as exc:  # nothing listening; a refusal (auth) still fails
-        message = f"no PostgreSQL server reachable at {url} ({exc})"
-        if SERVER_URL_ENV in os.environ:
-            pytest.fail(f"{message}, but {SERVER_URL_ENV} says there is one")
-        pytest.skip(f"{message}; start one or set {SERVER_URL_ENV}")
-    return url
-
-
-@pytest.fixture
-def pg_url(postgres_server: str) -> Iterator[str]:
-    """A fresh, empty database on the server for this test (dropped afterwards)."""
-    name = f"understudy_test_{secrets.token_hex(6)}"  # hex only: safe as an identifier
-    asyncio.run(_admin(postgres_server, f'CREATE DATABASE "{name}"'))
-    yield _with_database(postgres_server, name)
-    asyncio.run(_admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def _fetch(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
@@ -431,7 +388,7 @@ async def test_the_stitcher_fails_open_when_the_database_is_gone(
     db = await open_db()
     stitcher = Stitcher(db)
     name = pg_url.rpartition("/")[2]
-    await _admin(postgres_server, f'DROP DATABASE "{name}" WITH (FORCE)')
+    await pg_admin(postgres_server, f'DROP DATABASE "{name}" WITH (FORCE)')
     messages = [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"},
