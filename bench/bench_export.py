@@ -27,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.recorder import ExchangeRecord, trajectory_meta, trajectory_rows  # noqa: E402
+from proxy.recording.recorder import ExchangeRecord, trajectory_meta, trajectory_rows  # noqa: E402
 from proxy.storage import Database, new_id  # noqa: E402
 
 SYSTEM = (

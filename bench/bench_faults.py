@@ -1,6 +1,6 @@
 """Fault benchmark (issue 6): exchanges answered vs recorded under sustained load, with kill -9.
 
-Everything runs on 127.0.0.1: the project's fake upstream (`python -m proxy.fake_upstream`), the
+Everything runs on 127.0.0.1: the project's fake upstream (`python -m proxy.testing.fake_openai`), the
 real proxy (`python -m proxy`, one process, recording into a fresh SQLite file) and an asyncio
 load generator (httpx) with several concurrent clients. Each client runs three-step tool-use
 conversations (tool call, tool call, answer), a mix of streamed and JSON calls, and counts an
@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from processes import child_env, free_port  # noqa: E402  (bench/ is on the path)
 
-from proxy.sse import StreamAssembler  # noqa: E402  (the repository root is not installed here)
+from proxy.core.sse import StreamAssembler  # noqa: E402  (the repository root is not installed here)
 
 SYSTEM = "You are a support agent. Look facts up with the tools before you answer."
 TOOLS = [
@@ -120,7 +120,7 @@ class Servers:
     def start_upstream(self) -> None:
         log = (self.workdir / "upstream.log").open("ab")
         self.upstream = subprocess.Popen(
-            [sys.executable, "-m", "proxy.fake_upstream", "--port", str(self.upstream_port)],
+            [sys.executable, "-m", "proxy.testing.fake_openai", "--port", str(self.upstream_port)],
             cwd=ROOT,
             env=child_env(),
             stdout=log,

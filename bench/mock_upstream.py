@@ -1,6 +1,6 @@
 """A fast mock OpenAI upstream for the benchmark: raw asyncio HTTP/1.1, fixed answers, keep-alive.
 
-It is deliberately not the project's `proxy.fake_upstream` (a Starlette app that plans tool
+It is deliberately not the project's `proxy.testing.fake_openai` (a Starlette app that plans tool
 calls): this one must never be the bottleneck, so it answers from pre-encoded bytes.
 
     POST /v1/chat/completions   JSON `chat.completion` with one tool call (about 800 bytes), or,

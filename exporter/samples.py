@@ -36,7 +36,7 @@ from exporter.messages import (
     pair_and_renumber,
     text_of,
 )
-from proxy.canonical import response_message
+from proxy.core.canonical import response_message
 
 __all__ = [
     "NAME_PATTERN",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from proxy.promotion import use_bundled_tiktoken
+from proxy.core.promotion import use_bundled_tiktoken
 
 ENCODING_O200K = "o200k_base"
 ENCODING_CL100K = "cl100k_base"

@@ -13,22 +13,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from proxy.chat import chat_completions
 from proxy.config import Settings, get_settings, journal_path
+from proxy.core.redaction import Redactor
 from proxy.dashboard import mount_dashboard
-from proxy.errors import error_response
-from proxy.journal import Journal
-from proxy.metrics import Metrics
-from proxy.passthrough import passthrough
-from proxy.recorder import Recorder
-from proxy.redaction import Redactor
-from proxy.state import ProxyState
-from proxy.stitching import Stitcher
+from proxy.http.chat import chat_completions
+from proxy.http.errors import error_response
+from proxy.http.metrics import Metrics
+from proxy.http.passthrough import passthrough
+from proxy.http.state import ProxyState
+from proxy.http.teacher import Teacher
+from proxy.http.upstream import create_client
+from proxy.recording.journal import Journal
+from proxy.recording.recorder import Recorder
+from proxy.recording.stitching import Stitcher
 from proxy.storage import Database
 from proxy.storage.database import display_target
 from proxy.storage.recovery import ping
-from proxy.teacher import Teacher
-from proxy.upstream import create_client
 
 log = logging.getLogger("understudy")
 
@@ -155,7 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        """Prometheus metrics (see proxy.metrics)."""
+        """Prometheus metrics (see proxy.http.metrics)."""
         proxy: ProxyState = request.app.state.proxy
         return Response(proxy.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

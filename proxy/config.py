@@ -23,7 +23,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from proxy.redaction import PII_KINDS
+from proxy.core.redaction import PII_KINDS
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 

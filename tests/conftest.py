@@ -1,6 +1,6 @@
 """Shared fixtures: real server processes on loopback (the fake upstream and the proxy itself).
 
-- `fake_upstream`: one fake OpenAI-compatible server for the session (`proxy.fake_upstream`).
+- `fake_upstream`: one fake OpenAI-compatible server for the session (`proxy.testing.fake_openai`).
 - `proxy_server`: a fresh proxy process per test, its own SQLite file, pointed at the fake.
 - `start_proxy(**flags)`: start a proxy with extra flags (several per test are fine).
 
@@ -136,7 +136,7 @@ def start_server(args: list[str], health_url: str, env: dict[str, str]) -> subpr
 def fake_upstream() -> Iterator[FakeUpstream]:
     port = free_port()
     process = start_server(
-        ["-m", "proxy.fake_upstream", "--port", str(port)],
+        ["-m", "proxy.testing.fake_openai", "--port", str(port)],
         f"http://127.0.0.1:{port}/v1/models",
         child_env(),
     )

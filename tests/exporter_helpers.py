@@ -12,7 +12,7 @@ from typing import Any
 
 import openai
 
-from proxy.recorder import ExchangeRecord, trajectory_meta, trajectory_rows
+from proxy.recording.recorder import ExchangeRecord, trajectory_meta, trajectory_rows
 from proxy.storage import Database, new_id
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Canonical messages and the rolling hash (`proxy.canonical`): pure units, no I/O.
+"""Canonical messages and the rolling hash (`proxy.core.canonical`): pure units, no I/O.
 
 Covers what SDKs echo back and must not change a message's identity (absent vs null fields,
 `refusal`/`annotations`/`audio`, content string vs text parts, `arguments` whitespace, key order
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from openai.types.chat import ChatCompletionMessage
 
-from proxy.canonical import (
+from proxy.core.canonical import (
     canonical_arguments,
     canonical_content,
     canonical_message,

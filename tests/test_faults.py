@@ -47,7 +47,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.sse import StreamAssembler
+from proxy.core.sse import StreamAssembler
 from tests.conftest import (
     FakeUpstream,
     ProxyServer,

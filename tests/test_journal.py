@@ -8,8 +8,8 @@ import json
 import sqlite3
 from pathlib import Path
 
-from proxy.journal import Journal
-from proxy.recorder import ExchangeRecord, Recorder, trajectory_meta
+from proxy.recording.journal import Journal
+from proxy.recording.recorder import ExchangeRecord, Recorder, trajectory_meta
 from proxy.storage import Database, new_id, utc_now
 
 

@@ -38,8 +38,8 @@ import pytest
 from sqlalchemy import Select, literal_column, select, text
 from sqlalchemy import inspect as sa_inspect
 
-from proxy.canonical import chain_hash
-from proxy.stitching import Stitcher
+from proxy.core.canonical import chain_hash
+from proxy.recording.stitching import Stitcher
 from proxy.storage import Database, StateRef, new_id, utc_now
 from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.schema import metadata

@@ -1,6 +1,6 @@
 """Tool-call promotion: the `logit_bias` on the token " to" that the upstream really receives.
 
-Pure tests of `proxy.promotion` (token ids from tiktoken, offline; merging; when it is skipped;
+Pure tests of `proxy.core.promotion` (token ids from tiktoken, offline; merging; when it is skipped;
 dropping sampling parameters). Then two proxy processes (`--promote-tool-calls 5`, and the same
 with `--promote-drop-sampling true`) in front of the fake upstream: for each case, the exact body
 the upstream got, the `injected_logit_bias_json` recorded, and the client's own request in
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import tiktoken
 
-from proxy.promotion import is_reasoning_model, promote_tool_calls, tool_call_token
+from proxy.core.promotion import is_reasoning_model, promote_tool_calls, tool_call_token
 from tests.conftest import ROOT, FakeUpstream, ProxyServer
 from tests.test_routing import (
     SYSTEM,
@@ -84,7 +84,7 @@ def test_the_token_is_computed_offline(tmp_path: Path) -> None:
         "    raise OSError('network used')\n"
         "socket.socket.connect = refuse\n"
         "socket.create_connection = refuse\n"
-        "from proxy.promotion import tool_call_token\n"
+        "from proxy.core.promotion import tool_call_token\n"
         "print([tool_call_token(m) for m in ('gpt-4.1', 'gpt-4o', 'gpt-4', 'gpt-3.5-turbo')])\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}

@@ -28,7 +28,7 @@ import openai
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
-from proxy.canonical import canonical_message
+from proxy.core.canonical import canonical_message
 from tests.conftest import (
     FakeUpstream,
     ProxyServer,

@@ -1,6 +1,6 @@
 """Routing: who answers a new trajectory (header, rules, rate), and that every step keeps it.
 
-Pure tests of `proxy.routing` first. Then end-to-end agent runs with the official `openai` SDK
+Pure tests of `proxy.core.routing` first. Then end-to-end agent runs with the official `openai` SDK
 through a real proxy process whose teacher is the fake OpenAI upstream reached through litellm
 (`--teacher-model openai/fake-teacher --teacher-base-url ... --teacher-api-key ...`) with routing
 rules: the header or a rule decides a run's first request and every later step follows, stream or
@@ -33,9 +33,9 @@ from typing import Any
 import openai
 import pytest
 
-from proxy.canonical import prefix_hashes
 from proxy.config import RoutingRule, Settings
-from proxy.routing import RouteDecision, decide_route, rule_matches, sample_point
+from proxy.core.canonical import prefix_hashes
+from proxy.core.routing import RouteDecision, decide_route, rule_matches, sample_point
 from tests.conftest import ROOT, FakeUpstream, ProxyServer, child_env, free_port, start_server
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.sse import StreamAssembler
+from proxy.core.sse import StreamAssembler
 from tests.conftest import FakeUpstream, ProxyServer, db_rows, launch_proxy
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""SSE parsing and stream assembly (`proxy.sse`): pure units, no I/O.
+"""SSE parsing and stream assembly (`proxy.core.sse`): pure units, no I/O.
 
 Parser: events split across arbitrary byte boundaries (every boundary and random ones), CRLF,
 comments, multi-line data, fields without a space or value, UTF-8 split mid-character, a last
@@ -19,8 +19,8 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
-from proxy.fake_upstream import _stream_chunks, plan_message
-from proxy.sse import SSEParser, StreamAssembler
+from proxy.core.sse import SSEParser, StreamAssembler
+from proxy.testing.fake_openai import _stream_chunks, plan_message
 
 
 def chunk(

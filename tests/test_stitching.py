@@ -1,6 +1,6 @@
-"""Stitching (`proxy.stitching.Stitcher`) over a real SQLite `Database` file.
+"""Stitching (`proxy.recording.stitching.Stitcher`) over a real SQLite `Database` file.
 
-Each test plays the request path as `proxy.chat` does: `link()` a request's messages, build the
+Each test plays the request path as `proxy.http.chat` does: `link()` a request's messages, build the
 exchange record, `remember()` its state, write the row with `Database.write_exchanges`. Covered: linking through the in-memory
 cache and through the database (a fresh Stitcher on the same file, as after a restart), the
 longest assistant-ended prefix winning, forks (two continuations of one state, two leaves),
@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from openai.types.chat import ChatCompletionMessage
 
-from proxy.canonical import chain_hash, prefix_hashes
-from proxy.recorder import ExchangeRecord
-from proxy.stitching import Link, Stitcher
+from proxy.core.canonical import chain_hash, prefix_hashes
+from proxy.recording.recorder import ExchangeRecord
+from proxy.recording.stitching import Link, Stitcher
 from proxy.storage import Database, StateRef, new_id, utc_now
 
 SYSTEM = {"role": "system", "content": "You are a travel agent."}

@@ -1,7 +1,7 @@
 """The teacher through litellm: request adaptation, a provider with another wire format, shadows.
 
 Pure tests of `teacher_params` first. Then one proxy process whose teacher is
-`anthropic/claude-sonnet-4-5` at the fake Anthropic Messages server (`tests.fake_anthropic`),
+`anthropic/claude-sonnet-4-5` at the fake Anthropic Messages server (`proxy.testing.fake_anthropic`),
 with the routing rule `[{"route": "shadow"}]`, driven by the official `openai` SDK:
 - `X-Understudy-Route: teacher` on a run's first request: Claude's answers reach the app as
   OpenAI chat completions (tool calls included, streamed or not) for every step, and are recorded;
@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.teacher import teacher_params
+from proxy.http.teacher import teacher_params
 from tests.conftest import FakeUpstream, ProxyServer, child_env, free_port, start_server
 from tests.test_routing import (
     CLIENT_KEY,
@@ -148,7 +148,7 @@ ANTHROPIC_KEY = "some-test-key"
 
 @dataclass
 class FakeAnthropic:
-    """The fake Anthropic server (`tests.fake_anthropic`); `url` has no path."""
+    """The fake Anthropic server (`proxy.testing.fake_anthropic`); `url` has no path."""
 
     url: str
 
@@ -162,7 +162,7 @@ class FakeAnthropic:
 def fake_anthropic() -> Iterator[FakeAnthropic]:
     port = free_port()
     process = start_server(
-        ["-m", "tests.fake_anthropic", "--port", str(port)],
+        ["-m", "proxy.testing.fake_anthropic", "--port", str(port)],
         f"http://127.0.0.1:{port}/health",
         child_env(),
     )

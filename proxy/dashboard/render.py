@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from proxy.dashboard.security import CSRF_COOKIE, Guard
-from proxy.errors import error_response
+from proxy.http.errors import error_response
 
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'none'; style-src 'self'; img-src 'self' data:; "

@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from proxy.canonical import response_message as answer_message
+from proxy.core.canonical import response_message as answer_message
 from proxy.dashboard.pricing import cost_usd
 from proxy.storage.browse import TrajectoryDetails
 

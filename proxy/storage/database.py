@@ -197,7 +197,7 @@ class Database:
     """An open database. Create with `await Database.open(target)`; close with `await db.close()`.
 
     `shared`: several processes write it at once (default: True for PostgreSQL, False for SQLite);
-    the stitcher then writes through (see `proxy.stitching`).
+    the stitcher then writes through (see `proxy.recording.stitching`).
     """
 
     def __init__(

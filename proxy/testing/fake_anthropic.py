@@ -1,6 +1,6 @@
 """A fake Anthropic Messages API server that speaks the real wire format, for the litellm teacher tests.
 
-It plays a deterministic tool-using Claude, like `proxy.fake_upstream` does for OpenAI:
+It plays a deterministic tool-using Claude, like `proxy.testing.fake_openai` does for OpenAI:
 - `POST /v1/messages` (also `/messages`, for clients whose base URL already ends in /v1).
   Steps since the last user *text* (a user message made only of `tool_result` blocks is a step,
   not a new question): step 0 answers with a short text block and a `tool_use` block for the
@@ -16,7 +16,7 @@ It plays a deterministic tool-using Claude, like `proxy.fake_upstream` does for 
 - Every request (headers and body) is kept and listed by `GET /_fake/requests`, cleared by
   `DELETE /_fake/requests`; `GET /health` answers for start-up polling.
 
-Run: `python -m tests.fake_anthropic --port 9998`.
+Run: `python -m proxy.testing.fake_anthropic --port 9998`.
 """
 
 from __future__ import annotations

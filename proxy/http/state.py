@@ -11,11 +11,11 @@ from typing import Any
 import aiohttp
 
 from proxy.config import Settings
-from proxy.metrics import Metrics
-from proxy.recorder import Recorder
-from proxy.stitching import Stitcher
+from proxy.http.metrics import Metrics
+from proxy.http.teacher import Teacher
+from proxy.recording.recorder import Recorder
+from proxy.recording.stitching import Stitcher
 from proxy.storage import Database
-from proxy.teacher import Teacher
 
 log = logging.getLogger("understudy")
 

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from proxy.config import Settings
-from proxy.errors import error_body
-from proxy.promotion import is_reasoning_model, use_bundled_tiktoken
+from proxy.core.promotion import is_reasoning_model, use_bundled_tiktoken
+from proxy.http.errors import error_body
 
 _NOT_FORWARDED = ("model", "messages", "stream", "stream_options", "metadata", "store", "user")
 _REASONING_DROPPED = (

@@ -20,7 +20,7 @@ unknown body field (`x_fake_extra`) so fidelity can be checked. Requests are kep
 listed by `GET /_fake/requests` (Authorization included, for assertions) and cleared by
 `DELETE /_fake/requests`.
 
-Run: `python -m proxy.fake_upstream --port 9999`.
+Run: `python -m proxy.testing.fake_openai --port 9999`.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.journal import Journal
-from proxy.redaction import Redactor, storable
+from proxy.core.redaction import Redactor, storable
+from proxy.recording.journal import Journal
 from proxy.storage import Database
 from proxy.storage.recovery import existing_exchange_ids, ping
 

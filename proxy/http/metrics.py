@@ -26,8 +26,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from proxy.recorder import ExchangeRecord, Recorder
-    from proxy.stitching import Stitcher
+    from proxy.recording.recorder import ExchangeRecord, Recorder
+    from proxy.recording.stitching import Stitcher
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _RECORDER_EVENTS = (

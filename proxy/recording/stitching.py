@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from proxy.canonical import continuation_candidates, prefix_hashes
+from proxy.core.canonical import continuation_candidates, prefix_hashes
 from proxy.storage import Database, StateRef, new_id
 
 log = logging.getLogger("understudy.stitching")

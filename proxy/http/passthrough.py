@@ -6,9 +6,9 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy.errors import error_response
-from proxy.state import ProxyState
-from proxy.upstream import (
+from proxy.http.errors import error_response
+from proxy.http.state import ProxyState
+from proxy.http.upstream import (
     UPSTREAM_ERRORS,
     forward_headers,
     response_headers,

@@ -20,17 +20,14 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy.canonical import chain_hash, response_message
-from proxy.errors import InvalidRequest, error_body, error_response
-from proxy.promotion import promote_tool_calls
-from proxy.recorder import ExchangeRecord, ShadowUpdate, control_headers
-from proxy.routing import ROUTE_HEADER, decide_route
-from proxy.sse import StreamAssembler
-from proxy.state import ProxyState
-from proxy.stitching import MAX_TRAJECTORY_ID_LENGTH, TRAJECTORY_HEADER, Link
-from proxy.storage import StateRef, new_id, utc_now
-from proxy.teacher import Teacher, TeacherError
-from proxy.upstream import (
+from proxy.core.canonical import chain_hash, response_message
+from proxy.core.promotion import promote_tool_calls
+from proxy.core.routing import ROUTE_HEADER, decide_route
+from proxy.core.sse import StreamAssembler
+from proxy.http.errors import InvalidRequest, error_body, error_response
+from proxy.http.state import ProxyState
+from proxy.http.teacher import Teacher, TeacherError
+from proxy.http.upstream import (
     UPSTREAM_ERRORS,
     BodyDecoder,
     forward_headers,
@@ -38,6 +35,9 @@ from proxy.upstream import (
     transport_error,
     upstream_url,
 )
+from proxy.recording.recorder import ExchangeRecord, ShadowUpdate, control_headers
+from proxy.recording.stitching import MAX_TRAJECTORY_ID_LENGTH, TRAJECTORY_HEADER, Link
+from proxy.storage import StateRef, new_id, utc_now
 
 log = logging.getLogger("understudy.chat")
 

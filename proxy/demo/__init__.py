@@ -1,6 +1,6 @@
 """`python -m proxy demo`: a local fake upstream, the proxy, and sample traffic, then the dashboard.
 
-Starts the fake OpenAI upstream (`proxy.fake_upstream`, a deterministic tool-using "model") and
+Starts the fake OpenAI upstream (`proxy.testing.fake_openai`, a deterministic tool-using "model") and
 the proxy in this process, each on its own uvicorn server thread; records into a demo database
 file (`./understudy-demo.db` unless `--db` says otherwise); plays a handful of multi-step
 tool-use conversations through the proxy with the official `openai` SDK (parallel tool calls, a
@@ -351,7 +351,7 @@ def run_demo(options: dict[str, Any]) -> None:
 
     from proxy.app import create_app
     from proxy.dashboard.security import is_loopback
-    from proxy.fake_upstream import create_fake_app
+    from proxy.testing.fake_openai import create_fake_app
 
     if "upstream" in options:
         print("understudy demo: --upstream ignored, the demo plays against its fake upstream")
