@@ -21,6 +21,10 @@ ROUTE_HEADER = "x-understudy-route"
 ROUTES = ("student", "teacher", "shadow")
 
 
+class RouteHeaderError(ValueError):
+    """The `X-Understudy-Route` header names no known route (the caller answers 400)."""
+
+
 @dataclass(frozen=True)
 class RouteDecision:
     """route: 'student' or 'teacher'. shadow: also ask the teacher, record, never return.
@@ -64,12 +68,12 @@ def decide_route(
     """The route of a new trajectory from its first request.
 
     header: the `X-Understudy-Route` value (teacher|student|shadow), or None. Without a teacher
-    configured every trajectory is 'student'. Raises ValueError for an unknown header value.
+    configured every trajectory is 'student'. Raises RouteHeaderError for an unknown header value.
     """
     if header is not None:
         value = header.strip().lower()
         if value not in ROUTES:
-            raise ValueError(f"{ROUTE_HEADER} must be one of {', '.join(ROUTES)}")
+            raise RouteHeaderError(f"{ROUTE_HEADER} must be one of {', '.join(ROUTES)}")
     if settings.teacher_model is None:
         return RouteDecision("student", False, "no teacher")
     if header is not None:

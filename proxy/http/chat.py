@@ -1,80 +1,50 @@
 """`POST /v1/chat/completions`: forward to the upstream, pass the answer on unchanged, record it.
 
-Flow per request: validate the body, link it to a trajectory (stitching), forward the exact body
-bytes, then either relay the JSON answer or relay SSE chunks as they arrive while assembling them.
-The exchange's state is remembered before the client can send its next step; the record goes to
-the recorder's queue. Recording never changes what the client receives.
+The shared flow (body limits, trajectory id, routing, relaying JSON and SSE, teacher and shadow
+calls, the error boundary) is `proxy.http.pipeline`; this module adds what is chat's own: the
+`messages` checks, stitching by the rolling hash of canonical messages, the `chat.completion.chunk`
+assembler, tool-call promotion (`logit_bias`) and the teacher's chat answers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
-import anyio
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from proxy.core.canonical import chain_hash, response_message
 from proxy.core.promotion import promote_tool_calls
-from proxy.core.routing import ROUTE_HEADER, decide_route
 from proxy.core.sse import StreamAssembler
-from proxy.http.errors import InvalidRequest, error_body, error_response
-from proxy.http.state import ProxyState
-from proxy.http.teacher import Teacher, TeacherError
-from proxy.http.upstream import (
-    UPSTREAM_ERRORS,
-    BodyDecoder,
-    forward_headers,
-    response_headers,
-    transport_error,
-    upstream_url,
+from proxy.http.errors import InvalidRequest
+from proxy.http.pipeline import (
+    EXCHANGE_HEADER,
+    MAX_NESTING,
+    Exchange,
+    RecordedApi,
+    check_common,
+    explicit_trajectory_id,
+    handle,
+    nesting_depth,
+    parse_json_object,
+    read_body,
 )
-from proxy.recording.recorder import ExchangeRecord, ShadowUpdate, control_headers
-from proxy.recording.stitching import MAX_TRAJECTORY_ID_LENGTH, TRAJECTORY_HEADER, Link
-from proxy.storage import StateRef, new_id, utc_now
+from proxy.http.state import ProxyState
+from proxy.http.teacher import Teacher
+from proxy.recording.stitching import Link
 
-log = logging.getLogger("understudy.chat")
-
-EXCHANGE_HEADER = "x-understudy-exchange-id"
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than `limit` bytes (InvalidRequest 413) and bodies that are
-    not JSON by their content type (415; a missing content type is accepted)."""
-    content_type = request.headers.get("content-type")
-    if content_type is not None:
-        media_type = content_type.split(";")[0].strip().lower()
-        if media_type != "application/json" and not media_type.endswith("+json"):
-            raise InvalidRequest(
-                f"Content-Type must be application/json, not {media_type!r}",
-                code="unsupported_media_type",
-                status=415,
-            )
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise InvalidRequest(
-            f"request body of {declared} bytes is over the limit of {limit}",
-            code="request_too_large",
-            status=413,
-        )
-    parts: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise InvalidRequest(
-                f"request body is over the limit of {limit} bytes",
-                code="request_too_large",
-                status=413,
-            )
-        parts.append(part)
-    return b"".join(parts)
+__all__ = [
+    "EXCHANGE_HEADER",
+    "MAX_NESTING",
+    "ChatApi",
+    "chat_completions",
+    "explicit_trajectory_id",
+    "nesting_depth",
+    "parse_chat_request",
+    "read_body",
+]
 
 
 def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], str]:
@@ -82,24 +52,9 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], str]:
 
     Raises InvalidRequest (400) when it is not UTF-8 JSON, not an object, lacks a string `model`
     or a non-empty `messages` array of objects with a string `role`, has a `stream` that is not
-    a boolean or `tools` that are not an array of objects, or nests deeper than MAX_NESTING
-    (everything stored must be readable back by the exporter and the dashboard).
+    a boolean or `tools` that are not an array of objects, or nests deeper than MAX_NESTING.
     """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"request body is not UTF-8: {exc}", code="invalid_json") from exc
-    try:
-        body = json.loads(text)
-    except ValueError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
-    except RecursionError as exc:
-        raise InvalidRequest("request body is nested too deeply", code="invalid_json") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object", code="invalid_type")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("you must provide a model parameter (a string)", param="model")
+    body, text = parse_json_object(raw)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array", param="messages")
@@ -108,366 +63,63 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], str]:
             raise InvalidRequest(
                 f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]"
             )
-    if body.get("stream") is not None and not isinstance(body["stream"], bool):
-        raise InvalidRequest("'stream' must be a boolean", param="stream")
-    tools = body.get("tools")
-    if tools is not None and not (
-        isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
-    ):
-        raise InvalidRequest("'tools' must be an array of objects", param="tools")
-    if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and nesting_depth(body) > MAX_NESTING:
-        raise InvalidRequest(
-            f"request body is nested deeper than {MAX_NESTING} levels", code="invalid_json"
-        )
+    check_common(body, raw)
     return body, text
 
 
-MAX_NESTING = 128
+class ChatApi(RecordedApi):
+    """Chat Completions on the recording pipeline (exchanges of kind `chat`)."""
 
+    kind = "chat"
+    upstream_path = "/chat/completions"
 
-def nesting_depth(value: Any) -> int:
-    """How deeply arrays and objects nest in `value` (iterative: safe on any depth)."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            deepest = max(deepest, depth)
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            deepest = max(deepest, depth)
-            stack.extend((v, depth + 1) for v in item)
-    return deepest
+    def parse(self, raw: bytes) -> tuple[dict[str, Any], str]:
+        return parse_chat_request(raw)
 
+    async def link(
+        self, proxy: ProxyState, body: dict[str, Any], explicit_id: str | None, id_source: str
+    ) -> Link:
+        return await proxy.stitcher.link(body["messages"], explicit_id, id_source)
 
-def explicit_trajectory_id(headers: Any, body: dict[str, Any]) -> tuple[str | None, str]:
-    """The client-chosen trajectory id and where it came from ('header', 'metadata' or 'hash').
+    def assembler(self) -> StreamAssembler:
+        return StreamAssembler()
 
-    The header wins over `metadata.trajectory_id`. Raises InvalidRequest for an id that is empty,
-    over-long or not printable ASCII (it is echoed in a response header).
-    """
-    value = headers.get(TRAJECTORY_HEADER)
-    source = "header"
-    if value is None:
-        metadata = body.get("metadata")
-        if isinstance(metadata, dict) and metadata.get("trajectory_id") is not None:
-            value, source = metadata["trajectory_id"], "metadata"
-    if value is None:
-        return None, "hash"
-    value = str(value).strip()
-    if (
-        not value
-        or len(value) > MAX_TRAJECTORY_ID_LENGTH
-        or not all(" " <= c <= "~" for c in value)
-    ):
-        raise InvalidRequest(
-            f"trajectory id must be 1 to {MAX_TRAJECTORY_ID_LENGTH} printable ASCII characters",
-            param=TRAJECTORY_HEADER if source == "header" else "metadata.trajectory_id",
-        )
-    return value, source
-
-
-def _error_json(text: str) -> str:
-    """An upstream error body as stored: itself when it is JSON, else wrapped in an error object."""
-    try:
-        json.loads(text)
-    except ValueError:
-        return json.dumps(error_body(text, "upstream_error", code="upstream_invalid_body"))
-    return text
-
-
-def _ms_since(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 3)
-
-
-class _Exchange:
-    """The state of one proxied call while it is in flight."""
-
-    def __init__(self, proxy: ProxyState, record: ExchangeRecord, link: Link, start: float) -> None:
-        self.proxy = proxy
-        self.record = record
-        self.link = link
-        self.start = start
-        self.submitted = asyncio.Event()
-
-    @property
-    def own_headers(self) -> list[tuple[bytes, bytes]]:
-        return [
-            (b"x-understudy-trajectory-id", self.record.trajectory_id.encode("ascii")),
-            (EXCHANGE_HEADER.encode(), self.record.id.encode()),
-            (ROUTE_HEADER.encode(), self.record.route.encode()),
-        ]
-
-    async def answered(self, response: dict[str, Any] | None) -> None:
-        """The model answered with `response` (a chat.completion): remember the new state."""
-        self.record.response = response
+    async def remember(self, exchange: Exchange, response: dict[str, Any]) -> None:
         message = response_message(response)
-        if self.record.outcome == "ok" and message is not None:
-            state_hash = chain_hash(self.link.request_hash, message)
-            self.record.state_hash = state_hash
-            record = self.record
-            await self.proxy.stitcher.remember(
-                state_hash,
-                StateRef(record.id, record.trajectory_id, record.step, record.route, record.shadow),
-            )
-
-    def failed(self, status: int, body: dict[str, Any]) -> Response:
-        """Record an error the proxy answers itself (502/504 or a teacher error) and build it."""
-        self.record.status_code, self.record.outcome = status, "error"
-        self.record.error_text = json.dumps(body)
-        self.finish()
-        response = Response(
-            self.record.error_text.encode(), status_code=status, media_type="application/json"
-        )
-        response.raw_headers = [*response.raw_headers, *self.own_headers]
-        return response
-
-    def finish(self) -> None:
-        """Stamp the duration and hand the record to the recorder (once)."""
-        if self.submitted.is_set():
+        if message is None:
             return
-        self.record.duration_ms = _ms_since(self.start)
-        self.proxy.recorder.submit(self.record)
-        self.proxy.metrics.observe(self.record)
-        self.submitted.set()
+        state_hash = chain_hash(exchange.link.request_hash, message)
+        exchange.record.state_hash = state_hash
+        await exchange.proxy.stitcher.remember(state_hash, exchange.ref)
 
-
-def _client_key(headers: Any) -> str | None:
-    value = headers.get("authorization", "")
-    return value[7:].strip() or None if value[:7].lower() == "bearer " else None
-
-
-async def chat_completions(request: Request) -> Response:
-    """Proxy one chat-completions call; see the module docstring."""
-    start = time.perf_counter()
-    proxy: ProxyState = request.app.state.proxy
-    settings = proxy.settings
-    try:
-        raw = await read_body(request, settings.max_body_bytes)
-        body, request_text = parse_chat_request(raw)
-        explicit_id, id_source = explicit_trajectory_id(request.headers, body)
-        link = await proxy.stitcher.link(body["messages"], explicit_id, id_source)
-        if link.route is None:
-            decision = decide_route(
-                body, request.headers.get(ROUTE_HEADER), link.request_hash, settings
-            )
-            route, shadow = await proxy.stitcher.claim(link, decision.route, decision.shadow)
-        else:
-            route, shadow = link.route, link.shadow
-    except InvalidRequest as exc:
-        return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
-    except RecursionError:
-        return error_response(400, "messages are nested too deeply", param="messages")
-    except ValueError as exc:
-        return error_response(400, str(exc), param=ROUTE_HEADER)
-    if proxy.teacher is None:  # routed earlier by a proxy that had a teacher configured
-        route, shadow = "student", False
-
-    record = ExchangeRecord(
-        id=new_id(),
-        trajectory_id=link.trajectory_id,
-        parent_id=link.parent.exchange_id if link.parent else None,
-        step=link.step,
-        new_trajectory=link.new_trajectory,
-        id_source=link.id_source,
-        route=route,
-        shadow=shadow,
-        started_utc=utc_now(),
-        path=request.url.path,
-        stream=body.get("stream") is True,
-        request=body,
-        request_text=request_text,
-        request_hash=link.request_hash,
-        control_headers=control_headers(request.headers),
-    )
-    exchange = _Exchange(proxy, record, link, start)
-    client_key = _client_key(request.headers)
-    if route == "teacher" and proxy.teacher is not None:
-        return await _teacher_call(exchange, proxy.teacher, body, client_key)
-    if shadow and proxy.teacher is not None:
-        proxy.track(_shadow_call(exchange, proxy.teacher, body, client_key))
-
-    content = raw
-    if settings.promote_tool_calls is not None:
+    def forwarded(self, exchange: Exchange, body: dict[str, Any], raw: bytes) -> bytes:
+        """The client's bytes, or the body with `logit_bias` added when promotion is on."""
+        settings = exchange.proxy.settings
+        if settings.promote_tool_calls is None:
+            return raw
         forwarded = dict(body)
         injected = promote_tool_calls(
             forwarded, settings.promote_tool_calls, drop_sampling=settings.promote_drop_sampling
         )
-        if injected:
-            record.injected_logit_bias = injected
-            content = json.dumps(forwarded).encode()
-    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-    try:
-        upstream = await proxy.client.request(
-            "POST",
-            upstream_url(settings, "/chat/completions", request.url.query.encode()),
-            data=content,
-            headers=forward_headers(request.headers.items(), api_key),
-            allow_redirects=False,
-        )
-    except UPSTREAM_ERRORS as exc:
-        status, message, code = transport_error(exc, settings)
-        return exchange.failed(status, error_body(message, "upstream_error", code=code))
+        if not injected:
+            return raw
+        exchange.record.injected_logit_bias = injected
+        return json.dumps(forwarded).encode()
 
-    record.status_code = upstream.status
-    record.upstream_request_id = upstream.headers.get("x-request-id")
-    content_type = upstream.headers.get("content-type", "")
-    if upstream.status == 200 and content_type.startswith("text/event-stream"):
+    async def teacher_complete(
+        self, exchange: Exchange, teacher: Teacher, body: dict[str, Any], key: str | None
+    ) -> dict[str, Any]:
+        return await teacher.complete(body, key)
 
-        async def close() -> None:
-            upstream.release()  # back to the pool; closed instead when the body was not all read
-
-        response = StreamingResponse(
-            _relay_stream(
-                exchange,
-                upstream.content.iter_any(),
-                BodyDecoder(upstream.headers.get("content-encoding")),
-                close,
-            )
-        )
-        response.raw_headers = [*response_headers(upstream.raw_headers), *exchange.own_headers]
-        return response
-    return await _relay_body(exchange, upstream)
+    async def teacher_stream(
+        self, exchange: Exchange, teacher: Teacher, body: dict[str, Any], key: str | None
+    ) -> AsyncIterator[bytes]:
+        return await teacher.open_stream(body, key)
 
 
-async def _relay_body(exchange: _Exchange, upstream: aiohttp.ClientResponse) -> Response:
-    """A whole (JSON) answer: read it raw, record a decoded copy, return the raw bytes."""
-    record = exchange.record
-    try:
-        raw = await upstream.read()
-    except UPSTREAM_ERRORS as exc:
-        upstream.release()
-        status, message, code = transport_error(exc, exchange.proxy.settings)
-        return exchange.failed(status, error_body(message, "upstream_error", code=code))
-    upstream.release()
-    text = (
-        BodyDecoder(upstream.headers.get("content-encoding")).decode(raw).decode("utf-8", "replace")
-    )
-    if 200 <= upstream.status < 300:
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict):
-            record.response_text = text
-            await exchange.answered(parsed)
-        else:
-            record.outcome = "error"
-            record.error_text = _error_json(text)
-    else:
-        record.outcome = "error"
-        record.error_text = _error_json(text)
-    exchange.finish()
-    response = Response(raw, status_code=upstream.status)
-    response.raw_headers = [
-        *response_headers(upstream.raw_headers),
-        *exchange.own_headers,
-        (b"content-length", str(len(raw)).encode()),
-    ]
-    return response
+CHAT = ChatApi()
 
 
-async def _relay_stream(
-    exchange: _Exchange,
-    chunks: AsyncIterator[bytes],
-    decoder: BodyDecoder,
-    close: Callable[[], Awaitable[None]],
-) -> AsyncIterator[bytes]:
-    """SSE: yield each chunk as it arrives; assemble a decoded copy on the side.
-
-    The new state is remembered before the `[DONE]` event is passed on. A client that goes away
-    leaves the exchange recorded as 'cancelled'; an upstream that breaks mid-stream, as 'error'.
-    """
-    record = exchange.record
-    assembler = StreamAssembler()
-    record.outcome = "cancelled"
-    answered = False
-    try:
-        async for chunk in chunks:
-            if record.ttft_ms is None:
-                record.ttft_ms = _ms_since(exchange.start)
-            assembler.feed(decoder.decode(chunk))
-            if assembler.done and not answered:
-                answered = True
-                record.outcome = "error" if assembler.error else "ok"
-                await exchange.answered(assembler.result())
-            yield chunk
-        if not answered:
-            assembler.close()
-            answered = True
-            record.outcome = "error" if assembler.error else "ok"
-            await exchange.answered(assembler.result())
-    except UPSTREAM_ERRORS as exc:
-        record.outcome = "error"
-        # The same words whichever HTTP client is underneath (tests and users grep for them).
-        kind = "ReadTimeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
-        error = error_body(f"upstream stream broke: {kind}: {exc}", "upstream_error")
-        record.error_text = json.dumps(error)
-        if decoder.identity:  # end the stream with an error event the SDKs raise on
-            yield b"data: " + record.error_text.encode() + b"\n\n"
-    finally:
-        with anyio.CancelScope(shield=True):
-            await close()
-        if not answered:
-            record.response = assembler.result() if assembler.chunks else None
-        if assembler.error is not None:
-            record.error_text = json.dumps(assembler.error)
-        exchange.finish()
-
-
-async def _teacher_call(
-    exchange: _Exchange, teacher: Teacher, body: dict[str, Any], client_key: str | None
-) -> Response:
-    """Answer from the teacher (litellm), in OpenAI's format, streamed when the app asked."""
-    record = exchange.record
-    try:
-        if record.stream:
-            events = await teacher.open_stream(body, client_key)
-        else:
-            completion = await teacher.complete(body, client_key)
-    except TeacherError as exc:
-        return exchange.failed(exc.status, exc.body)
-    record.status_code = 200
-    headers = [
-        *exchange.own_headers,
-        (b"x-understudy-teacher-model", teacher.display_model.encode()),
-    ]
-    if record.stream:
-
-        async def close() -> None:
-            await events.aclose()  # type: ignore[attr-defined]
-
-        response: Response = StreamingResponse(
-            _relay_stream(exchange, events, BodyDecoder(None), close),
-            media_type="text/event-stream",
-        )
-        response.raw_headers = [*response.raw_headers, *headers]
-        return response
-    text = json.dumps(completion)
-    record.response_text = text
-    await exchange.answered(completion)
-    exchange.finish()
-    response = Response(text.encode(), media_type="application/json")
-    response.raw_headers = [*response.raw_headers, *headers]
-    return response
-
-
-async def _shadow_call(
-    exchange: _Exchange, teacher: Teacher, body: dict[str, Any], client_key: str | None
-) -> None:
-    """Ask the teacher the same request in the background; store its answer beside the exchange."""
-    start = time.perf_counter()
-    response_json = error_json = None
-    try:
-        response_json = json.dumps(await teacher.complete({**body, "stream": False}, client_key))
-    except TeacherError as exc:
-        error_json = json.dumps(exc.body)
-    except Exception as exc:  # never let a shadow failure escape into the event loop
-        log.exception("shadow call failed")
-        error_json = json.dumps(error_body(f"shadow call failed: {exc}", "teacher_error"))
-    await exchange.submitted.wait()
-    exchange.proxy.recorder.submit(
-        ShadowUpdate(
-            exchange.record.id, teacher.display_model, response_json, error_json, _ms_since(start)
-        )
-    )
+async def chat_completions(request: Request) -> Response:
+    """Proxy and record one chat-completions call (see `proxy.http.pipeline`)."""
+    return await handle(request, CHAT)

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.core.redaction import Redactor, storable
+from proxy.core.redaction import Redactor
 from proxy.recording.journal import Journal
 from proxy.storage import Database
 from proxy.storage.recovery import existing_exchange_ids, ping
+from proxy.storage.rows import exchange_row, trajectory_meta, trajectory_rows
 
 log = logging.getLogger("understudy.recorder")
 
@@ -64,67 +64,11 @@ class ExchangeRecord:
     injected_logit_bias: dict[str, int | float] | None = None
     queued_at: float = 0.0  # time.monotonic() when submitted to the recorder
 
+    kind: str = "chat"  # 'chat' (Chat Completions) or 'responses' (Responses API)
+
     def to_row(self) -> dict[str, Any]:
         """The `exchanges` row for this record (runs in the writer, off the request path)."""
-        response = self.response or {}
-        usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
-        choices = response.get("choices") or []
-        first = choices[0] if choices and isinstance(choices[0], dict) else {}
-        message = first.get("message") or {}
-        tool_calls = message.get("tool_calls") if isinstance(message, dict) else None
-        metadata = self.request.get("metadata")
-        user = self.request.get("user")
-        return {
-            "id": self.id,
-            "trajectory_id": self.trajectory_id,
-            "parent_id": self.parent_id,
-            "step": self.step,
-            "started_utc": self.started_utc,
-            "duration_ms": self.duration_ms,
-            "ttft_ms": self.ttft_ms,
-            "path": self.path,
-            "stream": self.stream,
-            "status_code": self.status_code,
-            "outcome": self.outcome,
-            "route": self.route,
-            "model_requested": _text(self.request.get("model")),
-            "model_answered": _text(response.get("model")),
-            "request_json": self.request_text,
-            "response_json": self.response_text
-            if self.response_text is not None
-            else (json.dumps(self.response) if self.response is not None else None),
-            "error_json": self.error_text,
-            "request_headers_json": json.dumps(self.control_headers)
-            if self.control_headers
-            else None,
-            "upstream_request_id": self.upstream_request_id,
-            "end_user": _text(user) if user is not None else None,
-            "metadata_json": json.dumps(metadata) if metadata is not None else None,
-            "prompt_tokens": _int(usage, "prompt_tokens"),
-            "completion_tokens": _int(usage, "completion_tokens"),
-            "total_tokens": _int(usage, "total_tokens"),
-            "usage_json": json.dumps(usage) if usage is not None else None,
-            "finish_reason": _text(first.get("finish_reason")),
-            "tool_call_count": len(tool_calls) if isinstance(tool_calls, list) else 0,
-            "request_hash": self.request_hash,
-            "state_hash": self.state_hash,
-            "injected_logit_bias_json": json.dumps(self.injected_logit_bias)
-            if self.injected_logit_bias
-            else None,
-        }
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    return storable(value if isinstance(value, str) else str(value))
-
-
-def _int(usage: dict[str, Any] | None, key: str) -> int | None:
-    if not usage:
-        return None
-    value = usage.get(key)
-    return value if isinstance(value, int) else None
+        return exchange_row(self)
 
 
 def control_headers(headers: Any) -> dict[str, str]:
@@ -132,41 +76,6 @@ def control_headers(headers: Any) -> dict[str, str]:
     return {
         k.lower(): v for k, v in headers.items() if k.lower().startswith(_CONTROL_HEADER_PREFIX)
     }
-
-
-def trajectory_meta(record: ExchangeRecord) -> dict[str, Any]:
-    """What a new trajectory row needs beyond the exchange row: how it was identified, its route."""
-    return {"id_source": record.id_source, "route": record.route, "shadow": record.shadow}
-
-
-def trajectory_rows(entries: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per-trajectory increments for a batch of (exchange row, trajectory meta) pairs
-    (see `Database.write_exchanges`)."""
-    out: dict[str, dict[str, Any]] = {}
-    for row, meta in entries:
-        entry = out.get(row["trajectory_id"])
-        if entry is None:
-            entry = out[row["trajectory_id"]] = {
-                "id": row["trajectory_id"],
-                "created_utc": row["started_utc"],
-                "updated_utc": row["started_utc"],
-                "id_source": meta["id_source"],
-                "route": meta["route"],
-                "shadow": meta["shadow"],
-                "exchange_count": 0,
-                "error_count": 0,
-                "tool_call_count": 0,
-                "prompt_tokens": 0,
-                "completion_tokens": 0,
-            }
-        entry["created_utc"] = min(entry["created_utc"], row["started_utc"])
-        entry["updated_utc"] = max(entry["updated_utc"], row["started_utc"])
-        entry["exchange_count"] += 1
-        entry["error_count"] += row["outcome"] != "ok"
-        entry["tool_call_count"] += row["tool_call_count"]
-        entry["prompt_tokens"] += row["prompt_tokens"] or 0
-        entry["completion_tokens"] += row["completion_tokens"] or 0
-    return list(out.values())
 
 
 @dataclass

@@ -108,4 +108,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        name="004_responses",
+        why="The Responses API (POST /v1/responses) is recorded beside chat completions: each "
+        "exchange says which API it spoke (`kind`, 'chat' for every earlier row), and a "
+        "Responses exchange keeps the id of the response it produced (`response_id`), which "
+        "a later request names as `previous_response_id`: the explicit parent link that "
+        "stitching looks up by this index.",
+        statements=(
+            "ALTER TABLE exchanges ADD COLUMN kind TEXT NOT NULL DEFAULT 'chat'",
+            "ALTER TABLE exchanges ADD COLUMN response_id TEXT",
+            "CREATE INDEX ix_exchanges_response_id ON exchanges (response_id)",
+        ),
+    ),
 )

@@ -81,6 +81,11 @@ exchanges = Table(
     Column("shadow_response_json", Text),
     Column("shadow_error_json", Text),
     Column("shadow_duration_ms", Float),
+    # Which API the exchange spoke: 'chat' (Chat Completions) or 'responses' (Responses API).
+    Column("kind", Text, nullable=False, server_default="chat"),
+    # Responses API: the id of the response this exchange produced (`previous_response_id` of
+    # the next step names it).
+    Column("response_id", Text),
 )
 
 # States answered but not yet flushed by their replica's recorder (shared databases only): the

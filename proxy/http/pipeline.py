@@ -1,0 +1,576 @@
+"""The recording pipeline every recorded API shares (chat completions, Responses).
+
+Flow per request: read the body (size and content-type limits), parse and check it (per API),
+find the trajectory (an explicit id, or the API's own stitching), decide or keep the route, then
+either ask the teacher or forward the exact body bytes upstream and relay the answer: a whole JSON
+body, or SSE events passed on as they arrive while the API's assembler builds the answer on the
+side. The exchange's state is remembered before the client can send its next step; the record
+goes to the recorder's queue. Recording never changes what the client receives.
+
+An API plugs in as a `RecordedApi` subclass (`proxy.http.chat.ChatApi`,
+`proxy.http.responses.ResponsesApi`). `handle(request, api)` is the one error boundary: an
+unexpected exception becomes an OpenAI-shaped 500, the exchange is recorded as an error and the
+traceback is logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import aiohttp
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from proxy.core.routing import ROUTE_HEADER, RouteHeaderError, decide_route
+from proxy.http.errors import InvalidRequest, error_body, error_response
+from proxy.http.state import ProxyState
+from proxy.http.teacher import Teacher, TeacherError
+from proxy.http.upstream import (
+    UPSTREAM_ERRORS,
+    BodyDecoder,
+    forward_headers,
+    response_headers,
+    transport_error,
+    upstream_url,
+)
+from proxy.recording.recorder import ExchangeRecord, ShadowUpdate, control_headers
+from proxy.recording.stitching import MAX_TRAJECTORY_ID_LENGTH, TRAJECTORY_HEADER, Link
+from proxy.storage import StateRef, new_id, utc_now
+
+log = logging.getLogger("understudy.pipeline")
+
+EXCHANGE_HEADER = "x-understudy-exchange-id"
+MAX_NESTING = 128
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes (InvalidRequest 413) and bodies that are
+    not JSON by their content type (415; a missing content type is accepted)."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None:
+        media_type = content_type.split(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise InvalidRequest(
+                f"Content-Type must be application/json, not {media_type!r}",
+                code="unsupported_media_type",
+                status=415,
+            )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise InvalidRequest(
+            f"request body of {declared} bytes is over the limit of {limit}",
+            code="request_too_large",
+            status=413,
+        )
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise InvalidRequest(
+                f"request body is over the limit of {limit} bytes",
+                code="request_too_large",
+                status=413,
+            )
+        parts.append(part)
+    return b"".join(parts)
+
+
+def parse_json_object(raw: bytes) -> tuple[dict[str, Any], str]:
+    """Decode a request body that every recorded API shares the rules of; return it as a dict
+    and as text.
+
+    Raises InvalidRequest (400) when it is not UTF-8 JSON, not an object, lacks a string `model`,
+    has a `stream` that is not a boolean or `tools` that are not an array of objects, or nests
+    deeper than MAX_NESTING (everything stored must be readable back by the exporter and the
+    dashboard). API-specific checks (`messages`, `input`) come after this.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not UTF-8: {exc}", code="invalid_json") from exc
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("request body is nested too deeply", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_type")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("you must provide a model parameter (a string)", param="model")
+    return body, text
+
+
+def check_common(body: dict[str, Any], raw: bytes) -> None:
+    """The checks after the API's own: `stream` boolean, `tools` an array of objects, nesting.
+    Raises InvalidRequest (400)."""
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    tools = body.get("tools")
+    if tools is not None and not (
+        isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
+    ):
+        raise InvalidRequest("'tools' must be an array of objects", param="tools")
+    if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and nesting_depth(body) > MAX_NESTING:
+        raise InvalidRequest(
+            f"request body is nested deeper than {MAX_NESTING} levels", code="invalid_json"
+        )
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in `value` (iterative: safe on any depth)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def explicit_trajectory_id(headers: Any, body: dict[str, Any]) -> tuple[str | None, str]:
+    """The client-chosen trajectory id and where it came from ('header', 'metadata' or 'hash').
+
+    The header wins over `metadata.trajectory_id`. Raises InvalidRequest for an id that is empty,
+    over-long or not printable ASCII (it is echoed in a response header).
+    """
+    value = headers.get(TRAJECTORY_HEADER)
+    source = "header"
+    if value is None:
+        metadata = body.get("metadata")
+        if isinstance(metadata, dict) and metadata.get("trajectory_id") is not None:
+            value, source = metadata["trajectory_id"], "metadata"
+    if value is None:
+        return None, "hash"
+    value = str(value).strip()
+    if (
+        not value
+        or len(value) > MAX_TRAJECTORY_ID_LENGTH
+        or not all(" " <= c <= "~" for c in value)
+    ):
+        raise InvalidRequest(
+            f"trajectory id must be 1 to {MAX_TRAJECTORY_ID_LENGTH} printable ASCII characters",
+            param=TRAJECTORY_HEADER if source == "header" else "metadata.trajectory_id",
+        )
+    return value, source
+
+
+def error_json(text: str) -> str:
+    """An upstream error body as stored: itself when it is JSON, else wrapped in an error object."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return json.dumps(error_body(text, "upstream_error", code="upstream_invalid_body"))
+    return text
+
+
+def ms_since(start: float) -> float:
+    """Milliseconds since `start` (a `time.perf_counter()` value), to the microsecond."""
+    return round((time.perf_counter() - start) * 1000, 3)
+
+
+def client_key(headers: Any) -> str | None:
+    """The bearer token the app sent (given to the teacher only when it is the same upstream)."""
+    value = headers.get("authorization", "")
+    return value[7:].strip() or None if value[:7].lower() == "bearer " else None
+
+
+class Assembler(Protocol):
+    """Builds one answer from a stream's decoded bytes (`proxy.core.sse.StreamAssembler`,
+    `proxy.core.responses.ResponsesStreamAssembler`)."""
+
+    done: bool  # the stream's terminal event arrived
+    error: Any  # an error object the stream carried, or None
+    chunks: int  # events that contributed to the answer
+
+    def feed(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def result(self) -> dict[str, Any]: ...
+
+
+class Exchange:
+    """The state of one proxied call while it is in flight: its record, link and API."""
+
+    def __init__(
+        self,
+        proxy: ProxyState,
+        api: RecordedApi,
+        record: ExchangeRecord,
+        link: Link,
+        start: float,
+    ) -> None:
+        self.proxy = proxy
+        self.api = api
+        self.record = record
+        self.link = link
+        self.start = start
+        self.submitted = asyncio.Event()
+
+    @property
+    def own_headers(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"x-understudy-trajectory-id", self.record.trajectory_id.encode("ascii")),
+            (EXCHANGE_HEADER.encode(), self.record.id.encode()),
+            (ROUTE_HEADER.encode(), self.record.route.encode()),
+        ]
+
+    @property
+    def ref(self) -> StateRef:
+        record = self.record
+        return StateRef(record.id, record.trajectory_id, record.step, record.route, record.shadow)
+
+    async def answered(self, response: dict[str, Any] | None) -> None:
+        """The model answered with `response` (the API's answer object): remember the new state."""
+        self.record.response = response
+        if self.record.outcome == "ok" and response is not None:
+            await self.api.remember(self, response)
+
+    def failed(self, status: int, body: dict[str, Any]) -> Response:
+        """Record an error the proxy answers itself (502/504/500 or a teacher error) and build it."""
+        self.record.status_code, self.record.outcome = status, "error"
+        self.record.error_text = json.dumps(body)
+        self.finish()
+        response = Response(
+            self.record.error_text.encode(), status_code=status, media_type="application/json"
+        )
+        response.raw_headers = [*response.raw_headers, *self.own_headers]
+        return response
+
+    def finish(self) -> None:
+        """Stamp the duration and hand the record to the recorder (once)."""
+        if self.submitted.is_set():
+            return
+        self.record.duration_ms = ms_since(self.start)
+        self.proxy.recorder.submit(self.record)
+        self.proxy.metrics.observe(self.record)
+        self.submitted.set()
+
+
+class RecordedApi:
+    """What one recorded API adds to the pipeline. Subclasses set `kind` ('chat', 'responses')
+    and `upstream_path` (under the upstream's base URL) and implement the hooks."""
+
+    kind = ""
+    upstream_path = ""
+    items_param = "messages"  # the body field that holds the conversation
+
+    def parse(self, raw: bytes) -> tuple[dict[str, Any], str]:
+        """The checked body as a dict and as text; raises InvalidRequest (400)."""
+        raise NotImplementedError
+
+    async def link(
+        self, proxy: ProxyState, body: dict[str, Any], explicit_id: str | None, id_source: str
+    ) -> Link:
+        """The trajectory and parent exchange of this request (stitching)."""
+        raise NotImplementedError
+
+    def assembler(self) -> Assembler:
+        """A fresh stream assembler for this API's SSE events."""
+        raise NotImplementedError
+
+    async def remember(self, exchange: Exchange, response: dict[str, Any]) -> None:
+        """Remember the state `response` completes (awaited before the client sees the end)."""
+        raise NotImplementedError
+
+    def forwarded(self, exchange: Exchange, body: dict[str, Any], raw: bytes) -> bytes:
+        """The body bytes to send upstream (the client's own bytes unless the API changes them)."""
+        return raw
+
+    async def teacher_complete(
+        self, exchange: Exchange, teacher: Teacher, body: dict[str, Any], key: str | None
+    ) -> dict[str, Any]:
+        """A whole teacher answer in this API's answer shape. Raises TeacherError."""
+        raise NotImplementedError
+
+    async def teacher_stream(
+        self, exchange: Exchange, teacher: Teacher, body: dict[str, Any], key: str | None
+    ) -> AsyncIterator[bytes]:
+        """A streamed teacher answer as this API's SSE bytes. Raises TeacherError."""
+        raise NotImplementedError
+
+
+async def handle(request: Request, api: RecordedApi) -> Response:
+    """Proxy and record one call of `api`: the one error boundary around `_call`."""
+    start = time.perf_counter()
+    holder: list[Exchange] = []
+    try:
+        return await _call(request, api, start, holder)
+    except Exception as exc:
+        log.exception("%s: unexpected error proxying %s", api.kind, request.url.path)
+        body = error_body(
+            f"the proxy failed on this request: {type(exc).__name__}",
+            "server_error",
+            code="proxy_error",
+        )
+        if holder and not holder[0].submitted.is_set():
+            return holder[0].failed(500, body)
+        return Response(json.dumps(body).encode(), status_code=500, media_type="application/json")
+
+
+async def _call(
+    request: Request, api: RecordedApi, start: float, holder: list[Exchange]
+) -> Response:
+    proxy: ProxyState = request.app.state.proxy
+    settings = proxy.settings
+    try:
+        raw = await read_body(request, settings.max_body_bytes)
+        body, request_text = api.parse(raw)
+        explicit_id, id_source = explicit_trajectory_id(request.headers, body)
+        link = await api.link(proxy, body, explicit_id, id_source)
+        if link.route is None:
+            decision = decide_route(
+                body, request.headers.get(ROUTE_HEADER), link.request_hash, settings
+            )
+            route, shadow = await proxy.stitcher.claim(link, decision.route, decision.shadow)
+        else:
+            route, shadow = link.route, link.shadow
+    except InvalidRequest as exc:
+        return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+    except RecursionError:
+        return error_response(
+            400, f"{api.items_param} are nested too deeply", param=api.items_param
+        )
+    except RouteHeaderError as exc:
+        return error_response(400, str(exc), param=ROUTE_HEADER)
+    if proxy.teacher is None:  # routed earlier by a proxy that had a teacher configured
+        route, shadow = "student", False
+
+    record = ExchangeRecord(
+        id=new_id(),
+        trajectory_id=link.trajectory_id,
+        parent_id=link.parent.exchange_id if link.parent else None,
+        step=link.step,
+        new_trajectory=link.new_trajectory,
+        id_source=link.id_source,
+        route=route,
+        shadow=shadow,
+        started_utc=utc_now(),
+        path=request.url.path,
+        stream=body.get("stream") is True,
+        request=body,
+        request_text=request_text,
+        request_hash=link.request_hash,
+        control_headers=control_headers(request.headers),
+        kind=api.kind,
+    )
+    exchange = Exchange(proxy, api, record, link, start)
+    holder.append(exchange)
+    key = client_key(request.headers)
+    if route == "teacher" and proxy.teacher is not None:
+        return await _teacher_call(exchange, proxy.teacher, body, key)
+    if shadow and proxy.teacher is not None:
+        proxy.track(_shadow_call(exchange, proxy.teacher, body, key))
+
+    content = api.forwarded(exchange, body, raw)
+    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+    try:
+        upstream = await proxy.client.request(
+            "POST",
+            upstream_url(settings, api.upstream_path, request.url.query.encode()),
+            data=content,
+            headers=forward_headers(request.headers.items(), api_key),
+            allow_redirects=False,
+        )
+    except UPSTREAM_ERRORS as exc:
+        status, message, code = transport_error(exc, settings)
+        return exchange.failed(status, error_body(message, "upstream_error", code=code))
+
+    record.status_code = upstream.status
+    record.upstream_request_id = upstream.headers.get("x-request-id")
+    content_type = upstream.headers.get("content-type", "")
+    if upstream.status == 200 and content_type.startswith("text/event-stream"):
+
+        async def close() -> None:
+            upstream.release()  # back to the pool; closed instead when the body was not all read
+
+        response = StreamingResponse(
+            relay_stream(
+                exchange,
+                upstream.content.iter_any(),
+                BodyDecoder(upstream.headers.get("content-encoding")),
+                close,
+            )
+        )
+        response.raw_headers = [*response_headers(upstream.raw_headers), *exchange.own_headers]
+        return response
+    return await relay_body(exchange, upstream)
+
+
+async def relay_body(exchange: Exchange, upstream: aiohttp.ClientResponse) -> Response:
+    """A whole (JSON) answer: read it raw, record a decoded copy, return the raw bytes."""
+    record = exchange.record
+    try:
+        raw = await upstream.read()
+    except UPSTREAM_ERRORS as exc:
+        upstream.release()
+        status, message, code = transport_error(exc, exchange.proxy.settings)
+        return exchange.failed(status, error_body(message, "upstream_error", code=code))
+    upstream.release()
+    text = (
+        BodyDecoder(upstream.headers.get("content-encoding")).decode(raw).decode("utf-8", "replace")
+    )
+    if 200 <= upstream.status < 300:
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            record.response_text = text
+            await exchange.answered(parsed)
+        else:
+            record.outcome = "error"
+            record.error_text = error_json(text)
+    else:
+        record.outcome = "error"
+        record.error_text = error_json(text)
+    exchange.finish()
+    response = Response(raw, status_code=upstream.status)
+    response.raw_headers = [
+        *response_headers(upstream.raw_headers),
+        *exchange.own_headers,
+        (b"content-length", str(len(raw)).encode()),
+    ]
+    return response
+
+
+async def relay_stream(
+    exchange: Exchange,
+    chunks: AsyncIterator[bytes],
+    decoder: BodyDecoder,
+    close: Callable[[], Awaitable[None]],
+) -> AsyncIterator[bytes]:
+    """SSE: yield each chunk as it arrives; assemble a decoded copy on the side.
+
+    The new state is remembered before the chunk holding the terminal event (`[DONE]`,
+    `response.completed`, ...) is passed on. A client that goes away leaves the exchange recorded
+    as 'cancelled'; an upstream that breaks mid-stream, as 'error'. An assembler that fails
+    (a bug) stops assembling, is logged once and never breaks the client's stream.
+    """
+    record = exchange.record
+    assembler = exchange.api.assembler()
+    assembling = True
+    record.outcome = "cancelled"
+    answered = False
+
+    async def answer() -> None:
+        nonlocal answered
+        answered = True
+        record.outcome = "error" if assembler.error else "ok"
+        await exchange.answered(assembler.result())
+
+    try:
+        async for chunk in chunks:
+            if record.ttft_ms is None:
+                record.ttft_ms = ms_since(exchange.start)
+            if assembling:
+                try:
+                    assembler.feed(decoder.decode(chunk))
+                    if assembler.done and not answered:
+                        await answer()
+                except Exception:
+                    assembling = False
+                    log.exception("%s: assembling the stream failed", exchange.api.kind)
+            yield chunk
+        if not answered and assembling:
+            assembler.close()
+            await answer()
+    except UPSTREAM_ERRORS as exc:
+        record.outcome = "error"
+        # The same words whichever HTTP client is underneath (tests and users grep for them).
+        kind = "ReadTimeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+        error = error_body(f"upstream stream broke: {kind}: {exc}", "upstream_error")
+        record.error_text = json.dumps(error)
+        if decoder.identity:  # end the stream with an error event the SDKs raise on
+            yield b"data: " + record.error_text.encode() + b"\n\n"
+    finally:
+        with anyio.CancelScope(shield=True):
+            await close()
+        if not answered:
+            try:
+                record.response = assembler.result() if assembler.chunks else None
+            except Exception:
+                log.exception("%s: assembling the stream failed", exchange.api.kind)
+        if not assembling and record.outcome == "ok":
+            record.outcome = "error"
+            record.error_text = json.dumps(
+                error_body("the proxy could not assemble this stream", "server_error")
+            )
+        if assembler.error is not None:
+            record.error_text = json.dumps(assembler.error)
+        exchange.finish()
+
+
+async def _teacher_call(
+    exchange: Exchange, teacher: Teacher, body: dict[str, Any], key: str | None
+) -> Response:
+    """Answer from the teacher (litellm), in the API's format, streamed when the app asked."""
+    record = exchange.record
+    api = exchange.api
+    try:
+        if record.stream:
+            events = await api.teacher_stream(exchange, teacher, body, key)
+        else:
+            answer = await api.teacher_complete(exchange, teacher, body, key)
+    except TeacherError as exc:
+        return exchange.failed(exc.status, exc.body)
+    record.status_code = 200
+    headers = [
+        *exchange.own_headers,
+        (b"x-understudy-teacher-model", teacher.display_model.encode()),
+    ]
+    if record.stream:
+
+        async def close() -> None:
+            await events.aclose()  # type: ignore[attr-defined]
+
+        response: Response = StreamingResponse(
+            relay_stream(exchange, events, BodyDecoder(None), close),
+            media_type="text/event-stream",
+        )
+        response.raw_headers = [*response.raw_headers, *headers]
+        return response
+    text = json.dumps(answer)
+    record.response_text = text
+    await exchange.answered(answer)
+    exchange.finish()
+    response = Response(text.encode(), media_type="application/json")
+    response.raw_headers = [*response.raw_headers, *headers]
+    return response
+
+
+async def _shadow_call(
+    exchange: Exchange, teacher: Teacher, body: dict[str, Any], key: str | None
+) -> None:
+    """Ask the teacher the same request in the background; store its answer beside the exchange."""
+    start = time.perf_counter()
+    response_json = error_text = None
+    try:
+        answer = await exchange.api.teacher_complete(
+            exchange, teacher, {**body, "stream": False}, key
+        )
+        response_json = json.dumps(answer)
+    except TeacherError as exc:
+        error_text = json.dumps(exc.body)
+    except Exception as exc:  # never let a shadow failure escape into the event loop
+        log.exception("shadow call failed")
+        error_text = json.dumps(error_body(f"shadow call failed: {exc}", "teacher_error"))
+    await exchange.submitted.wait()
+    exchange.proxy.recorder.submit(
+        ShadowUpdate(
+            exchange.record.id, teacher.display_model, response_json, error_text, ms_since(start)
+        )
+    )
