@@ -20,6 +20,7 @@ from proxy.http.chat import chat_completions
 from proxy.http.errors import error_response
 from proxy.http.metrics import Metrics
 from proxy.http.passthrough import passthrough
+from proxy.http.responses import create_response
 from proxy.http.state import ProxyState
 from proxy.http.teacher import Teacher
 from proxy.http.upstream import create_client
@@ -33,9 +34,12 @@ from proxy.storage.recovery import ping
 log = logging.getLogger("understudy")
 
 
+_RECORDED = {"/v1/chat/completions": chat_completions, "/v1/responses": create_response}
+
+
 class FastPath:
-    """ASGI entry point used by `python -m proxy`: `POST /v1/chat/completions` goes straight to its
-    handler, skipping the framework's middleware stack (it cost ~1/5 of the proxy's CPU per call
+    """ASGI entry point used by `python -m proxy`: `POST /v1/chat/completions` and
+    `POST /v1/responses` go straight to their handlers, skipping the framework's middleware stack (it cost ~1/5 of the proxy's CPU per call
     under load); lifespan and every other path go to the FastAPI app, where the same route is
     also registered (so `create_app()` alone serves everything too)."""
 
@@ -43,15 +47,13 @@ class FastPath:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["path"] == "/v1/chat/completions"
-            and scope["method"] == "POST"
-        ):
-            scope["app"] = self.app
-            response = await chat_completions(Request(scope, receive, send))
-            await response(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = _RECORDED.get(scope["path"])
+            if handler is not None:
+                scope["app"] = self.app
+                response = await handler(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
@@ -112,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Understudy proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
     # Hot paths are plain Starlette routes: the body is forwarded as bytes, never re-modelled.
     app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.router.add_route("/v1/responses", create_response, methods=["POST"])
     app.router.add_route(
         "/v1/{path:path}",
         passthrough,

@@ -1,4 +1,5 @@
-"""Server-sent events: parse a chat-completions stream and assemble it into one `chat.completion`.
+"""Server-sent events: assemble a chat-completions stream into one `chat.completion`, and a
+Responses API stream into one `response` (`ResponsesStreamAssembler`).
 
 Pure, incremental, no I/O. Feed the (decoded) bytes of the stream as they arrive; the assembler
 keeps the per-choice state: content and refusal concatenated, tool calls keyed by their `index`
@@ -217,3 +218,151 @@ class StreamAssembler:
         completion["choices"] = choices
         completion["usage"] = self.usage
         return completion
+
+
+RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+_RESPONSE_SNAPSHOTS = ("response.created", "response.in_progress", "response.queued")
+
+
+class ResponsesStreamAssembler:
+    """Assembles a Responses API event stream into the `response` object it adds up to.
+
+    Events are JSON objects with a `type` and a `sequence_number`; there is no `[DONE]`. The
+    stream ends with a terminal event (`response.completed`, `response.incomplete`,
+    `response.failed`) carrying the whole `response`, or with an `error` event. `result()` is the
+    terminal `response` when its `output` is non-empty, else that response (or the latest
+    `response.created`/`in_progress` snapshot) with `output` made of the items of the
+    `response.output_item.done` events by `output_index` (several compatible backends send an
+    empty terminal output); items that never got their `.done` (a stream cut short) are the
+    `.added` item with its text and argument deltas joined. A reasoning item's
+    `encrypted_content` is taken from its `.done` event (`.added` does not carry it).
+
+    `done`: a terminal or `error` event arrived. `error`: `{"error": {...}}` from an `error`
+    event or a failed response's `error`, else None. `chunks`: events that parsed.
+    """
+
+    def __init__(self) -> None:
+        self._parser = SSEParser()
+        self._response: dict[str, Any] | None = None
+        self._added: dict[int, dict[str, Any]] = {}
+        self._done_items: dict[int, dict[str, Any]] = {}
+        self._text: dict[tuple[int, int], list[str]] = {}
+        self._arguments: dict[int, list[str]] = {}
+        self.error: Any = None
+        self.done = False
+        self.chunks = 0
+        self.invalid_events = 0
+        self.last_sequence_number: int | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Consume raw (decoded) stream bytes."""
+        for payload in self._parser.feed(data):
+            self._event(payload)
+
+    def close(self) -> None:
+        """Flush an unterminated last event (streams that end without a blank line)."""
+        for payload in self._parser.close():
+            self._event(payload)
+
+    def _event(self, payload: str) -> None:
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            self.invalid_events += 1
+            return
+        if not isinstance(event, dict):
+            self.invalid_events += 1
+            return
+        self.chunks += 1
+        if isinstance(event.get("sequence_number"), int):
+            self.last_sequence_number = event["sequence_number"]
+        kind = event.get("type")
+        response = event.get("response")
+        index = event.get("output_index")
+        if kind in RESPONSES_TERMINAL or kind in _RESPONSE_SNAPSHOTS:
+            if isinstance(response, dict):
+                self._response = response
+            if kind in RESPONSES_TERMINAL:
+                self.done = True
+                if kind == "response.failed" and isinstance(response, dict):
+                    error = response.get("error") or {"message": "response failed"}
+                    self.error = {"error": error}
+        elif kind == "error" or (kind is None and "error" in event):
+            nested = event.get("error")
+            detail: dict[str, Any] = nested if isinstance(nested, dict) else event
+            self.error = {
+                "error": {
+                    "message": detail.get("message"),
+                    "type": detail.get("type") or "error",
+                    "param": detail.get("param"),
+                    "code": detail.get("code"),
+                }
+            }
+            self.done = True
+        elif not isinstance(index, int):
+            return
+        elif kind == "response.output_item.added" and isinstance(event.get("item"), dict):
+            self._added[index] = event["item"]
+        elif kind == "response.output_item.done" and isinstance(event.get("item"), dict):
+            self._done_items[index] = event["item"]
+        elif kind == "response.output_text.delta" and isinstance(event.get("delta"), str):
+            part = event.get("content_index", 0)
+            key = (index, part if isinstance(part, int) else 0)
+            self._text.setdefault(key, []).append(event["delta"])
+        elif kind == "response.function_call_arguments.delta" and isinstance(
+            event.get("delta"), str
+        ):
+            self._arguments.setdefault(index, []).append(event["delta"])
+
+    def _partial(self, index: int, item: dict[str, Any]) -> dict[str, Any]:
+        """An item that never got its `.done`: the `.added` item with its deltas joined."""
+        item = dict(item)
+        if item.get("type") == "message":
+            parts = sorted(key[1] for key in self._text if key[0] == index)
+            if parts:
+                item["content"] = [
+                    {
+                        "type": "output_text",
+                        "text": "".join(self._text[(index, p)]),
+                        "annotations": [],
+                    }
+                    for p in parts
+                ]
+        elif item.get("type") == "function_call" and index in self._arguments:
+            item["arguments"] = "".join(self._arguments[index])
+        item["status"] = "incomplete"
+        return item
+
+    def output_items(self) -> list[dict[str, Any]]:
+        """The output items seen as events, by `output_index` (done items, else partial ones)."""
+        indexes = sorted(set(self._added) | set(self._done_items))
+        return [
+            self._done_items[i] if i in self._done_items else self._partial(i, self._added[i])
+            for i in indexes
+        ]
+
+    def result(self) -> dict[str, Any]:
+        """The assembled `response` object (the Responses API's non-stream shape)."""
+        response: dict[str, Any] = dict(self._response or {"object": "response"})
+        output = response.get("output")
+        if isinstance(output, list) and output:
+            encrypted = {
+                item.get("id"): item["encrypted_content"]
+                for item in self._done_items.values()
+                if item.get("type") == "reasoning" and item.get("encrypted_content")
+            }
+            if encrypted:
+                response["output"] = [
+                    {**item, "encrypted_content": encrypted[item.get("id")]}
+                    if isinstance(item, dict)
+                    and item.get("type") == "reasoning"
+                    and not item.get("encrypted_content")
+                    and item.get("id") in encrypted
+                    else item
+                    for item in output
+                ]
+        else:
+            response["output"] = self.output_items()
+        if not self.done and self._response is not None:
+            response["status"] = "incomplete"
+        return response

@@ -1,4 +1,5 @@
-"""The teacher: calls to any provider through litellm, answered to the app as OpenAI chat completions.
+"""The teacher: calls to any provider through litellm, answered to the app as OpenAI chat completions
+or, for the Responses API, as Responses objects and events (litellm's Responses support).
 
 The request is adapted to the teacher: for reasoning models `max_tokens` becomes
 `max_completion_tokens` and `temperature`, `top_p`, `logit_bias`, penalties are dropped; other
@@ -67,6 +68,45 @@ def teacher_params(body: dict[str, Any], model: str) -> dict[str, Any]:
     return {"model": model, "messages": messages, **params}
 
 
+_RESPONSES_NOT_FORWARDED = (
+    "model",
+    "stream",
+    "stream_options",
+    "metadata",
+    "store",
+    "previous_response_id",
+    "conversation",
+    "background",
+    "prompt",
+)
+
+
+def teacher_responses_params(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """Keyword arguments for `litellm.aresponses` from a Responses API request `body` (pure).
+
+    The body must already hold the whole visible history in `input` (see
+    `proxy.core.responses.teacher_request`). State on the issuer's servers
+    (`previous_response_id`, `conversation`, `prompt`, `store`, `background`) is not passed on;
+    reasoning teachers get no sampling parameters.
+    """
+    params: dict[str, Any] = {k: v for k, v in body.items() if k not in _RESPONSES_NOT_FORWARDED}
+    if is_reasoning_model(model):
+        for key in _REASONING_DROPPED:
+            params.pop(key, None)
+    return {"model": model, **params}
+
+
+def _sse_event(data: dict[str, Any]) -> bytes:
+    """One Responses API SSE event: `event: TYPE` and `data: JSON` lines."""
+    return (
+        b"event: "
+        + str(data.get("type", "message")).encode()
+        + b"\ndata: "
+        + json.dumps(data).encode()
+        + b"\n\n"
+    )
+
+
 class Teacher:
     """Calls the configured teacher model. One per proxy; safe to share across requests."""
 
@@ -124,6 +164,61 @@ class Teacher:
         kwargs["timeout"] = self._timeout
         kwargs["num_retries"] = self._retries
         return kwargs
+
+    def _responses_kwargs(
+        self, body: dict[str, Any], client_key: str | None, stream: bool
+    ) -> dict[str, Any]:
+        kwargs = teacher_responses_params(body, self.model)
+        kwargs["stream"] = stream
+        if self._base_url:
+            kwargs["api_base"] = self._base_url
+        key = self._api_key or (client_key if self._uses_client_key else None)
+        if key:
+            kwargs["api_key"] = key
+        kwargs["timeout"] = self._timeout
+        return kwargs
+
+    async def respond(self, body: dict[str, Any], client_key: str | None = None) -> dict[str, Any]:
+        """One non-stream Responses API answer (a `response` dict) through litellm's Responses
+        support, for a request whose `input` holds the whole visible history. Raises
+        TeacherError."""
+        try:
+            response: Any = await self._litellm.aresponses(
+                **self._responses_kwargs(body, client_key, False)
+            )
+        except Exception as exc:
+            raise self._error(exc) from exc
+        answer: dict[str, Any] = json.loads(response.model_dump_json())
+        return answer
+
+    async def open_response_stream(
+        self, body: dict[str, Any], client_key: str | None = None
+    ) -> AsyncIterator[bytes]:
+        """Start a streamed Responses API answer; return an iterator of its SSE bytes
+        (`event: TYPE\ndata: {event}\n\n`, the Responses event format, no `[DONE]`).
+
+        Raises TeacherError when the call cannot start; an error mid-stream ends the stream with
+        an `error` event.
+        """
+        try:
+            response: Any = await self._litellm.aresponses(
+                **self._responses_kwargs(body, client_key, True)
+            )
+        except Exception as exc:
+            raise self._error(exc) from exc
+
+        async def events() -> AsyncIterator[bytes]:
+            sequence = 0
+            try:
+                async for event in response:
+                    data = json.loads(event.model_dump_json(exclude_none=True))
+                    sequence = data.get("sequence_number", sequence)
+                    yield _sse_event(data)
+            except Exception as exc:
+                error = self._error(exc).body["error"]
+                yield _sse_event({"type": "error", **error, "sequence_number": sequence + 1})
+
+        return events()
 
     def _error(self, exc: Exception) -> TeacherError:
         status = getattr(exc, "status_code", None)

@@ -30,12 +30,14 @@ route decision); it never fails the call.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from proxy.core import responses as items_core
 from proxy.core.canonical import continuation_candidates, prefix_hashes
 from proxy.storage import Database, StateRef, new_id
 
@@ -64,6 +66,10 @@ class Link:
     new_trajectory: bool
     id_source: str
     request_hash: str
+    # Responses API: the items inherited through `previous_response_id` (rebuilt from records),
+    # and whether a named parent was unknown here (the trajectory's history is truncated).
+    context: tuple[Any, ...] = ()
+    truncated: bool = False
 
 
 class StateStore(Protocol):
@@ -173,6 +179,10 @@ class Stitcher:
         self._cache_size = cache_size
         self._states: OrderedDict[str, StateRef] = OrderedDict()
         self._routes: OrderedDict[str, tuple[str, bool]] = OrderedDict()  # id -> (route, shadow)
+        # Responses API: response id -> (exchange, the items a continuation inherits), and
+        # recorded item id (msg_, fc_, rs_) -> item, for `item_reference`.
+        self._responses: OrderedDict[str, tuple[StateRef, tuple[Any, ...]]] = OrderedDict()
+        self._items: OrderedDict[str, Any] = OrderedDict()
         self.cache_hits = 0
         self.db_lookups = 0
         self.db_errors = 0
@@ -322,3 +332,165 @@ class Stitcher:
             id_source="hash",
             request_hash=request_hash,
         )
+
+    # -- Responses API -------------------------------------------------------------------------
+
+    def _put(self, cache: OrderedDict[str, Any], key: str, value: Any) -> None:
+        if self._cache_size <= 0:
+            return
+        cache[key] = value
+        cache.move_to_end(key)
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+
+    def known_items(self) -> dict[str, Any]:
+        """Recorded items by id (`msg_`, `fc_`, `rs_`, ...) that `item_reference` can name."""
+        return dict(self._items)
+
+    async def remember_response(
+        self, response_id: str, ref: StateRef, inherited: Sequence[Any]
+    ) -> None:
+        """Record that `ref`'s exchange produced response `response_id`, whose continuation
+        (a request naming it as `previous_response_id`) inherits `inherited` items. In shared
+        mode the id is also written through, as a state, for the other replicas."""
+        self._put(self._responses, response_id, (ref, tuple(inherited)))
+        for item_id, item in items_core.items_by_id(inherited).items():
+            self._put(self._items, item_id, item)
+        try:
+            if self.mode == "shared":
+                await self._store.publish(items_core.response_key(response_id), ref)
+        except Exception as exc:
+            self._failed(f"writing response id of exchange {ref.exchange_id}", exc)
+
+    async def _find_response(
+        self, response_id: str
+    ) -> tuple[StateRef | None, tuple[Any, ...] | None]:
+        """The exchange that produced `response_id`, and its inherited items when known here."""
+        cached = self._responses.get(response_id)
+        if cached is not None:
+            self.cache_hits += 1
+            return cached
+        self.db_lookups += 1
+        try:
+            found = None
+            if self.mode == "shared":
+                key = items_core.response_key(response_id)
+                found = (await self._store.find([key], None)).get(key)
+            if found is None:
+                found = await self._db.find_response(response_id)
+            if found is None:
+                return None, None
+            rows = await self._db.exchanges_of(found.trajectory_id)
+        except Exception as exc:
+            self._failed(f"looking up response {response_id!r}", exc)
+            return None, None
+        recorded = {row["id"]: _recorded(row) for row in rows}
+        target = recorded.get(found.exchange_id)
+        if target is None:  # written through by another replica, its rows not flushed yet
+            return found, None
+        context, _truncated = items_core.rebuild_context(recorded, found.exchange_id)
+        inherited = items_core.inherited_items(context, target["request"], target["response"])
+        return found, tuple(inherited)
+
+    async def link_responses(
+        self, body: dict[str, Any], explicit_id: str | None = None, id_source: str = "hash"
+    ) -> Link:
+        """Find the trajectory and parent exchange of a Responses API request `body`.
+
+        `previous_response_id` is an explicit parent link: the parent is the exchange that
+        produced that response (in memory, else one indexed query plus one read of its
+        trajectory to rebuild the history); an unknown parent gives a new trajectory marked
+        `truncated`. Without it, the request's items (instructions first, `item_reference`s
+        resolved through recorded items) stitch by prefix hashing, as chat messages do.
+        An explicit trajectory id wins: a parent of another trajectory is not taken.
+        """
+        previous = items_core.previous_response_id(body)
+        known = self.known_items()
+        if previous is not None:
+            parent, inherited = await self._find_response(previous)
+            if (
+                parent is not None
+                and explicit_id is not None
+                and parent.trajectory_id != explicit_id
+            ):
+                parent = None
+            context = inherited or ()
+            own, _ = items_core.resolve_references(items_core.input_items(body), known)
+            items = items_core.conversation_items({**body, "input": own}, context)
+            hashes = items_core.prefix_hashes(items)
+            request_hash = hashes[-1] if hashes else ""
+            if parent is not None:
+                return Link(
+                    trajectory_id=parent.trajectory_id,
+                    parent=parent,
+                    step=parent.step + 1,
+                    route=parent.route,
+                    shadow=parent.shadow,
+                    new_trajectory=False,
+                    id_source=id_source if explicit_id else "hash",
+                    request_hash=request_hash,
+                    context=context,
+                )
+            link = await self._new_or_explicit(explicit_id, id_source, request_hash)
+            return Link(**{**link.__dict__, "truncated": True})
+        resolved, _ = items_core.resolve_references(items_core.input_items(body), known)
+        items = items_core.conversation_items({**body, "input": resolved})
+        hashes = items_core.prefix_hashes(items)
+        request_hash = hashes[-1] if hashes else ""
+        candidates = items_core.continuation_candidates(items, hashes)
+        parent = await self._find_parent(candidates, explicit_id) if candidates else None
+        if parent is not None:
+            return Link(
+                trajectory_id=parent.trajectory_id,
+                parent=parent,
+                step=parent.step + 1,
+                route=parent.route,
+                shadow=parent.shadow,
+                new_trajectory=False,
+                id_source=id_source if explicit_id else "hash",
+                request_hash=request_hash,
+            )
+        return await self._new_or_explicit(explicit_id, id_source, request_hash)
+
+    async def _new_or_explicit(
+        self, explicit_id: str | None, id_source: str, request_hash: str
+    ) -> Link:
+        if explicit_id is not None:
+            known = await self._known_route(explicit_id)
+            return Link(
+                trajectory_id=explicit_id,
+                parent=None,
+                step=0,
+                route=known[0] if known else None,
+                shadow=known[1] if known else False,
+                new_trajectory=known is None,
+                id_source=id_source,
+                request_hash=request_hash,
+            )
+        return Link(
+            trajectory_id=new_id(),
+            parent=None,
+            step=0,
+            route=None,
+            shadow=False,
+            new_trajectory=True,
+            id_source="hash",
+            request_hash=request_hash,
+        )
+
+
+def _recorded(row: dict[str, Any]) -> dict[str, Any]:
+    """An `exchanges` row as `rebuild_context` reads it (request, response, parent_id)."""
+
+    def load(text: Any) -> Any:
+        try:
+            return json.loads(text) if isinstance(text, str) else None
+        except ValueError:
+            return None
+
+    request = load(row.get("request_json"))
+    return {
+        "request": request if isinstance(request, dict) else {},
+        "response": load(row.get("response_json")),
+        "parent_id": row.get("parent_id"),
+    }

@@ -639,6 +639,21 @@ class Database:
             return route, shadow
         return str(row[0]), bool(row[1])
 
+    async def find_response(self, response_id: str) -> StateRef | None:
+        """The exchange that produced Responses API response `response_id` (the latest when
+        several did), or None. One lookup on `ix_exchanges_response_id`."""
+        e, t = exchanges.c, trajectories.c
+        query = (
+            select(e.id, e.trajectory_id, e.step, e.route, t.shadow)
+            .join(trajectories, t.id == e.trajectory_id)
+            .where(e.response_id == response_id)
+            .order_by(e.started_utc.desc())
+            .limit(1)
+        )
+        async with self._request_path() as conn:
+            row = (await conn.execute(query)).first()
+        return StateRef(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
+
     async def trajectory_route(self, trajectory_id: str) -> tuple[str, bool] | None:
         """(route, shadow) of an existing trajectory, or None when it is not recorded."""
         async with self._request_path() as conn:
