@@ -113,6 +113,8 @@ class SampleBuilder:
     def _sample(self, row: dict[str, Any]) -> tuple[str, list[dict[str, Any]], str | None]:
         """(line, messages to count, compact JSON of the tools or None) for one row; raises Rejected."""
         options = self.options
+        if row.get("rejected"):  # a Responses row with no faithful chat form (exporter.reader)
+            raise Rejected(*row["rejected"])
         try:
             request = json.loads(row["request_json"])
             response = json.loads(row["response_json"]) if row.get("response_json") else None

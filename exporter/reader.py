@@ -7,10 +7,14 @@ The SQL lives in `proxy.storage.reading`; this module only translates `ExportOpt
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from exporter.messages import Rejected
 from exporter.options import ExportOptions, parse_utc
+from exporter.responses import as_chat, chat_completion
+from proxy.core.responses import previous_response_id, rebuild_context, recorded_exchange
 from proxy.storage import Database
 from proxy.storage.reading import (
     MAX_SQL_IDS,
@@ -60,4 +64,38 @@ async def read_batches(
         if selected is not None and not in_sql:
             rows = [row for row in rows if row["trajectory_id"] in selected]
         if rows:
-            yield rows
+            yield await as_chat_rows(db, rows)
+
+
+async def as_chat_rows(db: Database, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`responses` rows in chat form (`exporter.responses`): their request, response and shadow
+    JSON replaced by the chat equivalents, the history a `previous_response_id` names rebuilt
+    from the trajectory's records (one read per such trajectory). A row that cannot be trained
+    faithfully gets `rejected` = (reason, detail) instead, which the sample builder counts."""
+    trajectories: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("kind") != "responses":
+            continue
+        try:
+            recorded = recorded_exchange(row)
+            context: list[Any] = []
+            truncated = False
+            if previous_response_id(recorded["request"]):
+                tid = row["trajectory_id"]
+                if tid not in trajectories:
+                    trajectories[tid] = {
+                        r["id"]: recorded_exchange(r) for r in await db.exchanges_of(tid)
+                    }
+                context, truncated = rebuild_context(trajectories[tid], row["id"])
+            request, response = as_chat(
+                recorded["request"], recorded["response"], context, truncated=truncated
+            )
+            row["request_json"] = json.dumps(request)
+            row["response_json"] = json.dumps(response) if response is not None else None
+            if row.get("shadow_response_json"):
+                shadow = recorded_exchange({"response_json": row["shadow_response_json"]})
+                converted = chat_completion(shadow["response"])
+                row["shadow_response_json"] = json.dumps(converted) if converted else None
+        except Rejected as exc:
+            row["rejected"] = (exc.reason, exc.detail)
+    return rows

@@ -294,3 +294,22 @@ def rebuild_context(
     for step in reversed(chain):
         context = inherited_items(context, step["request"], step.get("response"))
     return context, truncated
+
+
+def recorded_exchange(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An `exchanges` row (`request_json`, `response_json`, `parent_id`) as `rebuild_context`
+    reads it: `{"request": dict, "response": dict | None, "parent_id"}`; JSON that does not
+    decode reads as empty."""
+
+    def load(text: Any) -> Any:
+        try:
+            return json.loads(text) if isinstance(text, str) else None
+        except ValueError:
+            return None
+
+    request = load(row.get("request_json"))
+    return {
+        "request": request if isinstance(request, dict) else {},
+        "response": load(row.get("response_json")),
+        "parent_id": row.get("parent_id"),
+    }

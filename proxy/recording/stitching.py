@@ -30,7 +30,6 @@ route decision); it never fails the call.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -384,7 +383,7 @@ class Stitcher:
         except Exception as exc:
             self._failed(f"looking up response {response_id!r}", exc)
             return None, None
-        recorded = {row["id"]: _recorded(row) for row in rows}
+        recorded = {row["id"]: items_core.recorded_exchange(row) for row in rows}
         target = recorded.get(found.exchange_id)
         if target is None:  # written through by another replica, its rows not flushed yet
             return found, None
@@ -477,20 +476,3 @@ class Stitcher:
             id_source="hash",
             request_hash=request_hash,
         )
-
-
-def _recorded(row: dict[str, Any]) -> dict[str, Any]:
-    """An `exchanges` row as `rebuild_context` reads it (request, response, parent_id)."""
-
-    def load(text: Any) -> Any:
-        try:
-            return json.loads(text) if isinstance(text, str) else None
-        except ValueError:
-            return None
-
-    request = load(row.get("request_json"))
-    return {
-        "request": request if isinstance(request, dict) else {},
-        "response": load(row.get("response_json")),
-        "parent_id": row.get("parent_id"),
-    }
