@@ -46,7 +46,7 @@ async def in_process_proxy(
         LifespanManager(app) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(app=manager.app),
-            base_url="http://proxy.test/v1",
+            base_url="http://127.0.0.1/v1",
             timeout=30,
         ) as client,
     ):

@@ -313,3 +313,105 @@ def recorded_exchange(row: Mapping[str, Any]) -> dict[str, Any]:
         "response": load(row.get("response_json")),
         "parent_id": row.get("parent_id"),
     }
+
+
+def _display_content(content: Any) -> Any:
+    """Responses message content as chat content parts for display (text parts, image_url,
+    `file`, refusals); unknown parts are kept as they are."""
+    if not isinstance(content, list):
+        return content
+    parts: list[Any] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _TEXT_PARTS:
+            parts.append({"type": "text", "text": str(part.get("text") or "")})
+        elif kind == "input_image":
+            parts.append(
+                {
+                    "type": "image_url",
+                    "image_url": {"url": part.get("image_url") or part.get("file_id") or ""},
+                }
+            )
+        elif kind == "input_file":
+            parts.append(
+                {"type": "file", "file": {"filename": part.get("filename") or part.get("file_id")}}
+            )
+        else:
+            parts.append(part)
+    return parts
+
+
+def reasoning_text(item: Mapping[str, Any]) -> str:
+    """What a reasoning item shows: its summary texts, and its encrypted content as such
+    (`[encrypted reasoning: N characters]`), never decoded."""
+    texts = [
+        str(part.get("text") or "") for part in item.get("summary") or [] if isinstance(part, dict)
+    ]
+    encrypted = item.get("encrypted_content")
+    if isinstance(encrypted, str) and encrypted:
+        texts.append(f"[encrypted reasoning: {len(encrypted):,} characters]")
+    return "\n\n".join(t for t in texts if t) or "[reasoning without a summary]"
+
+
+def display_messages(items: Sequence[Any]) -> list[dict[str, Any]]:
+    """Responses items as chat-shaped messages for the dashboard (never raises): messages keep
+    their role and content, consecutive `function_call`s join one assistant message's
+    `tool_calls` (id from `call_id`), `function_call_output` is a `tool` message, a reasoning
+    item becomes the `reasoning` of the assistant message that follows it, and any other item
+    (built-in or custom tool calls, compaction, unresolved references) a message whose role is
+    its type and whose content is the item itself."""
+    messages: list[dict[str, Any]] = []
+    reasoning: list[str] = []
+
+    def assistant() -> dict[str, Any]:
+        last = messages[-1] if messages else None
+        if last is not None and last.get("role") == "assistant" and not reasoning:
+            return last
+        message: dict[str, Any] = {"role": "assistant", "content": None}
+        if reasoning:
+            message["reasoning"] = "\n\n".join(reasoning)
+            reasoning.clear()
+        messages.append(message)
+        return message
+
+    for item in items:
+        kind = item_type(item)
+        if not isinstance(item, dict):
+            messages.append({"role": "other", "content": json.dumps(item)})
+        elif kind == "reasoning":
+            reasoning.append(reasoning_text(item))
+        elif kind == "message" and item.get("role") == "assistant":
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": _display_content(item.get("content")),
+            }
+            if reasoning:
+                message["reasoning"] = "\n\n".join(reasoning)
+                reasoning.clear()
+            messages.append(message)
+        elif kind == "message":
+            messages.append(
+                {"role": item.get("role"), "content": _display_content(item.get("content"))}
+            )
+        elif kind == "function_call":
+            assistant().setdefault("tool_calls", []).append(
+                {
+                    "id": item.get("call_id"),
+                    "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+                }
+            )
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item.get("call_id"),
+                    "content": _display_content(output),
+                }
+            )
+        else:
+            messages.append({"role": str(kind or "other"), "content": [item]})
+    if reasoning:
+        messages.append({"role": "assistant", "content": None, "reasoning": "\n\n".join(reasoning)})
+    return messages

@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from proxy.core.responses import display_messages, output_items
 from proxy.dashboard.view import messages_of, parse_json, pretty_json, response_message
 
 
@@ -97,6 +98,9 @@ def _tool_call(call: Any) -> dict[str, Any]:
 def _without_messages(request: Any) -> Any:
     """The request body with `messages` summarized: the conversation is shown as turns already,
     and repeating every step's whole history would make a long trajectory's page quadratic."""
+    if isinstance(request, dict) and isinstance(request.get("input"), list):
+        count = len(request["input"])
+        return {**request, "input": f"({count} items, shown as the conversation)"}
     if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
         return request
     count = len(request["messages"])
@@ -107,10 +111,17 @@ def step_info(exchange: Mapping[str, Any]) -> dict[str, Any]:
     """What the page shows about the exchange behind an assistant turn (times in ms)."""
     shadow_message = None
     if exchange.get("shadow_response") is not None:
-        shadow_message = response_message({"response": exchange.get("shadow_response")})
+        shadow = exchange.get("shadow_response")
+        if exchange.get("kind") == "responses":
+            shown = display_messages(output_items(shadow))
+            shadow_message = shown[-1] if shown else None
+        else:
+            shadow_message = response_message({"response": shadow})
     return {
         "exchange_id": exchange.get("id"),
         "step": exchange.get("step"),
+        "kind": exchange.get("kind") or "chat",
+        "truncated": bool(exchange.get("truncated")),
         "started_utc": exchange.get("started_utc"),
         "duration_ms": exchange.get("duration_ms"),
         "ttft_ms": exchange.get("ttft_ms"),
@@ -233,6 +244,8 @@ def chat_turns(payload: Mapping[str, Any], leaf_id: str | None = None) -> dict[s
     tools = []
     for tool in request.get("tools") or []:
         function = tool.get("function") if isinstance(tool, dict) else None
+        if function is None and isinstance(tool, dict) and tool.get("type") == "function":
+            function = tool  # Responses API: flat function tools
         if isinstance(function, dict):
             tools.append(
                 {
@@ -246,7 +259,7 @@ def chat_turns(payload: Mapping[str, Any], leaf_id: str | None = None) -> dict[s
     options = {
         key: json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
         for key, value in request.items()
-        if key not in ("messages", "tools", "metadata")
+        if key not in ("messages", "input", "tools", "metadata")
     }
     metadata = request.get("metadata")
     return {

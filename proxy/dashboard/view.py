@@ -10,6 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from proxy.core import responses as responses_core
 from proxy.core.canonical import response_message as answer_message
 from proxy.dashboard.pricing import cost_usd
 from proxy.storage.browse import TrajectoryDetails
@@ -91,7 +92,10 @@ def exchange_view(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def messages_of(exchange: Mapping[str, Any]) -> list[Any]:
-    """The request messages of an exchange (decoded by `exchange_view`), [] when unreadable."""
+    """The request messages of an exchange (decoded by `exchange_view`), [] when unreadable.
+    A Responses exchange shows its rebuilt conversation (`responses_view`)."""
+    if isinstance(exchange.get("display_messages"), list):
+        return list(exchange["display_messages"])
     request = exchange.get("request")
     messages = request.get("messages") if isinstance(request, dict) else None
     return list(messages) if isinstance(messages, list) else []
@@ -99,7 +103,40 @@ def messages_of(exchange: Mapping[str, Any]) -> list[Any]:
 
 def response_message(exchange: Mapping[str, Any]) -> dict[str, Any] | None:
     """The assistant message of an exchange's answer (first choice), or None."""
+    if exchange.get("kind") == "responses":
+        answer = exchange.get("display_answer")
+        return answer if isinstance(answer, dict) else None
     return answer_message(exchange.get("response"))
+
+
+def responses_view(exchanges: Sequence[dict[str, Any]]) -> None:
+    """Give each Responses exchange of a trajectory (decoded by `exchange_view`) its conversation
+    as chat-shaped messages for display: `display_messages` (instructions, the history a
+    `previous_response_id` names rebuilt from the trajectory, the input) and `display_answer`
+    (the output as one assistant message; reasoning summaries shown, encrypted content shown as
+    such), plus `truncated` when a named parent was not recorded here."""
+    recorded: dict[str, dict[str, Any]] = {
+        e["id"]: {
+            "request": e.get("request") if isinstance(e.get("request"), dict) else {},
+            "response": e.get("response"),
+            "parent_id": e.get("parent_id"),
+        }
+        for e in exchanges
+    }
+    for e in exchanges:
+        if e.get("kind") != "responses":
+            continue
+        body: dict[str, Any] = recorded[e["id"]]["request"]
+        context, truncated = responses_core.rebuild_context(recorded, e["id"])
+        known = responses_core.items_by_id([*context, *responses_core.input_items(body)])
+        own, _ = responses_core.resolve_references(responses_core.input_items(body), known)
+        items = responses_core.conversation_items({**body, "input": own}, context)
+        e["display_messages"] = responses_core.display_messages(items)
+        answer = responses_core.display_messages(responses_core.output_items(e.get("response")))
+        e["display_answer"] = (
+            answer[-1] if answer and answer[-1].get("role") == "assistant" else None
+        )
+        e["truncated"] = truncated
 
 
 def _chain(leaf_id: str, by_id: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -163,6 +200,7 @@ def trajectory_payload(
     `conversation`: the latest leaf's request messages followed by its answer message.
     """
     exchanges = [exchange_view(e) for e in exchange_rows]
+    responses_view(exchanges)
     usage: dict[tuple[Any, Any], dict[str, Any]] = {}
     for e in exchanges:
         key = (e.get("model_requested"), e.get("model_answered"))
