@@ -121,7 +121,8 @@ class Settings(BaseSettings):
         None,
         ge=-100,
         le=100,
-        description="logit_bias added to the token ' to' for requests with tools (e.g. 5).",
+        description="logit_bias added to the token ' to' for chat-completions requests with "
+        "tools (e.g. 5). Not applied to /v1/responses: the Responses API has no logit_bias.",
     )
     promote_drop_sampling: bool = Field(
         False, description="Drop temperature/top_p from requests that get the tool-call bias."
