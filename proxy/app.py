@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -20,6 +20,7 @@ from proxy.http.chat import chat_completions
 from proxy.http.errors import error_response
 from proxy.http.metrics import Metrics
 from proxy.http.passthrough import passthrough
+from proxy.http.paths import RECORDED_APIS, recorded_api_of
 from proxy.http.state import ProxyState
 from proxy.http.teacher import Teacher
 from proxy.http.upstream import create_client
@@ -43,16 +44,28 @@ class FastPath:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["path"] == "/v1/chat/completions"
-            and scope["method"] == "POST"
-        ):
-            scope["app"] = self.app
-            response = await chat_completions(Request(scope, receive, send))
-            await response(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["method"] == "POST":
+            api = recorded_api_of(scope)
+            if api is not None:
+                scope["app"] = self.app
+                response = await RECORDED_HANDLERS[api](Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
+
+
+# The handler of each recorded API named in `proxy.http.paths.RECORDED_APIS`.
+RECORDED_HANDLERS: dict[str, Callable[[Request], Awaitable[Response]]] = {"chat": chat_completions}
+
+
+async def v1_request(request: Request) -> Response:
+    """Any `/v1/*` request: a POST to a recorded API however spelled (`/v1/chat/completions/`,
+    `/v1//chat/completions`) goes to its handler, everything else to the pass-through."""
+    if request.method == "POST":
+        api = recorded_api_of(request.scope)
+        if api is not None:
+            return await RECORDED_HANDLERS[api](request)
+    return await passthrough(request)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -111,10 +124,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Understudy proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
     # Hot paths are plain Starlette routes: the body is forwarded as bytes, never re-modelled.
-    app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    for path, api in RECORDED_APIS.items():  # also without /v1, as some clients send them
+        for spelling in (path, path + "/"):
+            app.router.add_route(spelling, RECORDED_HANDLERS[api], methods=["POST"])
     app.router.add_route(
         "/v1/{path:path}",
-        passthrough,
+        v1_request,
         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
     )
 
