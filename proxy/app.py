@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from proxy.config import Settings, get_settings, journal_path
-from proxy.core.redaction import Redactor
+from proxy.core.redaction import Redactor, loggable_error
 from proxy.dashboard import mount_dashboard
 from proxy.http.chat import chat_completions
 from proxy.http.errors import error_response
@@ -163,7 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await ping(proxy.db)
         except Exception as exc:
-            problems.append(f"database: {type(exc).__name__}: {exc}")
+            problems.append(f"database: {loggable_error(exc)}")
         if problems:
             return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})

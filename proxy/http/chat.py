@@ -22,6 +22,7 @@ from starlette.responses import Response, StreamingResponse
 
 from proxy.core.canonical import chain_hash, response_message
 from proxy.core.promotion import promote_tool_calls
+from proxy.core.redaction import redact_identifier
 from proxy.core.routing import ROUTE_HEADER, decide_route
 from proxy.core.sse import StreamAssembler
 from proxy.http.errors import InvalidRequest, error_body, error_response
@@ -143,8 +144,10 @@ def nesting_depth(value: Any) -> int:
 def explicit_trajectory_id(headers: Any, body: dict[str, Any]) -> tuple[str | None, str]:
     """The client-chosen trajectory id and where it came from ('header', 'metadata' or 'hash').
 
-    The header wins over `metadata.trajectory_id`. Raises InvalidRequest for an id that is empty,
-    over-long or not printable ASCII (it is echoed in a response header).
+    The header wins over `metadata.trajectory_id`. Raises InvalidRequest for an id that is not a
+    string, empty, over-long or not printable ASCII (it is echoed in a response header). A
+    key-shaped part of the id is replaced by a stable digest (`redact_identifier`): the id is
+    stored and echoed, a secret never is.
     """
     value = headers.get(TRAJECTORY_HEADER)
     source = "header"
@@ -154,7 +157,11 @@ def explicit_trajectory_id(headers: Any, body: dict[str, Any]) -> tuple[str | No
             value, source = metadata["trajectory_id"], "metadata"
     if value is None:
         return None, "hash"
-    value = str(value).strip()
+    if not isinstance(value, str):
+        raise InvalidRequest(
+            "metadata.trajectory_id must be a string", param="metadata.trajectory_id"
+        )
+    value = redact_identifier(value.strip())
     if (
         not value
         or len(value) > MAX_TRAJECTORY_ID_LENGTH

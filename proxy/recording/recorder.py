@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.core.redaction import Redactor, storable
+from proxy.core.redaction import Redactor, loggable_error, storable
 from proxy.recording.journal import Journal
 from proxy.storage import Database
 from proxy.storage.recovery import existing_exchange_ids, ping
@@ -197,7 +197,14 @@ _REDACTED_JSON_COLUMNS = (
     "request_headers_json",
     "metadata_json",
 )
-_REDACTED_TEXT_COLUMNS = ("end_user",)
+# Client- or upstream-controlled texts: a key pasted as a model name or user id is masked too.
+_REDACTED_TEXT_COLUMNS = (
+    "end_user",
+    "model_requested",
+    "model_answered",
+    "finish_reason",
+    "upstream_request_id",
+)
 _REDACTED_SHADOW_COLUMNS = ("shadow_response_json", "shadow_error_json")
 
 
@@ -357,7 +364,9 @@ class Recorder:
         except Exception as exc:
             self.stats["failed_batches"] += 1
             log.warning(
-                "database write of %d records failed (%s): journaling them", len(batch), exc
+                "database write of %d records failed (%s): journaling them",
+                len(batch),
+                loggable_error(exc),
             )
             self._append_journal(entries, shadows)
             return
@@ -386,7 +395,7 @@ class Recorder:
                     chunk = []
             replayed += await self._replay_chunk(chunk, journal)
         except Exception as exc:
-            log.warning("journal replay stopped (%s); will retry", exc)
+            log.warning("journal replay stopped (%s); will retry", loggable_error(exc))
             return replayed
         Journal.done(path)
         self.stats["replayed"] += replayed
