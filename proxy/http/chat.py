@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 import anyio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy.core.canonical import chain_hash, response_message
@@ -81,7 +81,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], str]:
     """Decode and check a chat-completions body; return it as a dict and as text.
 
-    Raises InvalidRequest (400) when it is not UTF-8 JSON, not an object, lacks a string `model`
+    Raises InvalidRequest (400) when it is not UTF-8 strict JSON (NaN and Infinity refused),
+    not an object, lacks a string `model`
     or a non-empty `messages` array of objects with a string `role`, has a `stream` that is not
     a boolean or `tools` that are not an array of objects, or nests deeper than MAX_NESTING
     (everything stored must be readable back by the exporter and the dashboard).
@@ -91,7 +92,7 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], str]:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"request body is not UTF-8: {exc}", code="invalid_json") from exc
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     except RecursionError as exc:
@@ -124,6 +125,11 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], str]:
 
 
 MAX_NESTING = 128
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN, Infinity and -Infinity: Python's json takes them, strict JSON (RFC 8259) does not."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def nesting_depth(value: Any) -> int:
@@ -263,6 +269,9 @@ async def chat_completions(request: Request) -> Response:
             route, shadow = link.route, link.shadow
     except InvalidRequest as exc:
         return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+    except ClientDisconnect:
+        log.info("client went away while sending its request body; nothing forwarded")
+        return Response(status_code=499)  # nobody reads it; keeps the server's log quiet
     except RecursionError:
         return error_response(400, "messages are nested too deeply", param="messages")
     except ValueError as exc:

@@ -7,8 +7,10 @@ the upstream's base path.
 
 from __future__ import annotations
 
+import logging
+
 from starlette.background import BackgroundTask
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy.http.errors import error_response
@@ -21,6 +23,8 @@ from proxy.http.upstream import (
     transport_error,
     upstream_url,
 )
+
+log = logging.getLogger("understudy.passthrough")
 
 
 async def passthrough(request: Request) -> Response:
@@ -46,6 +50,9 @@ async def passthrough(request: Request) -> Response:
             headers=headers,
             allow_redirects=False,
         )
+    except ClientDisconnect:
+        log.info("client went away while sending its request body to %s", request.method)
+        return Response(status_code=499)  # nobody reads it; keeps the server's log quiet
     except UPSTREAM_ERRORS as exc:
         status, message, code = transport_error(exc, settings)
         return error_response(status, message, "upstream_error", code=code)
