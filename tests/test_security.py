@@ -21,14 +21,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from proxy.config import Settings
+from proxy.dashboard.security import FailedAttempts
 from proxy.http.paths import PathRefused, normalize, recorded_api, upstream_path
 from tests.conftest import (
     SCRIPTED_COMPLETION,
+    FakeUpstream,
     ProxyServer,
     launch_proxy,
     serve_in_thread,
     wait_for_ids,
 )
+from tests.inprocess import running_app
 
 PROXY_KEY = "sk-proxy-" + "k" * 40
 
@@ -197,3 +201,62 @@ def test_recorded_api_names_only_the_recorded_paths() -> None:
     ):
         assert recorded_api(path) is None, path
     assert normalize("/a/b/") == ["a", "b", ""]
+
+
+# -- the admin API's failed-token limit ---------------------------------------------------------
+
+
+def test_failed_attempts_slide_out_of_the_window() -> None:
+    attempts = FailedAttempts(limit=3, window_s=60)
+    for second in (0, 1, 2):
+        assert attempts.retry_after("10.0.0.1", now=second) == 0
+        attempts.failed("10.0.0.1", now=second)
+    assert attempts.retry_after("10.0.0.1", now=2) == 58
+    assert attempts.retry_after("10.0.0.2", now=2) == 0  # per address
+    assert attempts.retry_after("10.0.0.1", now=60.5) == 0  # the first failure slid out
+    attempts.failed("10.0.0.1", now=61)  # failures at 1 and 2 slid out too: 2, 61
+    assert attempts.retry_after("10.0.0.1", now=61) == 0
+    attempts.failed("10.0.0.1", now=61.5)  # 2, 61, 61.5: locked until 2 + 60
+    assert attempts.retry_after("10.0.0.1", now=61.5) == 1
+    attempts.succeeded("10.0.0.1")
+    assert attempts.retry_after("10.0.0.1", now=61) == 0
+
+
+def test_failed_attempts_track_a_bounded_number_of_addresses() -> None:
+    attempts = FailedAttempts(limit=1, window_s=60, max_addresses=100)
+    for n in range(1_000):
+        attempts.failed(f"10.0.{n // 256}.{n % 256}", now=0)
+    assert len(attempts._failures) == 100
+    assert attempts.retry_after("10.0.3.231", now=1) > 0  # the latest are kept
+
+
+async def test_admin_api_refuses_an_address_after_too_many_wrong_tokens(
+    tmp_path: Path, fake_upstream: FakeUpstream
+) -> None:
+    settings = Settings(
+        upstream=fake_upstream.base_url,
+        db=str(tmp_path / "admin.db"),
+        admin_token="right-token-" + "x" * 20,
+        admin_max_failures=5,
+        admin_failure_window_s=600,
+    )
+    async with (
+        running_app(settings) as client,
+        client("192.0.2.7") as attacker,
+        client("192.0.2.8") as admin,
+    ):
+        wrong = {"authorization": "Bearer wrong"}
+        for _ in range(5):
+            answer = await attacker.get("/api/trajectories", headers=wrong)
+            assert answer.status_code == 401
+        answer = await attacker.get("/api/trajectories", headers=wrong)
+        assert answer.status_code == 429
+        assert answer.json()["error"]["code"] == "too_many_attempts"
+        assert 0 < int(answer.headers["retry-after"]) <= 600
+        # Even the right token is refused from that address while it is locked out...
+        right = {"authorization": f"Bearer {settings.admin_token.get_secret_value()}"}
+        answer = await attacker.get("/api/trajectories", headers=right)
+        assert answer.status_code == 429
+        # ...and another address is served as usual.
+        assert (await admin.get("/api/trajectories", headers=right)).status_code == 200
+        assert (await admin.get("/api/trajectories", headers=wrong)).status_code == 401
