@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -14,12 +14,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from proxy.config import Settings, get_settings, journal_path
-from proxy.core.redaction import Redactor
+from proxy.core.redaction import Redactor, loggable_error
 from proxy.dashboard import mount_dashboard
 from proxy.http.chat import chat_completions
 from proxy.http.errors import error_response
 from proxy.http.metrics import Metrics
 from proxy.http.passthrough import passthrough
+from proxy.http.paths import RECORDED_APIS, recorded_api_of
 from proxy.http.responses import create_response
 from proxy.http.state import ProxyState
 from proxy.http.teacher import Teacher
@@ -34,13 +35,10 @@ from proxy.storage.recovery import ping
 log = logging.getLogger("understudy")
 
 
-_RECORDED = {"/v1/chat/completions": chat_completions, "/v1/responses": create_response}
-
-
 class FastPath:
-    """ASGI entry point used by `python -m proxy`: `POST /v1/chat/completions` and
-    `POST /v1/responses` go straight to their handlers, skipping the framework's middleware stack (it cost ~1/5 of the proxy's CPU per call
-    under load); lifespan and every other path go to the FastAPI app, where the same route is
+    """ASGI entry point used by `python -m proxy`: a POST to a recorded API (`/v1/chat/completions`,
+    `/v1/responses`, however spelled: `proxy.http.paths`) goes straight to its handler, skipping
+    the framework's middleware stack (it cost ~1/5 of the proxy's CPU per call under load); lifespan and every other path go to the FastAPI app, where the same route is
     also registered (so `create_app()` alone serves everything too)."""
 
     def __init__(self, app: FastAPI) -> None:
@@ -48,13 +46,30 @@ class FastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            handler = _RECORDED.get(scope["path"])
-            if handler is not None:
+            api = recorded_api_of(scope)
+            if api is not None:
                 scope["app"] = self.app
-                response = await handler(Request(scope, receive, send))
+                response = await RECORDED_HANDLERS[api](Request(scope, receive, send))
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+# The handler of each recorded API named in `proxy.http.paths.RECORDED_APIS`.
+RECORDED_HANDLERS: dict[str, Callable[[Request], Awaitable[Response]]] = {
+    "chat": chat_completions,
+    "responses": create_response,
+}
+
+
+async def v1_request(request: Request) -> Response:
+    """Any `/v1/*` request: a POST to a recorded API however spelled (`/v1/chat/completions/`,
+    `/v1//chat/completions`) goes to its handler, everything else to the pass-through."""
+    if request.method == "POST":
+        api = recorded_api_of(request.scope)
+        if api is not None:
+            return await RECORDED_HANDLERS[api](request)
+    return await passthrough(request)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -113,11 +128,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Understudy proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
     # Hot paths are plain Starlette routes: the body is forwarded as bytes, never re-modelled.
-    app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    app.router.add_route("/v1/responses", create_response, methods=["POST"])
+    for path, api in RECORDED_APIS.items():  # also without /v1, as some clients send them
+        for spelling in (path, path + "/"):
+            app.router.add_route(spelling, RECORDED_HANDLERS[api], methods=["POST"])
     app.router.add_route(
         "/v1/{path:path}",
-        passthrough,
+        v1_request,
         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
     )
 
@@ -151,7 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await ping(proxy.db)
         except Exception as exc:
-            problems.append(f"database: {type(exc).__name__}: {exc}")
+            problems.append(f"database: {loggable_error(exc)}")
         if problems:
             return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})

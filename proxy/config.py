@@ -132,6 +132,15 @@ class Settings(BaseSettings):
         description="Token that protects /dashboard and /api/ (login form or Bearer header). "
         "Without it the dashboard is served on loopback addresses only.",
     )
+    admin_max_failures: int = Field(
+        10,
+        ge=1,
+        description="Wrong admin tokens one client address may send within "
+        "--admin-failure-window-s before /api/ and the login form answer it 429.",
+    )
+    admin_failure_window_s: float = Field(
+        60.0, gt=0, description="The window for --admin-max-failures, seconds."
+    )
     journal: str | None = Field(
         None,
         description="Journal file for records the database cannot take "

@@ -705,3 +705,72 @@ def test_fuzz_get_paths(
     assert response.status_code < 500, (
         f"GET {response.url} -> {response.status_code}: {response.text[:300]}"
     )
+
+
+# -- issue 11: NaN, non-string trajectory ids, a client gone mid-body -----------------------------
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_refused_with_400(
+    client: httpx.Client, proxy: ProxyServer, fake_upstream: FakeUpstream, constant: str
+) -> None:
+    marker = f"nan-{constant}"
+    body = (
+        f'{{"model": "{MODEL}", "temperature": {constant}, '
+        f'"messages": [{{"role": "user", "content": "{marker}"}}]}}'
+    ).encode()
+    error = assert_openai_error(post(client, proxy, body), 400)
+    assert error["code"] == "invalid_json" and constant.lstrip("-") in error["message"]
+    assert_not_forwarded(fake_upstream, marker)
+
+
+def test_a_stored_nan_does_not_break_the_trajectory_api(
+    client: httpx.Client, proxy: ProxyServer
+) -> None:
+    """Rows an older version stored with NaN are read back as null, not a 500."""
+    body = {**VALID, "temperature": 0.25, "messages": [{"role": "user", "content": "nan row"}]}
+    response = post(client, proxy, json.dumps(body).encode())
+    assert response.status_code == 200
+    exchange_id = response.headers["x-understudy-exchange-id"]
+    trajectory_id = response.headers["x-understudy-trajectory-id"]
+    wait_recorded(proxy, {exchange_id})
+    with sqlite3.connect(proxy.db, timeout=30) as conn:
+        conn.execute(
+            "UPDATE exchanges SET request_json = replace(request_json, '0.25', 'NaN') WHERE id = ?",
+            (exchange_id,),
+        )
+    answer = client.get(f"{proxy.root_url}/api/trajectories/{trajectory_id}")
+    assert answer.status_code == 200, answer.text[:300]
+    (exchange,) = answer.json()["exchanges"]
+    assert exchange["request"]["temperature"] is None
+
+
+@pytest.mark.parametrize("value", [{"a": 1}, ["x"], 7, True])
+def test_a_trajectory_id_that_is_not_a_string_is_refused(
+    client: httpx.Client, proxy: ProxyServer, value: Any
+) -> None:
+    body = {**VALID, "metadata": {"trajectory_id": value}}
+    error = assert_openai_error(post(client, proxy, json.dumps(body).encode()), 400)
+    assert error["param"] == "metadata.trajectory_id"
+
+
+def test_a_client_gone_while_sending_its_body_logs_one_line(
+    fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    server = launch_proxy(tmp_path_factory.mktemp("gone"), upstream=fake_upstream.base_url)
+    try:
+        port = int(server.root_url.rsplit(":", 1)[1])
+        for path in ("/v1/chat/completions", "/v1/files"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(
+                    f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                    'content-length: 100000\r\n\r\n{"model": '.encode()
+                )
+                time.sleep(0.3)  # the proxy is reading the body when the client goes away
+        # The proxy still serves, and nothing was recorded for the half-sent requests.
+        assert httpx.get(server.root_url + "/health", timeout=10).status_code == 200
+    finally:
+        output = server.stop()
+    assert "Traceback" not in output, output
+    # The recorded path says so in one line (the pass-through's upstream call just ends).
+    assert output.count("client went away while sending its request body") >= 1, output

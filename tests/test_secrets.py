@@ -19,11 +19,16 @@ gets the real answer.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
 import signal
 import sqlite3
+import stat
 import string
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,8 +37,9 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.core.redaction import Redactor, loggable_error, redact_identifier, secret_rules
 from proxy.core.sse import StreamAssembler
-from tests.conftest import FakeUpstream, ProxyServer, db_rows, launch_proxy
+from tests.conftest import FakeUpstream, ProxyServer, child_env, db_rows, launch_proxy
 
 pytestmark = pytest.mark.e2e
 
@@ -327,3 +333,210 @@ def test_unknown_pii_kind_is_refused_at_start(tmp_path: Path, fake_upstream: Fak
         server.stop()
     assert "emial" in str(raised.value)
     assert "Traceback" not in str(raised.value), str(raised.value)[-600:]
+
+
+# -- issue 11: what slipped past the masks ------------------------------------------------------
+
+AWS_SECRET = token(40, string.ascii_letters + string.digits + "/+")
+FINE_GRAINED = "github_pat_" + token(22) + "_" + token(59)
+SHORT_BEARER = token(10)
+ID_KEY = "sk-proj-" + token(40)
+MODEL_KEY = "sk-" + token(32)
+ESCAPED_KEY = "sk-proj-" + token(40)
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        (f"aws_secret_access_key = {AWS_SECRET}", AWS_SECRET),
+        (f'AWS_SECRET_ACCESS_KEY="{AWS_SECRET}"', AWS_SECRET),
+        (f"token {FINE_GRAINED} works", FINE_GRAINED),
+        (f"Authorization: Bearer {SHORT_BEARER}", SHORT_BEARER),
+        (f"curl -H 'authorization: bearer {SHORT_BEARER}'", SHORT_BEARER),
+        ("glpat-" + token(20), "glpat-"),  # detect-secrets' GitLab rule
+        ("sk_live_" + token(24), "sk_live_"),  # ... and Stripe's
+        (
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIEow"
+            + token(64)
+            + "\n-----END RSA PRIVATE KEY-----",
+            "MIIEow",
+        ),
+    ],
+    ids=[
+        "aws-secret",
+        "aws-secret-quoted",
+        "github-fine-grained",
+        "short-bearer",
+        "short-bearer-lower",
+        "gitlab",
+        "stripe",
+        "private-key-body",
+    ],
+)
+def test_the_ruleset_masks_what_the_hand_list_missed(text: str, secret: str) -> None:
+    redactor = Redactor()
+    assert secret not in (redactor(text) or "")
+    document = json.dumps({"messages": [{"content": "line one\n" + text}]})
+    masked = redactor.json_text(document) or ""
+    assert secret not in masked and json.loads(masked)  # still valid JSON
+
+
+def test_ordinary_words_are_not_masked() -> None:
+    text = "The bearer of bad news took a key decision: ACME and SKU 42. Pass it on."
+    assert Redactor()(text) == text
+
+
+def escaped(text: str) -> str:
+    """`text` as JSON with every character of each `sk-` key written as a \\u escape."""
+    return json.dumps(text).replace(ESCAPED_KEY, "".join(f"\\u{ord(c):04x}" for c in ESCAPED_KEY))
+
+
+def test_a_key_written_with_unicode_escapes_is_masked_in_the_decoded_value() -> None:
+    document = '{"content": ' + escaped(f"my key {ESCAPED_KEY}") + "}"
+    assert ESCAPED_KEY not in document  # the raw text holds no key-shaped string
+    masked = Redactor().json_text(document) or ""
+    assert ESCAPED_KEY not in json.loads(masked)["content"]
+    assert "[REDACTED:secret]" in json.loads(masked)["content"]
+
+
+def test_the_pre_check_is_sound_for_every_rule() -> None:
+    """For each rule: its pre-check passes every text the pattern matches (the hints are
+    literals every match holds), checked on samples built from each pattern's own hints."""
+    for rule in secret_rules():
+        for hint in rule.hints:
+            for text in (hint, f"x {hint} y", hint.upper()):
+                if rule.pattern.search(text):
+                    assert rule.may_match(text, text.lower()), rule.pattern.pattern
+
+
+def test_a_trajectory_id_is_redacted_stably() -> None:
+    first = redact_identifier(f"run-{ID_KEY}")
+    assert ID_KEY[-16:] not in first and first.startswith("run-[REDACTED:")
+    assert redact_identifier(f"run-{ID_KEY}") == first  # one trajectory keeps one id
+    assert redact_identifier(f"run-{ID_KEY[:-1]}x") != first
+    assert redact_identifier("checkout-42") == "checkout-42"
+
+
+def test_loggable_error_carries_no_statement_parameters() -> None:
+    import sqlalchemy
+    from sqlalchemy.exc import OperationalError
+
+    engine = sqlalchemy.create_engine("sqlite://")
+    with engine.connect() as conn:
+        try:
+            conn.execute(sqlalchemy.text("INSERT INTO nowhere VALUES (:x)"), {"x": ID_KEY})
+        except OperationalError as exc:
+            assert ID_KEY in str(exc)  # what used to be logged
+            line = loggable_error(exc)
+    assert line == "OperationalError: no such table: nowhere"
+
+
+def test_trajectory_ids_model_names_and_escaped_keys_never_reach_disk_or_log(
+    tmp_path: Path, fake_upstream: FakeUpstream
+) -> None:
+    db = tmp_path / "ids.db"
+    proxy = launch_proxy(tmp_path, upstream=fake_upstream.base_url, db=db)
+    ids = []
+    try:
+        for number, place in enumerate(("header", "metadata")):
+            body: dict[str, Any] = {
+                "model": f"ft:gpt-4.1-mini:{MODEL_KEY}",
+                "messages": [{"role": "user", "content": f"call {number}"}],
+            }
+            headers = {"content-type": "application/json"}
+            if place == "header":
+                headers["x-understudy-trajectory-id"] = f"run-{ID_KEY}"
+            else:
+                body["metadata"] = {"trajectory_id": f"meta-{ID_KEY}"}
+            response = httpx.post(
+                proxy.base_url + "/chat/completions", json=body, headers=headers, timeout=30
+            )
+            assert response.status_code == 200, response.text
+            assert ID_KEY[-16:] not in response.headers["x-understudy-trajectory-id"]
+            ids.append(response.headers["x-understudy-exchange-id"])
+        # A key written with \u escapes, as JSON allows.
+        content = escaped(f"my key {ESCAPED_KEY}")
+        raw = f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": {content}}}]}}'
+        response = httpx.post(
+            proxy.base_url + "/chat/completions",
+            content=raw.encode(),
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        assert response.status_code == 200
+        ids.append(response.headers["x-understudy-exchange-id"])
+        stored(db, set(ids))
+        # While the database is locked, failed writes are logged (without their parameters).
+        with contextlib.closing(sqlite3.connect(db, timeout=30, isolation_level=None)) as lock:
+            lock.execute("BEGIN EXCLUSIVE")
+            for number in range(2):
+                response = httpx.post(
+                    proxy.base_url + "/chat/completions",
+                    json={"model": MODEL, "messages": [{"role": "user", "content": f"l{number}"}]},
+                    headers={"x-understudy-trajectory-id": f"locked-{ID_KEY}"},
+                    timeout=30,
+                )
+                assert response.status_code == 200
+            deadline = time.monotonic() + 60
+            while (
+                httpx.get(proxy.root_url + "/health", timeout=10)
+                .json()["recorder"]
+                .get("failed_batches", 0)
+                == 0
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.1)
+            lock.execute("COMMIT")
+    finally:
+        output = proxy.stop()
+    assert "database write of" in output  # the refusal was logged...
+    wanted = {
+        "id-key": ID_KEY[-16:].encode(),
+        "model-key": MODEL_KEY[-16:].encode(),
+        "escaped-key": ESCAPED_KEY[-16:].encode(),
+    }
+    assert_nothing_on_disk(tmp_path, wanted)
+    for name, needle in wanted.items():
+        assert needle.decode() not in output, f"{name} in the proxy's log"
+    assert "locked-" not in output  # ...without the statement's parameters
+    rows = db_rows(db, "SELECT trajectory_id, model_requested FROM exchanges")
+    assert {r["model_requested"] for r in rows} >= {"ft:gpt-4.1-mini:[REDACTED:secret]"}
+    # The exporter reads what was stored: nothing to decode back into a key.
+    out = tmp_path / "train.jsonl"
+    subprocess.run(
+        [sys.executable, "-m", "exporter", "export", "--db", str(db), "--out", str(out)],
+        check=False,
+        capture_output=True,
+        env=child_env(),
+    )
+    if out.exists():
+        for needle in wanted.values():
+            assert needle not in out.read_bytes()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes")
+def test_database_wal_and_journal_files_are_private(
+    tmp_path: Path, fake_upstream: FakeUpstream
+) -> None:
+    db = tmp_path / "private.db"
+    proxy = launch_proxy(
+        tmp_path,
+        upstream=fake_upstream.base_url,
+        db=db,
+        record_queue_size=1,
+        flush_interval_ms=10_000,
+    )
+    try:
+        for number in range(3):
+            call(proxy, f"private {number}")
+        files = [
+            db,
+            db.with_name(db.name + "-wal"),
+            db.with_name(db.name + "-shm"),
+            tmp_path / (db.name + ".journal.jsonl"),
+        ]
+        for path in files:
+            assert path.exists(), path
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"{path.name} is not 0600"
+    finally:
+        proxy.stop()

@@ -1,8 +1,13 @@
 """Redaction applied to every stored text before it reaches the disk (database or journal).
 
-Always on: key-shaped strings (OpenAI/Anthropic `sk-...` keys, `Bearer` tokens, AWS, Google,
-GitHub, Slack keys, JWTs) become `[REDACTED:secret]`. Optional PII kinds, chosen per deployment
-(`--redact-pii email,phone,card`): e-mail addresses, phone numbers (found by Google's
+Always on: key-shaped strings become `[REDACTED:secret]`: the patterns of detect-secrets' plugins
+(a maintained ruleset: AWS, Azure, GitHub, GitLab, Slack, Stripe, Twilio, JWT, private keys, ...)
+plus what it lacks (OpenAI/Anthropic `sk-` keys, `Bearer` tokens of any length, AWS secret
+access keys after their name, GitHub fine-grained `github_pat_` tokens, Google keys). JSON texts
+are masked in their decoded values, so `\\u` escapes hide nothing. A fast pre-check skips a
+pattern only when none of the literals every match of it must hold is in the text.
+
+Optional PII kinds, chosen per deployment (`--redact-pii email,phone,card`): e-mail addresses, phone numbers (found by Google's
 libphonenumber, `phonenumbers` package, for the configured default region) and payment card
 numbers (13-19 digits passing the Luhn check). Masks keep JSON valid: they contain no quote or
 backslash, so a masked JSON text still parses and the dashboard shows where masking happened.
@@ -10,24 +15,127 @@ backslash, so a masked JSON text still parses and the dashboard shows where mask
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from re import _constants as _c  # type: ignore[attr-defined]  # re's own regex parser
+from re import _parser  # type: ignore[attr-defined]
 from typing import Any
 
 SECRET_MASK = "[REDACTED:secret]"
 PII_KINDS = ("email", "phone", "card")
 
-_SECRET_PATTERNS = (
+# What the maintained ruleset (detect-secrets' plugins) lacks or finds only in one spelling; each
+# replaces the whole match, or its group 1 when it has one (the context stays readable).
+_EXTRA_PATTERNS = (
+    # A private key block, body included (the plugin finds only its first line).
+    r"-----BEGIN[A-Z ]{0,30}PRIVATE KEY(?: BLOCK)?-----[\s\S]*?(?:-----END[A-Z ]{0,30}PRIVATE KEY(?: BLOCK)?-----|$)",
     r"\bsk-[A-Za-z0-9_\-]{16,}",  # OpenAI (sk-, sk-proj-), Anthropic (sk-ant-), many others
-    r"\b[Bb](?i:earer)\s+[A-Za-z0-9._~+/\-]{16,}=*",
-    r"\bAKIA[0-9A-Z]{16}\b",  # AWS access key id
+    r"\b[Bb](?i:earer)\s+[A-Za-z0-9._~+/\-]{8,}=*",  # Bearer tokens, short ones too
+    r"\b[Bb](?i:earer)\s+(?=[A-Za-z._~+/\-]*[0-9])[A-Za-z0-9._~+/\-]+=*",  # ... with a digit
+    # AWS secret access key after its name, quoted or not.
+    r"(?i:aws_?secret(?:_?access)?_?key)[\s\"':=]{1,6}([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])",
     r"\bAIza[0-9A-Za-z_\-]{35}",  # Google API key
-    r"\bgh[pousr]_[A-Za-z0-9]{36,}",  # GitHub tokens
-    r"\bxox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack tokens
+    r"\bgithub_pat_[A-Za-z0-9_]{22,}",  # GitHub fine-grained tokens
+    r"\bgh[pousr]_[A-Za-z0-9]{36,}",  # GitHub tokens (any length beyond 36)
+    r"\bxox[abeprso]-[A-Za-z0-9\-]{10,}",  # Slack tokens (any shape)
     r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",  # JWT
 )
-_SECRETS = re.compile("|".join(f"(?:{p})" for p in _SECRET_PATTERNS))
+# detect-secrets plugins left out: not secrets (public IPs); no pattern (keyword and entropy
+# heuristics, which would mask ordinary words and hashes in training data); vendor keyword
+# heuristics that match `key: <any 44 characters>` in prose and cost 50-100 us a text each.
+_SKIPPED_PLUGINS = frozenset(
+    {
+        "IPPublicDetector",
+        "KeywordDetector",
+        "CloudantDetector",
+        "IbmCloudIamDetector",
+        "IbmCosHmacDetector",
+        "SoftlayerDetector",
+    }
+)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One secret pattern and its pre-check: `hints`, literals of which every match holds one
+    (lower-cased when `fold`: compare with the lower-cased text); empty: always run."""
+
+    pattern: re.Pattern[str]
+    hints: tuple[str, ...]
+    fold: bool
+
+    def may_match(self, text: str, lowered: str) -> bool:
+        if not self.hints:
+            return True
+        haystack = lowered if self.fold else text
+        if not any(hint in haystack for hint in self.hints):
+            return False
+        # A hint of one or two characters is in nearly every text: the pattern itself decides.
+        return min(map(len, self.hints)) > 2 or self.pattern.search(text) is not None
+
+
+def _required(items: Any) -> list[str] | None:
+    """Literals of which every match of the parsed regex `items` holds at least one (None: no
+    such set found). Sound by construction: only literals outside optional parts are used, a
+    branch counts only when each alternative has its own, and runs break at `"` and `\\`
+    (which JSON text may escape)."""
+    best: list[str] | None = None
+
+    def better(candidate: list[str] | None) -> None:
+        nonlocal best
+        if (
+            candidate
+            and all(candidate)
+            and (best is None or min(map(len, candidate)) > min(map(len, best)))
+        ):
+            best = candidate
+
+    run = ""
+    for op, av in items:
+        if op is _c.LITERAL and chr(av) not in '"\\' and chr(av) >= " ":
+            run += chr(av)
+            continue
+        better([run])
+        run = ""
+        if op is _c.SUBPATTERN:
+            better(_required(av[-1]))
+        elif op is _c.BRANCH:
+            alternatives = [_required(a) for a in av[1]]
+            if all(alternatives):
+                better(sorted({h for a in alternatives for h in a or []}))
+        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT) and av[0] >= 1:
+            better(_required(av[2]))
+    better([run])
+    return best
+
+
+def _rule(pattern: re.Pattern[str]) -> _Rule:
+    parsed = _parser.parse(pattern.pattern, pattern.flags)
+    fold = bool(pattern.flags & re.IGNORECASE) or "(?i" in pattern.pattern
+    hints = _required(parsed) or []
+    return _Rule(pattern, tuple(h.lower() for h in hints) if fold else tuple(hints), fold)
+
+
+@functools.cache
+def secret_rules() -> tuple[_Rule, ...]:
+    """The secret patterns: ours (`_EXTRA_PATTERNS`) first, then every detect-secrets plugin's
+    denylist (AWS, Azure, GitHub, GitLab, Slack, Stripe, Twilio, SendGrid, npm, PyPI, JWT,
+    private keys, basic-auth URLs, ...), each with its pre-check. Built on first use."""
+    from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+
+    patterns = [re.compile(p) for p in _EXTRA_PATTERNS]
+    plugin: Any
+    for plugin in get_mapping_from_secret_type_to_class().values():
+        if plugin.__name__ in _SKIPPED_PLUGINS:
+            continue
+        patterns.extend(getattr(plugin, "denylist", None) or ())
+    return tuple(_rule(p) for p in patterns)
+
+
 _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
 _CARD_CANDIDATE = re.compile(r"(?<![\d])(?:\d[ \-]?){12,18}\d(?![\d])")
 
@@ -43,20 +151,44 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
-# Every secret pattern starts with one of these ("bearer" in any case): a text with none of
-# them, nearly every text, skips the regex, whose leading `\b` defeats re's prefix scan.
-_SECRET_HINTS = ("sk-", "AKIA", "AIza", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "xox", "eyJ")
+def _active_rules(text: str) -> tuple[_Rule, ...]:
+    """The rules that may match somewhere in `text` (the others' hints are all absent)."""
+    lowered = text.lower()
+    return tuple(rule for rule in secret_rules() if rule.may_match(text, lowered))
 
 
-def _may_hold_secret(text: str) -> bool:
-    return any(hint in text for hint in _SECRET_HINTS) or "bearer" in text.lower()
+def _mask(match: re.Match[str]) -> str:
+    if match.re.groups and match.group(1) is not None:
+        whole, (start, end) = match.group(0), match.span(1)
+        offset = match.start(0)
+        return whole[: start - offset] + SECRET_MASK + whole[end - offset :]
+    return SECRET_MASK
 
 
-def mask_secrets(text: str) -> str:
-    """`text` with every key-shaped string replaced by `[REDACTED:secret]`."""
-    if not _may_hold_secret(text):
-        return text
-    return _SECRETS.sub(SECRET_MASK, text)
+def mask_secrets(text: str, rules: tuple[_Rule, ...] | None = None) -> str:
+    """`text` with every key-shaped string replaced by `[REDACTED:secret]` (see `secret_rules`;
+    for patterns that name the secret after a keyword, only the secret is replaced). `rules`:
+    the rules to try (default: those whose hints are in `text`)."""
+    for rule in _active_rules(text) if rules is None else rules:
+        text = rule.pattern.sub(_mask, text)
+    return text
+
+
+def redact_identifier(value: str) -> str:
+    """An identifier a client chose (a trajectory id) with each key-shaped part replaced by
+    `[REDACTED:<12 hex digits of its SHA-256>]`: stable, so every request of one trajectory
+    still gets the same id, yet the secret is never stored or echoed. Printable ASCII stays
+    printable ASCII."""
+
+    def digest(match: re.Match[str]) -> str:
+        return f"[REDACTED:{hashlib.sha256(match.group(0).encode()).hexdigest()[:12]}]"
+
+    lowered = value.lower()
+    for rule in secret_rules():
+        if rule.may_match(value, lowered):
+            value = rule.pattern.sub(digest, value)
+            lowered = value.lower()
+    return value
 
 
 def _mask_cards(text: str) -> str:
@@ -95,7 +227,7 @@ class Redactor:
         unknown = sorted(set(kinds) - set(PII_KINDS))
         if unknown:
             raise ValueError(f"unknown PII kinds {unknown}; choose from {', '.join(PII_KINDS)}")
-        steps: list[Callable[[str], str]] = [mask_secrets]
+        steps: list[Callable[[str], str]] = []
         if "card" in kinds:  # before phone: a card number can look like a phone number
             steps.append(_mask_cards)
         if "email" in kinds:
@@ -108,9 +240,12 @@ class Redactor:
 
     def __call__(self, text: str | None) -> str | None:
         """The redacted plain text (None stays None); lone surrogates become U+FFFD."""
+        return self._value(text, None)
+
+    def _value(self, text: str | None, rules: tuple[_Rule, ...] | None) -> str | None:
         if not text:
             return text
-        text = storable(text)
+        text = mask_secrets(storable(text), rules)
         for step in self._steps:
             text = step(text)
         return text
@@ -124,11 +259,14 @@ class Redactor:
         """
         if not text:
             return text
-        if not self._pii:
-            if not _may_hold_secret(text) and "\\ud" not in text.lower():
-                return text  # no key-shaped string, no escaped lone surrogate: nothing to do
-            if "\\" not in text:
-                return self(text)  # no escapes: the text is the values
+        rules: tuple[_Rule, ...] | None = None  # None: each value picks its own
+        if "\\u" not in text:
+            # Only a backslash-u escape can hide a letter or digit of a secret in JSON text (and
+            # an escaped slash, a slash): without one, the rules whose hints are in the text are
+            # the only ones that can match any of its values.
+            rules = _active_rules(_JSON_ESCAPE.sub(_unescape, text) if "\\" in text else text)
+            if not rules and not self._pii:
+                return text
         try:
             document = json.loads(text)
         except (ValueError, RecursionError):
@@ -138,7 +276,7 @@ class Redactor:
         def walk(value: Any, depth: int) -> Any:
             nonlocal changed
             if isinstance(value, str):
-                masked = self(value)
+                masked = self._value(value, rules)
                 if masked != value:
                     changed = True
                 return masked
@@ -155,6 +293,16 @@ class Redactor:
 
 
 _MAX_DEPTH = 200
+# JSON's two-character escapes; in the probe text they become what they stand for (control
+# characters become a space): every value's match then also matches the probe.
+_JSON_ESCAPE = re.compile(r"\\[\\/\"bfnrt]")
+_UNESCAPED = {"\\": "\\", "/": "/", '"': '"'}
+
+
+def _unescape(match: re.Match[str]) -> str:
+    return _UNESCAPED.get(match.group(0)[1], " ")
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -166,3 +314,19 @@ def storable(text: str) -> str:
     except UnicodeEncodeError:
         return _SURROGATE.sub("\ufffd", text)
     return text
+
+
+def loggable_error(exc: BaseException) -> str:
+    """One line describing `exc` that is safe to log: its type and the first line of the
+    driver's own message (for a SQLAlchemy error, the DBAPI error's, without the statement,
+    its parameters or a `DETAIL` line that quotes row values), key-shaped strings masked.
+    E.g. "OperationalError: database is locked"."""
+    orig = getattr(exc, "orig", None)
+    inner = orig if isinstance(orig, BaseException) else exc
+    lines = str(inner).strip().splitlines()
+    first = lines[0] if lines else ""
+    if "[SQL:" in first:
+        first = first.split("[SQL:", 1)[0].strip()
+    first = first[:300]
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return mask_secrets(storable(text))

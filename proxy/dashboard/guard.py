@@ -14,7 +14,7 @@ from starlette.responses import RedirectResponse, Response
 
 from proxy.dashboard.params import ParamError
 from proxy.dashboard.render import error, is_api
-from proxy.dashboard.security import Guard
+from proxy.dashboard.security import Guard, client_address
 from proxy.storage import Database
 from proxy.storage.browse import CursorError
 
@@ -46,9 +46,10 @@ def database(request: Request) -> Database:
 def guarded(handler: Handler) -> Handler:
     """Run `handler` only for requests the guard lets in; map parameter errors to 400.
 
-    Dashboard off: 403 with the reason. Host not allowed: 403. Not logged in: a redirect to the
-    login form for pages, 401 with `WWW-Authenticate: Bearer` for the API. A POST from another
-    origin: 403.
+    Dashboard off: 403 with the reason. Host not allowed: 403. An address that sent too many
+    wrong tokens (`Guard.attempts`): 429 with `Retry-After`, whatever it sends now. Not logged
+    in: a redirect to the login form for pages, 401 with `WWW-Authenticate: Bearer` for the API
+    (a wrong Bearer token counts as a failed attempt). A POST from another origin: 403.
     """
 
     @functools.wraps(handler)
@@ -64,7 +65,19 @@ def guarded(handler: Handler) -> Handler:
                 "UNDERSTUDY_ADMIN_TOKEN is set",
                 code="host_not_allowed",
             )
+        address = client_address(request)
+        wait_s = guard.attempts.retry_after(address) if guard.token is not None else 0
+        if wait_s:
+            return error(
+                request,
+                429,
+                f"too many wrong admin tokens from this address; retry in {wait_s} s",
+                code="too_many_attempts",
+                headers={"retry-after": str(wait_s)},
+            )
         if not guard.authenticated(request):
+            if "authorization" in request.headers:  # a wrong token, not an expired session
+                guard.attempts.failed(address)
             if is_api(request):
                 return error(
                     request,
@@ -75,6 +88,8 @@ def guarded(handler: Handler) -> Handler:
                 )
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return RedirectResponse(f"/dashboard/login?next={quote(target, safe='')}", 303)
+        if "authorization" in request.headers:
+            guard.attempts.succeeded(address)
         if request.method == "POST" and not guard.same_origin(request):
             return error(request, 403, "cross-origin request refused", code="cross_origin")
         try:

@@ -29,7 +29,7 @@ from proxy.dashboard.api import (
 from proxy.dashboard.guard import database, field, guarded, read_form, safe_next
 from proxy.dashboard.params import LABEL_CHOICES, ParamError, parse_list_query
 from proxy.dashboard.render import error, render, set_cookie
-from proxy.dashboard.security import SESSION_COOKIE, SESSION_TTL_S, Guard
+from proxy.dashboard.security import SESSION_COOKIE, SESSION_TTL_S, Guard, client_address
 from proxy.dashboard.turns import chat_turns
 from proxy.storage.browse import (
     KEEP,
@@ -235,9 +235,17 @@ async def login_submit(request: Request) -> Response:
     target = safe_next(field(form, "next"))
     if not guard.valid_csrf(request, field(form, "csrf_token")):
         return _csrf_refused(request)
+    address = client_address(request)
+    wait_s = guard.attempts.retry_after(address)
+    if wait_s:
+        message = f"too many wrong admin tokens from this address; retry in {wait_s} s"
+        headers = {"retry-after": str(wait_s)}
+        return error(request, 429, message, code="too_many_attempts", headers=headers)
     if not guard.check_token(field(form, "token")):
+        guard.attempts.failed(address)
         await asyncio.sleep(0.5)  # slows guessing; the token is still the real protection
         return render(request, "login.html", {"next": target, "failed": True}, status=401)
+    guard.attempts.succeeded(address)
     response = RedirectResponse(target, status_code=303)
     set_cookie(response, request, SESSION_COOKIE, guard.new_session(), SESSION_TTL_S)
     return response

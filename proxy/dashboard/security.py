@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import math
 import secrets
 import time
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
@@ -51,18 +53,76 @@ def _sign(key: bytes, message: str) -> str:
     return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
 
 
+class FailedAttempts:
+    """Wrong admin tokens per client address, in a sliding window.
+
+    After `limit` failures within `window_s` seconds an address is refused (see `retry_after`)
+    until its oldest failure in the window is older than `window_s`; a right token clears its
+    count. At most `max_addresses` addresses are tracked (the least recently failing are
+    forgotten first), so memory stays bounded whatever the number of addresses.
+    """
+
+    def __init__(self, limit: int, window_s: float, max_addresses: int = 10_000) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.max_addresses = max_addresses
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, address: str, now: float) -> deque[float] | None:
+        times = self._failures.get(address)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+            return None
+        return times
+
+    def retry_after(self, address: str, now: float | None = None) -> int:
+        """Seconds (rounded up, at least 1) before `address` may try again; 0: it may now."""
+        now = time.monotonic() if now is None else now
+        times = self._recent(address, now)
+        if times is None or len(times) < self.limit:
+            return 0
+        return max(1, math.ceil(times[-self.limit] + self.window_s - now))
+
+    def failed(self, address: str, now: float | None = None) -> None:
+        """Count one wrong token from `address`."""
+        now = time.monotonic() if now is None else now
+        times = self._recent(address, now) or deque(maxlen=self.limit)
+        times.append(now)
+        self._failures[address] = times
+        self._failures.move_to_end(address)
+        while len(self._failures) > self.max_addresses:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, address: str) -> None:
+        """A right token from `address`: forget its failures."""
+        self._failures.pop(address, None)
+
+
+def client_address(request: Request) -> str:
+    """The address of the peer that sent `request` (the socket's; no forwarded header)."""
+    return request.client.host if request.client else "unknown"
+
+
 @dataclass(frozen=True)
 class Guard:
     """The dashboard's access rules, made once from the settings (see the module docstring).
 
     token: the admin token or None. listen_host: the address the proxy listens on. key: HMAC key
     for session and CSRF values (derived from the token, so sessions outlive a restart and end
-    when the token changes; random per process without a token).
+    when the token changes; random per process without a token). attempts: wrong tokens per
+    client address (the admin API and the login form refuse an address that made too many).
     """
 
     token: str | None
     listen_host: str
     key: bytes
+    attempts: FailedAttempts = field(
+        default_factory=lambda: FailedAttempts(10, 60.0), compare=False, repr=False
+    )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Guard:
@@ -74,7 +134,8 @@ class Guard:
             if token
             else secrets.token_bytes(32)
         )
-        return cls(token=token, listen_host=settings.host, key=key)
+        attempts = FailedAttempts(settings.admin_max_failures, settings.admin_failure_window_s)
+        return cls(token=token, listen_host=settings.host, key=key, attempts=attempts)
 
     @property
     def enabled(self) -> bool:

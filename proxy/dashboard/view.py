@@ -20,11 +20,12 @@ MAX_PRETTY_CHARS = 200_000
 
 
 def parse_json(text: str | None) -> Any:
-    """`text` decoded as JSON, or None when it is empty or not JSON."""
+    """`text` decoded as JSON, or None when it is empty or not JSON. NaN and Infinity (not JSON,
+    but stored by older versions) become None, so every answer built from it is strict JSON."""
     if not text:
         return None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=lambda _: None)
     except ValueError:
         return None
 

@@ -24,9 +24,10 @@ from typing import Any, Protocol
 
 import aiohttp
 import anyio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
+from proxy.core.redaction import redact_identifier
 from proxy.core.routing import ROUTE_HEADER, RouteHeaderError, decide_route
 from proxy.http.errors import InvalidRequest, error_body, error_response
 from proxy.http.state import ProxyState
@@ -86,7 +87,8 @@ def parse_json_object(raw: bytes) -> tuple[dict[str, Any], str]:
     """Decode a request body that every recorded API shares the rules of; return it as a dict
     and as text.
 
-    Raises InvalidRequest (400) when it is not UTF-8 JSON, not an object, lacks a string `model`,
+    Raises InvalidRequest (400) when it is not UTF-8 strict JSON (NaN and Infinity refused), not
+    an object, lacks a string `model`,
     has a `stream` that is not a boolean or `tools` that are not an array of objects, or nests
     deeper than MAX_NESTING (everything stored must be readable back by the exporter and the
     dashboard). API-specific checks (`messages`, `input`) come after this.
@@ -96,7 +98,7 @@ def parse_json_object(raw: bytes) -> tuple[dict[str, Any], str]:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"request body is not UTF-8: {exc}", code="invalid_json") from exc
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     except RecursionError as exc:
@@ -107,6 +109,11 @@ def parse_json_object(raw: bytes) -> tuple[dict[str, Any], str]:
     if not isinstance(model, str) or not model:
         raise InvalidRequest("you must provide a model parameter (a string)", param="model")
     return body, text
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN, Infinity and -Infinity: Python's json takes them, strict JSON (RFC 8259) does not."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def check_common(body: dict[str, Any], raw: bytes) -> None:
@@ -143,8 +150,10 @@ def nesting_depth(value: Any) -> int:
 def explicit_trajectory_id(headers: Any, body: dict[str, Any]) -> tuple[str | None, str]:
     """The client-chosen trajectory id and where it came from ('header', 'metadata' or 'hash').
 
-    The header wins over `metadata.trajectory_id`. Raises InvalidRequest for an id that is empty,
-    over-long or not printable ASCII (it is echoed in a response header).
+    The header wins over `metadata.trajectory_id`. Raises InvalidRequest for an id that is not a
+    string, empty, over-long or not printable ASCII (it is echoed in a response header). A
+    key-shaped part of the id is replaced by a stable digest (`redact_identifier`): the id is
+    stored and echoed, a secret never is.
     """
     value = headers.get(TRAJECTORY_HEADER)
     source = "header"
@@ -154,7 +163,11 @@ def explicit_trajectory_id(headers: Any, body: dict[str, Any]) -> tuple[str | No
             value, source = metadata["trajectory_id"], "metadata"
     if value is None:
         return None, "hash"
-    value = str(value).strip()
+    if not isinstance(value, str):
+        raise InvalidRequest(
+            "metadata.trajectory_id must be a string", param="metadata.trajectory_id"
+        )
+    value = redact_identifier(value.strip())
     if (
         not value
         or len(value) > MAX_TRAJECTORY_ID_LENGTH
@@ -340,6 +353,9 @@ async def _call(
             route, shadow = link.route, link.shadow
     except InvalidRequest as exc:
         return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+    except ClientDisconnect:
+        log.info("client went away while sending its request body; nothing forwarded")
+        return Response(status_code=499)  # nobody reads it; keeps the server's log quiet
     except RecursionError:
         return error_response(
             400, f"{api.items_param} are nested too deeply", param=api.items_param

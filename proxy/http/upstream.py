@@ -5,12 +5,15 @@ mapping of transport errors to OpenAI-shaped 502/504 answers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import zlib
 from collections.abc import Iterable
 
 import aiohttp
+from yarl import URL
 
 from proxy.config import Settings
+from proxy.http.paths import safe_query
 
 # Headers that describe one hop of the connection, not the message (RFC 9110 section 7.6.1),
 # plus those the HTTP client or server recomputes.
@@ -64,10 +67,21 @@ def create_client(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
-def upstream_url(settings: Settings, path: str, query: bytes = b"") -> str:
-    """`settings.upstream` joined with `path` (the part after `/v1`, starting with "/")."""
-    url = settings.upstream + path
-    return f"{url}?{query.decode('latin-1')}" if query else url
+@functools.lru_cache(maxsize=8)
+def _base(upstream: str) -> str:
+    return str(URL(upstream)).rstrip("/")
+
+
+def upstream_url(settings: Settings, path: str, query: bytes = b"") -> URL:
+    """`settings.upstream` joined with `path`: an already normalised, percent-encoded path
+    under the API root (from `proxy.http.paths.upstream_path`, or a recorded API's own path),
+    starting with "/". The URL is built pre-encoded, so no URL library resolves `..` in it
+    afterwards (which once took requests, and the proxy's key, outside the upstream's base);
+    the query is forwarded with unsafe characters escaped (`paths.safe_query`)."""
+    url = _base(settings.upstream) + path
+    if query:
+        url += "?" + safe_query(query.decode("latin-1"))
+    return URL(url, encoded=True)
 
 
 def forward_headers(

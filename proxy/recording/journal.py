@@ -22,9 +22,15 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 _MAX_FILES = 64  # NAME.EXT, NAME-2.EXT, ... NAME-64.EXT
+
+
+def _open_private(path: Path) -> TextIO:
+    """`path` opened for appending text, created readable by its owner only (0600): journaled
+    records are recorded traffic."""
+    return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", encoding="utf-8")
 
 
 class Journal:
@@ -124,7 +130,7 @@ class Journal:
         data = "".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in entries)
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as handle:
+            with _open_private(self.path) as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -160,7 +166,7 @@ class Journal:
         """Set aside entries the database refuses even one by one (`<journal>.rejected`), so
         they never block the rest; returns that file."""
         rejected = self.rejected_path
-        with self._lock, rejected.open("a", encoding="utf-8") as handle:
+        with self._lock, _open_private(rejected) as handle:
             for entry in entries:
                 handle.write(json.dumps(entry, separators=(",", ":")) + "\n")
         return rejected

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.core.redaction import Redactor
+from proxy.core.redaction import Redactor, loggable_error
 from proxy.recording.journal import Journal
 from proxy.storage import Database
 from proxy.storage.recovery import existing_exchange_ids, ping
@@ -106,7 +106,14 @@ _REDACTED_JSON_COLUMNS = (
     "request_headers_json",
     "metadata_json",
 )
-_REDACTED_TEXT_COLUMNS = ("end_user",)
+# Client- or upstream-controlled texts: a key pasted as a model name or user id is masked too.
+_REDACTED_TEXT_COLUMNS = (
+    "end_user",
+    "model_requested",
+    "model_answered",
+    "finish_reason",
+    "upstream_request_id",
+)
 _REDACTED_SHADOW_COLUMNS = ("shadow_response_json", "shadow_error_json")
 
 
@@ -266,7 +273,9 @@ class Recorder:
         except Exception as exc:
             self.stats["failed_batches"] += 1
             log.warning(
-                "database write of %d records failed (%s): journaling them", len(batch), exc
+                "database write of %d records failed (%s): journaling them",
+                len(batch),
+                loggable_error(exc),
             )
             self._append_journal(entries, shadows)
             return
@@ -295,7 +304,7 @@ class Recorder:
                     chunk = []
             replayed += await self._replay_chunk(chunk, journal)
         except Exception as exc:
-            log.warning("journal replay stopped (%s); will retry", exc)
+            log.warning("journal replay stopped (%s); will retry", loggable_error(exc))
             return replayed
         Journal.done(path)
         self.stats["replayed"] += replayed

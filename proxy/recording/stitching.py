@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from proxy.core import responses as items_core
 from proxy.core.canonical import continuation_candidates, prefix_hashes
+from proxy.core.redaction import loggable_error
 from proxy.storage import Database, StateRef, new_id
 
 log = logging.getLogger("understudy.stitching")
@@ -198,9 +199,7 @@ class Stitcher:
 
     def _failed(self, action: str, exc: Exception) -> None:
         self.db_errors += 1
-        log.warning(
-            "stitching: %s failed, going on without it (%s: %s)", action, type(exc).__name__, exc
-        )
+        log.warning("stitching: %s failed, going on without it (%s)", action, loggable_error(exc))
 
     async def claim(self, link: Link, route: str, shadow: bool) -> tuple[str, bool]:
         """Fix the route of a new trajectory; return the (route, shadow) that holds for it.

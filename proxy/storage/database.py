@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import os
 import random
 import time
 import zlib
@@ -107,6 +108,18 @@ def database_url(target: str) -> str:
     raise DatabaseError(
         f"unsupported database (use a SQLite path or postgresql:// URL): {display_target(target)}"
     )
+
+
+def create_private_file(url: str) -> None:
+    """Create a SQLite URL's file readable by its owner only (0600) when it does not exist yet
+    (recorded traffic is private; SQLite would create it 0644 under the usual umask)."""
+    if "://" not in url or ":memory:" in url or "mode=memory" in url:
+        return
+    path = Path(url.split(":///", 1)[1].split("?", 1)[0])
+    if not path.name or path.exists():
+        return
+    with contextlib.suppress(OSError):  # a missing directory: SQLite's own error says so
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def display_target(target: str) -> str:
@@ -268,19 +281,22 @@ class Database:
         if url.startswith("postgresql"):
             engine = create_async_engine(
                 url,
+                hide_parameters=True,  # error texts carry no row values into logs
                 pool_size=POOL_SIZE,
                 max_overflow=POOL_OVERFLOW,
                 connect_args={"server_settings": {"application_name": "understudy"}},
             )
             request_engine = create_async_engine(
                 url,
+                hide_parameters=True,
                 isolation_level="AUTOCOMMIT",
                 pool_size=REQUEST_POOL_SIZE,
                 max_overflow=0,
                 connect_args={"server_settings": _REQUEST_PATH_SETTINGS},
             )
         else:
-            engine = create_async_engine(url, pool_pre_ping=False)
+            create_private_file(url)  # SQLite gives its -wal and -shm files the same mode
+            engine = create_async_engine(url, pool_pre_ping=False, hide_parameters=True)
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         db = cls(engine, target, shared=shared, request_engine=request_engine)
         shown = display_target(target)
