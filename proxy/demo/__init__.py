@@ -16,6 +16,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -23,10 +25,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import httpx
+
+from proxy.config import Settings, SettingsError, load_settings
+from proxy.testing.servers import ServerError, ServerThread, free_port
 
 DEMO_DB = "./understudy-demo.db"
 DEMO_PORT = 8787
@@ -251,13 +257,7 @@ def play(client: Any, convo: Conversation, run_label: str, max_steps: int = 6) -
     return requests
 
 
-# -- servers -----------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# -- servers and settings ----------------------------------------------------------------------
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -269,59 +269,44 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-class _ServerThread:
-    """A uvicorn server in a daemon thread (uvicorn installs no signal handlers off the main thread)."""
+def demo_settings(options: dict[str, Any], upstream: str) -> Settings:
+    """The proxy's settings for the demo: `options` (the demo's flags, by field name) over the
+    demo's defaults (its own database file, the fake upstream, which also plays the teacher,
+    tool-call promotion, `demo` set so the dashboard says it shows demo data).
 
-    def __init__(self, app: Any, host: str, port: int, log_level: str) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level=log_level,
-            access_log=False,
-            server_header=False,
-            date_header=False,
-            timeout_graceful_shutdown=10,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{port}", daemon=True)
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def _demo_settings(options: dict[str, Any], upstream: str) -> Any:
-    from proxy.__main__ import load_settings
-    from proxy.config import Settings
-
-    options = dict(options)
-    options.pop("upstream", None)
-    options.setdefault("db", DEMO_DB)
-    options.setdefault("log_level", "warning")
-    options["upstream"] = upstream
-    fields = Settings.model_fields
-    # When routing and promotion exist, show them: the fake upstream also plays the teacher.
-    if "teacher_model" in fields and "teacher_model" not in options:
-        options["teacher_model"] = "openai/o4-mini"
-        options.setdefault("teacher_base_url", upstream)
-        options.setdefault("teacher_api_key", "demo-teacher-key")
-    if "promote_tool_calls" in fields and "promote_tool_calls" not in options:
-        options["promote_tool_calls"] = 5
+    Raises SettingsError.
+    """
+    values: dict[str, Any] = {
+        "db": DEMO_DB,
+        "log_level": "warning",
+        "teacher_model": "openai/o4-mini",
+        "teacher_base_url": upstream,
+        "teacher_api_key": "demo-teacher-key",
+        "promote_tool_calls": 5,
+        **options,
+        "upstream": upstream,
+        "demo": True,
+    }
     if "port" not in options:
-        host = str(options.get("host", "127.0.0.1"))
-        options["port"] = DEMO_PORT if _port_free(host, DEMO_PORT) else _free_port()
-    return load_settings(options)
+        host = str(values.get("host", "127.0.0.1"))
+        values["port"] = DEMO_PORT if _port_free(host, DEMO_PORT) else free_port(host)
+    return load_settings(values)
+
+
+def exporter_command() -> str:
+    """How to run the exporter from here, as the user can type it: `understudy-export` when it
+    is on PATH, else the console script beside this Python (relative to the working directory
+    when it is below it), else `<this python> -m exporter`."""
+    on_path = shutil.which("understudy-export")
+    beside = Path(sys.executable).parent / "understudy-export"
+    if on_path and Path(on_path).resolve() == beside.resolve():
+        return "understudy-export"
+    if beside.is_file():
+        try:
+            return "./" + str(beside.relative_to(Path.cwd()))
+        except ValueError:
+            return shlex.quote(str(beside))
+    return f"{shlex.quote(sys.executable)} -m exporter"
 
 
 def _wait_recorded(
@@ -343,9 +328,9 @@ def _wait_recorded(
 def run_demo(options: dict[str, Any]) -> None:
     """Start the fake upstream and the proxy, play the demo conversations, serve until Ctrl-C.
 
-    options: the `python -m proxy` flags given (Settings field names); `--db` defaults to
-    ./understudy-demo.db, `--port` to 8787 (another free port when it is taken); `--upstream` is
-    ignored (the demo's upstream is the fake).
+    options: the `demo` command's flags given (Settings field names, plus `upstream_port`: the
+    fake upstream's port, default a free one); `--db` defaults to ./understudy-demo.db, `--port`
+    to 8787 (another free port when it is taken). Exits with one line when it cannot start.
     """
     import openai
 
@@ -353,22 +338,33 @@ def run_demo(options: dict[str, Any]) -> None:
     from proxy.dashboard.security import is_loopback
     from proxy.testing.fake_openai import create_fake_app
 
-    if "upstream" in options:
-        print("understudy demo: --upstream ignored, the demo plays against its fake upstream")
-    fake_port = _free_port()
+    options = dict(options)
+    fake_port = int(options.pop("upstream_port", 0) or 0) or free_port()
     upstream = f"http://127.0.0.1:{fake_port}/v1"
-    settings = _demo_settings(options, upstream)
+    try:
+        settings = demo_settings(options, upstream)
+    except SettingsError as exc:
+        sys.exit(f"understudy-proxy demo: {exc}")
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    fake = _ServerThread(create_fake_app(), "127.0.0.1", fake_port, "warning")
-    fake.start()
+    fake = ServerThread(create_fake_app(), "127.0.0.1", fake_port)
     try:
-        proxy = _ServerThread(
-            create_app(settings), settings.host, settings.port, settings.log_level.lower()
+        fake.start()
+    except ServerError as exc:
+        sys.exit(
+            f"understudy-proxy demo: the fake upstream did not start on port {fake_port}: {exc}"
+        )
+    try:
+        proxy = ServerThread(
+            create_app(settings),
+            settings.host,
+            settings.port,
+            log_level=settings.log_level.lower(),
+            lifespan="on",
         )
         proxy.start()
-    except (RuntimeError, SystemExit, OSError) as exc:
+    except (ServerError, SystemExit, OSError) as exc:
         fake.stop()
         sys.exit(
             f"understudy-proxy demo: the proxy did not start on {settings.host}:{settings.port}: {exc}"
@@ -419,9 +415,11 @@ def run_demo(options: dict[str, Any]) -> None:
             f"  Dashboard: {root}/dashboard"
             + ("   (log in with UNDERSTUDY_ADMIN_TOKEN)" if token else "")
         )
-    print(
-        f"  Export:    python -m exporter export --db {settings.db} --label approved --out demo.jsonl"
-    )
+    exporter = exporter_command()
+    db_arg = shlex.quote(settings.db)
+    print(f"  Export:    {exporter} export --db {db_arg} --out demo.jsonl")
+    print(f"  Check it:  {exporter} validate demo.jsonl")
+    print(f"  Stats:     {exporter} stats --db {db_arg}")
     print()
     print("Serving until Ctrl-C.", flush=True)
 

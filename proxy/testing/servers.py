@@ -8,6 +8,7 @@
 
     with serve_in_thread(app) as root_url:   # an ASGI app on a real loopback port, in a thread
         ...
+    server = ServerThread(create_app(settings), port=8787, lifespan="on"); server.start()
 
 Servers are real processes (or a real uvicorn in a thread) on loopback, as users start them.
 """
@@ -24,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -115,33 +116,74 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 60.0) -> tup
     return took, output
 
 
+class ServerThread:
+    """A uvicorn server for an ASGI app in a daemon thread (uvicorn installs no signal handlers
+    off the main thread, so the caller's own handlers stay in charge).
+
+    lifespan: "on" runs the app's lifespan (the proxy needs it), "off" skips it. `start()` waits
+    until it listens (raises ServerError after `timeout` s or when it fails to bind); `stop()`
+    lets requests in flight finish (up to `grace_s`) and runs the lifespan's end.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        log_level: str = "warning",
+        lifespan: Literal["on", "off"] = "off",
+        grace_s: float = 10.0,
+    ) -> None:
+        import uvicorn
+
+        self.host = host
+        self.port = port or free_port(host)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=self.port,
+            log_level=log_level,
+            lifespan=lifespan,
+            ws="none",
+            access_log=False,
+            server_header=False,
+            date_header=False,
+            timeout_graceful_shutdown=int(grace_s),
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, name=f"uvicorn-{self.port}", daemon=True
+        )
+
+    @property
+    def root_url(self) -> str:
+        """`http://host:port` (a wildcard host as 127.0.0.1, an IPv6 host in brackets)."""
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start serving and wait until the server listens."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise ServerError(f"server on {self.host}:{self.port} did not start")
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the server to exit and wait for its thread (at most `timeout` s)."""
+        self.server.should_exit = True
+        self.thread.join(timeout=timeout)
+
+
 @contextlib.contextmanager
 def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve the ASGI `app` with uvicorn on `host` (port 0: a free one) in a daemon thread; yield
-    its root URL (`http://host:port`). The lifespan is not run. Raises ServerError when it does
-    not start within 10 s."""
-    import uvicorn
-
-    port = port or free_port(host)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        lifespan="off",
-        ws="none",
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise ServerError(f"in-process server on port {port} did not start")
-        time.sleep(0.01)
+    """Serve the ASGI `app` (lifespan not run) on `host` (port 0: a free one) in a thread; yield
+    its root URL (`http://host:port`). Raises ServerError when it does not start within 10 s."""
+    server = ServerThread(app, host, port, grace_s=1)
+    server.start(timeout=10)
     try:
-        yield f"http://{host}:{port}"
+        yield server.root_url
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        server.stop(timeout=10)
