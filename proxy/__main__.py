@@ -27,7 +27,7 @@ PROG = "understudy-proxy"
 COMMANDS = ("serve", "migrate", "demo")
 MIGRATE_FLAGS = ("db", "config", "log_level")
 """The settings `migrate` takes (the rest would be ignored, so they are refused)."""
-DEMO_FLAGS = ("host", "port", "db", "admin_token", "log_level")
+DEMO_FLAGS = ("host", "port", "db", "admin_token", "promote_tool_calls", "log_level")
 """The settings `demo` takes; its upstream is its own fake (`--upstream-port`)."""
 
 

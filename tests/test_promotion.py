@@ -23,7 +23,7 @@ import tiktoken
 
 from proxy.core.promotion import is_reasoning_model, promote_tool_calls, tool_call_token
 from tests.conftest import ROOT, FakeUpstream, ProxyServer
-from tests.test_routing import (
+from tests.support.agents import (
     SYSTEM,
     TOOLS,
     async_client,

@@ -26,7 +26,7 @@ import pytest
 
 from proxy.http.teacher import teacher_params
 from tests.conftest import FakeUpstream, ProxyServer, child_env, free_port, start_server
-from tests.test_routing import (
+from tests.support.agents import (
     CLIENT_KEY,
     SYSTEM,
     TOOLS,
