@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from proxy.testing.servers import (
     start_server,
     wait_for_http,
 )
-from tests.support.inprocess import InProcessProxy
+from tests.support.inprocess import InProcessProxy, ThreadedProxy, in_process_proxy, served_proxy
 from tests.support.postgres import (
     DEFAULT_POSTGRES_URL,
     POSTGRES_URL_ENV,
@@ -72,6 +72,7 @@ __all__ = [
     "InProcessProxy",
     "ProxyServer",
     "ScriptedUpstream",
+    "ThreadedProxy",
     "child_env",
     "conversation",
     "create_scripted_app",
@@ -158,3 +159,47 @@ def pg_url(postgres_server: str) -> Iterator[str]:
     asyncio.run(pg_admin(postgres_server, f'CREATE DATABASE "{name}"'))
     yield with_database(postgres_server, name)
     asyncio.run(pg_admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# -- in-process proxies ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def inprocess_proxy(
+    tmp_path: Path, fake_upstream: FakeUpstream
+) -> AsyncIterator[InProcessProxy]:
+    """The app in front of the fake upstream, driven in-process (`proxy.client`, `proxy.openai()`);
+    for other settings use `tests.support.inprocess.in_process_proxy` directly."""
+    async with in_process_proxy(tmp_path, upstream=fake_upstream.base_url) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def serve_proxy(
+    tmp_path: Path, fake_upstream: FakeUpstream
+) -> Iterator[Callable[..., ThreadedProxy]]:
+    """Factory: `serve_proxy(**settings)` serves the app in a thread of this process (a real
+    loopback URL for sync clients, no process started); `upstream` defaults to the fake. Stopped
+    after the test."""
+    started: list[ThreadedProxy] = []
+
+    def start(**settings: Any) -> ThreadedProxy:
+        settings.setdefault("upstream", fake_upstream.base_url)
+        server = served_proxy(tmp_path, **settings)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_upstream() -> Iterator[str]:
+    """The fake upstream answering the demo's conversations with the demo's scripted model
+    (`proxy.demo.scenarios`), served in a thread for the session; its base URL (ends in /v1)."""
+    from proxy.demo.scenarios import scripted_model
+    from proxy.testing.fake_openai import create_fake_app
+
+    with serve_in_thread(create_fake_app(scripted_model)) as root:
+        yield root + "/v1"

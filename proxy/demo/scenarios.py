@@ -122,6 +122,10 @@ _PAGES = {
         # Captured traffic is untrusted: this shows that the dashboard escapes what it shows.
         "<script>alert('tool results are shown as text')</script>"
     ),
+    "/docs/service-accounts#keys": (
+        "<h1>Service account keys</h1><p>A service account holds up to two keys at a time: "
+        "add the new one, switch over, delete the old one.</p>"
+    ),
 }
 
 
@@ -272,9 +276,12 @@ CONVERSATIONS = [
             ),
             Turn(
                 "And for a service account?",
-                [[("search_docs", {"query": "service account key rotation", "limit": 3})]],
-                "The same steps apply: service account keys are rotated on the service "
-                "account's own Keys tab (see Service account keys).",
+                [
+                    [("search_docs", {"query": "service account key rotation", "limit": 3})],
+                    [("fetch_page", {"path": "/docs/service-accounts#keys"})],
+                ],
+                "The same steps apply, on the service account's own Keys tab: add a second "
+                "key, switch the service to it, then delete the old one.",
             ),
         ],
         ["search_docs", "fetch_page"],

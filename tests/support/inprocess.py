@@ -12,6 +12,10 @@ since the proxy's upstream client speaks real HTTP. `ASGITransport` hands over a
 its body is complete, so a stream arrives whole (its SSE chunks unchanged); tests about chunk
 timing or a client that goes away mid-stream need a real server (`tests.support.processes`).
 
+`served_proxy(tmp_path, upstream=...)` serves the same app with uvicorn in a thread of this
+process (lifespan run): a real loopback URL for synchronous clients (the `openai` SDK, httpx,
+the demo's agent loop), without starting a process; `.stop()` drains the recorder.
+
 `run_exporter(*argv)` runs `exporter.cli.main(argv)` in this process and returns its exit code
 and output, as `python -m exporter ARGS` would print them.
 """
@@ -33,6 +37,7 @@ from fastapi import FastAPI
 
 from proxy.app import FastPath, create_app
 from proxy.config import Settings
+from proxy.testing.servers import ServerThread, free_port
 
 ROOT_URL = "http://127.0.0.1:8787"
 """The origin the in-process client sends to (never connected to: the transport is the app; a
@@ -89,6 +94,43 @@ async def in_process_proxy(directory: Path, **settings: Any) -> AsyncIterator[In
             yield InProcessProxy(app, client, config, Path(config.db))
     finally:
         gc.unfreeze()  # the lifespan freezes what start-up allocated; a test process goes on
+
+
+@dataclass
+class ThreadedProxy:
+    """The proxy app served by uvicorn in a thread of the test process.
+
+    base_url ends in /v1; root_url is `http://127.0.0.1:PORT`; db is the SQLite file (its
+    database URL in `db_url`). Read the database after `stop()`, which drains the recorder.
+    """
+
+    base_url: str
+    root_url: str
+    db: Path
+    db_url: str
+    settings: Settings
+    server: ServerThread
+
+    def stop(self) -> str:
+        """Stop serving (requests in flight finish, the recorder drains); returns "" (logs go to
+        the test's `caplog`, not to an output stream)."""
+        self.server.stop()
+        return ""
+
+
+def served_proxy(directory: Path, **settings: Any) -> ThreadedProxy:
+    """Start `FastPath(create_app(Settings(**settings)))` with uvicorn in a thread on a free
+    loopback port (`upstream` required; `db` defaults to a new SQLite file in `directory`); the
+    caller stops it. Settings come from the arguments only (not from UNDERSTUDY_* variables)."""
+    port = free_port()
+    settings.setdefault("db", str(directory / f"understudy-{port}.db"))
+    settings.setdefault("port", port)
+    config = Settings(**settings)
+    server = ServerThread(FastPath(create_app(config)), config.host, port, lifespan="on")
+    server.start()
+    return ThreadedProxy(
+        server.root_url + "/v1", server.root_url, Path(config.db), config.db, config, server
+    )
 
 
 @dataclass
