@@ -1,7 +1,7 @@
 """Routing: who answers a new trajectory (header, rules, rate), and that every step keeps it.
 
-Pure tests of `proxy.core.routing` first. Then end-to-end agent runs with the official `openai` SDK
-through a real proxy process whose teacher is the fake OpenAI upstream reached through litellm
+Pure tests of `proxy.core.routing` first. Then agent runs with the official `openai` SDK through
+the proxy served in this process (`tests.support.inprocess`) whose teacher is the fake OpenAI upstream reached through litellm
 (`--teacher-model openai/fake-teacher --teacher-base-url ... --teacher-api-key ...`) with routing
 rules: the header or a rule decides a run's first request and every later step follows, stream or
 not, tool calls (parallel ones too) intact, recorded with route and answering model; the teacher
@@ -48,7 +48,8 @@ from tests.support.agents import (
     trajectory_row,
     wait_for_exchanges,
 )
-from tests.support.processes import FakeUpstream, ProxyServer
+from tests.support.inprocess import InProcessProxy, ThreadedProxy
+from tests.support.processes import FakeUpstream
 
 # ---------------------------------------------------------------------------------------------
 # Pure: decide_route, rule_matches, sample_point
@@ -282,7 +283,7 @@ model = "gpt-4o*"
 @pytest.fixture(scope="module")
 def rules_proxy(
     fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyServer]:
+) -> Iterator[ThreadedProxy]:
     """A proxy whose teacher is the fake upstream (through litellm), with rules.
 
     The rules come from a TOML config file and the teacher's key from its environment variable,
@@ -304,13 +305,13 @@ def rules_proxy(
 
 
 @pytest.fixture
-async def client(rules_proxy: ProxyServer) -> AsyncIterator[openai.AsyncOpenAI]:
+async def client(rules_proxy: ThreadedProxy) -> AsyncIterator[openai.AsyncOpenAI]:
     async with async_client(rules_proxy) as value:
         yield value
 
 
 async def assert_one_trajectory(
-    server: ProxyServer, steps: list[Step], route: str, models: list[str]
+    server: ThreadedProxy | InProcessProxy, steps: list[Step], route: str, models: list[str]
 ) -> list[dict[str, Any]]:
     """Every step in one trajectory, recorded with `route`, answered by `models` (per step)."""
     assert len(steps) == 3, steps  # search, book, answer
@@ -330,7 +331,7 @@ async def assert_one_trajectory(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_header_on_the_first_request_keeps_the_whole_run_on_the_teacher(
-    rules_proxy: ProxyServer,
+    rules_proxy: ThreadedProxy,
     client: openai.AsyncOpenAI,
     fake_upstream: FakeUpstream,
     stream: bool,
@@ -355,7 +356,7 @@ async def test_header_on_the_first_request_keeps_the_whole_run_on_the_teacher(
 
 
 async def test_header_student_beats_a_matching_rule_for_the_whole_run(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI, fake_upstream: FakeUpstream
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI, fake_upstream: FakeUpstream
 ) -> None:
     text = "Header-student gold run: Lima to Quito"
     steps = await run_agent(
@@ -371,7 +372,7 @@ async def test_header_student_beats_a_matching_rule_for_the_whole_run(
 
 
 async def test_a_metadata_rule_decides_the_first_step_and_later_steps_follow(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI
 ) -> None:
     steps = await run_agent(
         client,
@@ -382,7 +383,7 @@ async def test_a_metadata_rule_decides_the_first_step_and_later_steps_follow(
 
 
 async def test_a_student_run_stays_student_when_later_steps_would_route_to_the_teacher(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI, fake_upstream: FakeUpstream
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI, fake_upstream: FakeUpstream
 ) -> None:
     """Later steps ask for gpt-4o, carry tier=gold and the teacher header: still the student."""
     text = "Student run that later looks golden: Perth to Hobart"
@@ -411,7 +412,7 @@ async def test_a_student_run_stays_student_when_later_steps_would_route_to_the_t
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_a_model_rule_run_stays_on_the_teacher_when_the_app_switches_model(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI, stream: bool
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI, stream: bool
 ) -> None:
     steps = await run_agent(
         client,
@@ -431,7 +432,7 @@ async def test_a_model_rule_run_stays_on_the_teacher_when_the_app_switches_model
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_parallel_tool_calls_come_back_from_the_teacher_intact(
-    rules_proxy: ProxyServer,
+    rules_proxy: ThreadedProxy,
     client: openai.AsyncOpenAI,
     fake_upstream: FakeUpstream,
     stream: bool,
@@ -469,7 +470,7 @@ async def test_parallel_tool_calls_come_back_from_the_teacher_intact(
 
 
 async def test_the_teacher_uses_its_own_key_and_the_student_the_clients(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI, fake_upstream: FakeUpstream
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI, fake_upstream: FakeUpstream
 ) -> None:
     teacher_text, student_text = (
         "Keyed teacher run: Accra to Dakar",
@@ -495,7 +496,7 @@ async def test_the_teacher_uses_its_own_key_and_the_student_the_clients(
 
 
 async def test_an_explicit_trajectory_id_keeps_the_route_of_its_first_request(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI
 ) -> None:
     """Requests tied by `X-Understudy-Trajectory-Id` (not by hashing) are one trajectory too."""
     tied = {"X-Understudy-Trajectory-Id": "explicit-sequential-1"}
@@ -519,7 +520,7 @@ async def test_an_explicit_trajectory_id_keeps_the_route_of_its_first_request(
 
 
 async def test_a_concurrent_request_with_the_same_explicit_id_keeps_the_first_route(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI
 ) -> None:
     """The first request (student) is still streaming when the second (which a rule would send to
     the teacher) arrives: the trajectory's route is already decided, both stay on the student."""
@@ -576,14 +577,14 @@ async def test_an_unknown_route_header_is_a_400_and_is_not_forwarded(
 
 
 async def test_without_a_teacher_the_header_routes_to_the_student(
-    proxy_server: ProxyServer, fake_upstream: FakeUpstream
+    inprocess_proxy: InProcessProxy, fake_upstream: FakeUpstream
 ) -> None:
     text = "No teacher configured: Turin to Milan"
-    async with async_client(proxy_server) as app:
-        steps = await run_agent(
-            app, text, options=lambda n: {"extra_headers": {"X-Understudy-Route": "teacher"}}
-        )
-    await assert_one_trajectory(proxy_server, steps, "student", ["gpt-4.1-mini"] * 3)
+    app = async_client(inprocess_proxy)
+    steps = await run_agent(
+        app, text, options=lambda n: {"extra_headers": {"X-Understudy-Route": "teacher"}}
+    )
+    await assert_one_trajectory(inprocess_proxy, steps, "student", ["gpt-4.1-mini"] * 3)
     assert [r["body"]["model"] for r in received(fake_upstream, text)] == ["gpt-4.1-mini"] * 3
 
 
@@ -603,7 +604,7 @@ RATE_TEACHER = "o3"  # litellm name of an OpenAI reasoning teacher; served by th
 class RateRun:
     """The workload's outcome: each conversation's steps, the stopped proxy, the predictions."""
 
-    server: ProxyServer
+    server: ThreadedProxy
     runs: dict[str, list[Step]]
     predicted: dict[str, str]
     upstream: list[dict[str, Any]]
@@ -648,7 +649,6 @@ def rate_run(
         yield RateRun(server, dict(zip(WORKLOAD, results, strict=True)), predicted, upstream)
 
 
-@pytest.mark.e2e
 def test_about_thirty_percent_of_conversations_go_to_the_teacher_as_predicted(
     rate_run: RateRun,
 ) -> None:
@@ -658,7 +658,6 @@ def test_about_thirty_percent_of_conversations_go_to_the_teacher_as_predicted(
     assert 0.15 <= share <= 0.45, share
 
 
-@pytest.mark.e2e
 def test_every_conversation_keeps_its_route_and_model_from_first_step_to_last(
     rate_run: RateRun,
 ) -> None:
@@ -686,7 +685,6 @@ def test_every_conversation_keeps_its_route_and_model_from_first_step_to_last(
     assert Counter(t["route"] for t in trajectories) == Counter(rate_run.predicted.values())
 
 
-@pytest.mark.e2e
 def test_teacher_requests_are_adapted_for_the_reasoning_teacher(rate_run: RateRun) -> None:
     """The upstream saw o3 requests without temperature, with max_completion_tokens; the student's
     requests are the app's own."""
@@ -712,7 +710,6 @@ def test_teacher_requests_are_adapted_for_the_reasoning_teacher(rate_run: RateRu
         assert body["messages"][0] == SYSTEM
 
 
-@pytest.mark.e2e
 def test_the_reasoning_teacher_gets_the_system_prompt_as_instructions(rate_run: RateRun) -> None:
     """o-series models take `system` (or `developer`) messages; the app's system prompt must not
     reach the teacher disguised as something the user said."""
@@ -724,7 +721,6 @@ def test_the_reasoning_teacher_gets_the_system_prompt_as_instructions(rate_run: 
         assert first["content"] == SYSTEM["content"]
 
 
-@pytest.mark.e2e
 def test_export_route_teacher_holds_exactly_the_teacher_conversations(
     rate_run: RateRun, tmp_path: Path
 ) -> None:

@@ -8,20 +8,16 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import openai
 
 from proxy.core.canonical import prefix_hashes
 from proxy.testing.agent import SYSTEM, TOOLS, Step, run_agent, tool_result
-from proxy.testing.servers import REPOSITORY_ROOT as ROOT
-from proxy.testing.servers import child_env, free_port, start_server
-from tests.support.inprocess import InProcessProxy
+from tests.support.inprocess import InProcessProxy, ThreadedProxy, run_exporter, served_proxy
 from tests.support.processes import FakeUpstream, ProxyServer
 
 __all__ = [
@@ -46,23 +42,22 @@ __all__ = [
 
 CLIENT_KEY = "sk-client-key-for-tests"
 
+Served = TypeVar("Served", ProxyServer, ThreadedProxy)
+"""A proxy reachable over HTTP: a process (`ProxyServer`) or served in a thread (`ThreadedProxy`)."""
+
 
 def launch_proxy(
     fake_upstream: FakeUpstream, directory: Path, *, env: dict[str, str] | None = None, **flags: Any
-) -> ProxyServer:
-    """Start a proxy process (as `start_proxy` does) for fixtures wider than one test."""
-    port = free_port()
-    db = directory / "understudy.db"
-    options = {"port": port, "upstream": fake_upstream.base_url, "db": str(db), **flags}
-    args = ["-m", "proxy"]
-    for name, value in options.items():
-        args += [f"--{name.replace('_', '-')}", str(value)]
-    process = start_server(args, f"http://127.0.0.1:{port}/health", child_env(**(env or {})))
-    return ProxyServer(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}", db, process)
+) -> ThreadedProxy:
+    """A proxy in front of `fake_upstream`, served in this process (uvicorn in a thread, lifespan
+    run), for fixtures wider than one test; `env` is set while it runs. The caller stops it."""
+    flags.setdefault("upstream", fake_upstream.base_url)
+    flags.setdefault("db", str(directory / "understudy.db"))
+    return served_proxy(directory, env=env, **flags)
 
 
 @contextlib.contextmanager
-def running(server: ProxyServer) -> Iterator[ProxyServer]:
+def running(server: Served) -> Iterator[Served]:
     """Yield `server`, stop it afterwards (fixtures), failing loudly if it crashed meanwhile."""
     try:
         yield server
@@ -71,7 +66,9 @@ def running(server: ProxyServer) -> Iterator[ProxyServer]:
         assert "Traceback" not in output, output
 
 
-def async_client(server: ProxyServer | InProcessProxy, key: str = CLIENT_KEY) -> openai.AsyncOpenAI:
+def async_client(
+    server: ProxyServer | ThreadedProxy | InProcessProxy, key: str = CLIENT_KEY
+) -> openai.AsyncOpenAI:
     """The async SDK pointed at `server` (a process, or an in-process proxy's transport)."""
     if isinstance(server, InProcessProxy):
         return server.openai(api_key=key)
@@ -132,17 +129,6 @@ def received(fake_upstream: FakeUpstream, marker: str) -> list[dict[str, Any]]:
 def first_request_hash(user_text: str) -> str:
     """The stitching hash of an agent run's first request (what the rate is decided from)."""
     return prefix_hashes([SYSTEM, {"role": "user", "content": user_text}])[-1]
-
-
-def run_exporter(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "exporter", *args],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

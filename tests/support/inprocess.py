@@ -23,9 +23,12 @@ and output, as `python -m exporter ARGS` would print them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import io
+import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +39,7 @@ import openai
 from fastapi import FastAPI
 
 from proxy.app import FastPath, create_app
-from proxy.config import Settings
+from proxy.config import Settings, load_settings
 from proxy.testing.servers import ServerThread, free_port
 
 ROOT_URL = "http://127.0.0.1:8787"
@@ -96,6 +99,28 @@ async def in_process_proxy(directory: Path, **settings: Any) -> AsyncIterator[In
         gc.unfreeze()  # the lifespan freezes what start-up allocated; a test process goes on
 
 
+class _LogCollector(logging.Handler):
+    """Keeps the formatted records (tracebacks included) of the loggers it is attached to."""
+
+    LOGGERS = ("understudy", "uvicorn.error", "proxy")
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def attach(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+
+    def detach(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+
+
 @dataclass
 class ThreadedProxy:
     """The proxy app served by uvicorn in a thread of the test process.
@@ -110,26 +135,80 @@ class ThreadedProxy:
     db_url: str
     settings: Settings
     server: ServerThread
+    logs: _LogCollector
+    restore_env: dict[str, str | None]
 
     def stop(self) -> str:
-        """Stop serving (requests in flight finish, the recorder drains); returns "" (logs go to
-        the test's `caplog`, not to an output stream)."""
-        self.server.stop()
-        return ""
+        """Stop serving (requests in flight finish, the recorder drains), put back the
+        environment it was started with; return what it logged at WARNING or above (with
+        tracebacks), as a process's output would show it. Stopping twice is harmless."""
+        if self.server.thread.is_alive():
+            self.server.stop()
+        self.logs.detach()
+        _put_back(self.restore_env)
+        self.restore_env = {}
+        return "\n".join(self.logs.lines)
 
 
-def served_proxy(directory: Path, **settings: Any) -> ThreadedProxy:
-    """Start `FastPath(create_app(Settings(**settings)))` with uvicorn in a thread on a free
-    loopback port (`upstream` required; `db` defaults to a new SQLite file in `directory`); the
-    caller stops it. Settings come from the arguments only (not from UNDERSTUDY_* variables)."""
+def _put_back(saved: dict[str, str | None]) -> None:
+    """Restore environment variables saved as name -> value (None: it was not set)."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _settings_with_env(values: dict[str, Any], env: dict[str, str]) -> Settings:
+    """`load_settings(values)` seeing exactly the `UNDERSTUDY_*` variables of `env` (none from
+    the test process's own environment, so proxies started side by side do not share them)."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("UNDERSTUDY_")}
+    for name in saved:
+        del os.environ[name]
+    os.environ.update(env)
+    try:
+        return load_settings({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
+    finally:
+        for name in env:
+            os.environ.pop(name, None)
+        os.environ.update(saved)
+
+
+def served_proxy(
+    directory: Path, *, env: dict[str, str] | None = None, **settings: Any
+) -> ThreadedProxy:
+    """Start `FastPath(create_app(settings))` with uvicorn in a thread on a free loopback port;
+    the caller stops it. settings: as `python -m proxy` flags, by field name (`upstream`
+    required; `db` defaults to a new SQLite file in `directory`; JSON text for list options).
+    env: `UNDERSTUDY_*` variables are seen by the settings (and no others of that prefix); other
+    variables (`ANTHROPIC_API_KEY` for litellm) are set while it runs and put back by `stop()`.
+    Raises SettingsError."""
+    settings_env = {k: v for k, v in (env or {}).items() if k.startswith("UNDERSTUDY_")}
+    process_env = {k: v for k, v in (env or {}).items() if k not in settings_env}
+    restore = {name: os.environ.get(name) for name in process_env}
+    os.environ.update(process_env)
     port = free_port()
     settings.setdefault("db", str(directory / f"understudy-{port}.db"))
     settings.setdefault("port", port)
-    config = Settings(**settings)
-    server = ServerThread(FastPath(create_app(config)), config.host, port, lifespan="on")
-    server.start()
+    logs = _LogCollector()
+    logs.attach()
+    try:
+        config = _settings_with_env(settings, settings_env)
+        server = ServerThread(FastPath(create_app(config)), config.host, port, lifespan="on")
+        server.start()
+    except BaseException:
+        logs.detach()
+        _put_back(restore)
+        raise
     return ThreadedProxy(
-        server.root_url + "/v1", server.root_url, Path(config.db), config.db, config, server
+        server.root_url + "/v1",
+        server.root_url,
+        Path(config.db),
+        config.db,
+        config,
+        server,
+        logs,
+        restore,
     )
 
 
@@ -145,15 +224,25 @@ class CliResult:
 def run_exporter(*argv: str) -> CliResult:
     """`python -m exporter ARGV`, in this process (`exporter.cli.main`): exit code and output.
 
-    Call it from a synchronous test (the commands run their own event loop).
+    The commands run their own event loop; called from a coroutine (an async test), the command
+    runs in a worker thread while the caller waits.
     """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _run_exporter(list(argv))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(_run_exporter, list(argv)).result()
+
+
+def _run_exporter(argv: list[str]) -> CliResult:
     from exporter.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            main(list(argv))
+            main(argv)
         except SystemExit as exc:
             if isinstance(exc.code, str):
                 err.write(exc.code + "\n")
