@@ -237,6 +237,14 @@ def _client_key(headers: Any) -> str | None:
     return value[7:].strip() or None if value[:7].lower() == "bearer " else None
 
 
+def _refused(
+    proxy: ProxyState, status: int, message: str, param: str | None, code: str | None
+) -> Response:
+    """The OpenAI-shaped error for a refused request, counted and logged by `Metrics.rejected`."""
+    proxy.metrics.rejected(status, code, param, "/v1/chat/completions")
+    return error_response(status, message, param=param, code=code)
+
+
 async def chat_completions(request: Request) -> Response:
     """Proxy one chat-completions call; see the module docstring."""
     start = time.perf_counter()
@@ -255,11 +263,11 @@ async def chat_completions(request: Request) -> Response:
         else:
             route, shadow = link.route, link.shadow
     except InvalidRequest as exc:
-        return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+        return _refused(proxy, exc.status, exc.message, exc.param, exc.code)
     except RecursionError:
-        return error_response(400, "messages are nested too deeply", param="messages")
+        return _refused(proxy, 400, "messages are nested too deeply", "messages", None)
     except ValueError as exc:
-        return error_response(400, str(exc), param=ROUTE_HEADER)
+        return _refused(proxy, 400, str(exc), ROUTE_HEADER, None)
     if proxy.teacher is None:  # routed earlier by a proxy that had a teacher configured
         route, shadow = "student", False
 
