@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.dashboard import TOKEN, by_name, csrf_of, find, record_traffic
 from tests.support.inprocess import ThreadedProxy, run_exporter
+from tests.support.records import recorded_exchanges
 
 StartProxy = Callable[..., ThreadedProxy]
 
@@ -335,3 +336,31 @@ def test_export_downloads_the_filtered_set(serve_proxy: StartProxy, tmp_path: Pa
     assert nothing.status_code == 404 and nothing.json()["error"]["code"] == "nothing_to_export"
     bad = httpx.get(f"{api}/export", params={"format": "csv"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_export_options"
+
+
+def test_streams_without_usage_show_estimated_tokens(serve_proxy: StartProxy) -> None:
+    proxy = serve_proxy()
+    body = {
+        "model": "gpt-4.1-mini",
+        "messages": [{"role": "user", "content": "Write a haiku about a proxy."}],
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{proxy.base_url}/chat/completions", json=body) as answer:
+        chunks = b"".join(answer.iter_raw())
+        tid = answer.headers["x-understudy-trajectory-id"]
+    assert b'"usage"' not in chunks  # the client gets what the upstream sent, no usage added
+    asked = {**body, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{proxy.base_url}/chat/completions", json=asked) as answer:
+        answer.read()
+        counted = answer.headers["x-understudy-trajectory-id"]
+    proxy.stop()
+    rows = {row["trajectory_id"]: row for row in recorded_exchanges(proxy.db)}
+    assert rows[tid]["usage"]["estimated"] is True and rows[tid]["total_tokens"] > 0
+    assert "estimated" not in rows[counted]["usage"]
+    again = serve_proxy(db=str(proxy.db))
+    page = httpx.get(f"{again.root_url}/dashboard/trajectories/{tid}").text
+    assert "(estimated for 1 step)" in page
+    listed = httpx.get(f"{again.root_url}/api/trajectories/{tid}").json()
+    assert listed["prompt_tokens"] > 0 and listed["exchanges"][0]["usage"]["estimated"] is True
+    other = httpx.get(f"{again.root_url}/dashboard/trajectories/{counted}").text
+    assert "estimated for" not in other

@@ -166,7 +166,13 @@ def test_sse_bytes_and_headers_unchanged(
     assert row["stream"] == 1
     message = response_message(row)
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["lookup", "fetch"]
-    assert (row["usage"] is not None) == usage
+    if usage:
+        assert "estimated" not in row["usage"]  # the upstream's own figures
+    else:  # not asked for: counted offline, marked estimated; the client's bytes are unchanged
+        assert row["usage"]["estimated"] is True and row["usage"]["encoding"] == "o200k_base"
+        assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
+        assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"]
+        assert b'"usage"' not in proxied.content
 
 
 def test_unknown_fields_reach_the_sdk(proxy: ThreadedProxy) -> None:

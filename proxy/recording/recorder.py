@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.core.redaction import Redactor, storable
+from proxy.core.usage import estimate_usage
 from proxy.recording.journal import Journal
 from proxy.storage import Database
 from proxy.storage.recovery import existing_exchange_ids, ping
@@ -68,6 +69,9 @@ class ExchangeRecord:
         """The `exchanges` row for this record (runs in the writer, off the request path)."""
         response = self.response or {}
         usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
+        if usage is None and self.stream and self.outcome == "ok" and self.response:
+            # A stream sent without stream_options.include_usage: counted here, marked estimated.
+            usage = estimate_usage(self.request, self.response)
         choices = response.get("choices") or []
         first = choices[0] if choices and isinstance(choices[0], dict) else {}
         message = first.get("message") or {}
