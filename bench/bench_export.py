@@ -1,6 +1,6 @@
 """Benchmark: export 100,000 recorded trajectories (issue 3: "seconds, not minutes").
 
-    python bench/bench_export.py [--trajectories 100000] [--db PATH] [--reuse]
+    python -m bench.bench_export [--trajectories 100000] [--db PATH] [--reuse]
 
 Builds a SQLite database the way the recorder writes it (`ExchangeRecord.to_row`,
 `trajectory_rows`, `Database.write_exchanges`, in large batches), shaped like the seed use case:
@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from proxy.recording.recorder import ExchangeRecord, trajectory_meta, trajectory_rows
+from proxy.storage import Database, new_id
 
-from proxy.recording.recorder import ExchangeRecord, trajectory_meta, trajectory_rows  # noqa: E402
-from proxy.storage import Database, new_id  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 SYSTEM = (
     "You are the support agent of an online shop. Look orders up before answering, never guess "
@@ -117,6 +117,7 @@ def trajectory(n: int, rng: random.Random) -> list[ExchangeRecord]:
     trajectory_id, parent, records = new_id(), None, []
     minute = n // 60
     for step in range(3):
+        answer: dict[str, Any]
         if step < 2:
             answer = {
                 "role": "assistant",

@@ -22,10 +22,10 @@ Two modes:
 
 Run from the repository root in the project's venv:
 
-    python bench/bench_faults.py                         # kill mode, 60 s, 3 kills
-    python bench/bench_faults.py --duration 30 --kills 2
-    python bench/bench_faults.py --soak-minutes 10       # memory soak
-    python bench/bench_faults.py --proxy-flag=--stitch-cache-size=1000   # extra proxy flags
+    python -m bench.bench_faults                         # kill mode, 60 s, 3 kills
+    python -m bench.bench_faults --duration 30 --kills 2
+    python -m bench.bench_faults --soak-minutes 10       # memory soak
+    python -m bench.bench_faults --proxy-flag=--stitch-cache-size=1000   # extra proxy flags
 
 `--json FILE` also writes the results as JSON. Exit status 1 when an exchange answered before the
 final SIGTERM is missing from the database, or the database fails `PRAGMA integrity_check`.
@@ -50,12 +50,11 @@ from typing import Any
 
 import httpx
 
+from proxy.core.sse import StreamAssembler
+from proxy.testing.servers import child_env, free_port, wait_for_http
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from processes import child_env, free_port  # noqa: E402  (bench/ is on the path)
-
-from proxy.core.sse import StreamAssembler  # noqa: E402  (the repository root is not installed here)
 
 SYSTEM = "You are a support agent. Look facts up with the tools before you answer."
 TOOLS = [
@@ -76,20 +75,6 @@ TOOLS = [
         ("track_shipment", "Carrier events for a tracking number."),
     )
 ]
-
-
-def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    """Poll `url` until it answers; raise with the server's output when it exits first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {url}")
-        try:
-            httpx.get(url, timeout=1.0)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout_s} s")
 
 
 @dataclass
@@ -126,7 +111,7 @@ class Servers:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        wait_http(self.upstream_url + "/v1/models", self.upstream)
+        wait_for_http(self.upstream_url + "/v1/models", self.upstream, 60.0)
 
     def start_proxy(self) -> None:
         log = (self.workdir / f"proxy-{self.restarts}.log").open("ab")
@@ -147,7 +132,7 @@ class Servers:
         self.proxy = subprocess.Popen(
             command, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT
         )
-        wait_http(self.proxy_url + "/health", self.proxy)
+        wait_for_http(self.proxy_url + "/health", self.proxy, 60.0)
 
     def kill_proxy(self) -> float:
         """SIGKILL the proxy; return the monotonic time just before the signal."""

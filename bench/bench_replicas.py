@@ -24,9 +24,9 @@ One run, all on 127.0.0.1, bounded (about 2 minutes with the defaults):
 
 It prints a table and (with `--markdown FILE`) writes it as Markdown for docs/postgres.md.
 
-    python bench/bench_replicas.py                        # defaults
-    python bench/bench_replicas.py --quick                # ~40 s smoke run
-    python bench/bench_replicas.py --postgres postgresql://postgres@127.0.0.1:5432/postgres
+    python -m bench.bench_replicas                        # defaults
+    python -m bench.bench_replicas --quick                # ~40 s smoke run
+    python -m bench.bench_replicas --postgres postgresql://postgres@127.0.0.1:5432/postgres
 
 Needs a PostgreSQL server (`--postgres`, default the env var UNDERSTUDY_TEST_POSTGRES_URL, else
 postgresql://postgres@127.0.0.1:5432/postgres) that lets this user create databases. Exit status 1
@@ -57,13 +57,12 @@ from typing import Any
 
 import asyncpg
 
+from bench import loadgen, mock_upstream
+from proxy.testing.servers import child_env, free_port, stop_process
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
 
-import loadgen  # noqa: E402  (sibling modules, not a package)
-import mock_upstream  # noqa: E402
-from processes import child_env, free_port, stop_process  # noqa: E402  (bench/ is on the path)
 
 HOST = "127.0.0.1"
 PATH = "/v1/chat/completions"
@@ -118,7 +117,7 @@ def postgres_pids() -> list[int]:
 def mock_server() -> Iterator[int]:
     port = free_port(HOST)
     process = subprocess.Popen(
-        [sys.executable, str(BENCH / "mock_upstream.py"), "--port", str(port)],
+        [sys.executable, "-m", "bench.mock_upstream", "--port", str(port)],
         cwd=ROOT,
         env=child_env(),
         stdout=subprocess.PIPE,

@@ -12,7 +12,7 @@ calls): this one must never be the bottleneck, so it answers from pre-encoded by
 Headers are the ones OpenAI sends (`x-request-id`, `openai-processing-ms`, `x-ratelimit-*`,
 `cf-ray`, ...), `x-request-id` unique per answer. Uses uvloop when it is installed.
 
-Run: `python bench/mock_upstream.py --port 9100` (127.0.0.1 only).
+Run: `python -m bench.mock_upstream --port 9100` (127.0.0.1 only).
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ call (system prompt, user message, 3 tools); the answer a tool call (JSON or SSE
 
 Run (from the repository root, in the project's venv):
 
-    python bench/proxy_bench.py                      # defaults: 2000 requests, 10 s, 32 connections
-    python bench/proxy_bench.py --quick              # a 20-second smoke run
-    python bench/proxy_bench.py --generator wrk      # throughput with wrk (Debian `wrk`) if installed
+    python -m bench.proxy_bench                      # defaults: 2000 requests, 10 s, 32 connections
+    python -m bench.proxy_bench --quick              # a 20-second smoke run
+    python -m bench.proxy_bench --generator wrk      # throughput with wrk (Debian `wrk`) if installed
 
 Options: --requests N, --duration S, --connections C, --generator auto|python|wrk (auto: wrk when
 installed, else the built-in asyncio generator), --out FILE, --proxy-command "CMD ..." (measure a
@@ -51,13 +51,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench import loadgen, mock_upstream
+from proxy.testing.servers import child_env, free_port, stop_process
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
 
-import loadgen  # noqa: E402  (sibling modules, not a package)
-import mock_upstream  # noqa: E402
-from processes import child_env, free_port, stop_process  # noqa: E402  (bench/ is on the path)
 
 HOST = "127.0.0.1"
 PATH = "/v1/chat/completions"
@@ -478,7 +477,7 @@ def write_markdown(
     by_kind = ", ".join(f"{k}: {v}" for k, v in sorted(recording["by_kind"].items()))
     text = f"""# Proxy benchmark results
 
-Written by `python bench/proxy_bench.py` (issue 2, "Performance"). Loopback only; one proxy
+Written by `python -m bench.proxy_bench` (issue 2, "Performance"). Loopback only; one proxy
 process (one uvicorn worker) with recording on (SQLite, WAL), in front of a fast mock upstream
 (`bench/mock_upstream.py`, raw asyncio). The request is an SDK-shaped chat.completions call
 (system prompt, user message, 3 tools, {
@@ -639,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
             "warning",
         ]
     console.print(f"[bold]Understudy proxy benchmark[/] ({info['cpus']}, Python {info['python']})")
-    mock = start([sys.executable, str(BENCH / "mock_upstream.py"), "--port", str(mock_port)])
+    mock = start([sys.executable, "-m", "bench.mock_upstream", "--port", str(mock_port)])
     proxy: subprocess.Popen[bytes] | None = None
     try:
         wait_ready(mock, mock_port, "/v1/models")

@@ -246,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonnegative_int,
         default=10,
         metavar="N",
-        help="fewer samples is an error (default 10, OpenAI's minimum)",
+        help="fewer samples is a warning (default 10, OpenAI's minimum for fine-tuning)",
+    )
+    validate.add_argument(
+        "--strict-min-samples",
+        action="store_true",
+        help="make fewer than --min-samples samples an error (exit 1), as OpenAI refuses the file",
     )
     validate.add_argument(
         "--max-errors",

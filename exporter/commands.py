@@ -183,10 +183,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 fmt,
                 counter,
                 limit=limit,
-                min_samples=args.min_samples,
+                min_samples=args.min_samples if args.strict_min_samples else 0,
             )
     except UnicodeDecodeError as exc:
         raise CliError(f"{path} is not UTF-8 text: {exc.reason}") from exc
+    warnings: list[str] = []
+    if not args.strict_min_samples and result.samples < args.min_samples:
+        warnings.append(
+            f"{result.samples} samples: OpenAI fine-tuning needs at least {args.min_samples} "
+            "(the open-model trainers do not); --strict-min-samples makes this an error"
+        )
     if args.json:
         print(
             json.dumps(
@@ -196,6 +202,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     "valid": result.ok,
                     "samples": result.samples,
                     "errors": result.errors,
+                    "warnings": warnings,
                     "tokens": result.token_stats(),
                     "token_limit": limit,
                 }
@@ -207,6 +214,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{path}: {error}")
         if len(result.errors) > args.max_errors:
             print(f"{path}: ... {len(result.errors) - args.max_errors} more errors")
+        for warning in warnings:
+            print(f"{path}: warning: {warning}")
         console.print(report.validation_table(result, str(path)))
     return 0 if result.ok else 1
 

@@ -10,6 +10,7 @@ from typing import Any
 from exporter.formats import FORMATS
 from exporter.samples import TRAIN_ON_CHOICES
 from exporter.tokens import token_limit, training_price
+from proxy.storage.filters import TrajectoryFilter
 
 LEAVES_CHOICES = ("all", "longest")
 ROUTE_CHOICES = ("any", "student", "teacher")
@@ -59,7 +60,9 @@ class ExportOptions:
     estimate. limit: stop after this many samples written. workers: processes that build samples
     (1: a worker thread in this process, what the dashboard uses; more: spawned processes, for
     large exports on several cores; the output is identical). trajectory_ids: only these
-    trajectories (the dashboard's selection; None: no selection), on top of every other filter.
+    trajectories (None: no selection), on top of every other filter. selection: only the
+    trajectories this filter selects (the dashboard list's filter, so its Export downloads the
+    list's trajectories), on top of every other filter.
     """
 
     format: str = "openai"
@@ -85,6 +88,7 @@ class ExportOptions:
     limit: int | None = None
     workers: int = 1
     trajectory_ids: tuple[str, ...] | None = None
+    selection: TrajectoryFilter | None = None
 
     def check(self) -> None:
         """Raise OptionsError when the options are out of range or do not go together."""

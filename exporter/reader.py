@@ -11,6 +11,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sqlalchemy import Select
+
 from exporter.messages import Rejected
 from exporter.options import ExportOptions, parse_utc
 from exporter.responses import as_chat, chat_completion
@@ -19,6 +21,7 @@ from proxy.storage import Database
 from proxy.storage.reading import (
     MAX_SQL_IDS,
     LeafFilter,
+    TrajectoryFilter,
     leaves_query,
     shadow_query,
     stream_batches,
@@ -27,18 +30,31 @@ from proxy.storage.reading import (
 BATCH_ROWS = 500
 
 
-def leaf_filter(options: ExportOptions) -> LeafFilter:
-    """The storage filter for `options` (filters that need the sample itself are applied later)."""
-    return LeafFilter(
+def trajectory_filter(options: ExportOptions) -> TrajectoryFilter:
+    """The trajectory filter of the export flags (`--route`, `--model`, `--since`, `--until`,
+    `--label`, `--tag`, `--exclude-promoted`, a small `trajectory_ids` selection)."""
+    return TrajectoryFilter(
         route=None if options.route == "any" else options.route,
         models=tuple(options.models),
         since_utc=parse_utc(options.since, "--since") if options.since else None,
         until_utc=parse_utc(options.until, "--until") if options.until else None,
         labels=None if "any" in options.labels else tuple(options.labels),
-        complete_only=not options.include_incomplete,
+        tags=tuple(options.tags),
+        ids=_sql_ids(options),
         exclude_promoted=options.exclude_promoted,
+    )
+
+
+def leaf_filter(options: ExportOptions) -> LeafFilter:
+    """The storage filter for `options`: the flags' trajectory filter AND `options.selection`
+    (the dashboard list's filter); filters that need the sample itself are applied later."""
+    filters = [trajectory_filter(options)]
+    if options.selection is not None:
+        filters.append(options.selection)
+    return LeafFilter(
+        trajectories=tuple(filters),
+        complete_only=not options.include_incomplete,
         longest_only=options.leaves == "longest",
-        trajectory_ids=_sql_ids(options),
     )
 
 
@@ -48,7 +64,7 @@ def _sql_ids(options: ExportOptions) -> tuple[str, ...] | None:
     return tuple(ids) if ids is not None and len(ids) <= MAX_SQL_IDS else None
 
 
-def query_for(options: ExportOptions) -> Any:
+def query_for(options: ExportOptions) -> Select[Any]:
     """The query an export reads: shadow pairs for `dpo`, trajectory leaves otherwise."""
     f = leaf_filter(options)
     return shadow_query(f) if options.format == "dpo" else leaves_query(f)

@@ -1,99 +1,126 @@
-"""`python -m proxy` (console script `understudy-proxy`): start the proxy, or run one of its commands.
+"""`python -m proxy` (console script `understudy-proxy`): the proxy's commands, each with its own flags.
 
-    python -m proxy [--host H] [--port P] [--upstream URL] [--db PATH_OR_URL] [--config FILE] ...
-    python -m proxy migrate [--db PATH_OR_URL]
-    python -m proxy demo [--port P]
+    python -m proxy [serve] [--host H] [--port P] [--upstream URL] [--db PATH_OR_URL] ...
+    python -m proxy migrate [--db PATH_OR_URL] [--config FILE]
+    python -m proxy demo [--port P] [--upstream-port P] [--db PATH] ...
 
-Every flag is also the environment variable UNDERSTUDY_<NAME> and a key of the config file.
+`serve` is the default. Every `serve` flag is also the environment variable UNDERSTUDY_<NAME> and a
+key of the config file; `python -m proxy COMMAND --help` lists a command's flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import logging.config
 import sys
 from collections.abc import Sequence
-from typing import Any, get_origin
+from typing import Any
 
-from pydantic import ValidationError
-
-from proxy.config import ConfigFileError, Settings
+from proxy.config import Settings, SettingsError, flag_name, load_settings
 from proxy.logs import log_config
 from proxy.storage import Database, DatabaseError
 from proxy.storage.database import display_target
 
+PROG = "understudy-proxy"
 COMMANDS = ("serve", "migrate", "demo")
+MIGRATE_FLAGS = ("db", "config", "log_level")
+"""The settings `migrate` takes (the rest would be ignored, so they are refused)."""
+DEMO_FLAGS = ("host", "port", "db", "admin_token", "promote_tool_calls", "log_level")
+"""The settings `demo` takes; its upstream is its own fake (`--upstream-port`)."""
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def _add_settings(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """Flags for the `Settings` fields `names`, help from their descriptions."""
+    for name in names:
+        field = Settings.model_fields[name]
+        env = f"UNDERSTUDY_{name.upper()}"
+        parser.add_argument(
+            flag_name(name), dest=name, metavar=name.upper(), help=f"{field.description} [{env}]"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags generated from `Settings`, so the CLI, env vars and config file never drift apart."""
+    """The parser: a subcommand each for serve, migrate and demo, flags generated from `Settings`
+    (so the CLI, env vars and config file never drift apart)."""
     parser = argparse.ArgumentParser(
-        prog="understudy-proxy",
+        prog=PROG,
         description="OpenAI-compatible proxy that records tool-use trajectories. "
-        "Commands: serve (default), migrate, demo (a local fake upstream and sample traffic).",
+        f"Without a command it serves (`{PROG} serve --help` lists the options).",
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("command", nargs="?", choices=COMMANDS, default="serve")
-    for name, field in Settings.model_fields.items():
-        env = f"UNDERSTUDY_{name.upper()}"
-        parser.add_argument(
-            _flag(name), dest=name, metavar=name.upper(), help=f"{field.description} [{env}]"
-        )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve the proxy, the dashboard and the admin API (the default)",
+        description="Serve the proxy, the dashboard and the admin API. Every flag is also an "
+        "environment variable (in brackets) and a key of the --config file.",
+        argument_default=argparse.SUPPRESS,
+    )
+    _add_settings(serve, list(Settings.model_fields))
+    migrate = commands.add_parser(
+        "migrate",
+        help="bring the database to the latest schema, then exit",
+        description="Apply the schema migrations the database lacks, then exit.",
+        argument_default=argparse.SUPPRESS,
+    )
+    _add_settings(migrate, MIGRATE_FLAGS)
+    demo = commands.add_parser(
+        "demo",
+        help="a local fake upstream, the proxy and sample traffic, then the dashboard",
+        description="Start a fake OpenAI upstream and the proxy in this process, play sample "
+        "tool-use conversations through it, print the dashboard URL and serve until Ctrl-C. "
+        "No API key, no network. Data goes to its own database file (demo data only).",
+        argument_default=argparse.SUPPRESS,
+    )
+    _add_settings(demo, DEMO_FLAGS)
+    demo.add_argument(
+        "--upstream-port",
+        dest="upstream_port",
+        type=int,
+        metavar="PORT",
+        help="port of the demo's fake upstream (default: a free one)",
+    )
     return parser
 
 
-def load_settings(options: dict[str, Any]) -> Settings:
-    """Settings from flags (given ones only), env and config file; exits with one line on error.
-
-    Flags of list or dict options (`--routing-rules`) take JSON, as their env vars do
-    (`--redact-pii` also takes a comma-separated list).
-    """
-    for name, value in list(options.items()):
-        if get_origin(Settings.model_fields[name].annotation) in (list, dict) and value.lstrip()[
-            :1
-        ] in ("[", "{"):
-            try:
-                options[name] = json.loads(value)
-            except ValueError as exc:
-                sys.exit(f"understudy-proxy: {_flag(name)} must be JSON: {exc}")
-    try:
-        return Settings(**options)
-    except ConfigFileError as exc:
-        sys.exit(f"understudy-proxy: {exc}")
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{_flag(str(err['loc'][0])) if err['loc'] else 'settings'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        sys.exit(f"understudy-proxy: invalid settings: {problems}")
+def parse_args(argv: Sequence[str] | None = None) -> tuple[str, dict[str, Any]]:
+    """(command, given flags by field name) for `argv`; `serve` when no command is named."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or (args[0] not in COMMANDS and args[0] not in ("-h", "--help")):
+        args.insert(0, "serve")
+    options = vars(build_parser().parse_args(args))
+    command = options.pop("command", None) or "serve"
+    return command, options
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = vars(build_parser().parse_args(argv))
-    command = args.pop("command", "serve")
+    """Entry point of `python -m proxy` and `understudy-proxy`."""
+    command, options = parse_args(argv)
     if command == "demo":
         from proxy.demo import run_demo
 
-        run_demo(args)
+        run_demo(options)
         return
-    settings = load_settings(args)
+    try:
+        settings = load_settings(options)
+    except SettingsError as exc:
+        sys.exit(f"{PROG}: {exc}")
     logging_config = log_config(settings.log_level, settings.log_format)
     logging.config.dictConfig(logging_config)
     try:
         # Open (and migrate) the database before serving, so a bad --db fails in one line.
         asyncio.run(_open_and_migrate(settings.db, report=command == "migrate"))
     except DatabaseError as exc:
-        sys.exit(f"understudy-proxy: {exc}")
+        sys.exit(f"{PROG}: {exc}")
     if command == "migrate":
         return
+    serve(settings, logging_config)
 
+
+def serve(settings: Settings, logging_config: dict[str, Any]) -> None:
+    """Serve the app with uvicorn until SIGTERM / Ctrl-C (the one place uvicorn is run)."""
     import gc
 
     import uvicorn

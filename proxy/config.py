@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -30,6 +31,10 @@ DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 
 class ConfigFileError(ValueError):
     """The config file named by `--config` / `UNDERSTUDY_CONFIG` is missing or unreadable."""
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be loaded; the message is one line naming the flags at fault."""
 
 
 class RoutingRule(BaseModel):
@@ -167,6 +172,11 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text or as JSON objects (one per line)."
     )
+    demo: bool = Field(
+        False,
+        description="The database holds demo data: the dashboard says so on every page "
+        "(`python -m proxy demo` sets it).",
+    )
 
     @field_validator("redact_pii", mode="before")
     @classmethod
@@ -239,3 +249,41 @@ def journal_path(settings: Settings) -> Path:
 def get_settings() -> Settings:
     """The settings from environment and config file, read once (flags go through `Settings(...)`)."""
     return Settings()
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a `Settings` field: `teacher_model` -> `--teacher-model`."""
+    return "--" + name.replace("_", "-")
+
+
+def load_settings(options: Mapping[str, Any]) -> Settings:
+    """Settings from explicit values (flags given, by field name) over env vars and config file.
+
+    String values of list or dict fields that look like JSON (`--routing-rules '[...]'`) are
+    decoded, as their env vars are. Raises SettingsError (one line) for a bad value, an unknown
+    name or a missing config file.
+    """
+    values = dict(options)
+    for name, value in list(values.items()):
+        field = Settings.model_fields.get(name)
+        if field is None:
+            raise SettingsError(f"unknown setting {name!r}")
+        if (
+            isinstance(value, str)
+            and get_origin(field.annotation) in (list, dict)
+            and value.lstrip()[:1] in ("[", "{")
+        ):
+            try:
+                values[name] = json.loads(value)
+            except ValueError as exc:
+                raise SettingsError(f"{flag_name(name)} must be JSON: {exc}") from exc
+    try:
+        return Settings(**values)
+    except ConfigFileError as exc:
+        raise SettingsError(str(exc)) from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{flag_name(str(err['loc'][0])) if err['loc'] else 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from exc

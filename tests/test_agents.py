@@ -31,16 +31,8 @@ from agents import (
 from agents.result import RunResult, RunResultStreaming
 from openai import AsyncOpenAI
 
-from tests.conftest import (
-    FakeUpstream,
-    ProxyServer,
-    db_rows,
-    launch_proxy,
-    leaves,
-    path_to,
-    recorded_exchanges,
-    wait_recorded,
-)
+from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
+from tests.support.records import db_rows, leaves, path_to, recorded_exchanges, wait_recorded
 
 pytestmark = pytest.mark.e2e
 

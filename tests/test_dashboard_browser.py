@@ -9,15 +9,20 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import playwright.sync_api as playwright_api
 import pytest
 
-from tests.conftest import ROOT, ProxyServer, child_env
-from tests.test_dashboard_http import CONVERSATIONS, TOKEN, by_name, record_traffic
+from proxy.demo import CONVERSATIONS
+from proxy.testing.servers import REPOSITORY_ROOT as ROOT
+from proxy.testing.servers import child_env
+from tests.support.dashboard import TOKEN, by_name, record_traffic
+from tests.support.processes import ProxyServer
 
 pytestmark = pytest.mark.e2e
 
@@ -187,3 +192,69 @@ def test_login_with_admin_token(start_proxy: Callable[..., ProxyServer], page: A
     expect(page.locator(".empty")).to_contain_text("No trajectories yet")
     page.click("text=Log out")
     expect(page.locator("h1")).to_have_text("Log in")
+
+
+LONG_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": f"tool_{i}_" + "x" * 40,
+            "description": "D" * 300,  # one long word: client-controlled, must wrap
+            "parameters": {"type": "object", "properties": {"a" * 80: {"type": "string"}}},
+        },
+    }
+    for i in range(25)
+]
+
+
+def test_tools_offered_expand_in_place(serve_proxy: Callable[..., Any], page: Any) -> None:
+    proxy = serve_proxy()
+    answer = httpx.post(
+        f"{proxy.base_url}/chat/completions",
+        json={
+            "model": "gpt-4.1-mini",
+            "messages": [{"role": "user", "content": "which tool?"}],
+            "tools": LONG_TOOLS,
+        },
+    )
+    tid = answer.headers["x-understudy-trajectory-id"]
+    wait_listed(proxy.root_url, tid)
+    for width in (1400, 1100):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.goto(f"{proxy.root_url}/dashboard/trajectories/{tid}")
+        side = page.locator("aside.side")
+        before = side.bounding_box()
+        page.click("details.tools summary")
+        page.locator(".tool-def").first.wait_for()
+        assert side.bounding_box() == before  # the right column stays where it was
+        conversation = page.locator(".conversation").bounding_box()
+        description = page.locator(".tool-def p").first.bounding_box()
+        assert description["x"] + description["width"] <= conversation["x"] + conversation["width"]
+        assert description["x"] + description["width"] <= before["x"]
+    shot(page, "tools-offered")
+
+
+def wait_listed(root_url: str, trajectory_id: str, timeout: float = 30.0) -> None:
+    """Wait until the recorder has written `trajectory_id` (it writes off the request path)."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{root_url}/api/trajectories/{trajectory_id}").status_code != 200:
+        assert time.monotonic() < deadline, f"{trajectory_id} not recorded in {timeout}s"
+        time.sleep(0.05)
+
+
+def test_export_that_matches_nothing_shows_the_message(
+    serve_proxy: Callable[..., Any], page: Any
+) -> None:
+    proxy = serve_proxy()
+    answer = httpx.post(
+        f"{proxy.base_url}/chat/completions",
+        json={"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": "hello"}]},
+    )
+    wait_listed(proxy.root_url, answer.headers["x-understudy-trajectory-id"])
+    page.goto(f"{proxy.root_url}/dashboard?label=rejected")
+    page.click("text=Export JSONL")
+    page.wait_for_load_state()
+    assert "/dashboard/export" in page.url
+    body = page.locator("body").inner_text()
+    assert "nothing to export" in body and "label=rejected" not in body.split("nothing")[0]
+    shot(page, "export-nothing")

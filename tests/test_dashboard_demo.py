@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from proxy.config import Settings
-from tests.conftest import child_env, free_port
+from proxy.testing.servers import child_env, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -39,10 +40,25 @@ def read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> s
     return text
 
 
+def printed_command(output: str, label: str) -> list[str]:
+    """The command the demo printed after `label` (e.g. "Export:"), split as a shell would."""
+    line = next(line for line in output.splitlines() if line.strip().startswith(label))
+    return shlex.split(line.split(label, 1)[1])
+
+
 def test_demo_records_conversations_and_serves_the_dashboard(tmp_path: Path) -> None:
-    port = free_port()
+    port, upstream_port = free_port(), free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "demo", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "demo",
+            "--port",
+            str(port),
+            "--upstream-port",
+            str(upstream_port),
+        ],
         cwd=tmp_path,  # the demo database goes to ./understudy-demo.db
         env=child_env(),
         stdout=subprocess.PIPE,
@@ -54,6 +70,8 @@ def test_demo_records_conversations_and_serves_the_dashboard(tmp_path: Path) -> 
         root = f"http://127.0.0.1:{port}"
         assert f"Dashboard: {root}/dashboard" in output
         assert "understudy-demo.db" in output and "played support-refund (stream)" in output
+        assert f"fake upstream  http://127.0.0.1:{upstream_port}/v1" in output
+        assert httpx.get(f"http://127.0.0.1:{upstream_port}/v1/models").status_code == 200
         assert (tmp_path / "understudy-demo.db").is_file()
 
         data = httpx.get(f"{root}/api/trajectories").json()["data"]
@@ -71,6 +89,20 @@ def test_demo_records_conversations_and_serves_the_dashboard(tmp_path: Path) -> 
 
         page = httpx.get(f"{root}/dashboard")
         assert page.status_code == 200 and "Demo data" in page.text
+
+        # The commands the demo suggests run as printed, on this fresh demo database.
+        for label in ("Export:", "Check it:", "Stats:"):
+            ran = subprocess.run(
+                printed_command(output, label),
+                cwd=tmp_path,
+                env=child_env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert ran.returncode == 0, (label, ran.stdout, ran.stderr)
+            assert "warning" not in ran.stderr.lower() or label == "Check it:"
+        assert (tmp_path / "demo.jsonl").read_text(encoding="utf-8").count("\n") >= 5
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -84,7 +116,7 @@ def test_demo_records_conversations_and_serves_the_dashboard(tmp_path: Path) -> 
 
 def test_demo_with_admin_token_prints_login_hint(tmp_path: Path) -> None:
     port = free_port()
-    db = tmp_path / "understudy-demo-token.db"
+    db = tmp_path / "demo-token.db"  # any file name: the demo marks its data by a setting
     process = subprocess.Popen(
         [sys.executable, "-m", "proxy", "demo", "--port", str(port), "--db", str(db)],
         env=child_env(UNDERSTUDY_ADMIN_TOKEN="demo-token"),
@@ -100,6 +132,8 @@ def test_demo_with_admin_token_prints_login_hint(tmp_path: Path) -> None:
         assert httpx.get(f"{root}/api/stats").status_code == 401
         stats = httpx.get(f"{root}/api/stats", headers={"authorization": "Bearer demo-token"})
         assert json.loads(stats.text)["trajectories"] == 7
+        page = httpx.get(f"{root}/dashboard", headers={"authorization": "Bearer demo-token"})
+        assert "Demo data" in page.text  # marked by the demo's setting, not by the file name
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)

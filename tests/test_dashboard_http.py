@@ -1,79 +1,41 @@
-"""The dashboard and admin API through the real proxy process: traffic from the openai SDK, then
-`/api/*` and `/dashboard` with httpx (access rules, CSRF, escaping, curation, charts)."""
+"""The dashboard and admin API through the proxy served in this process (uvicorn in a thread,
+lifespan run; `serve_proxy`): traffic from the openai SDK, then `/api/*` and `/dashboard` with
+httpx (access rules, CSRF, escaping, curation, charts, export)."""
 
 from __future__ import annotations
 
-import re
 import sqlite3
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from proxy.demo import CONVERSATIONS, Conversation, play
-from tests.conftest import ROOT, ProxyServer, child_env
+from tests.support.dashboard import TOKEN, by_name, csrf_of, find, record_traffic
+from tests.support.inprocess import ThreadedProxy, run_exporter
+from tests.support.records import recorded_exchanges
 
-pytestmark = pytest.mark.e2e
-
-StartProxy = Callable[..., ProxyServer]
-TOKEN = "test-admin-token-123"
+StartProxy = Callable[..., ThreadedProxy]
 
 
-def record_traffic(
-    proxy: ProxyServer,
-    conversations: Sequence[Conversation] = CONVERSATIONS,
-    headers: dict[str, str] | None = None,
-    rounds: int = 1,
-    run: str = "test",
-) -> int:
-    """Play conversations through the proxy with the openai SDK (`rounds` times, each round new
-    trajectories); wait until all are recorded."""
-    client = openai.OpenAI(base_url=proxy.base_url, api_key="sk-test-key", max_retries=0)
-    requests = 0
-    for round_ in range(rounds):
-        for convo in conversations:
-            try:
-                requests += play(client, convo, f"{run} round {round_}")
-            except openai.APIStatusError:
-                requests += 1
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        stats = httpx.get(f"{proxy.root_url}/api/stats", headers=headers).json()
-        if stats["exchanges"] >= requests:
-            return requests
-        time.sleep(0.05)
-    raise AssertionError(f"only {stats} of {requests} exchanges recorded")
+@pytest.fixture
+def serve_proxy(serve_proxy: StartProxy, demo_upstream: str) -> StartProxy:
+    """`serve_proxy` in front of the demo's upstream: demo conversations play as in the demo."""
 
+    def start(**settings: Any) -> ThreadedProxy:
+        settings.setdefault("upstream", demo_upstream)
+        return serve_proxy(**settings)
 
-def by_name(*names: str) -> list[Conversation]:
-    """The demo conversations with these names (the part before any parenthesis)."""
-    return [
-        c
-        for c in CONVERSATIONS
-        if c.name in names or c.name.split(" (")[0] in names and "(teacher)" not in c.name
-    ]
-
-
-def find(data: list[dict], text: str) -> dict:
-    return next(t for t in data if (t["first_user_text"] or "").startswith(text))
-
-
-def csrf_of(html: str) -> str:
-    match = re.search(r'name="csrf_token" value="([0-9a-f]+)"', html)
-    assert match, "no CSRF token in the form"
-    return match.group(1)
+    return start
 
 
 # -- API -----------------------------------------------------------------------------------------
 
 
-def test_api_lists_and_gets_trajectories(start_proxy: StartProxy) -> None:
-    proxy = start_proxy()
+def test_api_lists_and_gets_trajectories(serve_proxy: StartProxy) -> None:
+    proxy = serve_proxy()
     record_traffic(proxy)
     api = f"{proxy.root_url}/api/trajectories"
     listed = httpx.get(api).json()
@@ -134,8 +96,8 @@ def test_api_lists_and_gets_trajectories(start_proxy: StartProxy) -> None:
     assert httpx.get(api, params={"after": "xx"}).status_code == 400
 
 
-def test_api_label_is_stored(start_proxy: StartProxy) -> None:
-    proxy = start_proxy()
+def test_api_label_is_stored(serve_proxy: StartProxy) -> None:
+    proxy = serve_proxy()
     record_traffic(proxy, by_name("haiku", "trip-planner"))
     api = f"{proxy.root_url}/api"
     tid = find(httpx.get(f"{api}/trajectories").json()["data"], "Write a haiku")["id"]
@@ -176,8 +138,8 @@ def test_api_label_is_stored(start_proxy: StartProxy) -> None:
 # -- pages ---------------------------------------------------------------------------------------
 
 
-def test_pages_render_tool_calls_and_escape_captured_values(start_proxy: StartProxy) -> None:
-    proxy = start_proxy()
+def test_pages_render_tool_calls_and_escape_captured_values(serve_proxy: StartProxy) -> None:
+    proxy = serve_proxy()
     record_traffic(proxy, by_name("docs-helper", "trip-planner", "weather"))
     with httpx.Client(base_url=proxy.root_url) as client:
         listing = client.get("/dashboard")
@@ -190,7 +152,7 @@ def test_pages_render_tool_calls_and_escape_captured_values(start_proxy: StartPr
         html = page.text
         assert html.count('class="tool-name"') == 4
         assert "search_docs" in html and "fetch_page" in html
-        assert "&#34;query&#34;: &#34;How do I rotate an API key?&#34;" in html  # pretty args
+        assert "&#34;query&#34;: &#34;rotate API key&#34;" in html  # pretty args
         assert "&lt;script&gt;alert(" in html
         assert "<script>" not in html
         assert "step 5" in html and "And for a service account?" in html
@@ -213,8 +175,8 @@ def test_pages_render_tool_calls_and_escape_captured_values(start_proxy: StartPr
         assert client.get("/dashboard/static/dashboard.css").status_code == 200
 
 
-def test_label_form_needs_its_csrf_token(start_proxy: StartProxy) -> None:
-    proxy = start_proxy()
+def test_label_form_needs_its_csrf_token(serve_proxy: StartProxy) -> None:
+    proxy = serve_proxy()
     record_traffic(proxy, by_name("haiku"))
     with httpx.Client(base_url=proxy.root_url) as client:
         tid = client.get("/api/trajectories").json()["data"][0]["id"]
@@ -265,8 +227,8 @@ def test_label_form_needs_its_csrf_token(start_proxy: StartProxy) -> None:
         assert client.get(f"/api/trajectories/{tid}").json()["label"] is None
 
 
-def test_dns_rebinding_host_is_refused_without_token(start_proxy: StartProxy) -> None:
-    proxy = start_proxy()
+def test_dns_rebinding_host_is_refused_without_token(serve_proxy: StartProxy) -> None:
+    proxy = serve_proxy()
     for path in ("/dashboard", "/api/trajectories"):
         answer = httpx.get(f"{proxy.root_url}{path}", headers={"host": "attacker.example"})
         assert answer.status_code == 403
@@ -279,8 +241,8 @@ def test_dns_rebinding_host_is_refused_without_token(start_proxy: StartProxy) ->
 # -- admin token ---------------------------------------------------------------------------------
 
 
-def test_admin_token_protects_pages_and_api(start_proxy: StartProxy) -> None:
-    proxy = start_proxy(env={"UNDERSTUDY_ADMIN_TOKEN": TOKEN})
+def test_admin_token_protects_pages_and_api(serve_proxy: StartProxy) -> None:
+    proxy = serve_proxy(admin_token=TOKEN)
     bearer = {"authorization": f"Bearer {TOKEN}"}
     record_traffic(proxy, by_name("haiku"), headers=bearer)
     api = f"{proxy.root_url}/api/trajectories"
@@ -316,8 +278,11 @@ def test_admin_token_protects_pages_and_api(start_proxy: StartProxy) -> None:
         assert browser.get("/dashboard").status_code == 303
 
 
-def test_dashboard_is_off_on_a_public_address_without_token(start_proxy: StartProxy) -> None:
-    proxy = start_proxy(host="0.0.0.0")
+def test_dashboard_is_off_on_a_public_address_without_token(
+    serve_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="understudy.dashboard")
+    proxy = serve_proxy(host="0.0.0.0")
     page = httpx.get(f"{proxy.root_url}/dashboard")
     assert page.status_code == 403 and "UNDERSTUDY_ADMIN_TOKEN" in page.text
     api = httpx.get(f"{proxy.root_url}/api/trajectories")
@@ -327,19 +292,19 @@ def test_dashboard_is_off_on_a_public_address_without_token(start_proxy: StartPr
     client.chat.completions.create(
         model="gpt-4.1-mini", messages=[{"role": "user", "content": "hi"}]
     )
-    output = proxy.stop()
+    output = caplog.text
     assert "the dashboard and /api/ are off" in output and "0.0.0.0" in output
 
 
-def test_public_address_with_token_serves_the_api(start_proxy: StartProxy) -> None:
-    proxy = start_proxy(host="0.0.0.0", env={"UNDERSTUDY_ADMIN_TOKEN": TOKEN})
+def test_public_address_with_token_serves_the_api(serve_proxy: StartProxy) -> None:
+    proxy = serve_proxy(host="0.0.0.0", admin_token=TOKEN)
     api = f"{proxy.root_url}/api/trajectories"
     assert httpx.get(api).status_code == 401
     assert httpx.get(api, headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
 
 
-def test_export_downloads_the_filtered_set(start_proxy: StartProxy, tmp_path: Path) -> None:
-    proxy = start_proxy()
+def test_export_downloads_the_filtered_set(serve_proxy: StartProxy, tmp_path: Path) -> None:
+    proxy = serve_proxy()
     # Four complete conversations a round; OpenAI (and `validate`) want at least 10 samples.
     record_traffic(
         proxy, by_name("trip-planner", "support-refund", "haiku", "docs-helper"), rounds=3
@@ -358,13 +323,7 @@ def test_export_downloads_the_filtered_set(start_proxy: StartProxy, tmp_path: Pa
     assert len(lines) == 12 and download.headers["x-understudy-export-written"] == "12"
     out = tmp_path / "approved.jsonl"
     out.write_bytes(download.content)
-    checked = subprocess.run(
-        [sys.executable, "-m", "exporter", "validate", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=child_env(),
-    )
+    checked = run_exporter("validate", str(out), "--strict-min-samples")
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
     # Free text selects trajectories the exporter has no option for.
@@ -377,3 +336,31 @@ def test_export_downloads_the_filtered_set(start_proxy: StartProxy, tmp_path: Pa
     assert nothing.status_code == 404 and nothing.json()["error"]["code"] == "nothing_to_export"
     bad = httpx.get(f"{api}/export", params={"format": "csv"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_export_options"
+
+
+def test_streams_without_usage_show_estimated_tokens(serve_proxy: StartProxy) -> None:
+    proxy = serve_proxy()
+    body = {
+        "model": "gpt-4.1-mini",
+        "messages": [{"role": "user", "content": "Write a haiku about a proxy."}],
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{proxy.base_url}/chat/completions", json=body) as answer:
+        chunks = b"".join(answer.iter_raw())
+        tid = answer.headers["x-understudy-trajectory-id"]
+    assert b'"usage"' not in chunks  # the client gets what the upstream sent, no usage added
+    asked = {**body, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{proxy.base_url}/chat/completions", json=asked) as answer:
+        answer.read()
+        counted = answer.headers["x-understudy-trajectory-id"]
+    proxy.stop()
+    rows = {row["trajectory_id"]: row for row in recorded_exchanges(proxy.db)}
+    assert rows[tid]["usage"]["estimated"] is True and rows[tid]["total_tokens"] > 0
+    assert "estimated" not in rows[counted]["usage"]
+    again = serve_proxy(db=str(proxy.db))
+    page = httpx.get(f"{again.root_url}/dashboard/trajectories/{tid}").text
+    assert "(estimated for 1 step)" in page
+    listed = httpx.get(f"{again.root_url}/api/trajectories/{tid}").json()
+    assert listed["prompt_tokens"] > 0 and listed["exchanges"][0]["usage"]["estimated"] is True
+    other = httpx.get(f"{again.root_url}/dashboard/trajectories/{counted}").text
+    assert "estimated for" not in other

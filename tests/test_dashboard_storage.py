@@ -152,13 +152,19 @@ async def test_filters(db: Database) -> None:
     await add(db, "d", ts(4, 30), text="50% off_sale")
     assert await ids(db, TrajectoryFilter()) == ["d", "c", "b", "a"]
     assert await ids(db, TrajectoryFilter(route="teacher")) == ["a"]
-    assert await ids(db, TrajectoryFilter(label="approved")) == ["b"]
-    assert await ids(db, TrajectoryFilter(label="unlabeled")) == ["d", "a"]
-    assert await ids(db, TrajectoryFilter(label="labeled")) == ["c", "b"]
+    assert await ids(db, TrajectoryFilter(labels=("approved",))) == ["b"]
+    assert await ids(db, TrajectoryFilter(labels=("unlabeled",))) == ["d", "a"]
+    assert await ids(db, TrajectoryFilter(labels=("approved", "rejected"))) == ["c", "b"]
     assert await ids(db, TrajectoryFilter(has_tool_calls=True)) == ["a"]
     assert await ids(db, TrajectoryFilter(has_tool_calls=False)) == ["d", "c", "b"]
     assert await ids(db, TrajectoryFilter(errors=True)) == ["c"]
-    assert await ids(db, TrajectoryFilter(model="gpt-4.1")) == ["b"]
+    assert await ids(db, TrajectoryFilter(models=("gpt-4.1",))) == ["b"]  # not gpt-4.1-mini
+    assert await ids(db, TrajectoryFilter(models=("gpt-4.1-mini", "gpt-4.1"))) == [
+        "d",
+        "c",
+        "b",
+        "a",
+    ]
     assert await ids(db, TrajectoryFilter(since_utc=ts(2), until_utc=ts(4))) == ["c", "b"]
     assert await ids(db, TrajectoryFilter(since_utc="2026-11-22")) == []
     assert await ids(db, TrajectoryFilter(until_utc="2026-11-22")) == ["d", "c", "b", "a"]
@@ -169,11 +175,11 @@ async def test_filters(db: Database) -> None:
     assert await ids(db, TrajectoryFilter(text="b")) != [] and "b" in await ids(
         db, TrajectoryFilter(text="b")
     )
-    assert await ids(db, TrajectoryFilter(tag="par_allel")) == ["b"]
-    assert await ids(db, TrajectoryFilter(tag="par")) == []  # whole tags only
+    assert await ids(db, TrajectoryFilter(tags=("par_allel",))) == ["b"]
+    assert await ids(db, TrajectoryFilter(tags=("par",))) == []  # whole tags only
     assert await ids(db, TrajectoryFilter(ids=("a", "c"))) == ["c", "a"]
     assert await ids(db, TrajectoryFilter(ids=())) == []
-    assert await ids(db, TrajectoryFilter(route="teacher", label="approved")) == []
+    assert await ids(db, TrajectoryFilter(route="teacher", labels=("approved",))) == []
 
 
 async def test_keyset_pages_cover_everything_once(db: Database) -> None:
@@ -245,7 +251,7 @@ async def test_label_many_and_next_unlabeled(db: Database) -> None:
     for n, tid in enumerate(["a", "b", "c", "d"]):
         await add(db, tid, ts(n))
     assert await label_many(db, ["b", "c", "nope"], "rejected") == 2
-    assert await ids(db, TrajectoryFilter(label="rejected")) == ["c", "b"]
+    assert await ids(db, TrajectoryFilter(labels=("rejected",))) == ["c", "b"]
     d = (await list_trajectories(db, TrajectoryFilter(ids=("d",)))).rows[0]
     assert await neighbour_unlabeled(db, d) == "a"
     assert await recent_models(db) == ["gpt-4.1-mini"]
@@ -328,8 +334,8 @@ async def test_list_stays_fast_and_uses_the_index(big_db: Path) -> None:
         await list_trajectories(
             db, TrajectoryFilter(route="teacher", has_tool_calls=True), limit=50
         )
-        await list_trajectories(db, TrajectoryFilter(label="unlabeled"), limit=50)
-        await list_trajectories(db, TrajectoryFilter(label="approved"), limit=50)
+        await list_trajectories(db, TrajectoryFilter(labels=("unlabeled",)), limit=50)
+        await list_trajectories(db, TrajectoryFilter(labels=("approved",)), limit=50)
         await trajectory_details(db, page.rows)
         timings.append(time.perf_counter() - start)
         assert max(timings) < 0.25, timings
@@ -341,7 +347,7 @@ async def test_list_stays_fast_and_uses_the_index(big_db: Path) -> None:
             plan = " ".join(str(r[-1]) for r in conn.execute(f"EXPLAIN QUERY PLAN {compiled}"))
         assert "ix_trajectories_updated_utc" in plan, plan
         assert "exchanges" not in plan
-        unlabeled = list_query(TrajectoryFilter(label="unlabeled"), limit=50).compile(
+        unlabeled = list_query(TrajectoryFilter(labels=("unlabeled",)), limit=50).compile(
             dialect=db.engine.dialect, compile_kwargs={"literal_binds": True}
         )
         with sqlite3.connect(big_db) as conn:

@@ -8,6 +8,7 @@ default postgresql://postgres@127.0.0.1:5432/postgres), on a fresh PostgreSQL da
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,15 +18,20 @@ import pytest
 
 from exporter.api import ExportOptions, export_samples, write_export
 from exporter.options import OptionsError
+from exporter.reader import read_batches
+from proxy.dashboard.export import export_options
+from proxy.dashboard.params import parse_list_query
 from proxy.storage import Database, new_id
-from tests.exporter_helpers import (
+from proxy.storage.browse import MAX_PAGE_SIZE, list_trajectories
+from tests.support.exporter import (
     completion,
     read_jsonl,
     record,
-    run_cli,
     simple_trajectory,
     write_records,
 )
+from tests.support.inprocess import in_process_proxy
+from tests.support.inprocess import run_exporter as run_cli
 
 TOOLS = [
     {
@@ -337,3 +343,81 @@ def test_cli_export_to_stdout(db: Any) -> None:
     assert json.loads(result.stderr)["written"] == 1
     refused = run_cli("export", "--db", str(path), "--out", "-", "--val-fraction", "0.2")
     assert refused.returncode == 1 and "needs files" in refused.stderr
+
+
+# -- one filter: the list, the API and the export select the same trajectories ---------------
+
+SAME_SET_QUERIES = [
+    {},
+    {"route": "teacher"},
+    {"route": "student", "tools": "no"},
+    {"model": "o3"},
+    {"model": "gpt-4o"},  # answered by the dated snapshot gpt-4o-2024-08-06
+    {"label": "approved"},
+    {"label": "rejected"},
+    {"label": "unlabeled"},
+    {"label": "labeled"},
+    {"from": "2026-11-15", "to": "2026-11-16"},  # `to` is inclusive for a date
+    {"from": "2026-11-19T11:30:00Z"},
+    {"tag": "gold"},
+    {"q": "FIND IT"},
+    {"errors": "yes"},
+    {"errors": "no", "label": "unlabeled"},
+    {"tools": "yes"},
+]
+
+
+async def listed(database: Database, query: Any) -> set[str]:
+    """Every trajectory id the dashboard list shows for `query`, through all its pages."""
+    found: set[str] = set()
+    cursor = None
+    while True:
+        page = await list_trajectories(database, query.filter, limit=MAX_PAGE_SIZE, after=cursor)
+        found.update(row["id"] for row in page.rows)
+        cursor = page.next_cursor
+        if cursor is None:
+            return found
+
+
+async def test_list_api_and_export_select_the_same_trajectories(db: Any, tmp_path: Path) -> None:
+    database, ids, target = db
+    name_of = {tid: name for name, tid in ids.items()}
+    async with in_process_proxy(tmp_path, upstream="http://127.0.0.1:9/v1", db=target) as proxy:
+        for params in SAME_SET_QUERIES:
+            query = parse_list_query(params)
+            in_list = await listed(database, query)
+            answer = await proxy.client.get("/api/trajectories", params={**params, "limit": 500})
+            assert answer.status_code == 200, answer.text
+            in_api = {row["id"] for row in answer.json()["data"]}
+            assert in_api == in_list, params
+
+            # The export reads the leaves of exactly the listed trajectories (rejected ones
+            # only when the label filter asks for them, as the CLI does).
+            options = export_options(query, params)
+            every_leaf = dataclasses.replace(options, include_incomplete=True)
+            exported = {
+                row["trajectory_id"]
+                async for rows in read_batches(database, every_leaf)
+                for row in rows
+            }
+            expected = in_list
+            if "label" not in params:
+                expected = in_list - {ids["rejected"]}
+            assert exported == expected, (params, sorted(name_of.get(t, t) for t in exported))
+
+            # And the dashboard's download is the exporter's own output for that selection.
+            lines, _ = await export_samples(database, options)
+            download = await proxy.client.get("/api/export", params=params)
+            if lines:
+                assert download.status_code == 200, (params, download.text)
+                assert download.text.splitlines() == lines, params
+            else:
+                assert download.status_code == 404, params
+                assert download.json()["error"]["code"] == "nothing_to_export"
+
+    named = {name_of[t] for t in await listed(database, parse_list_query({"model": "gpt-4o"}))}
+    assert named == {"gpt4o"}
+    dated = parse_list_query({"from": "2026-11-15", "to": "2026-11-16"})
+    assert {name_of[t] for t in await listed(database, dated)} == {"approved", "rejected"}
+    teacher = parse_list_query({"model": "o3"})
+    assert {name_of[t] for t in await listed(database, teacher)} == {"teacher"}

@@ -24,20 +24,12 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import (
-    SCRIPTED_COMPLETION,
-    FakeUpstream,
-    ProxyServer,
-    ScriptedUpstream,
-    create_scripted_app,
-    db_rows,
-    launch_proxy,
-    response_message,
-    serve_in_thread,
-    wait_for_ids,
-)
-
-pytestmark = pytest.mark.e2e
+from proxy.testing.servers import serve_in_thread
+from tests.support.inprocess import ThreadedProxy
+from tests.support.inprocess import served_proxy as launch_proxy
+from tests.support.processes import FakeUpstream
+from tests.support.records import db_rows, response_message, wait_for_ids
+from tests.support.scripted import SCRIPTED_COMPLETION, ScriptedUpstream, create_scripted_app
 
 API_KEY = "sk-test-fidelity"
 AUTH = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
@@ -55,7 +47,7 @@ PER_CALL_HEADERS = {"x-request-id", "date", "content-length"}
 @pytest.fixture(scope="module")
 def proxy(
     tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream
-) -> Iterator[ProxyServer]:
+) -> Iterator[ThreadedProxy]:
     """One proxy in front of the fake upstream for this module; tests find rows by exchange id."""
     server = launch_proxy(tmp_path_factory.mktemp("fidelity"), upstream=fake_upstream.base_url)
     yield server
@@ -72,13 +64,13 @@ def scripted() -> Iterator[ScriptedUpstream]:
 @pytest.fixture(scope="module")
 def scripted_proxy(
     tmp_path_factory: pytest.TempPathFactory, scripted: ScriptedUpstream
-) -> Iterator[ProxyServer]:
+) -> Iterator[ThreadedProxy]:
     server = launch_proxy(tmp_path_factory.mktemp("scripted"), upstream=scripted.base_url)
     yield server
     server.stop()
 
 
-def row_of(proxy: ProxyServer, response: httpx.Response) -> dict[str, Any]:
+def row_of(proxy: ThreadedProxy, response: httpx.Response) -> dict[str, Any]:
     """The recorded exchange behind `response` (waits for the recorder's batch)."""
     exchange_id = response.headers["x-understudy-exchange-id"]
     return wait_for_ids(proxy.db, exchange_id)[exchange_id]
@@ -101,7 +93,7 @@ def header_multiset(response: httpx.Response) -> Counter[tuple[str, str]]:
 
 def post_both(
     fake: FakeUpstream,
-    proxy: ProxyServer,
+    proxy: ThreadedProxy,
     body: dict[str, Any],
     headers: dict[str, str] | None = None,
 ) -> tuple[httpx.Response, httpx.Response]:
@@ -124,7 +116,7 @@ def post_both(
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["text", "parallel-calls"])
 def test_json_answer_bytes_and_headers_unchanged(
-    fake_upstream: FakeUpstream, proxy: ProxyServer, parallel: bool
+    fake_upstream: FakeUpstream, proxy: ThreadedProxy, parallel: bool
 ) -> None:
     body = {
         "model": "gpt-4.1-mini",
@@ -155,7 +147,7 @@ def test_json_answer_bytes_and_headers_unchanged(
 
 @pytest.mark.parametrize("usage", [False, True], ids=["no-usage", "usage"])
 def test_sse_bytes_and_headers_unchanged(
-    fake_upstream: FakeUpstream, proxy: ProxyServer, usage: bool
+    fake_upstream: FakeUpstream, proxy: ThreadedProxy, usage: bool
 ) -> None:
     body = {
         "model": "gpt-4.1-mini",
@@ -174,10 +166,16 @@ def test_sse_bytes_and_headers_unchanged(
     assert row["stream"] == 1
     message = response_message(row)
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["lookup", "fetch"]
-    assert (row["usage"] is not None) == usage
+    if usage:
+        assert "estimated" not in row["usage"]  # the upstream's own figures
+    else:  # not asked for: counted offline, marked estimated; the client's bytes are unchanged
+        assert row["usage"]["estimated"] is True and row["usage"]["encoding"] == "o200k_base"
+        assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
+        assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"]
+        assert b'"usage"' not in proxied.content
 
 
-def test_unknown_fields_reach_the_sdk(proxy: ProxyServer) -> None:
+def test_unknown_fields_reach_the_sdk(proxy: ThreadedProxy) -> None:
     with openai.OpenAI(base_url=proxy.base_url, api_key=API_KEY, max_retries=0) as client:
         completion = client.chat.completions.create(
             model="gpt-4.1-mini", messages=[{"role": "user", "content": "hi"}]
@@ -188,7 +186,7 @@ def test_unknown_fields_reach_the_sdk(proxy: ProxyServer) -> None:
     assert completion.system_fingerprint == "fp_fake"
 
 
-async def test_stream_chunks_arrive_as_the_upstream_sends_them(proxy: ProxyServer) -> None:
+async def test_stream_chunks_arrive_as_the_upstream_sends_them(proxy: ThreadedProxy) -> None:
     """300 ms between upstream chunks: a buffering proxy would deliver them all at the end."""
     arrivals: list[float] = []
     async with openai.AsyncOpenAI(
@@ -212,7 +210,7 @@ async def test_stream_chunks_arrive_as_the_upstream_sends_them(proxy: ProxyServe
 
 
 def test_other_v1_paths_pass_through_unrecorded(
-    fake_upstream: FakeUpstream, proxy: ProxyServer
+    fake_upstream: FakeUpstream, proxy: ThreadedProxy
 ) -> None:
     marker = "passthrough-marker-51d2"
     with openai.OpenAI(base_url=proxy.base_url, api_key=API_KEY, max_retries=0) as client:
@@ -254,7 +252,7 @@ def test_other_v1_paths_pass_through_unrecorded(
 
 
 def test_request_bytes_and_query_are_forwarded_exactly(
-    scripted_proxy: ProxyServer, scripted: ScriptedUpstream
+    scripted_proxy: ThreadedProxy, scripted: ScriptedUpstream
 ) -> None:
     raw = (
         b'{"zzz_unknown": {"b": 1, "a": 2},\n  "model": "m",'
@@ -281,7 +279,7 @@ def test_request_bytes_and_query_are_forwarded_exactly(
     assert row["headers"] == {"x-understudy-tag": "t"}
 
 
-def test_gzip_json_is_passed_raw_and_recorded_decoded(scripted_proxy: ProxyServer) -> None:
+def test_gzip_json_is_passed_raw_and_recorded_decoded(scripted_proxy: ThreadedProxy) -> None:
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "zip"}]}).encode()
     with httpx.Client(timeout=30) as client:
         request = client.build_request(
@@ -302,7 +300,7 @@ def test_gzip_json_is_passed_raw_and_recorded_decoded(scripted_proxy: ProxyServe
     assert row["total_tokens"] == 7
 
 
-def test_gzip_stream_reaches_the_sdk_and_is_assembled(scripted_proxy: ProxyServer) -> None:
+def test_gzip_stream_reaches_the_sdk_and_is_assembled(scripted_proxy: ThreadedProxy) -> None:
     with openai.OpenAI(base_url=scripted_proxy.base_url, api_key=API_KEY, max_retries=0) as client:
         raw = client.chat.completions.with_raw_response.create(
             model="m",
@@ -320,7 +318,7 @@ def test_gzip_stream_reaches_the_sdk_and_is_assembled(scripted_proxy: ProxyServe
 
 
 def test_upstream_is_only_offered_codings_the_proxy_can_decode(
-    scripted_proxy: ProxyServer, scripted: ScriptedUpstream
+    scripted_proxy: ThreadedProxy, scripted: ScriptedUpstream
 ) -> None:
     """br/zstd would leave the recorder unable to read the answer; a client that asked for no
     coding must not get one either (curl without --compressed cannot read gzip)."""

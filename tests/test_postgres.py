@@ -43,15 +43,10 @@ from proxy.recording.stitching import Stitcher
 from proxy.storage import Database, StateRef, new_id, utc_now
 from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.schema import metadata
-from tests.conftest import (
-    ROOT,
-    FakeUpstream,
-    ProxyServer,
-    child_env,
-    free_port,
-    pg_admin,
-    wait_for_http,
-)
+from proxy.testing.servers import REPOSITORY_ROOT as ROOT
+from proxy.testing.servers import child_env, free_port, wait_for_http
+from tests.support.postgres import pg_admin
+from tests.support.processes import FakeUpstream, ProxyServer
 
 pytestmark = pytest.mark.e2e
 

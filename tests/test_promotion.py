@@ -22,8 +22,8 @@ import pytest
 import tiktoken
 
 from proxy.core.promotion import is_reasoning_model, promote_tool_calls, tool_call_token
-from tests.conftest import ROOT, FakeUpstream, ProxyServer
-from tests.test_routing import (
+from proxy.testing.servers import REPOSITORY_ROOT as ROOT
+from tests.support.agents import (
     SYSTEM,
     TOOLS,
     async_client,
@@ -36,6 +36,8 @@ from tests.test_routing import (
     running,
     wait_for_exchanges,
 )
+from tests.support.inprocess import ThreadedProxy
+from tests.support.processes import FakeUpstream
 
 # ---------------------------------------------------------------------------------------------
 # Pure: the token, and when and how it is added
@@ -224,7 +226,7 @@ def test_drop_sampling_removes_temperature_and_top_p_only_when_biasing() -> None
 @pytest.fixture(scope="module")
 def promoting(
     fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyServer]:
+) -> Iterator[ThreadedProxy]:
     server = launch_proxy(fake_upstream, tmp_path_factory.mktemp("promote"), promote_tool_calls=5)
     with running(server):
         yield server
@@ -233,7 +235,7 @@ def promoting(
 @pytest.fixture(scope="module")
 def dropping(
     fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyServer]:
+) -> Iterator[ThreadedProxy]:
     server = launch_proxy(
         fake_upstream,
         tmp_path_factory.mktemp("drop"),
@@ -245,7 +247,7 @@ def dropping(
 
 
 async def one_call(
-    server: ProxyServer, fake_upstream: FakeUpstream, marker: str, **fields: Any
+    server: ThreadedProxy, fake_upstream: FakeUpstream, marker: str, **fields: Any
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Send one chat request carrying `marker`; return (what was sent, what the upstream got,
     the recorded exchange row)."""
@@ -303,7 +305,7 @@ CASES: list[tuple[str, dict[str, Any], Any]] = [
 
 @pytest.mark.parametrize(("name", "fields", "expected"), CASES, ids=[c[0] for c in CASES])
 async def test_the_upstream_receives_exactly_this_logit_bias(
-    promoting: ProxyServer,
+    promoting: ThreadedProxy,
     fake_upstream: FakeUpstream,
     name: str,
     fields: dict[str, Any],
@@ -329,7 +331,7 @@ async def test_the_upstream_receives_exactly_this_logit_bias(
 
 
 async def test_every_step_of_an_agent_run_is_promoted(
-    promoting: ProxyServer, fake_upstream: FakeUpstream
+    promoting: ThreadedProxy, fake_upstream: FakeUpstream
 ) -> None:
     text = "Promoted agent run: Hanoi to Hue"
     async with async_client(promoting) as client:
@@ -343,7 +345,7 @@ async def test_every_step_of_an_agent_run_is_promoted(
 
 
 async def test_export_can_leave_promoted_trajectories_out(
-    promoting: ProxyServer, tmp_path: Path
+    promoting: ThreadedProxy, tmp_path: Path
 ) -> None:
     biased, plain = "Biased export run: Pisa to Bari", "Plain export run: Pisa to Bari"
     async with async_client(promoting) as client:
@@ -376,7 +378,7 @@ async def test_export_can_leave_promoted_trajectories_out(
     ],
 )
 async def test_drop_sampling_removes_temperature_and_top_p_from_biased_requests(
-    dropping: ProxyServer,
+    dropping: ThreadedProxy,
     fake_upstream: FakeUpstream,
     name: str,
     fields: dict[str, Any],

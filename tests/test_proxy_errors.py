@@ -21,25 +21,19 @@ from __future__ import annotations
 import json
 import urllib.parse
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import (
-    FakeUpstream,
-    ProxyServer,
-    ScriptedUpstream,
-    db_rows,
-    free_port,
-    launch_proxy,
-    recorded_exchanges,
-    wait_for_ids,
-    wait_recorded,
-)
-
-pytestmark = pytest.mark.e2e
+from proxy.testing.servers import free_port
+from tests.support.inprocess import ThreadedProxy, in_process_proxy
+from tests.support.inprocess import served_proxy as launch_proxy
+from tests.support.processes import FakeUpstream
+from tests.support.records import db_rows, recorded_exchanges, wait_for_ids, wait_recorded
+from tests.support.scripted import ScriptedUpstream
 
 API_KEY = "sk-test-errors"
 AUTH = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
@@ -62,7 +56,7 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]
 @pytest.fixture(scope="module")
 def shared_proxy(
     tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream
-) -> Iterator[ProxyServer]:
+) -> Iterator[ThreadedProxy]:
     """A proxy in front of the fake upstream, shared by this module's tests."""
     server = launch_proxy(tmp_path_factory.mktemp("errors"), upstream=fake_upstream.base_url)
     yield server
@@ -72,7 +66,7 @@ def shared_proxy(
 @pytest.fixture(scope="module")
 def impatient_proxy(
     tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream
-) -> Iterator[ProxyServer]:
+) -> Iterator[ThreadedProxy]:
     """A proxy that waits at most 0.3 s for the upstream's next byte."""
     server = launch_proxy(
         tmp_path_factory.mktemp("impatient"), upstream=fake_upstream.base_url, read_timeout_s=0.3
@@ -81,7 +75,7 @@ def impatient_proxy(
     server.stop()
 
 
-def post(proxy: ProxyServer, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+def post(proxy: ThreadedProxy, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
     """POST `body` (bytes as they are, anything else as ASCII-escaped JSON) to chat completions."""
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(
@@ -133,7 +127,7 @@ INVALID_BODIES: list[tuple[str, bytes, str | None, str | None]] = [
     ids=[case[0] for case in INVALID_BODIES],
 )
 def test_invalid_body_is_a_400_openai_error_and_not_forwarded(
-    shared_proxy: ProxyServer,
+    shared_proxy: ThreadedProxy,
     fake_upstream: FakeUpstream,
     body: bytes,
     param: str | None,
@@ -158,7 +152,7 @@ def test_invalid_body_is_a_400_openai_error_and_not_forwarded(
     ids=["header-too-long", "header-empty", "metadata-empty"],
 )
 def test_bad_explicit_trajectory_id_is_a_400(
-    shared_proxy: ProxyServer,
+    shared_proxy: ThreadedProxy,
     fake_upstream: FakeUpstream,
     headers: dict[str, str],
     metadata: dict[str, str] | None,
@@ -172,7 +166,7 @@ def test_bad_explicit_trajectory_id_is_a_400(
 
 @pytest.mark.parametrize("trajectory_id", ["line\nbreak", "nul\x00", "bell\x07", "del\x7f"])
 def test_trajectory_id_that_cannot_be_a_header_is_a_400(
-    shared_proxy: ProxyServer, fake_upstream: FakeUpstream, trajectory_id: str
+    shared_proxy: ThreadedProxy, fake_upstream: FakeUpstream, trajectory_id: str
 ) -> None:
     """The id is echoed in the X-Understudy-Trajectory-Id answer header: one that cannot be a
     header value must be refused up front, not forwarded, billed and then dropped."""
@@ -186,7 +180,7 @@ def test_trajectory_id_that_cannot_be_a_header_is_a_400(
     assert fake_upstream.requests() == []
 
 
-def test_non_ascii_trajectory_id_is_echoed_exactly_or_refused(shared_proxy: ProxyServer) -> None:
+def test_non_ascii_trajectory_id_is_echoed_exactly_or_refused(shared_proxy: ThreadedProxy) -> None:
     """The answer header must name the stored trajectory, not a mangled copy ("trip-??")."""
     trajectory_id = "trip-東京"
     response = post(shared_proxy, {**GOOD, "metadata": {"trajectory_id": trajectory_id}})
@@ -201,7 +195,7 @@ def test_non_ascii_trajectory_id_is_echoed_exactly_or_refused(shared_proxy: Prox
     assert urllib.parse.unquote(header) == stored, f"header {header!r} != stored {stored!r}"
 
 
-def test_sdk_reads_the_400_as_a_bad_request(shared_proxy: ProxyServer) -> None:
+def test_sdk_reads_the_400_as_a_bad_request(shared_proxy: ThreadedProxy) -> None:
     with (
         openai.OpenAI(base_url=shared_proxy.base_url, api_key=API_KEY, max_retries=0) as client,
         pytest.raises(openai.BadRequestError) as caught,
@@ -213,7 +207,7 @@ def test_sdk_reads_the_400_as_a_bad_request(shared_proxy: ProxyServer) -> None:
     assert caught.value.body["type"] == "invalid_request_error"
 
 
-def test_refused_requests_are_not_recorded(shared_proxy: ProxyServer) -> None:
+def test_refused_requests_are_not_recorded(shared_proxy: ThreadedProxy) -> None:
     marker = "refused-marker-7c1f"
     refused = [
         f"not json {marker}".encode(),
@@ -234,7 +228,7 @@ def test_refused_requests_are_not_recorded(shared_proxy: ProxyServer) -> None:
 
 
 def test_odd_but_wellformed_messages_are_forwarded(
-    shared_proxy: ProxyServer, fake_upstream: FakeUpstream
+    shared_proxy: ThreadedProxy, fake_upstream: FakeUpstream
 ) -> None:
     """Only `role` is checked: any other shape goes upstream, and stitching must not choke on it
     (a lone surrogate escape, half an emoji a client cut, included)."""
@@ -261,8 +255,8 @@ def test_odd_but_wellformed_messages_are_forwarded(
 # -- the upstream fails below HTTP ----------------------------------------------------------------
 
 
-def test_unreachable_upstream_is_a_502(start_proxy: Callable[..., ProxyServer]) -> None:
-    proxy = start_proxy(upstream=f"http://127.0.0.1:{free_port()}/v1")
+def test_unreachable_upstream_is_a_502(serve_proxy: Callable[..., ThreadedProxy]) -> None:
+    proxy = serve_proxy(upstream=f"http://127.0.0.1:{free_port()}/v1")
     answers = []
     for stream in (False, True):
         response = post(proxy, {**GOOD, "stream": stream})
@@ -290,7 +284,7 @@ def test_unreachable_upstream_is_a_502(start_proxy: Callable[..., ProxyServer]) 
     assert [row["stream"] for row in rows] == [0, 1, 0]
 
 
-def test_upstream_timeout_is_a_504(impatient_proxy: ProxyServer) -> None:
+def test_upstream_timeout_is_a_504(impatient_proxy: ThreadedProxy) -> None:
     slow = {"x-fake-delay-ms": "3000"}
     answers = []
     for stream in (False, True):
@@ -318,7 +312,7 @@ def test_upstream_timeout_is_a_504(impatient_proxy: ProxyServer) -> None:
 @pytest.mark.parametrize("model", ["fake-error-500", "fake-error-429"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream-request"])
 def test_upstream_errors_pass_through_exactly_and_are_recorded(
-    fake_upstream: FakeUpstream, shared_proxy: ProxyServer, model: str, stream: bool
+    fake_upstream: FakeUpstream, shared_proxy: ThreadedProxy, model: str, stream: bool
 ) -> None:
     body = json.dumps({**GOOD, "model": model, "stream": stream}).encode()
     direct = httpx.post(fake_upstream.base_url + "/chat/completions", content=body, headers=AUTH)
@@ -342,7 +336,7 @@ def test_upstream_errors_pass_through_exactly_and_are_recorded(
     assert row["trajectory_id"] == proxied.headers["x-understudy-trajectory-id"]
 
 
-def test_sdk_sees_rate_limit_with_retry_after(shared_proxy: ProxyServer) -> None:
+def test_sdk_sees_rate_limit_with_retry_after(shared_proxy: ThreadedProxy) -> None:
     with (
         openai.OpenAI(base_url=shared_proxy.base_url, api_key=API_KEY, max_retries=0) as client,
         pytest.raises(openai.RateLimitError) as caught,
@@ -353,7 +347,7 @@ def test_sdk_sees_rate_limit_with_retry_after(shared_proxy: ProxyServer) -> None
     assert "Rate limit reached" in caught.value.message
 
 
-def test_error_answers_carry_no_stitching_state(shared_proxy: ProxyServer) -> None:
+def test_error_answers_carry_no_stitching_state(shared_proxy: ThreadedProxy) -> None:
     """A failed call must not become a state that a later request could continue."""
     failed = post(shared_proxy, {**GOOD, "model": "fake-error-500"})
     assert failed.status_code == 500
@@ -378,13 +372,13 @@ def test_error_answers_carry_no_stitching_state(shared_proxy: ProxyServer) -> No
     ids=["200-text", "502-html"],
 )
 def test_a_body_that_is_not_json_passes_through_and_is_recorded_as_json(
-    start_proxy: Callable[..., ProxyServer],
+    serve_proxy: Callable[..., ThreadedProxy],
     scripted_upstream: ScriptedUpstream,
     script: str,
     status: int,
     body: bytes,
 ) -> None:
-    proxy = start_proxy(upstream=scripted_upstream.base_url)
+    proxy = serve_proxy(upstream=scripted_upstream.base_url)
     response = post(proxy, GOOD, {"x-script": script})
     assert (response.status_code, response.content) == (status, body)
     assert not response.headers["content-type"].startswith("application/json")
@@ -449,7 +443,7 @@ def client_can_tell(received: bytes, broke: bool) -> bool:
     return isinstance(last, dict) and "error" in last and "choices" not in last
 
 
-def test_upstream_stalling_mid_stream_is_recorded_as_error(impatient_proxy: ProxyServer) -> None:
+def test_upstream_stalling_mid_stream_is_recorded_as_error(impatient_proxy: ThreadedProxy) -> None:
     stall = {"x-fake-chunk-delay-ms": "1500"}
     headers, received, broke = read_stream(
         impatient_proxy.base_url + "/chat/completions", {**GOOD, "stream": True}, stall
@@ -467,7 +461,7 @@ def test_upstream_stalling_mid_stream_is_recorded_as_error(impatient_proxy: Prox
 
 
 def test_upstream_dropping_mid_stream_is_visible_to_the_client(
-    fake_upstream: FakeUpstream, shared_proxy: ProxyServer
+    fake_upstream: FakeUpstream, shared_proxy: ThreadedProxy
 ) -> None:
     """Directly, the client sees the connection drop; through the proxy it must see the break too
     (dropped connection or error event), or it takes a truncated answer for a whole one."""
@@ -492,7 +486,7 @@ def test_upstream_dropping_mid_stream_is_visible_to_the_client(
     assert row["response"]["choices"][0]["finish_reason"] is None
 
 
-def test_client_going_away_mid_stream_is_recorded_as_cancelled(shared_proxy: ProxyServer) -> None:
+def test_client_going_away_mid_stream_is_recorded_as_cancelled(shared_proxy: ThreadedProxy) -> None:
     with (
         httpx.Client(timeout=30) as client,
         client.stream(
@@ -511,3 +505,53 @@ def test_client_going_away_mid_stream_is_recorded_as_cancelled(shared_proxy: Pro
     assert row["outcome"] == "cancelled"
     assert row["stream"] == 1
     assert row["state_hash"] is None
+
+
+# -- refused requests leave a trace: /metrics and one log line each ------------------------------
+
+
+async def test_rejected_requests_are_counted_by_status_and_code_and_logged(
+    tmp_path: Path, fake_upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="understudy.requests")
+    secret = "sk-proj-" + "z" * 40
+    async with in_process_proxy(
+        tmp_path, upstream=fake_upstream.base_url, max_body_bytes=1024
+    ) as proxy:
+        sent = [
+            (b"not json " + secret.encode(), "application/json", 400),
+            (json.dumps({"model": "m"}).encode(), "application/json", 400),
+            (json.dumps({**GOOD, "pad": "x" * 2000}).encode(), "application/json", 413),
+            (json.dumps(GOOD).encode(), "text/plain", 415),
+        ]
+        for body, content_type, status in sent:
+            answer = await proxy.client.post(
+                "/v1/chat/completions", content=body, headers={"content-type": content_type}
+            )
+            assert answer.status_code == status, answer.text
+        ok = await proxy.client.post("/v1/chat/completions", json=GOOD, headers=AUTH)
+        assert ok.status_code == 200
+        metrics = (await proxy.client.get("/metrics")).text
+    counted = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in metrics.splitlines()
+        if line.startswith("understudy_rejected_requests_total{")
+    }
+    assert counted == {
+        'understudy_rejected_requests_total{code="invalid_json",status="400"}': 1.0,
+        'understudy_rejected_requests_total{code="invalid_request",status="400"}': 1.0,
+        'understudy_rejected_requests_total{code="request_too_large",status="413"}': 1.0,
+        'understudy_rejected_requests_total{code="unsupported_media_type",status="415"}': 1.0,
+    }
+    lines = [r.getMessage() for r in caplog.records if r.name == "understudy.requests"]
+    assert lines == [
+        "rejected /v1/chat/completions: 400 invalid_json (param -)",
+        "rejected /v1/chat/completions: 400 invalid_request (param messages)",
+        "rejected /v1/chat/completions: 413 request_too_large (param -)",
+        "rejected /v1/chat/completions: 415 unsupported_media_type (param -)",
+    ]
+    assert all(r.levelname == "INFO" for r in caplog.records if r.name == "understudy.requests")
+    assert secret not in caplog.text
+    assert (
+        recorded_exchanges(proxy.db) and len(recorded_exchanges(proxy.db)) == 1
+    )  # only the ok one

@@ -1,7 +1,7 @@
 """Routing: who answers a new trajectory (header, rules, rate), and that every step keeps it.
 
-Pure tests of `proxy.core.routing` first. Then end-to-end agent runs with the official `openai` SDK
-through a real proxy process whose teacher is the fake OpenAI upstream reached through litellm
+Pure tests of `proxy.core.routing` first. Then agent runs with the official `openai` SDK through
+the proxy served in this process (`tests.support.inprocess`) whose teacher is the fake OpenAI upstream reached through litellm
 (`--teacher-model openai/fake-teacher --teacher-base-url ... --teacher-api-key ...`) with routing
 rules: the header or a rule decides a run's first request and every later step follows, stream or
 not, tool calls (parallel ones too) intact, recorded with route and answering model; the teacher
@@ -10,23 +10,18 @@ uses its own key. Last, the issue's "Done when" on a second proxy (`--teacher-mo
 tool-use workload goes to the teacher from first step to last, exactly as `decide_route` predicts,
 and `export --route teacher` holds exactly those conversations.
 
-The helpers at the top (`launch_proxy`, `run_agent`, `wait_for_exchanges`, ...) are shared with
-`test_teacher.py` and `test_promotion.py`.
+The helpers (`launch_proxy`, `wait_for_exchanges`, ...) are in `tests.support.agents`, the agent
+loop in `proxy.testing.agent`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
-import sqlite3
-import subprocess
-import sys
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,258 +29,27 @@ import openai
 import pytest
 
 from proxy.config import RoutingRule, Settings
-from proxy.core.canonical import prefix_hashes
 from proxy.core.routing import RouteDecision, decide_route, rule_matches, sample_point
-from tests.conftest import ROOT, FakeUpstream, ProxyServer, child_env, free_port, start_server
-
-# ---------------------------------------------------------------------------------------------
-# Shared helpers
-# ---------------------------------------------------------------------------------------------
-
-TOOLS: list[dict[str, Any]] = [
-    {
-        "type": "function",
-        "function": {
-            "name": "search_flights",
-            "description": "Find flights between two cities.",
-            "parameters": {
-                "type": "object",
-                "properties": {"query": {"type": "string"}},
-                "required": ["query"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "book_flight",
-            "description": "Book a flight found by search_flights.",
-            "parameters": {
-                "type": "object",
-                "properties": {"query": {"type": "string"}, "step": {"type": "integer"}},
-            },
-        },
-    },
-]
-SYSTEM = {"role": "system", "content": "You are a travel agent. Use the tools."}
-CLIENT_KEY = "sk-client-key-for-tests"
-
-
-def launch_proxy(
-    fake_upstream: FakeUpstream, directory: Path, *, env: dict[str, str] | None = None, **flags: Any
-) -> ProxyServer:
-    """Start a proxy process (as `start_proxy` does) for fixtures wider than one test."""
-    port = free_port()
-    db = directory / "understudy.db"
-    options = {"port": port, "upstream": fake_upstream.base_url, "db": str(db), **flags}
-    args = ["-m", "proxy"]
-    for name, value in options.items():
-        args += [f"--{name.replace('_', '-')}", str(value)]
-    process = start_server(args, f"http://127.0.0.1:{port}/health", child_env(**(env or {})))
-    return ProxyServer(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}", db, process)
-
-
-@contextlib.contextmanager
-def running(server: ProxyServer) -> Iterator[ProxyServer]:
-    """Yield `server`, stop it afterwards (fixtures), failing loudly if it crashed meanwhile."""
-    try:
-        yield server
-    finally:
-        output = server.stop()
-        assert "Traceback" not in output, output
-
-
-@dataclass
-class Step:
-    """One request of an agent run, as the app saw it."""
-
-    route: str
-    trajectory_id: str
-    exchange_id: str
-    teacher_model: str | None
-    model: str
-    message: dict[str, Any]
-    finish_reason: str | None
-    request: dict[str, Any] = field(default_factory=dict)
-
-
-def tool_result(call: dict[str, Any]) -> str:
-    """What the app's tool returns for `call` (deterministic, mentions the tool)."""
-    return f"{call['function']['name']} ok #{len(call['function']['arguments'])}"
-
-
-async def _assemble(stream: openai.AsyncStream[Any]) -> tuple[dict[str, Any], str, str | None]:
-    """The assistant message from a chat-completion stream, assembled as an app does."""
-    parts: list[str] = []
-    calls: dict[int, dict[str, Any]] = {}
-    model, finish = "", None
-    async for chunk in stream:
-        model = chunk.model or model
-        for choice in chunk.choices:
-            delta = choice.delta
-            if delta.content:
-                parts.append(delta.content)
-            for tc in delta.tool_calls or []:
-                entry = calls.setdefault(
-                    tc.index,
-                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
-                )
-                if tc.id:
-                    entry["id"] = tc.id
-                if tc.function and tc.function.name and not entry["function"]["name"]:
-                    entry["function"]["name"] = tc.function.name
-                if tc.function and tc.function.arguments:
-                    entry["function"]["arguments"] += tc.function.arguments
-            if choice.finish_reason:
-                finish = choice.finish_reason
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(parts) or None}
-    if calls:
-        message["tool_calls"] = [calls[i] for i in sorted(calls)]
-    return message, model, finish
-
-
-async def run_agent(
-    client: openai.AsyncOpenAI,
-    user_text: str,
-    *,
-    model: str = "gpt-4.1-mini",
-    stream: bool = False,
-    options: Callable[[int], dict[str, Any]] | None = None,
-    tools: list[dict[str, Any]] | None = None,
-    max_steps: int = 6,
-) -> list[Step]:
-    """A tool-using agent loop: call, run the tools asked for, call again, until a text answer.
-
-    options(step): extra `create()` arguments for that step (`extra_headers`, `metadata`, `model`,
-    ...). Non-stream answers are echoed back as the SDK returned them (`message.to_dict()`, every
-    field included), as apps that append the response message do.
-    """
-    messages: list[dict[str, Any]] = [SYSTEM, {"role": "user", "content": user_text}]
-    steps: list[Step] = []
-    for number in range(max_steps):
-        kwargs: dict[str, Any] = {"model": model, "tools": tools or TOOLS}
-        kwargs.update(options(number) if options else {})
-        request = {"messages": list(messages), **kwargs}
-        raw = await client.chat.completions.with_raw_response.create(
-            messages=list(messages),  # type: ignore[arg-type]
-            stream=stream,
-            **kwargs,
-        )
-        parsed = raw.parse()
-        if isinstance(parsed, openai.AsyncStream):
-            message, answered, finish = await _assemble(parsed)
-        else:
-            completion = parsed
-            message = completion.choices[0].message.to_dict()
-            answered, finish = completion.model, completion.choices[0].finish_reason
-        steps.append(
-            Step(
-                route=raw.headers["x-understudy-route"],
-                trajectory_id=raw.headers["x-understudy-trajectory-id"],
-                exchange_id=raw.headers["x-understudy-exchange-id"],
-                teacher_model=raw.headers.get("x-understudy-teacher-model"),
-                model=answered,
-                message=message,
-                finish_reason=finish,
-                request=request,
-            )
-        )
-        messages.append(message)
-        if not message.get("tool_calls"):
-            return steps
-        for call in message["tool_calls"]:
-            messages.append(
-                {"role": "tool", "tool_call_id": call["id"], "content": tool_result(call)}
-            )
-    raise AssertionError(f"agent for {user_text!r} did not finish in {max_steps} steps")
-
-
-def async_client(server: ProxyServer, key: str = CLIENT_KEY) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.base_url, api_key=key, max_retries=0)
-
-
-def db_rows(db: Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-    """Rows of a query on the proxy's SQLite file (readable while the proxy runs: WAL)."""
-    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(row) for row in conn.execute(sql, list(params))]
-
-
-async def wait_for_exchanges(
-    db: Path, ids: Sequence[str], *, shadow: bool = False, within_s: float = 20.0
-) -> list[dict[str, Any]]:
-    """The `exchanges` rows of `ids` (in that order) once the recorder has written them all.
-
-    shadow: also wait until each has its shadow answer (or shadow error) written.
-    """
-    marks = ",".join("?" for _ in ids)
-    deadline = time.monotonic() + within_s
-    while True:
-        rows = {
-            r["id"]: r for r in db_rows(db, f"SELECT * FROM exchanges WHERE id IN ({marks})", ids)
-        }
-        ready = len(rows) == len(set(ids)) and (
-            not shadow
-            or all(r["shadow_response_json"] or r["shadow_error_json"] for r in rows.values())
-        )
-        if ready:
-            return [rows[i] for i in ids]
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"exchanges not recorded in {within_s}s: {sorted(set(ids) - set(rows))}"
-            )
-        await asyncio.sleep(0.05)
-
-
-def trajectory_row(db: Path, trajectory_id: str) -> dict[str, Any]:
-    rows = db_rows(db, "SELECT * FROM trajectories WHERE id = ?", [trajectory_id])
-    assert len(rows) == 1, rows
-    return rows[0]
-
-
-def received(fake_upstream: FakeUpstream, marker: str) -> list[dict[str, Any]]:
-    """Requests the fake OpenAI upstream got whose user message contains `marker`."""
-    return [
-        r
-        for r in fake_upstream.requests()
-        if any(
-            m.get("role") == "user" and marker in str(m.get("content"))
-            for m in (r["body"] or {}).get("messages", [])
-        )
-    ]
-
-
-def first_request_hash(user_text: str) -> str:
-    """The stitching hash of an agent run's first request (what the rate is decided from)."""
-    return prefix_hashes([SYSTEM, {"role": "user", "content": user_text}])[-1]
-
-
-def run_exporter(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "exporter", *args],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def first_user_text(sample: dict[str, Any]) -> str:
-    """The first user message's text of an exported sample (OpenAI `messages` or DPO `input`)."""
-    messages = sample.get("messages") or (sample.get("input") or {}).get("messages") or []
-    for message in messages:
-        if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                return "".join(str(p.get("text", "")) for p in content)
-            return str(content)
-    raise AssertionError(f"sample without a user message: {sample}")
-
+from tests.support.agents import (
+    CLIENT_KEY,
+    SYSTEM,
+    TOOLS,
+    Step,
+    async_client,
+    db_rows,
+    first_request_hash,
+    first_user_text,
+    launch_proxy,
+    read_jsonl,
+    received,
+    run_agent,
+    run_exporter,
+    running,
+    trajectory_row,
+    wait_for_exchanges,
+)
+from tests.support.inprocess import InProcessProxy, ThreadedProxy
+from tests.support.processes import FakeUpstream
 
 # ---------------------------------------------------------------------------------------------
 # Pure: decide_route, rule_matches, sample_point
@@ -519,7 +283,7 @@ model = "gpt-4o*"
 @pytest.fixture(scope="module")
 def rules_proxy(
     fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyServer]:
+) -> Iterator[ThreadedProxy]:
     """A proxy whose teacher is the fake upstream (through litellm), with rules.
 
     The rules come from a TOML config file and the teacher's key from its environment variable,
@@ -541,13 +305,13 @@ def rules_proxy(
 
 
 @pytest.fixture
-async def client(rules_proxy: ProxyServer) -> AsyncIterator[openai.AsyncOpenAI]:
+async def client(rules_proxy: ThreadedProxy) -> AsyncIterator[openai.AsyncOpenAI]:
     async with async_client(rules_proxy) as value:
         yield value
 
 
 async def assert_one_trajectory(
-    server: ProxyServer, steps: list[Step], route: str, models: list[str]
+    server: ThreadedProxy | InProcessProxy, steps: list[Step], route: str, models: list[str]
 ) -> list[dict[str, Any]]:
     """Every step in one trajectory, recorded with `route`, answered by `models` (per step)."""
     assert len(steps) == 3, steps  # search, book, answer
@@ -567,7 +331,7 @@ async def assert_one_trajectory(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_header_on_the_first_request_keeps_the_whole_run_on_the_teacher(
-    rules_proxy: ProxyServer,
+    rules_proxy: ThreadedProxy,
     client: openai.AsyncOpenAI,
     fake_upstream: FakeUpstream,
     stream: bool,
@@ -592,7 +356,7 @@ async def test_header_on_the_first_request_keeps_the_whole_run_on_the_teacher(
 
 
 async def test_header_student_beats_a_matching_rule_for_the_whole_run(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI, fake_upstream: FakeUpstream
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI, fake_upstream: FakeUpstream
 ) -> None:
     text = "Header-student gold run: Lima to Quito"
     steps = await run_agent(
@@ -608,7 +372,7 @@ async def test_header_student_beats_a_matching_rule_for_the_whole_run(
 
 
 async def test_a_metadata_rule_decides_the_first_step_and_later_steps_follow(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI
 ) -> None:
     steps = await run_agent(
         client,
@@ -619,7 +383,7 @@ async def test_a_metadata_rule_decides_the_first_step_and_later_steps_follow(
 
 
 async def test_a_student_run_stays_student_when_later_steps_would_route_to_the_teacher(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI, fake_upstream: FakeUpstream
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI, fake_upstream: FakeUpstream
 ) -> None:
     """Later steps ask for gpt-4o, carry tier=gold and the teacher header: still the student."""
     text = "Student run that later looks golden: Perth to Hobart"
@@ -648,7 +412,7 @@ async def test_a_student_run_stays_student_when_later_steps_would_route_to_the_t
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_a_model_rule_run_stays_on_the_teacher_when_the_app_switches_model(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI, stream: bool
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI, stream: bool
 ) -> None:
     steps = await run_agent(
         client,
@@ -668,7 +432,7 @@ async def test_a_model_rule_run_stays_on_the_teacher_when_the_app_switches_model
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_parallel_tool_calls_come_back_from_the_teacher_intact(
-    rules_proxy: ProxyServer,
+    rules_proxy: ThreadedProxy,
     client: openai.AsyncOpenAI,
     fake_upstream: FakeUpstream,
     stream: bool,
@@ -706,7 +470,7 @@ async def test_parallel_tool_calls_come_back_from_the_teacher_intact(
 
 
 async def test_the_teacher_uses_its_own_key_and_the_student_the_clients(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI, fake_upstream: FakeUpstream
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI, fake_upstream: FakeUpstream
 ) -> None:
     teacher_text, student_text = (
         "Keyed teacher run: Accra to Dakar",
@@ -732,7 +496,7 @@ async def test_the_teacher_uses_its_own_key_and_the_student_the_clients(
 
 
 async def test_an_explicit_trajectory_id_keeps_the_route_of_its_first_request(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI
 ) -> None:
     """Requests tied by `X-Understudy-Trajectory-Id` (not by hashing) are one trajectory too."""
     tied = {"X-Understudy-Trajectory-Id": "explicit-sequential-1"}
@@ -756,7 +520,7 @@ async def test_an_explicit_trajectory_id_keeps_the_route_of_its_first_request(
 
 
 async def test_a_concurrent_request_with_the_same_explicit_id_keeps_the_first_route(
-    rules_proxy: ProxyServer, client: openai.AsyncOpenAI
+    rules_proxy: ThreadedProxy, client: openai.AsyncOpenAI
 ) -> None:
     """The first request (student) is still streaming when the second (which a rule would send to
     the teacher) arrives: the trajectory's route is already decided, both stay on the student."""
@@ -813,14 +577,14 @@ async def test_an_unknown_route_header_is_a_400_and_is_not_forwarded(
 
 
 async def test_without_a_teacher_the_header_routes_to_the_student(
-    proxy_server: ProxyServer, fake_upstream: FakeUpstream
+    inprocess_proxy: InProcessProxy, fake_upstream: FakeUpstream
 ) -> None:
     text = "No teacher configured: Turin to Milan"
-    async with async_client(proxy_server) as app:
-        steps = await run_agent(
-            app, text, options=lambda n: {"extra_headers": {"X-Understudy-Route": "teacher"}}
-        )
-    await assert_one_trajectory(proxy_server, steps, "student", ["gpt-4.1-mini"] * 3)
+    app = async_client(inprocess_proxy)
+    steps = await run_agent(
+        app, text, options=lambda n: {"extra_headers": {"X-Understudy-Route": "teacher"}}
+    )
+    await assert_one_trajectory(inprocess_proxy, steps, "student", ["gpt-4.1-mini"] * 3)
     assert [r["body"]["model"] for r in received(fake_upstream, text)] == ["gpt-4.1-mini"] * 3
 
 
@@ -840,7 +604,7 @@ RATE_TEACHER = "o3"  # litellm name of an OpenAI reasoning teacher; served by th
 class RateRun:
     """The workload's outcome: each conversation's steps, the stopped proxy, the predictions."""
 
-    server: ProxyServer
+    server: ThreadedProxy
     runs: dict[str, list[Step]]
     predicted: dict[str, str]
     upstream: list[dict[str, Any]]
@@ -885,7 +649,6 @@ def rate_run(
         yield RateRun(server, dict(zip(WORKLOAD, results, strict=True)), predicted, upstream)
 
 
-@pytest.mark.e2e
 def test_about_thirty_percent_of_conversations_go_to_the_teacher_as_predicted(
     rate_run: RateRun,
 ) -> None:
@@ -895,7 +658,6 @@ def test_about_thirty_percent_of_conversations_go_to_the_teacher_as_predicted(
     assert 0.15 <= share <= 0.45, share
 
 
-@pytest.mark.e2e
 def test_every_conversation_keeps_its_route_and_model_from_first_step_to_last(
     rate_run: RateRun,
 ) -> None:
@@ -923,7 +685,6 @@ def test_every_conversation_keeps_its_route_and_model_from_first_step_to_last(
     assert Counter(t["route"] for t in trajectories) == Counter(rate_run.predicted.values())
 
 
-@pytest.mark.e2e
 def test_teacher_requests_are_adapted_for_the_reasoning_teacher(rate_run: RateRun) -> None:
     """The upstream saw o3 requests without temperature, with max_completion_tokens; the student's
     requests are the app's own."""
@@ -949,7 +710,6 @@ def test_teacher_requests_are_adapted_for_the_reasoning_teacher(rate_run: RateRu
         assert body["messages"][0] == SYSTEM
 
 
-@pytest.mark.e2e
 def test_the_reasoning_teacher_gets_the_system_prompt_as_instructions(rate_run: RateRun) -> None:
     """o-series models take `system` (or `developer`) messages; the app's system prompt must not
     reach the teacher disguised as something the user said."""
@@ -961,7 +721,6 @@ def test_the_reasoning_teacher_gets_the_system_prompt_as_instructions(rate_run: 
         assert first["content"] == SYSTEM["content"]
 
 
-@pytest.mark.e2e
 def test_export_route_teacher_holds_exactly_the_teacher_conversations(
     rate_run: RateRun, tmp_path: Path
 ) -> None:

@@ -6,7 +6,7 @@ import sqlite3
 
 import openai
 
-from tests.conftest import ProxyServer
+from tests.support.processes import ProxyServer
 
 
 def test_one_call_is_forwarded_and_recorded(proxy_server: ProxyServer) -> None:

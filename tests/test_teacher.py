@@ -25,8 +25,9 @@ import openai
 import pytest
 
 from proxy.http.teacher import teacher_params
-from tests.conftest import FakeUpstream, ProxyServer, child_env, free_port, start_server
-from tests.test_routing import (
+from proxy.testing.fake_anthropic import create_app as create_anthropic_app
+from proxy.testing.servers import serve_in_thread
+from tests.support.agents import (
     CLIENT_KEY,
     SYSTEM,
     TOOLS,
@@ -43,6 +44,8 @@ from tests.test_routing import (
     trajectory_row,
     wait_for_exchanges,
 )
+from tests.support.inprocess import ThreadedProxy
+from tests.support.processes import FakeUpstream
 
 # ---------------------------------------------------------------------------------------------
 # Pure: teacher_params
@@ -160,15 +163,8 @@ class FakeAnthropic:
 
 @pytest.fixture(scope="module")
 def fake_anthropic() -> Iterator[FakeAnthropic]:
-    port = free_port()
-    process = start_server(
-        ["-m", "proxy.testing.fake_anthropic", "--port", str(port)],
-        f"http://127.0.0.1:{port}/health",
-        child_env(),
-    )
-    yield FakeAnthropic(f"http://127.0.0.1:{port}")
-    process.terminate()
-    process.wait(timeout=10)
+    with serve_in_thread(create_anthropic_app()) as url:
+        yield FakeAnthropic(url)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +172,7 @@ def claude_proxy(
     fake_upstream: FakeUpstream,
     fake_anthropic: FakeAnthropic,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[ProxyServer]:
+) -> Iterator[ThreadedProxy]:
     server = launch_proxy(
         fake_upstream,
         tmp_path_factory.mktemp("claude"),
@@ -190,7 +186,7 @@ def claude_proxy(
 
 
 @pytest.fixture
-async def client(claude_proxy: ProxyServer) -> AsyncIterator[openai.AsyncOpenAI]:
+async def client(claude_proxy: ThreadedProxy) -> AsyncIterator[openai.AsyncOpenAI]:
     async with async_client(claude_proxy) as value:
         yield value
 
@@ -207,7 +203,7 @@ def claude_answer(text: str, steps: list[Step]) -> str:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_claude_answers_a_whole_agent_run_as_openai_chat_completions(
-    claude_proxy: ProxyServer,
+    claude_proxy: ThreadedProxy,
     client: openai.AsyncOpenAI,
     fake_anthropic: FakeAnthropic,
     fake_upstream: FakeUpstream,
@@ -295,7 +291,7 @@ async def test_claude_answers_a_whole_agent_run_as_openai_chat_completions(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_a_teacher_error_reaches_the_app_as_an_openai_error_and_is_recorded(
-    claude_proxy: ProxyServer, client: openai.AsyncOpenAI, stream: bool
+    claude_proxy: ThreadedProxy, client: openai.AsyncOpenAI, stream: bool
 ) -> None:
     text = f"Claude is overloaded ({stream}): Lyon to Nice"
     with pytest.raises(openai.APIStatusError) as caught:
@@ -330,7 +326,7 @@ async def test_a_teacher_error_reaches_the_app_as_an_openai_error_and_is_recorde
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_a_shadow_run_returns_the_student_and_stores_claude_beside_it(
-    claude_proxy: ProxyServer,
+    claude_proxy: ThreadedProxy,
     client: openai.AsyncOpenAI,
     fake_anthropic: FakeAnthropic,
     fake_upstream: FakeUpstream,
@@ -386,7 +382,7 @@ async def test_a_shadow_run_returns_the_student_and_stores_claude_beside_it(
 
 
 async def test_a_run_started_as_student_gets_no_shadow_at_any_step(
-    claude_proxy: ProxyServer, client: openai.AsyncOpenAI, fake_anthropic: FakeAnthropic
+    claude_proxy: ThreadedProxy, client: openai.AsyncOpenAI, fake_anthropic: FakeAnthropic
 ) -> None:
     """The shadow rule matches every request, but a rule only decides a new trajectory."""
     text = "Unshadowed run: Graz to Linz"
@@ -407,7 +403,7 @@ async def test_a_run_started_as_student_gets_no_shadow_at_any_step(
 
 
 async def test_dpo_export_pairs_claude_preferred_with_the_student(
-    claude_proxy: ProxyServer, client: openai.AsyncOpenAI, tmp_path: Path
+    claude_proxy: ThreadedProxy, client: openai.AsyncOpenAI, tmp_path: Path
 ) -> None:
     text = "DPO run: Split to Zadar"
     steps = await run_agent(client, text)

@@ -26,7 +26,6 @@ from proxy.dashboard.security import Guard
 log = logging.getLogger("understudy.dashboard")
 
 STATIC_DIR = Path(__file__).parent / "static"
-DEMO_DB_PREFIX = "understudy-demo"
 
 
 def database_label(target: str) -> str:
@@ -37,11 +36,6 @@ def database_label(target: str) -> str:
         return make_url(target).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - a label only; the database itself reports bad URLs
         return target.split("@")[-1]
-
-
-def is_demo_database(target: str) -> bool:
-    """Demo data lives in its own file, named understudy-demo*.db."""
-    return "://" not in target and Path(target).name.startswith(DEMO_DB_PREFIX)
 
 
 async def _to_list(request: Request) -> Response:
@@ -85,7 +79,7 @@ def mount_dashboard(app: FastAPI, settings: Settings) -> None:
     guard = Guard.from_settings(settings)
     app.state.dashboard = DashboardState(
         guard=guard,
-        demo=is_demo_database(settings.db),
+        demo=settings.demo,
         database_label=database_label(settings.db),
     )
     app.router.routes.extend(routes())

@@ -13,6 +13,7 @@ Pages render the same payloads the JSON API returns (`proxy.dashboard.api`).
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 from urllib.parse import urlencode
 
 from starlette.requests import Request
@@ -80,6 +81,16 @@ async def list_page(request: Request) -> Response:
     )
 
 
+def estimated_steps(payload: dict[str, Any]) -> int:
+    """How many exchanges of a trajectory payload have token counts the proxy estimated (a
+    stream without `include_usage`: `usage.estimated`), not the upstream's own figures."""
+    return sum(
+        1
+        for e in payload.get("exchanges") or []
+        if isinstance(e.get("usage"), dict) and e["usage"].get("estimated") is True
+    )
+
+
 @guarded
 async def trajectory_page(request: Request) -> Response:
     """GET /dashboard/trajectories/{id}: the conversation of one branch, steps and curation."""
@@ -99,6 +110,7 @@ async def trajectory_page(request: Request) -> Response:
         {
             "t": payload,
             "view": view,
+            "estimated_steps": estimated_steps(payload),
             "next_unlabeled": await neighbour_unlabeled(db, payload),
             "saved": request.query_params.get("saved"),
             "back": safe_next(request.query_params.get("back"), "/dashboard"),

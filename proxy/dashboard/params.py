@@ -1,7 +1,7 @@
 """Query parameters of the list (page and API alike): filters, page size and cursors.
 
 route, model, label (approved|rejected|unlabeled|labeled), tools (yes|no), errors (yes|no),
-from, to (YYYY-MM-DD or ISO-8601; `to` is inclusive for a date), q (free text), tag,
+from, to (when the trajectory started: YYYY-MM-DD or ISO-8601; `to` is inclusive for a date), q (free text), tag,
 limit (1..500), after / before (cursors from a previous page)
 """
 
@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import urlencode
 
-from proxy.storage.browse import MAX_PAGE_SIZE, TrajectoryFilter
+from proxy.storage.browse import MAX_PAGE_SIZE
+from proxy.storage.filters import LABELS, UNLABELED, TrajectoryFilter
 
 FILTER_PARAMS = ("route", "model", "label", "tools", "errors", "from", "to", "q", "tag")
-LABEL_CHOICES = ("approved", "rejected", "unlabeled", "labeled")
+LABEL_CHOICES = (*LABELS, UNLABELED, "labeled")
 DEFAULT_LIMIT = 50
 _MAX_TEXT = 200
 
@@ -66,6 +67,15 @@ def _yes_no(value: str, param: str) -> bool | None:
     raise ParamError(f"{param} must be yes or no", param)
 
 
+def _labels(label: str | None) -> tuple[str, ...] | None:
+    """The filter's labels for the `label` parameter (None: any label)."""
+    if label is None:
+        return None
+    if label == "labeled":
+        return LABELS
+    return (label,)
+
+
 def parse_time(value: str, param: str, *, end: bool = False) -> str:
     """A `from`/`to` bound as a stored-format UTC string.
 
@@ -96,14 +106,14 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
         raise ParamError(f"label must be one of {', '.join(LABEL_CHOICES)}", "label")
     flt = TrajectoryFilter(
         route=values.get("route"),
-        model=values.get("model"),
-        label=label,
+        models=(values["model"],) if "model" in values else (),
+        labels=_labels(label),
         has_tool_calls=_yes_no(values.get("tools", ""), "tools"),
         errors=_yes_no(values.get("errors", ""), "errors"),
         since_utc=parse_time(values["from"], "from") if "from" in values else None,
         until_utc=parse_time(values["to"], "to", end=True) if "to" in values else None,
         text=values.get("q"),
-        tag=values.get("tag"),
+        tags=(values["tag"],) if "tag" in values else (),
     )
     raw_limit = params.get("limit", "").strip()
     try:

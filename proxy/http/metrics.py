@@ -8,10 +8,14 @@
 - `understudy_recorder_records_total{event}`: submitted, written, journaled, spilled, replayed,
   rejected, lost; `understudy_recorder_failed_batches_total`.
 - `understudy_stitch_lookups_total{source}`: cache hits and database lookups.
+- `understudy_rejected_requests_total{status,code}`: requests refused before reaching the
+  upstream (400 bad body or header, 413 too large, 415 not JSON), never recorded as exchanges;
+  each is also logged once at INFO (`Metrics.rejected`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -28,6 +32,8 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from proxy.recording.recorder import ExchangeRecord, Recorder
     from proxy.recording.stitching import Stitcher
+
+log = logging.getLogger("understudy.requests")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _RECORDER_EVENTS = (
@@ -111,6 +117,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.rejections = Counter(
+            "understudy_rejected_requests",
+            "Requests refused before reaching the upstream (not recorded), by status and code.",
+            ["status", "code"],
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(recorder, stitcher))
 
     def observe(self, record: ExchangeRecord) -> None:
@@ -120,6 +132,14 @@ class Metrics:
             self.duration.labels(record.route, stream).observe(record.duration_ms / 1000)
         if record.ttft_ms is not None:
             self.ttft.labels(record.route).observe(record.ttft_ms / 1000)
+
+    def rejected(self, status: int, code: str | None, param: str | None, path: str) -> None:
+        """Count a refused request and log one INFO line: status (400, 413, 415), the error's
+        `code` (`invalid_request` when it has none), the `param` at fault and the path. The
+        request's content is never logged (it is client-controlled and may hold secrets)."""
+        label = code or "invalid_request"
+        self.rejections.labels(str(status), label).inc()
+        log.info("rejected %s: %d %s (param %s)", path, status, label, param or "-")
 
     def render(self) -> bytes:
         """The exposition text (Prometheus format 0.0.4)."""

@@ -334,6 +334,20 @@ async def handle(request: Request, api: RecordedApi) -> Response:
         return Response(json.dumps(body).encode(), status_code=500, media_type="application/json")
 
 
+def refused(
+    proxy: ProxyState,
+    api: RecordedApi,
+    status: int,
+    message: str,
+    param: str | None,
+    code: str | None,
+) -> Response:
+    """The OpenAI-shaped error for a request refused before forwarding, counted in `/metrics` and
+    logged in one line by `Metrics.rejected` (under the API's own path, never the client's)."""
+    proxy.metrics.rejected(status, code, param, f"/v1{api.upstream_path}")
+    return error_response(status, message, param=param, code=code)
+
+
 async def _call(
     request: Request, api: RecordedApi, start: float, holder: list[Exchange]
 ) -> Response:
@@ -352,16 +366,15 @@ async def _call(
         else:
             route, shadow = link.route, link.shadow
     except InvalidRequest as exc:
-        return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+        return refused(proxy, api, exc.status, exc.message, exc.param, exc.code)
     except ClientDisconnect:
         log.info("client went away while sending its request body; nothing forwarded")
         return Response(status_code=499)  # nobody reads it; keeps the server's log quiet
     except RecursionError:
-        return error_response(
-            400, f"{api.items_param} are nested too deeply", param=api.items_param
-        )
+        message = f"{api.items_param} are nested too deeply"
+        return refused(proxy, api, 400, message, api.items_param, None)
     except RouteHeaderError as exc:
-        return error_response(400, str(exc), param=ROUTE_HEADER)
+        return refused(proxy, api, 400, str(exc), ROUTE_HEADER, None)
     if proxy.teacher is None:  # routed earlier by a proxy that had a teacher configured
         route, shadow = "student", False
 

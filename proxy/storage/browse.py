@@ -6,6 +6,9 @@ on `(updated_utc, id)` newest first: a page costs one index range scan however d
 an OFFSET and never a GROUP BY over all exchanges. Per-page details (models, durations, the first
 user message) come from one indexed query over the page's own exchanges.
 
+Which trajectories a page holds is `proxy.storage.filters.TrajectoryFilter`, the filter the
+exporter reads by too.
+
 Timestamps are the stored ISO-8601 UTC strings, which compare as text; a date such as
 `2026-11-21` compares correctly against them too.
 """
@@ -21,26 +24,18 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from sqlalchemy import (
-    ColumnElement,
     Select,
-    and_,
-    exists,
-    false,
     func,
     literal,
     or_,
     select,
-    true,
 )
 
 from proxy.storage.database import Database, utc_now
+from proxy.storage.filters import LABELS, TrajectoryFilter, trajectory_where
 from proxy.storage.schema import exchanges, trajectories
 
-LABELS: Final = ("approved", "rejected")
-"""The curation labels stored in `trajectories.label` (NULL: not labeled)."""
-
 MAX_PAGE_SIZE: Final = 500
-_LIKE_ESCAPE: Final = "\\"
 
 
 class _Keep:
@@ -55,35 +50,6 @@ KEEP: Final = _Keep()
 
 class CursorError(ValueError):
     """A pagination cursor that this module did not produce."""
-
-
-@dataclass(frozen=True)
-class TrajectoryFilter:
-    """Which trajectories to list; every field is optional and they combine with AND.
-
-    route: 'student' | 'teacher' | ... (trajectories.route). model: requested or answered model of
-    any exchange. label: 'approved' | 'rejected' | 'unlabeled' | 'labeled'. has_tool_calls /
-    errors: at least one tool call / failed exchange (True) or none (False). since_utc (inclusive)
-    and until_utc (exclusive): bounds on the last activity (`updated_utc`), ISO-8601 UTC or a date.
-    text: case-insensitive substring of the trajectory id, note, tags or any exchange's request or
-    response JSON (a scan, bounded by the page size). tag: one curation tag, exactly. ids: only
-    these trajectory ids.
-    """
-
-    route: str | None = None
-    model: str | None = None
-    label: str | None = None
-    has_tool_calls: bool | None = None
-    errors: bool | None = None
-    since_utc: str | None = None
-    until_utc: str | None = None
-    text: str | None = None
-    tag: str | None = None
-    ids: tuple[str, ...] | None = None
-
-    def is_empty(self) -> bool:
-        """True when no condition is set."""
-        return all(getattr(self, name) is None for name in self.__dataclass_fields__)
 
 
 @dataclass
@@ -135,67 +101,8 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
     return value[0], value[1]
 
 
-def _like_pattern(text: str) -> str:
-    escaped = text.replace(_LIKE_ESCAPE, _LIKE_ESCAPE * 2).replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
-def _conditions(flt: TrajectoryFilter) -> list[ColumnElement[bool]]:
-    t = trajectories.c
-    e = exchanges.c
-    where: list[ColumnElement[bool]] = []
-    if flt.route:
-        where.append(t.route == flt.route)
-    if flt.label == "unlabeled":
-        # Not `label IS NULL`: unlabeled is most of the table, and the label index would make
-        # the database sort all of it; walking the updated_utc index and filtering stops early.
-        where.append(func.coalesce(t.label, "") == "")
-    elif flt.label == "labeled":
-        where.append(t.label.is_not(None))
-    elif flt.label:
-        where.append(t.label == flt.label)
-    if flt.has_tool_calls is not None:
-        where.append(t.tool_call_count > 0 if flt.has_tool_calls else t.tool_call_count == 0)
-    if flt.errors is not None:
-        where.append(t.error_count > 0 if flt.errors else t.error_count == 0)
-    if flt.since_utc:
-        where.append(t.updated_utc >= flt.since_utc)
-    if flt.until_utc:
-        where.append(t.updated_utc < flt.until_utc)
-    if flt.ids is not None:
-        where.append(t.id.in_(list(flt.ids)) if flt.ids else false())
-    if flt.tag:
-        pattern = _like_pattern(json.dumps(flt.tag))
-        where.append(t.tags_json.like(pattern, escape=_LIKE_ESCAPE))
-    if flt.model:
-        where.append(
-            exists().where(
-                e.trajectory_id == t.id,
-                or_(e.model_requested == flt.model, e.model_answered == flt.model),
-            )
-        )
-    if flt.text:
-        pattern = _like_pattern(flt.text)
-        where.append(
-            or_(
-                t.id == flt.text,
-                t.note.ilike(pattern, escape=_LIKE_ESCAPE),
-                t.tags_json.ilike(pattern, escape=_LIKE_ESCAPE),
-                exists().where(
-                    e.trajectory_id == t.id,
-                    or_(
-                        e.request_json.ilike(pattern, escape=_LIKE_ESCAPE),
-                        e.response_json.ilike(pattern, escape=_LIKE_ESCAPE),
-                        e.error_json.ilike(pattern, escape=_LIKE_ESCAPE),
-                    ),
-                ),
-            )
-        )
-    return where
-
-
 def _filtered(flt: TrajectoryFilter) -> Select[Any]:
-    return select(trajectories).where(and_(true(), *_conditions(flt)))
+    return select(trajectories).where(trajectory_where(flt))
 
 
 def list_query(

@@ -14,13 +14,23 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, case, exists, false, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, case, exists, func, or_, select
 
 from proxy.storage.database import Database
+from proxy.storage.filters import MAX_SQL_IDS, UNLABELED, TrajectoryFilter, trajectory_where
 from proxy.storage.schema import exchanges, trajectories
 
-UNLABELED = "unlabeled"
-"""The value of `LeafFilter.labels` that stands for trajectories without a label (NULL)."""
+__all__ = [
+    "MAX_SQL_IDS",
+    "UNLABELED",
+    "LeafFilter",
+    "TrajectoryFilter",
+    "count_rows",
+    "leaves_query",
+    "shadow_query",
+    "statistics",
+    "stream_batches",
+]
 
 # finish_reason values that mean the answer is not a complete final answer.
 _UNFINISHED_REASONS = ("length", "content_filter", "tool_calls", "function_call")
@@ -28,33 +38,19 @@ _UNFINISHED_REASONS = ("length", "content_filter", "tool_calls", "function_call"
 
 @dataclass(frozen=True)
 class LeafFilter:
-    """Which exchanges a read returns; every field narrows the result, defaults select everything.
+    """Which exchanges a read returns: leaves (or shadow pairs) of the trajectories selected.
 
-    route: 'student' | 'teacher' | None (any), the trajectory's route. models: the exchange's
-    requested or answered model is one of these, or its answered model is a dated snapshot of
-    one (`o3` matches `o3-2025-04-16`); empty: any. since_utc / until_utc: the
-    trajectory started at or after / strictly before this stored-format timestamp
-    (`2026-11-21T00:00:00.000+00:00`). labels: trajectory labels to keep ('approved', 'rejected',
-    `UNLABELED`); None keeps all. complete_only: the exchange answered ok with a final answer
-    (no tool calls, finish_reason not length/content_filter). exclude_promoted: leave out
-    trajectories where any exchange had a logit_bias injected. longest_only: per trajectory, only
-    the leaf with the highest step (ties: the latest). trajectory_ids: only these trajectories
-    (at most `MAX_SQL_IDS`; callers filter larger selections themselves).
+    trajectories: `TrajectoryFilter`s that all must select the exchange's trajectory (the
+    exporter's flags, and the dashboard list's filter when the dashboard exports); empty: every
+    trajectory. complete_only: the exchange answered ok with a final answer (no tool calls,
+    finish_reason not length/content_filter). longest_only: per trajectory, only the leaf with
+    the highest step (ties: the latest).
     """
 
-    route: str | None = None
-    models: tuple[str, ...] = ()
-    since_utc: str | None = None
-    until_utc: str | None = None
-    labels: tuple[str, ...] | None = None
+    trajectories: tuple[TrajectoryFilter, ...] = ()
     complete_only: bool = True
-    exclude_promoted: bool = False
     longest_only: bool = False
-    trajectory_ids: tuple[str, ...] | None = None
 
-
-MAX_SQL_IDS = 5000
-"""Most `trajectory_ids` sent as query parameters (SQLite allows 32,766 per statement)."""
 
 _LEAF_COLUMNS = (
     exchanges.c.id,
@@ -99,46 +95,6 @@ def _is_leaf() -> ColumnElement[bool]:
     return ~exists(select(child.c.id).where(child.c.parent_id == exchanges.c.id))
 
 
-def _common_conditions(f: LeafFilter) -> list[ColumnElement[bool]]:
-    e, t = exchanges.c, trajectories.c
-    conditions: list[ColumnElement[bool]] = []
-    if f.route is not None:
-        conditions.append(t.route == f.route)
-    if f.models:
-        models = list(f.models)
-        snapshots = [e.model_answered.startswith(f"{m}-", autoescape=True) for m in models]
-        conditions.append(
-            or_(e.model_requested.in_(models), e.model_answered.in_(models), *snapshots)
-        )
-    if f.since_utc is not None:
-        conditions.append(t.created_utc >= f.since_utc)
-    if f.until_utc is not None:
-        conditions.append(t.created_utc < f.until_utc)
-    if f.labels is not None:
-        named = [label for label in f.labels if label != UNLABELED]
-        options: list[ColumnElement[bool]] = []
-        if named:
-            options.append(t.label.in_(named))
-        if UNLABELED in f.labels:
-            options.append(t.label.is_(None))
-        conditions.append(or_(*options) if options else false())
-    if f.trajectory_ids is not None:
-        if len(f.trajectory_ids) > MAX_SQL_IDS:
-            raise ValueError(f"at most {MAX_SQL_IDS} trajectory ids per query")
-        conditions.append(e.trajectory_id.in_(list(f.trajectory_ids)))
-    if f.exclude_promoted:
-        other = exchanges.alias("promoted")
-        conditions.append(
-            ~exists(
-                select(other.c.id).where(
-                    other.c.trajectory_id == e.trajectory_id,
-                    other.c.injected_logit_bias_json.is_not(None),
-                )
-            )
-        )
-    return conditions
-
-
 def leaves_query(f: LeafFilter) -> Select[Any]:
     """Leaves matching `f`, oldest first (`started_utc`, then id).
 
@@ -147,7 +103,7 @@ def leaves_query(f: LeafFilter) -> Select[Any]:
     `trajectory_label`, `trajectory_tags_json` and `trajectory_created_utc`.
     """
     e = exchanges.c
-    conditions = [_is_leaf(), *_common_conditions(f)]
+    conditions = [_is_leaf(), trajectory_where(*f.trajectories)]
     if f.complete_only:
         conditions += [
             e.outcome == "ok",
@@ -191,7 +147,7 @@ def shadow_query(f: LeafFilter) -> Select[Any]:
         e.outcome == "ok",
         e.response_json.is_not(None),
         e.shadow_response_json.is_not(None),
-        *_common_conditions(f),
+        trajectory_where(*f.trajectories),
     ]
     return (
         select(*_SHADOW_COLUMNS)

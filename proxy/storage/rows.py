@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from proxy.core.redaction import storable
+from proxy.core.usage import estimate_usage
 
 if TYPE_CHECKING:
     from proxy.recording.recorder import ExchangeRecord
@@ -100,6 +101,11 @@ def exchange_row(record: ExchangeRecord) -> dict[str, Any]:
     """The `exchanges` row for `record` (see `proxy.storage.schema.exchanges` for the columns)."""
     response = record.response or {}
     summary = SUMMARIES[record.kind](response) if response else AnswerSummary()
+    if summary.usage is None and record.kind == "chat" and record.stream and record.outcome == "ok":
+        # A stream sent without stream_options.include_usage: counted here, marked estimated.
+        estimated = estimate_usage(record.request, response) if response else None
+        if estimated is not None:
+            summary = chat_summary({**response, "usage": estimated})
     metadata = record.request.get("metadata")
     user = record.request.get("user")
     row = {

@@ -40,7 +40,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -183,7 +183,8 @@ async def chat_completions(request: Request) -> Response:
             status_code=429,
             headers={**_headers(request_id), "retry-after": "1"},
         )
-    message = plan_message(body, number)
+    planner = request.app.state.planner
+    message = (planner(body, number) if planner is not None else None) or plan_message(body, number)
     completion_id = f"chatcmpl-fake{number}"
     created = int(time.time())
     prompt_tokens = sum(len(json.dumps(m)) // 4 for m in body.get("messages", []))
@@ -654,8 +655,16 @@ async def recorded_requests(request: Request) -> Response:
     return JSONResponse(request.app.state.requests)
 
 
-def create_fake_app() -> Starlette:
-    """The fake upstream as an ASGI app (serve it with uvicorn); routes under `/v1`."""
+Planner = Callable[[dict[str, Any], int], "dict[str, Any] | None"]
+"""`planner(body, request_number)`: the assistant message for a request, or None for the default."""
+
+
+def create_fake_app(planner: Planner | None = None) -> Starlette:
+    """The fake upstream as an ASGI app (serve it with uvicorn); routes under `/v1`.
+
+    planner: answers chat requests first (the demo's scripted conversations); when it returns
+    None, or without one, `plan_message` answers.
+    """
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -667,6 +676,7 @@ def create_fake_app() -> Starlette:
     )
     app.state.requests = []
     app.state.responses = {}  # response id -> the items a continuation inherits
+    app.state.planner = planner
     return app
 
 

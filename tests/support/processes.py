@@ -1,0 +1,97 @@
+"""Real server processes for end-to-end tests: the fake upstream and the proxy (`python -m proxy`).
+
+A `ProxyServer` is stopped with SIGTERM (`.stop()`), which drains the recorder, so tests read the
+database after stopping it. Use these only where the process matters (signals, journal replay,
+replicas, SDK/agents runs over real HTTP); `tests.support.inprocess` drives the app in-process.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from proxy.testing.servers import child_env, free_port, start_server
+
+
+@dataclass
+class FakeUpstream:
+    """The fake upstream server: `base_url` ends in /v1."""
+
+    base_url: str
+    process: subprocess.Popen[bytes]
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Requests it received: `[{"headers": {...}, "body": {...}}, ...]`."""
+        return list(httpx.get(self.base_url.removesuffix("/v1") + "/_fake/requests").json())
+
+    def clear(self) -> None:
+        """Forget the requests received so far."""
+        httpx.delete(self.base_url.removesuffix("/v1") + "/_fake/requests")
+
+    def stop(self) -> None:
+        """Terminate the process and wait for it."""
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@dataclass
+class ProxyServer:
+    """A running proxy process. `base_url` ends in /v1; `db_url` is its `--db`, and `db` that
+    path for a SQLite database (for a database URL, `db` is not a file)."""
+
+    base_url: str
+    root_url: str
+    db: Path
+    process: subprocess.Popen[bytes]
+    output: list[str] = field(default_factory=list)
+    db_url: str = ""
+
+    def stop(self, timeout: float = 30.0) -> str:
+        """SIGTERM, wait for a clean exit (the recorder drains); return the process output."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout and not self.output:
+            self.output.append(self.process.stdout.read().decode(errors="replace"))
+        return "".join(self.output)
+
+
+def start_fake_upstream() -> FakeUpstream:
+    """Start `python -m proxy.testing.fake_openai` on a free port; stop it with `.stop()`."""
+    port = free_port()
+    process = start_server(
+        ["-m", "proxy.testing.fake_openai", "--port", str(port)],
+        f"http://127.0.0.1:{port}/v1/models",
+        child_env(),
+    )
+    return FakeUpstream(f"http://127.0.0.1:{port}/v1", process)
+
+
+def launch_proxy(
+    directory: Path, *, env: dict[str, str] | None = None, **flags: Any
+) -> ProxyServer:
+    """Start `python -m proxy` with `flags` (`upstream` required; `db` defaults to a new file in
+    `directory`) and wait until it answers. The caller stops it."""
+    port = free_port()
+    db_url = str(flags.pop("db", directory / f"understudy-{port}.db"))
+    options = {"port": port, "db": db_url, **flags}
+    args = ["-m", "proxy"]
+    for name, value in options.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    process = start_server(args, f"http://127.0.0.1:{port}/health", child_env(**(env or {})))
+    return ProxyServer(
+        f"http://127.0.0.1:{port}/v1",
+        f"http://127.0.0.1:{port}",
+        Path(db_url),
+        process,
+        db_url=db_url,
+    )

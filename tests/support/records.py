@@ -1,0 +1,107 @@
+"""Reading what a proxy recorded in a SQLite file (after `ProxyServer.stop()`, or while it runs
+with `wait_recorded` / `wait_for_ids`), and following trajectories (`leaves`, `path_to`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_JSON_COLUMNS = {
+    "request_json": "request",
+    "response_json": "response",
+    "error_json": "error",
+    "request_headers_json": "headers",
+    "metadata_json": "metadata",
+    "usage_json": "usage",
+}
+
+
+def db_rows(db: Path, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """Rows of `query` on the SQLite file `db`, as dicts."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(row) for row in conn.execute(query, params)]
+
+
+def recorded_exchanges(db: Path, trajectory_id: str | None = None) -> list[dict[str, Any]]:
+    """`exchanges` rows by step then time, each *_json column also decoded under a short name
+    (`request`, `response`, `error`, `headers`, `metadata`, `usage`; None when NULL, the raw
+    text when it is not JSON)."""
+    where, params = ("WHERE trajectory_id = ?", (trajectory_id,)) if trajectory_id else ("", ())
+    rows = db_rows(db, f"SELECT * FROM exchanges {where} ORDER BY step, started_utc, id", params)
+    for row in rows:
+        for column, name in _JSON_COLUMNS.items():
+            row[name] = _json_or_text(row[column])
+    return rows
+
+
+def _json_or_text(value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value  # not JSON: tests that care check the raw column
+
+
+def wait_recorded(
+    db: Path, until: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0
+) -> list[dict[str, Any]]:
+    """Poll a *running* proxy's database until `until(recorded_exchanges(db))` holds; return the
+    rows. The recorder writes in batches off the request path, so rows appear a little after the
+    answer; after `ProxyServer.stop()` they are all there and no waiting is needed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            rows = recorded_exchanges(db)
+        except sqlite3.OperationalError:  # a writer holds a lock for a moment: read again
+            rows = []
+        if until(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def wait_for_ids(db: Path, *exchange_ids: str) -> dict[str, dict[str, Any]]:
+    """The exchanges `exchange_ids` of a running proxy, by id, once all are written."""
+    wanted = set(exchange_ids)
+    rows = wait_recorded(db, lambda rows: wanted <= {row["id"] for row in rows})
+    found = {row["id"]: row for row in rows if row["id"] in wanted}
+    assert set(found) == wanted, f"not recorded: {wanted - set(found)}"
+    return found
+
+
+def leaves(exchanges: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The exchanges no other exchange continues (one per branch of each trajectory)."""
+    parents = {row["parent_id"] for row in exchanges}
+    return [row for row in exchanges if row["id"] not in parents]
+
+
+def path_to(exchanges: list[dict[str, Any]], leaf: dict[str, Any]) -> list[dict[str, Any]]:
+    """The exchanges from the trajectory's first step to `leaf`, following `parent_id`."""
+    by_id = {row["id"]: row for row in exchanges}
+    path = [leaf]
+    while path[-1]["parent_id"] is not None:
+        path.append(by_id[path[-1]["parent_id"]])
+    return path[::-1]
+
+
+def response_message(exchange: dict[str, Any]) -> dict[str, Any]:
+    """The assistant message of a recorded exchange's (assembled) `chat.completion`."""
+    message: dict[str, Any] = exchange["response"]["choices"][0]["message"]
+    return message
+
+
+def conversation(exchange: dict[str, Any]) -> list[dict[str, Any]]:
+    """A recorded exchange's request messages followed by its response message."""
+    return [*exchange["request"]["messages"], response_message(exchange)]
+
+
+def database_bytes(db: Path) -> bytes:
+    """The raw bytes of a SQLite database and its side files (-wal, -shm, -journal)."""
+    files = [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal"))]
+    return b"".join(path.read_bytes() for path in files if path.exists())
