@@ -11,9 +11,10 @@ conversation (DESIGN.md, "what a correct OpenAI sample is"). `build_conversation
 - tool `content` and system/assistant `content` are strings (text-part arrays are joined);
 - response-only and unknown fields (`refusal`, `annotations`, `audio`, null `function_call`,
   provider reasoning fields, `index`) are dropped;
-- tool-call ids are renumbered `call_1`, `call_2`, ... in order of appearance, each tool message
-  keeping its pair; parallel calls stay in one assistant message, answered by one tool message
-  each before the next non-tool message;
+- tool-call ids are renumbered `call00001`, `call00002`, ... (9 alphanumeric characters, as
+  Mistral's templates require) in order of appearance, each tool message keeping its pair;
+  parallel calls stay in one assistant message, answered by one tool message each before the
+  next non-tool message;
 - `tools` are the leaf request's function tools; `parallel_tool_calls` is the request's.
 
 Anything that cannot be made correct raises `Rejected` with a short stable `reason` (the export

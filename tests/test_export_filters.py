@@ -246,7 +246,7 @@ async def test_dpo_export_from_shadow_answers(db: Any, tmp_path: Path) -> None:
     lines, summary = await export_samples(database, ExportOptions(format="dpo"))
     assert summary.read == 2 and summary.dropped == {"identical_answers": 1}
     (pair,) = [json.loads(line) for line in lines]
-    assert pair["preferred_output"][0]["tool_calls"][0]["id"] == "call_1"
+    assert pair["preferred_output"][0]["tool_calls"][0]["id"] == "call00001"
     assert pair["non_preferred_output"] == [{"role": "assistant", "content": "I cannot."}]
 
 

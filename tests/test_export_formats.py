@@ -152,13 +152,13 @@ def test_hf_record_shape() -> None:
     assistant = record["messages"][2]
     assert assistant["content"] == "" and assistant["weight"] == 0
     assert assistant["tool_calls"][0] == {
-        "id": "call_1",
+        "id": "call00001",
         "type": "function",
         "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
     }
     assert record["messages"][3] == {
         "role": "tool",
-        "tool_call_id": "call_1",
+        "tool_call_id": "call00001",
         "name": "get_weather",
         "content": "Paris: sunny",
     }
@@ -249,7 +249,7 @@ def test_dpo_pair_teacher_preferred_student_not() -> None:
     ]
     assert record["input"]["parallel_tool_calls"] is True
     assert record["preferred_output"] == [
-        {"role": "assistant", "tool_calls": [call("call_1", "get_weather", {"city": "Paris"})]}
+        {"role": "assistant", "tool_calls": [call("call00001", "get_weather", {"city": "Paris"})]}
     ]
     assert record["non_preferred_output"] == [{"role": "assistant", "content": "Probably sunny."}]
     with pytest.raises(Rejected, match="identical_answers"):
