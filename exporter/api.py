@@ -83,8 +83,9 @@ def _line_with_tools(record: dict[str, Any], tools: list[dict[str, Any]]) -> tup
     return _json_line(record), tools_json
 
 
-Built = tuple[str, str, str, int, int] | tuple[str, str, str]
-"""One row's outcome: `("ok", exchange_id, json_line, total_tokens, trained_tokens)` or
+Built = tuple[str, str, str, int, int, str | None] | tuple[str, str, str]
+"""One row's outcome: `("ok", exchange_id, json_line, total_tokens, trained_tokens, cut)` (cut:
+why the leaf's own answer was left out, see `Conversation.cut`, or None) or
 `("drop", exchange_id, reason)`."""
 
 
@@ -102,16 +103,20 @@ class SampleBuilder:
         out: list[Built] = []
         for row in rows:
             try:
-                line, messages, tools_json = self._sample(row)
+                line, messages, tools_json, cut = self._sample(row)
             except Rejected as exc:
                 out.append(("drop", row["id"], exc.reason))
                 continue
             tokens = self.counter.count(messages, tools_json=tools_json)
-            out.append(("ok", row["id"], line, tokens.total, tokens.trained))
+            out.append(("ok", row["id"], line, tokens.total, tokens.trained, cut))
         return out
 
-    def _sample(self, row: dict[str, Any]) -> tuple[str, list[dict[str, Any]], str | None]:
-        """(line, messages to count, compact JSON of the tools or None) for one row; raises Rejected."""
+    def _sample(
+        self, row: dict[str, Any]
+    ) -> tuple[str, list[dict[str, Any]], str | None, str | None]:
+        """(line, messages to count, compact JSON of the tools or None, cut) for one row.
+
+        Raises Rejected."""
         options = self.options
         try:
             request = json.loads(row["request_json"])
@@ -149,9 +154,13 @@ class SampleBuilder:
                 _json_line(record),
                 [*data["messages"], *record["preferred_output"]],
                 _json_line(tools) if tools else None,
+                None,
             )
         conversation: Conversation = build_conversation(
-            request, response, require_final_answer=not options.include_incomplete
+            request,
+            response,
+            require_final_answer=not options.include_incomplete,
+            outcome=row.get("outcome") or "ok",
         )
         if conversation.tool_call_count < options.min_tool_calls:
             raise Rejected("below_min_tool_calls", f"{conversation.tool_call_count} tool calls")
@@ -164,7 +173,7 @@ class SampleBuilder:
         )
         assert self._render is not None
         line, tools_json = _line_with_tools(self._render(conversation), conversation.tools)
-        return line, conversation.messages, tools_json
+        return line, conversation.messages, tools_json, conversation.cut
 
 
 class SampleCollector:
@@ -199,7 +208,7 @@ class SampleCollector:
             if result[0] == "drop":
                 summary.drop(result[2], row["id"])
                 continue
-            _, _, line, total, trained = result  # type: ignore[misc]
+            _, _, line, total, trained, cut = result  # type: ignore[misc]
             key = int.from_bytes(hashlib.blake2b(line.encode(), digest_size=8).digest(), "big")
             if key in self._seen:
                 summary.drop("duplicate", row["id"])
@@ -217,6 +226,8 @@ class SampleCollector:
             summary.tokens += total
             summary.trained_tokens += trained
             summary.max_sample_tokens = max(summary.max_sample_tokens, total)
+            if cut is not None:
+                summary.cut[cut] += 1
             out.append((valid, line))
         return out
 

@@ -147,10 +147,15 @@ class ExportOptions:
 class ExportSummary:
     """What an export did.
 
-    read: rows read from the database (leaves, or shadow exchanges for dpo). written: samples
+    read: the leaves the filters selected (shadow exchanges for dpo); every one is either written
+    or dropped with a reason, so `written + sum(dropped.values()) == read`. written: samples
     written (train + valid). train / valid: samples per file. dropped: reason -> count (reasons
-    from `samples.Rejected`, plus 'duplicate', 'over_token_limit', 'below_min_tool_calls',
-    'missing_tag', 'unreadable'). dropped_examples: reason -> up to 5 exchange ids. tokens /
+    from `samples.Rejected`: 'error', 'cancelled', 'length', 'content_filter',
+    'pending_tool_call', 'refusal', 'audio', ...; plus 'duplicate', 'over_token_limit',
+    'below_min_tool_calls', 'missing_tag', 'unreadable'). dropped_examples: reason -> up to 5
+    exchange ids. cut: reason -> written samples whose leaf answer was left out
+    (`--include-incomplete`: an answer cut by 'length' or 'content_filter', a 'refusal', ... is
+    never trained; the sample ends at the assistant message before it). tokens /
     trained_tokens: sums over written samples; max_sample_tokens: the largest. token_limit and
     base_model as applied; estimated_cost_usd: tokens x epochs x the base model's training price
     (None when the price is not known).
@@ -163,6 +168,7 @@ class ExportSummary:
     valid: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     dropped_examples: dict[str, list[str]] = field(default_factory=dict)
+    cut: Counter[str] = field(default_factory=Counter)
     tokens: int = 0
     trained_tokens: int = 0
     max_sample_tokens: int = 0
@@ -197,6 +203,7 @@ class ExportSummary:
             "valid": self.valid,
             "dropped": dict(self.dropped.most_common()),
             "dropped_examples": self.dropped_examples,
+            "cut": dict(self.cut.most_common()),
             "tokens": self.tokens,
             "trained_tokens": self.trained_tokens,
             "max_sample_tokens": self.max_sample_tokens,

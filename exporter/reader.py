@@ -31,7 +31,7 @@ def leaf_filter(options: ExportOptions) -> LeafFilter:
         since_utc=parse_utc(options.since, "--since") if options.since else None,
         until_utc=parse_utc(options.until, "--until") if options.until else None,
         labels=None if "any" in options.labels else tuple(options.labels),
-        complete_only=not options.include_incomplete,
+        complete_only=False,  # every leaf is read, so each drop is counted with its reason
         exclude_promoted=options.exclude_promoted,
         longest_only=options.leaves == "longest",
         trajectory_ids=_sql_ids(options),

@@ -200,8 +200,8 @@ async def test_default_export_leaves_out_rejected_failed_and_reports_drops(db: A
         "find it",
         "same",
     ]
-    assert summary.dropped == {"unreadable": 1}
-    assert summary.read == 10 and summary.written == 9
+    assert summary.dropped == {"unreadable": 1, "error": 1}  # the failed leaf is counted too
+    assert summary.read == 11 and summary.written == 9
     assert summary.base_model == "gpt-4.1-mini" and summary.token_limit == 65_536
 
 

@@ -261,35 +261,70 @@ def test_names_tools_and_parallel_flag() -> None:
     }
 
 
-def test_incomplete_leaves_are_rejected_unless_asked_for() -> None:
-    calls = {
-        "choices": [
-            {
-                "message": {"role": "assistant", "content": None, "tool_calls": [call("z")]},
-                "finish_reason": "tool_calls",
-            }
-        ]
-    }
-    cut = {
-        "choices": [
-            {"message": {"role": "assistant", "content": "half"}, "finish_reason": "length"}
-        ]
-    }
-    for response in (None, calls, cut, answer("   ")):
-        with pytest.raises(Rejected, match="incomplete"):
+def _choice(message: dict[str, Any], finish: str) -> dict[str, Any]:
+    return {"choices": [{"message": {"role": "assistant", **message}, "finish_reason": finish}]}
+
+
+CALLS = _choice({"content": None, "tool_calls": [call("z")]}, "tool_calls")
+
+
+def test_incomplete_leaves_are_dropped_with_their_own_reason() -> None:
+    cases = [
+        (None, "error"),
+        (CALLS, "pending_tool_call"),
+        (_choice({"content": "half"}, "length"), "length"),
+        (_choice({"content": "hidden"}, "content_filter"), "content_filter"),
+        (_choice({"content": None, "refusal": "I can't help with that."}, "stop"), "refusal"),
+        (
+            _choice({"content": [{"type": "refusal", "refusal": "no"}]}, "stop"),
+            "refusal",
+        ),
+        (
+            _choice({"content": None, "audio": {"id": "audio_1", "transcript": "hi"}}, "stop"),
+            "audio",
+        ),
+        (answer("   "), "empty_assistant_message"),
+    ]
+    for response, reason in cases:
+        with pytest.raises(Rejected) as info:
             build_conversation(request(BASE), response)
-    ends_in_call = build_conversation(request(BASE), calls, require_final_answer=False)
+        assert info.value.reason == reason, response
+    for outcome in ("error", "cancelled"):
+        with pytest.raises(Rejected) as info:
+            build_conversation(request(BASE), answer(), outcome=outcome)
+        assert info.value.reason == outcome
+
+
+def test_include_incomplete_ends_in_a_call_but_never_trains_a_cut_or_failed_answer() -> None:
+    ends_in_call = build_conversation(request(BASE), CALLS, require_final_answer=False)
     assert ends_in_call.messages[-1]["tool_calls"][0]["id"] == "call00001"
+    assert ends_in_call.cut is None
     assert validate_record(openai_format.render(ends_in_call)) == []
     history = [
         *BASE,
         {"role": "assistant", "tool_calls": [call("a")]},
         {"role": "tool", "tool_call_id": "a", "content": "r"},
     ]
-    failed = build_conversation(request(history), None, require_final_answer=False)
-    assert failed.messages[-1]["role"] == "assistant" and len(failed.messages) == 3
-    with pytest.raises(Rejected, match="no_assistant_message"):
-        build_conversation(request(BASE), None, require_final_answer=False)
+    for finish in ("length", "content_filter"):
+        truncated = _choice({"content": "The answer is half wri"}, finish)
+        kept = build_conversation(request(history), truncated, require_final_answer=False)
+        assert kept.cut == finish
+        assert kept.messages[-1]["role"] == "assistant" and len(kept.messages) == 3
+        assert "half wri" not in json.dumps(kept.messages)
+        with pytest.raises(Rejected) as info:  # nothing before it to train
+            build_conversation(request(BASE), truncated, require_final_answer=False)
+        assert info.value.reason == finish
+    refused = _choice({"content": None, "refusal": "no"}, "stop")
+    assert build_conversation(request(history), refused, require_final_answer=False).cut == (
+        "refusal"
+    )
+    # an error leaf is never a sample, even when its request holds a complete prefix
+    for response, outcome in ((None, "error"), (answer(), "error"), (answer(), "cancelled")):
+        with pytest.raises(Rejected) as info:
+            build_conversation(
+                request(history), response, require_final_answer=False, outcome=outcome
+            )
+        assert info.value.reason == outcome
 
 
 def test_empty_assistant_and_unknown_roles() -> None:
