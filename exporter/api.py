@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 from exporter.formats import RENDERERS
 from exporter.formats.dpo import build_pair
-from exporter.options import ExportOptions, ExportSummary
+from exporter.formats.hf_dpo import render_pair
+from exporter.options import ExportOptions, ExportSummary, trainer_notes
 from exporter.reader import read_batches
 from exporter.samples import Conversation, Rejected, apply_options, build_conversation
 from exporter.tokens import TokenCounter, encoding_name
@@ -133,7 +134,7 @@ class SampleBuilder:
             raise Rejected("unreadable", "the request is not a JSON object")
         if options.tags and not (isinstance(tags, list) and all(t in tags for t in options.tags)):
             raise Rejected("missing_tag", "the trajectory lacks a --tag")
-        if options.format == "dpo":
+        if options.preference:
             record = build_pair(
                 request,
                 response,
@@ -151,7 +152,7 @@ class SampleBuilder:
                 raise Rejected("below_min_tool_calls", f"{calls} tool calls")
             tools = data.get("tools")
             return (
-                _json_line(record),
+                _json_line(render_pair(record) if options.format == "hf-dpo" else record),
                 [*data["messages"], *record["preferred_output"]],
                 _json_line(tools) if tools else None,
                 None,
@@ -188,6 +189,7 @@ class SampleCollector:
             base_model=options.pricing_model,
             encoding=encoding_name(options.model_for_tokens),
             epochs=options.epochs,
+            notes=trainer_notes(options.format, options.train_on),
         )
         self._seen: set[int] = set()
 

@@ -45,9 +45,9 @@ def _sql_ids(options: ExportOptions) -> tuple[str, ...] | None:
 
 
 def query_for(options: ExportOptions) -> Any:
-    """The query an export reads: shadow pairs for `dpo`, trajectory leaves otherwise."""
+    """The query an export reads: shadow pairs for `dpo` / `hf-dpo`, trajectory leaves otherwise."""
     f = leaf_filter(options)
-    return shadow_query(f) if options.format == "dpo" else leaves_query(f)
+    return shadow_query(f) if options.preference else leaves_query(f)
 
 
 async def read_batches(

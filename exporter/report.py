@@ -79,6 +79,8 @@ def export_table(summary: ExportSummary, outputs: list[tuple[str, int]]) -> Tabl
     else:
         table.add_row("est. training cost", "unknown for this base model")
     table.add_row("time", f"{summary.seconds:.2f} s")
+    for note in summary.notes:
+        table.add_row("[cyan]trainer[/]", escape(note))
     if summary.format in ("openai", "dpo") and 0 < summary.train < 10:
         table.add_row("[yellow]note[/]", "OpenAI needs at least 10 training samples")
     return table

@@ -321,7 +321,7 @@ def test_cli_errors_are_one_line(start_proxy: Callable[..., ProxyServer], tmp_pa
             "export", "--db", str(old), "--out", out, "--format", "sharegpt", "--train-on", "final"
         ),
         1,
-        "weights",
+        "mask_history",
     )
     not_db = tmp_path / "text.db"
     not_db.write_text("hello, not a database\n" * 100)
