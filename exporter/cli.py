@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--include-incomplete",
         action="store_true",
-        help="also export leaves that did not end with a final answer",
+        help="also export leaves that did not end with a final answer (an answer cut by length "
+        "or content_filter is left out, never trained; error leaves are never exported)",
     )
     export.add_argument(
         "--exclude-promoted",

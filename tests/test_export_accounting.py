@@ -231,3 +231,17 @@ def test_cli_json_and_table_account_for_every_leaf(db: Any, tmp_path: Path) -> N
     assert table.returncode == 0, table.stderr
     assert "leaves selected" in table.stdout and "dropped: refusal" in table.stdout
     assert "dropped: audio" in table.stdout and "dropped: error" in table.stdout
+
+
+def test_cli_json_says_what_the_trainer_must_set(db: Any, tmp_path: Path) -> None:
+    _, path = db
+    out = str(tmp_path / "sharegpt.jsonl")
+    result = run_cli(
+        "export", "--db", path, "--out", out, "--format", "sharegpt", "--train-on", "last", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["notes"] == ["LLaMA-Factory: set mask_history: true to train the last turn only"]
+    refused = run_cli("export", "--db", path, "--out", out, "--format", "hf", "--train-on", "final")
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--format axolotl" in refused.stderr and "Traceback" not in refused.stderr

@@ -12,6 +12,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from exporter.formats import axolotl, hf, hf_dpo, sharegpt
 from exporter.formats.dpo import build_pair
+from exporter.options import ExportOptions, OptionsError, trainer_notes
 from exporter.samples import Rejected, apply_options, build_conversation
 from exporter.validate import validate_record
 
@@ -309,3 +310,33 @@ def test_dpo_pair_teacher_preferred_student_not() -> None:
         build_pair(request, student, student)
     with pytest.raises(Rejected, match="no_shadow_answer"):
         build_pair(request, student, None)
+
+
+def test_train_on_is_refused_where_the_trainer_cannot_express_it() -> None:
+    accepted = {
+        "openai": {"all", "final", "tool-calls", "last"},
+        "axolotl": {"all", "final", "tool-calls", "last"},
+        "hf": {"all", "last"},
+        "sharegpt": {"all", "last"},
+        "dpo": {"all"},
+        "hf-dpo": {"all"},
+    }
+    for fmt, choices in accepted.items():
+        for train_on in ("all", "final", "tool-calls", "last"):
+            options = ExportOptions(format=fmt, train_on=train_on)
+            if train_on in choices:
+                options.check()
+                continue
+            with pytest.raises(OptionsError) as info:
+                options.check()
+            message = str(info.value)
+            assert f"--train-on {train_on}" in message and "\n" not in message
+            assert ("preference pair" in message) == fmt.endswith("dpo")
+            if fmt in ("hf", "sharegpt"):
+                assert "--format axolotl" in message
+    assert trainer_notes("sharegpt", "last") == [
+        "LLaMA-Factory: set mask_history: true to train the last turn only"
+    ]
+    assert "message_field_training: training" in trainer_notes("axolotl", "final")[0]
+    assert "completion" in trainer_notes("hf", "last")[0]
+    assert trainer_notes("openai", "final") == [] and trainer_notes("sharegpt", "all") == []
