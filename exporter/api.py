@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 from exporter.formats import RENDERERS
 from exporter.formats.dpo import build_pair
-from exporter.options import ExportOptions, ExportSummary
+from exporter.formats.hf_dpo import render_pair
+from exporter.options import ExportOptions, ExportSummary, trainer_notes
 from exporter.reader import read_batches
 from exporter.samples import Conversation, Rejected, apply_options, build_conversation
 from exporter.tokens import TokenCounter, encoding_name
@@ -83,8 +84,9 @@ def _line_with_tools(record: dict[str, Any], tools: list[dict[str, Any]]) -> tup
     return _json_line(record), tools_json
 
 
-Built = tuple[str, str, str, int, int] | tuple[str, str, str]
-"""One row's outcome: `("ok", exchange_id, json_line, total_tokens, trained_tokens)` or
+Built = tuple[str, str, str, int, int, str | None] | tuple[str, str, str]
+"""One row's outcome: `("ok", exchange_id, json_line, total_tokens, trained_tokens, cut)` (cut:
+why the leaf's own answer was left out, see `Conversation.cut`, or None) or
 `("drop", exchange_id, reason)`."""
 
 
@@ -102,16 +104,20 @@ class SampleBuilder:
         out: list[Built] = []
         for row in rows:
             try:
-                line, messages, tools_json = self._sample(row)
+                line, messages, tools_json, cut = self._sample(row)
             except Rejected as exc:
                 out.append(("drop", row["id"], exc.reason))
                 continue
             tokens = self.counter.count(messages, tools_json=tools_json)
-            out.append(("ok", row["id"], line, tokens.total, tokens.trained))
+            out.append(("ok", row["id"], line, tokens.total, tokens.trained, cut))
         return out
 
-    def _sample(self, row: dict[str, Any]) -> tuple[str, list[dict[str, Any]], str | None]:
-        """(line, messages to count, compact JSON of the tools or None) for one row; raises Rejected."""
+    def _sample(
+        self, row: dict[str, Any]
+    ) -> tuple[str, list[dict[str, Any]], str | None, str | None]:
+        """(line, messages to count, compact JSON of the tools or None, cut) for one row.
+
+        Raises Rejected."""
         options = self.options
         if row.get("rejected"):  # a Responses row with no faithful chat form (exporter.reader)
             raise Rejected(*row["rejected"])
@@ -130,7 +136,7 @@ class SampleBuilder:
             raise Rejected("unreadable", "the request is not a JSON object")
         if options.tags and not (isinstance(tags, list) and all(t in tags for t in options.tags)):
             raise Rejected("missing_tag", "the trajectory lacks a --tag")
-        if options.format == "dpo":
+        if options.preference:
             record = build_pair(
                 request,
                 response,
@@ -148,12 +154,16 @@ class SampleBuilder:
                 raise Rejected("below_min_tool_calls", f"{calls} tool calls")
             tools = data.get("tools")
             return (
-                _json_line(record),
+                _json_line(render_pair(record) if options.format == "hf-dpo" else record),
                 [*data["messages"], *record["preferred_output"]],
                 _json_line(tools) if tools else None,
+                None,
             )
         conversation: Conversation = build_conversation(
-            request, response, require_final_answer=not options.include_incomplete
+            request,
+            response,
+            require_final_answer=not options.include_incomplete,
+            outcome=row.get("outcome") or "ok",
         )
         if conversation.tool_call_count < options.min_tool_calls:
             raise Rejected("below_min_tool_calls", f"{conversation.tool_call_count} tool calls")
@@ -166,7 +176,7 @@ class SampleBuilder:
         )
         assert self._render is not None
         line, tools_json = _line_with_tools(self._render(conversation), conversation.tools)
-        return line, conversation.messages, tools_json
+        return line, conversation.messages, tools_json, conversation.cut
 
 
 class SampleCollector:
@@ -181,6 +191,7 @@ class SampleCollector:
             base_model=options.pricing_model,
             encoding=encoding_name(options.model_for_tokens),
             epochs=options.epochs,
+            notes=trainer_notes(options.format, options.train_on),
         )
         self._seen: set[int] = set()
 
@@ -201,7 +212,7 @@ class SampleCollector:
             if result[0] == "drop":
                 summary.drop(result[2], row["id"])
                 continue
-            _, _, line, total, trained = result  # type: ignore[misc]
+            _, _, line, total, trained, cut = result  # type: ignore[misc]
             key = int.from_bytes(hashlib.blake2b(line.encode(), digest_size=8).digest(), "big")
             if key in self._seen:
                 summary.drop("duplicate", row["id"])
@@ -219,6 +230,8 @@ class SampleCollector:
             summary.tokens += total
             summary.trained_tokens += trained
             summary.max_sample_tokens = max(summary.max_sample_tokens, total)
+            if cut is not None:
+                summary.cut[cut] += 1
             out.append((valid, line))
         return out
 

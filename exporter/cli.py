@@ -115,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=FORMATS,
         default="openai",
-        help="openai (default), hf (TRL), sharegpt (LLaMA-Factory), dpo (preference pairs from shadow answers)",
+        help="openai (default: OpenAI fine-tuning chat), hf (TRL SFTTrainer: messages, or "
+        "prompt/completion with --train-on last), axolotl (Axolotl chat_template, per-message "
+        "training field), sharegpt (LLaMA-Factory); preference pairs from shadow answers: dpo "
+        "(OpenAI's layout: input/preferred_output/non_preferred_output), hf-dpo (TRL "
+        "DPOTrainer's layout: prompt/chosen/rejected message lists)",
     )
     export.add_argument(
         "--leaves",
@@ -127,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-on",
         choices=TRAIN_ON_CHOICES,
         default="all",
-        help="assistant messages to train (weight 1): all (default), final answers, tool-calls, or the last one",
+        help="assistant messages to train: all (default), final answers, tool-calls, or the last "
+        "one; openai: weight, axolotl: training field, hf: prompt/completion (last only), "
+        "sharegpt: mask_history (last only); refused where the trainer cannot express it",
     )
     export.add_argument(
         "--system-prompt", metavar="FILE", help="replace every system message with this file's text"
@@ -178,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--include-incomplete",
         action="store_true",
-        help="also export leaves that did not end with a final answer",
+        help="also export leaves that did not end with a final answer (an answer cut by length "
+        "or content_filter is left out, never trained; error leaves are never exported)",
     )
     export.add_argument(
         "--exclude-promoted",

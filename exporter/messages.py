@@ -14,6 +14,14 @@ from typing import Any
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 """Function and message names OpenAI accepts."""
 
+TOOL_CALL_ID_PATTERN = re.compile(r"^[a-zA-Z0-9]{9}$")
+"""Renumbered tool-call ids: exactly 9 alphanumeric characters. Mistral's chat templates reject
+shorter or non-alphanumeric ids ("Tool call IDs should be alphanumeric strings with length >= 9")
+and its tokenizer wants exactly 9; every other template and OpenAI take them as they are."""
+
+MAX_TOOL_CALLS = 99_999
+"""Most tool calls one sample can number (`call00001` ... `call99999`)."""
+
 
 class Rejected(ValueError):
     """A conversation cannot become a correct sample.
@@ -199,8 +207,22 @@ def normalize_message(message: Any, index: int) -> dict[str, Any]:
     return out
 
 
+def tool_call_id(number: int) -> str:
+    """The renumbered id of a sample's `number`-th tool call (from 1): `call00001`, `call00002`, ...
+
+    Exactly 9 alphanumeric characters (`TOOL_CALL_ID_PATTERN`), deterministic and unique within a
+    sample, so every format and chat template (Mistral's included) takes it. Raises
+    Rejected('too_many_tool_calls') past `MAX_TOOL_CALLS`.
+    """
+    if not 0 < number <= MAX_TOOL_CALLS:
+        raise Rejected(
+            "too_many_tool_calls", f"more than {MAX_TOOL_CALLS} tool calls in one sample"
+        )
+    return f"call{number:05d}"
+
+
 def pair_and_renumber(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Renumber tool-call ids `call_1`, `call_2`, ... and check that calls and results pair up.
+    """Renumber tool-call ids (`tool_call_id`: `call00001`, ...) and check that calls and results pair up.
 
     Each assistant message's calls must be answered by exactly one tool message each, directly
     after it (in any order) and before any other message; only the last message of the
@@ -236,7 +258,7 @@ def pair_and_renumber(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if role == "assistant" and message.get("tool_calls"):
             for call_index, call in enumerate(message["tool_calls"]):
                 counter += 1
-                new = f"call_{counter}"
+                new = tool_call_id(counter)
                 old = call.get("id")
                 if old is None:
                     old = ("__legacy__", index, call_index)

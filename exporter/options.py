@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.formats import FORMATS
+from exporter.formats import FORMATS, PREFERENCE_FORMATS, TRAIN_ON_SUPPORT
 from exporter.samples import TRAIN_ON_CHOICES
 from exporter.tokens import token_limit, training_price
 from proxy.storage.filters import TrajectoryFilter
@@ -22,6 +22,42 @@ DEFAULT_BASE_MODEL = "gpt-4.1-mini"
 
 class OptionsError(ValueError):
     """Options that do not go together or are out of range (one-line message)."""
+
+
+def train_on_refusal(fmt: str, train_on: str) -> str:
+    """The one-line error for a `--train-on` choice the format's trainer cannot express."""
+    if fmt in PREFERENCE_FORMATS:
+        return (
+            f"--train-on {train_on} does not apply to --format {fmt}: a preference pair trains "
+            "its one answer after the input"
+        )
+    if fmt == "hf":
+        return (
+            f"--train-on {train_on} cannot be expressed for TRL (--format hf trains every "
+            "assistant turn, or only the last one with --train-on last): use --format axolotl "
+            "(per-message training field) or openai (weight)"
+        )
+    return (
+        f"--train-on {train_on} cannot be expressed for LLaMA-Factory (--format {fmt}): its "
+        "mask_history trains the last turn only (--train-on last); use --format axolotl "
+        "(per-message training field) or openai (weight)"
+    )
+
+
+def trainer_notes(fmt: str, train_on: str) -> list[str]:
+    """What the trainer's config must say for the export to be trained as meant (one line each)."""
+    if fmt == "hf" and train_on == "last":
+        return [
+            "TRL: rows are prompt + completion; SFTTrainer trains the completion "
+            "(the last assistant message) only"
+        ]
+    if fmt == "hf":
+        return ["TRL: set assistant_only_loss=True in SFTConfig to train the assistant turns only"]
+    if fmt == "axolotl":
+        return ["Axolotl: set message_field_training: training in the dataset config"]
+    if fmt == "sharegpt" and train_on == "last":
+        return ["LLaMA-Factory: set mask_history: true to train the last turn only"]
+    return []
 
 
 def parse_utc(value: str, flag: str = "time") -> str:
@@ -42,9 +78,10 @@ def parse_utc(value: str, flag: str = "time") -> str:
 class ExportOptions:
     """Everything `export` can be asked; defaults are the CLI's defaults.
 
-    format: 'openai' | 'hf' | 'sharegpt' | 'dpo'. leaves: 'all' (every leaf of a forked
+    format: 'openai' | 'hf' | 'axolotl' | 'sharegpt' | 'dpo' | 'hf-dpo' (`exporter.formats`).
+    leaves: 'all' (every leaf of a forked
     trajectory) or 'longest'. train_on: 'all' | 'final' | 'tool-calls' | 'last' (assistant
-    `weight`s). system_prompt: text that replaces every system message (None: keep them).
+    `weight`s; each format takes what its trainer can express, `formats.TRAIN_ON_SUPPORT`). system_prompt: text that replaces every system message (None: keep them).
     drop_system: remove system messages. strip_tool_descriptions: drop `description` from tools
     and their parameter schemas. route: 'any' | 'student' | 'teacher'. models: keep exchanges
     whose requested or answered model is one of these. since / until: ISO-8601 bounds on when the
@@ -105,11 +142,8 @@ class ExportOptions:
                 raise OptionsError(f"--label must be one of {', '.join(LABEL_CHOICES)}")
         if self.system_prompt is not None and self.drop_system:
             raise OptionsError("--system-prompt and --drop-system cannot be used together")
-        if self.train_on != "all" and self.format in ("sharegpt", "dpo"):
-            raise OptionsError(
-                f"--train-on {self.train_on} needs per-message weights, which the {self.format} "
-                "format has not (LLaMA-Factory: mask_history trains the last turn only)"
-            )
+        if self.train_on not in TRAIN_ON_SUPPORT[self.format]:
+            raise OptionsError(train_on_refusal(self.format, self.train_on))
         if not 0.0 <= self.val_fraction < 1.0:
             raise OptionsError("--val-fraction must be at least 0 and below 1")
         if self.min_tool_calls < 0:
@@ -126,6 +160,11 @@ class ExportOptions:
             parse_utc(self.since, "--since")
         if self.until is not None:
             parse_utc(self.until, "--until")
+
+    @property
+    def preference(self) -> bool:
+        """The format is built from shadow pairs (`dpo`, `hf-dpo`), not from leaves."""
+        return self.format in PREFERENCE_FORMATS
 
     @property
     def model_for_tokens(self) -> str:
@@ -151,10 +190,16 @@ class ExportOptions:
 class ExportSummary:
     """What an export did.
 
-    read: rows read from the database (leaves, or shadow exchanges for dpo). written: samples
+    read: the leaves the filters selected (shadow exchanges for dpo); every one is either written
+    or dropped with a reason, so `written + sum(dropped.values()) == read`. written: samples
     written (train + valid). train / valid: samples per file. dropped: reason -> count (reasons
-    from `samples.Rejected`, plus 'duplicate', 'over_token_limit', 'below_min_tool_calls',
-    'missing_tag', 'unreadable'). dropped_examples: reason -> up to 5 exchange ids. tokens /
+    from `samples.Rejected`: 'error', 'cancelled', 'length', 'content_filter',
+    'pending_tool_call', 'refusal', 'audio', ...; plus 'duplicate', 'over_token_limit',
+    'below_min_tool_calls', 'missing_tag', 'unreadable'). dropped_examples: reason -> up to 5
+    exchange ids. cut: reason -> written samples whose leaf answer was left out
+    (`--include-incomplete`: an answer cut by 'length' or 'content_filter', a 'refusal', ... is
+    never trained; the sample ends at the assistant message before it). notes: what the trainer's
+    config must say (`trainer_notes`). tokens /
     trained_tokens: sums over written samples; max_sample_tokens: the largest. token_limit and
     base_model as applied; estimated_cost_usd: tokens x epochs x the base model's training price
     (None when the price is not known).
@@ -167,6 +212,8 @@ class ExportSummary:
     valid: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     dropped_examples: dict[str, list[str]] = field(default_factory=dict)
+    cut: Counter[str] = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
     tokens: int = 0
     trained_tokens: int = 0
     max_sample_tokens: int = 0
@@ -201,6 +248,8 @@ class ExportSummary:
             "valid": self.valid,
             "dropped": dict(self.dropped.most_common()),
             "dropped_examples": self.dropped_examples,
+            "cut": dict(self.cut.most_common()),
+            "notes": self.notes,
             "tokens": self.tokens,
             "trained_tokens": self.trained_tokens,
             "max_sample_tokens": self.max_sample_tokens,

@@ -53,7 +53,7 @@ def leaf_filter(options: ExportOptions) -> LeafFilter:
         filters.append(options.selection)
     return LeafFilter(
         trajectories=tuple(filters),
-        complete_only=not options.include_incomplete,
+        complete_only=False,  # every leaf is read, so each drop is counted with its reason
         longest_only=options.leaves == "longest",
     )
 
@@ -65,9 +65,9 @@ def _sql_ids(options: ExportOptions) -> tuple[str, ...] | None:
 
 
 def query_for(options: ExportOptions) -> Select[Any]:
-    """The query an export reads: shadow pairs for `dpo`, trajectory leaves otherwise."""
+    """The query an export reads: shadow pairs for `dpo` / `hf-dpo`, trajectory leaves otherwise."""
     f = leaf_filter(options)
-    return shadow_query(f) if options.format == "dpo" else leaves_query(f)
+    return shadow_query(f) if options.preference else leaves_query(f)
 
 
 async def read_batches(

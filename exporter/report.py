@@ -57,13 +57,16 @@ def export_table(summary: ExportSummary, outputs: list[tuple[str, int]]) -> Tabl
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
     table.add_row("format", summary.format)
-    table.add_row("rows read", _n(summary.read))
+    selected = "shadow answers selected" if summary.format.endswith("dpo") else "leaves selected"
+    table.add_row(selected, _n(summary.read))
     for path, count in outputs:
         table.add_row(f"written to {escape(path)}", _n(count))
     table.add_row("samples written", _n(summary.written))
     for reason, count in summary.dropped.most_common():
         examples = ", ".join(summary.dropped_examples.get(reason, [])[:2])
         table.add_row(f"dropped: {escape(reason)}", f"{_n(count)}  (e.g. {escape(examples)})")
+    for reason, count in summary.cut.most_common():
+        table.add_row(f"written without its {escape(reason)} answer", _n(count))
     table.add_row(f"tokens ({summary.encoding})", _n(summary.tokens))
     table.add_row("trained tokens", _n(summary.trained_tokens))
     limit = _n(summary.token_limit) if summary.token_limit else "none (set --max-tokens)"
@@ -76,6 +79,8 @@ def export_table(summary: ExportSummary, outputs: list[tuple[str, int]]) -> Tabl
     else:
         table.add_row("est. training cost", "unknown for this base model")
     table.add_row("time", f"{summary.seconds:.2f} s")
+    for note in summary.notes:
+        table.add_row("[cyan]trainer[/]", escape(note))
     if summary.format in ("openai", "dpo") and 0 < summary.train < 10:
         table.add_row("[yellow]note[/]", "OpenAI needs at least 10 training samples")
     return table

@@ -11,9 +11,10 @@ conversation (DESIGN.md, "what a correct OpenAI sample is"). `build_conversation
 - tool `content` and system/assistant `content` are strings (text-part arrays are joined);
 - response-only and unknown fields (`refusal`, `annotations`, `audio`, null `function_call`,
   provider reasoning fields, `index`) are dropped;
-- tool-call ids are renumbered `call_1`, `call_2`, ... in order of appearance, each tool message
-  keeping its pair; parallel calls stay in one assistant message, answered by one tool message
-  each before the next non-tool message;
+- tool-call ids are renumbered `call00001`, `call00002`, ... (9 alphanumeric characters, as
+  Mistral's templates require) in order of appearance, each tool message keeping its pair;
+  parallel calls stay in one assistant message, answered by one tool message each before the
+  next non-tool message;
 - `tools` are the leaf request's function tools; `parallel_tool_calls` is the request's.
 
 Anything that cannot be made correct raises `Rejected` with a short stable `reason` (the export
@@ -47,6 +48,7 @@ __all__ = [
     "arguments_string",
     "build_conversation",
     "is_final_answer",
+    "outcome_reason",
     "normalize_message",
     "normalize_tools",
     "pair_and_renumber",
@@ -55,6 +57,7 @@ __all__ = [
     "set_weights",
     "strip_descriptions",
     "text_of",
+    "unfinished_reason",
     "without_tool_descriptions",
 ]
 
@@ -62,6 +65,8 @@ TrainOn = Literal["all", "final", "tool-calls", "last"]
 TRAIN_ON_CHOICES: tuple[str, ...] = ("all", "final", "tool-calls", "last")
 
 _UNFINISHED = frozenset({"length", "content_filter", "tool_calls", "function_call"})
+CUT_SHORT = frozenset({"length", "content_filter"})
+"""finish_reason values of an answer cut short: never trained, even with `--include-incomplete`."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +76,15 @@ class Conversation:
     messages: OpenAI chat messages (see the module docstring for their exact shape); assistant
     messages may carry `weight` (0 or 1). tools: `[{"type": "function", "function": {"name",
     "description"?, "parameters"?, "strict"?}}]`, possibly empty. parallel_tool_calls: the
-    recorded request's value, or None when it did not set one.
+    recorded request's value, or None when it did not set one. cut: why the leaf's own answer
+    was left out (`unfinished_reason`: 'length', 'content_filter', 'refusal', ...), or None when
+    it is the last message; only `--include-incomplete` exports such conversations.
     """
 
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] = field(default_factory=list)
     parallel_tool_calls: bool | None = None
+    cut: str | None = None
 
     @property
     def tool_call_count(self) -> int:
@@ -108,38 +116,93 @@ def is_final_answer(message: dict[str, Any] | None, reason: str | None) -> bool:
         return False
 
 
+def unfinished_reason(message: dict[str, Any] | None, reason: str | None) -> str:
+    """Why an answer is not a complete final answer: the drop reason the export summary counts.
+
+    'error' (no answer message), 'length' / 'content_filter' (cut short by the upstream),
+    'pending_tool_call' (the answer calls tools: the trajectory stopped before their results),
+    'refusal' (a `refusal` and no text), 'audio' (audio output and no text),
+    'empty_assistant_message', or 'incomplete' for anything else.
+    """
+    if message is None:
+        return "error"
+    if reason in CUT_SHORT:
+        return reason
+    if message.get("tool_calls") or message.get("function_call") or reason in _UNFINISHED:
+        return "pending_tool_call"
+    content = message.get("content")
+    has_text = isinstance(content, str) and bool(content.strip())
+    if isinstance(content, list):
+        if any(isinstance(p, dict) and p.get("type") == "refusal" for p in content):
+            return "refusal"
+        has_text = any(isinstance(p, dict) and str(p.get("text") or "").strip() for p in content)
+    if not has_text and isinstance(message.get("refusal"), str) and message["refusal"]:
+        return "refusal"
+    if not has_text and message.get("audio"):
+        return "audio"
+    if not has_text:
+        return "empty_assistant_message"
+    return "incomplete"
+
+
+def outcome_reason(outcome: Any) -> str | None:
+    """The drop reason of an exchange that did not answer ('error', 'cancelled'), or None when ok.
+
+    An error leaf is never a training sample, not even with `--include-incomplete` (an app's retry
+    after an upstream error would otherwise export the failed branch as a duplicate prefix).
+    """
+    if outcome in (None, "ok"):
+        return None
+    return "cancelled" if outcome == "cancelled" else "error"
+
+
 def build_conversation(
     request: dict[str, Any],
     response: dict[str, Any] | None,
     *,
     require_final_answer: bool = True,
+    outcome: str = "ok",
 ) -> Conversation:
     """The training conversation of one leaf: its request messages plus its response message.
 
     request: the client's request body (dict with `messages`, maybe `tools`/`functions`,
     `parallel_tool_calls`). response: the answer as a `chat.completion` dict, or None when the
-    exchange failed. With `require_final_answer`, a response that is not a complete final answer
-    raises Rejected('incomplete'); without it, a conversation with no usable answer ends at its
-    last assistant message (trailing user and tool messages are left out).
-    Raises Rejected for anything the training format cannot hold (see the module docstring).
+    exchange failed. outcome: the exchange's recorded outcome ('ok', 'error', 'cancelled').
+    A failed exchange (outcome not ok, or no answer message) raises Rejected('error' or
+    'cancelled') in every mode. With `require_final_answer`, an answer that is not a complete
+    final answer raises Rejected with `unfinished_reason` ('length', 'pending_tool_call',
+    'refusal', ...). Without it, such a conversation is kept: an answer that calls tools ends it;
+    an answer cut short (length, content filter) or without text is left out and named in
+    `Conversation.cut`, and the conversation ends at its last assistant message (trailing user
+    and tool messages are left out). Raises Rejected for anything the training format cannot
+    hold (see the module docstring).
     """
     raw_messages = request.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise Rejected("unreadable", "request has no messages")
+    failed = outcome_reason(outcome)
+    if failed is not None:
+        raise Rejected(failed, f"the exchange ended with outcome {outcome!r}")
     answer = response_message(response)
-    if require_final_answer and not is_final_answer(answer, finish_reason(response)):
-        raise Rejected("incomplete", "the leaf did not end with a final answer")
+    if answer is None:
+        raise Rejected("error", "the leaf has no answer message")
+    finish = finish_reason(response)
+    cut: str | None = None
+    if not is_final_answer(answer, finish):
+        why = unfinished_reason(answer, finish)
+        if require_final_answer:
+            raise Rejected(why, "the leaf did not end with a final answer")
+        if why != "pending_tool_call":
+            cut = why
     messages = [normalize_message(m, i) for i, m in enumerate(raw_messages)]
-    if answer is not None:
-        try:
-            messages.append(normalize_message({**answer, "role": "assistant"}, len(messages)))
-        except Rejected:
-            if require_final_answer:
-                raise
+    if cut is None:
+        messages.append(normalize_message({**answer, "role": "assistant"}, len(messages)))
     while messages and messages[-1]["role"] != "assistant":
         messages.pop()
     if not messages:
-        raise Rejected("no_assistant_message", "the conversation has no assistant message")
+        raise Rejected(
+            cut or "no_assistant_message", "the conversation has no assistant message to train"
+        )
     pair_and_renumber(messages)
     tools = normalize_tools(request)
     declared = {t["function"]["name"] for t in tools}
@@ -156,7 +219,7 @@ def build_conversation(
         raise Rejected(
             "parallel_calls_disallowed", "parallel tool calls while parallel_tool_calls is false"
         )
-    return Conversation(messages=messages, tools=tools, parallel_tool_calls=parallel)
+    return Conversation(messages=messages, tools=tools, parallel_tool_calls=parallel, cut=cut)
 
 
 # -- options -----------------------------------------------------------------------------------

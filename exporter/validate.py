@@ -24,7 +24,7 @@ from typing import Any
 
 from exporter.messages import NAME_PATTERN
 
-VALIDATE_FORMATS: tuple[str, ...] = ("openai", "hf", "sharegpt", "dpo")
+VALIDATE_FORMATS: tuple[str, ...] = ("openai", "hf", "axolotl", "sharegpt", "dpo", "hf-dpo")
 MIN_SAMPLES = 10
 """OpenAI rejects training files with fewer examples."""
 
@@ -339,15 +339,103 @@ def _validate_sharegpt(record: dict[str, Any], errors: list[str]) -> None:
         errors.append("conversations must end with a gpt or function_call turn")
 
 
+def _message_list(value: Any, key: str, errors: list[str]) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        errors.append(f"{key} must be a non-empty array of messages")
+        return []
+    return value
+
+
+def _declared(record: dict[str, Any], errors: list[str]) -> set[str] | None:
+    tools = record.get("tools")
+    if tools is None or tools == []:
+        return None
+    return _check_tools(tools, errors)
+
+
+def _validate_prompt_completion(record: dict[str, Any], errors: list[str]) -> None:
+    """TRL's conversational prompt-completion layout (`hf` with `--train-on last`)."""
+    unknown = set(record) - {"prompt", "completion", "tools"}
+    if unknown:
+        errors.append(f"unknown top-level keys {sorted(unknown)}")
+    declared = _declared(record, errors)
+    prompt = _message_list(record.get("prompt"), "prompt", errors)
+    completion = _message_list(record.get("completion"), "completion", errors)
+    if not all(isinstance(m, dict) and m.get("role") == "assistant" for m in completion):
+        errors.append("completion must hold assistant messages only")
+    if prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+        errors.append("prompt must not end with an assistant message")
+    untrained = [
+        {**m, "weight": 0} if isinstance(m, dict) and m.get("role") == "assistant" else m
+        for m in prompt
+    ]
+    check_messages(
+        [*untrained, *completion], errors, declared=declared, arguments_as_object=True, hf=True
+    )
+
+
+def axolotl_as_weighted(messages: Any, errors: list[str]) -> Any:
+    """Axolotl messages with `training` turned into `weight` (assistant) and removed, so the
+    chat rules apply; appends an error for a missing or non-boolean flag."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            out.append(message)
+            continue
+        flag = message.get("training")
+        if not isinstance(flag, bool):
+            errors.append(f"messages[{i}] training must be true or false")
+        rest = {k: v for k, v in message.items() if k != "training"}
+        if message.get("role") == "assistant":
+            rest["weight"] = int(flag is not False)
+        elif flag is True:
+            errors.append(f"messages[{i}] is a {message.get('role')} message marked for training")
+        out.append(rest)
+    return out
+
+
+def _validate_hf_dpo(record: dict[str, Any], errors: list[str]) -> None:
+    """TRL's conversational preference layout."""
+    unknown = set(record) - {"prompt", "chosen", "rejected", "tools"}
+    if unknown:
+        errors.append(f"unknown top-level keys {sorted(unknown)}")
+    declared = _declared(record, errors)
+    prompt = _message_list(record.get("prompt"), "prompt", errors)
+    if prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") not in ("user", "tool"):
+        errors.append("prompt must end with a user or tool message")
+    for key in ("chosen", "rejected"):
+        output = record.get(key)
+        if not isinstance(output, list) or len(output) != 1 or not isinstance(output[0], dict):
+            errors.append(f"{key} must be a list of exactly one assistant message")
+            continue
+        if output[0].get("role") != "assistant":
+            errors.append(f"{key} must be an assistant message")
+            continue
+        sub: list[str] = []
+        check_messages(
+            [*prompt, output[0]], sub, declared=declared, arguments_as_object=True, hf=True
+        )
+        errors.extend(f"{key}: {e}" for e in sub if e not in errors)
+
+
 def validate_record(record: Any, fmt: str = "openai") -> list[str]:
     """Errors of one decoded JSONL record in format `fmt` (empty list: valid)."""
     errors: list[str] = []
     if not isinstance(record, dict):
         return ["a record must be a JSON object"]
-    if fmt in ("openai", "hf"):
+    if fmt == "hf" and "prompt" in record:
+        _validate_prompt_completion(record, errors)
+    elif fmt in ("openai", "hf"):
         _validate_chat(record, errors, hf=fmt == "hf")
+    elif fmt == "axolotl":
+        weighted = {**record, "messages": axolotl_as_weighted(record.get("messages"), errors)}
+        _validate_chat(weighted, errors, hf=True)
     elif fmt == "dpo":
         _validate_dpo(record, errors)
+    elif fmt == "hf-dpo":
+        _validate_hf_dpo(record, errors)
     elif fmt == "sharegpt":
         _validate_sharegpt(record, errors)
     else:
@@ -363,6 +451,15 @@ def guess_format(record: Any) -> str | None:
         return "sharegpt"
     if "preferred_output" in record:
         return "dpo"
+    if "chosen" in record:
+        return "hf-dpo"
+    if "completion" in record:
+        return "hf"
+    messages = record.get("messages")
+    if isinstance(messages, list) and any(
+        isinstance(m, dict) and "training" in m for m in messages
+    ):
+        return "axolotl"
     for message in record.get("messages") or ():
         for call in (message.get("tool_calls") or ()) if isinstance(message, dict) else ():
             if isinstance(call, dict) and isinstance(call.get("function"), dict):

@@ -13,14 +13,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exporter.tokens import TokenCounter
-from exporter.validate import MIN_SAMPLES, guess_format, validate_record
+from exporter.validate import MIN_SAMPLES, axolotl_as_weighted, guess_format, validate_record
 
 
 def record_tokens(record: dict[str, Any], fmt: str, counter: TokenCounter) -> tuple[int, int]:
     """(total, trained) tokens of a valid record, by the recipe in `exporter.tokens`."""
-    if fmt in ("openai", "hf"):
-        counted = counter.count(record["messages"], record.get("tools"))
+    if fmt == "hf" and "prompt" in record:
+        untrained = [{**m, "weight": 0} for m in record["prompt"]]
+        counted = counter.count([*untrained, *record["completion"]], record.get("tools"))
         return counted.total, counted.trained
+    if fmt in ("openai", "hf", "axolotl"):
+        messages = record["messages"]
+        if fmt == "axolotl":
+            messages = axolotl_as_weighted(messages, [])
+        counted = counter.count(messages, record.get("tools"))
+        return counted.total, counted.trained
+    if fmt == "hf-dpo":
+        context = counter.count(record["prompt"], record.get("tools"))
+        chosen = counter.count(record["chosen"])
+        return context.total + chosen.total, chosen.trained
     if fmt == "dpo":
         data = record["input"]
         prompt = counter.count(data["messages"], data.get("tools"))

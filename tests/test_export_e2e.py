@@ -259,11 +259,14 @@ def test_forks_export_every_leaf_or_the_longest(proxy_server: ProxyServer, tmp_p
     assert longest.returncode == 0, longest.stderr
     (only,) = read_jsonl(tmp_path / "longest.jsonl")
     assert _canonical(only) == _canonical(expected_openai_sample(full, TOOLS))
-    # by default only complete leaves count: the fork ends in a tool call
+    # by default only complete leaves are written; the fork, which ends in a tool call, is
+    # counted as a drop with its reason (written + drops == leaves selected)
     complete = run_cli(
         "export", "--db", str(proxy_server.db), "--out", str(tmp_path / "c.jsonl"), "--json"
     )
-    assert json.loads(complete.stdout)["dropped"] == {}
+    summary = json.loads(complete.stdout)
+    assert summary["dropped"] == {"pending_tool_call": 1}
+    assert summary["read"] == 2 and summary["written"] == 1
     assert len(read_jsonl(tmp_path / "c.jsonl")) == 1
 
 
@@ -318,7 +321,7 @@ def test_cli_errors_are_one_line(start_proxy: Callable[..., ProxyServer], tmp_pa
             "export", "--db", str(old), "--out", out, "--format", "sharegpt", "--train-on", "final"
         ),
         1,
-        "weights",
+        "mask_history",
     )
     not_db = tmp_path / "text.db"
     not_db.write_text("hello, not a database\n" * 100)

@@ -206,8 +206,8 @@ async def test_default_export_leaves_out_rejected_failed_and_reports_drops(db: A
         "find it",
         "same",
     ]
-    assert summary.dropped == {"unreadable": 1}
-    assert summary.read == 10 and summary.written == 9
+    assert summary.dropped == {"unreadable": 1, "error": 1}  # the failed leaf is counted too
+    assert summary.read == 11 and summary.written == 9
     assert summary.base_model == "gpt-4.1-mini" and summary.token_limit == 65_536
 
 
@@ -252,7 +252,7 @@ async def test_dpo_export_from_shadow_answers(db: Any, tmp_path: Path) -> None:
     lines, summary = await export_samples(database, ExportOptions(format="dpo"))
     assert summary.read == 2 and summary.dropped == {"identical_answers": 1}
     (pair,) = [json.loads(line) for line in lines]
-    assert pair["preferred_output"][0]["tool_calls"][0]["id"] == "call_1"
+    assert pair["preferred_output"][0]["tool_calls"][0]["id"] == "call00001"
     assert pair["non_preferred_output"] == [{"role": "assistant", "content": "I cannot."}]
 
 

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from exporter.formats import hf, sharegpt
+from exporter.formats import axolotl, hf, hf_dpo, sharegpt
 from exporter.formats.dpo import build_pair
+from exporter.options import ExportOptions, OptionsError, trainer_notes
 from exporter.samples import Rejected, apply_options, build_conversation
 from exporter.validate import validate_record
 
@@ -148,17 +149,18 @@ def test_hf_renders_through_a_tool_aware_chat_template_without_losing_a_call() -
 
 
 def test_hf_record_shape() -> None:
-    record = hf.render(apply_options(conversation(), train_on="final"))
+    record = hf.render(apply_options(conversation()))
+    assert set(record) == {"messages", "tools"}
     assistant = record["messages"][2]
-    assert assistant["content"] == "" and assistant["weight"] == 0
+    assert assistant["content"] == "" and "weight" not in assistant
     assert assistant["tool_calls"][0] == {
-        "id": "call_1",
+        "id": "call00001",
         "type": "function",
         "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
     }
     assert record["messages"][3] == {
         "role": "tool",
-        "tool_call_id": "call_1",
+        "tool_call_id": "call00001",
         "name": "get_weather",
         "content": "Paris: sunny",
     }
@@ -172,6 +174,34 @@ def test_hf_record_shape() -> None:
         )["tools"]
         == []
     )
+
+
+def test_hf_train_on_last_is_trl_prompt_completion() -> None:
+    full = hf.render(apply_options(conversation()))
+    record = hf.render(apply_options(conversation(), train_on="last"))
+    assert set(record) == {"prompt", "completion", "tools"}
+    assert record["prompt"] == full["messages"][:-1]
+    assert record["completion"] == [{"role": "assistant", "content": "Sunny, 21:00."}]
+    assert validate_record(record, "hf") == []
+    with pytest.raises(ValueError, match="only the last one"):
+        hf.render(apply_options(conversation(), train_on="tool-calls"))
+
+
+def test_axolotl_marks_every_message_trained_or_not() -> None:
+    for train_on, trained in (
+        ("all", [False, False, True, False, False, True, False, True]),
+        ("tool-calls", [False, False, True, False, False, True, False, False]),
+        ("final", [False, False, False, False, False, False, False, True]),
+        ("last", [False, False, False, False, False, False, False, True]),
+    ):
+        record = axolotl.render(apply_options(conversation(), train_on=train_on))
+        assert [m["training"] for m in record["messages"]] == trained, train_on
+        assert validate_record(record, "axolotl") == []
+        hf_view = [{k: v for k, v in m.items() if k != "training"} for m in record["messages"]]
+        assert hf_view == hf.render(apply_options(conversation()))["messages"]
+    broken = axolotl.render(apply_options(conversation(), train_on="final"))
+    broken["messages"][1]["training"] = "yes"
+    assert any("training must be true or false" in e for e in validate_record(broken, "axolotl"))
 
 
 def test_sharegpt_alternates_with_parallel_calls_as_a_list() -> None:
@@ -194,10 +224,11 @@ def test_sharegpt_alternates_with_parallel_calls_as_a_list() -> None:
         "name": "get_time",
         "arguments": {"tz": "Europe/Paris"},
     }
-    assert (
-        record["conversations"][2]["value"]
-        == "Paris: sunny" + sharegpt.PARALLEL_RESULTS_SEPARATOR + "Oslo: snow"
-    )
+    # parallel results: one observation holding the JSON array of results, in call order,
+    # with no model family's tags
+    assert json.loads(record["conversations"][2]["value"]) == ["Paris: sunny", "Oslo: snow"]
+    assert "tool_response" not in json.dumps(record)
+    assert record["conversations"][4]["value"] == "21:00"
     assert json.loads(record["tools"]) == [t["function"] for t in TOOLS]
 
 
@@ -249,10 +280,63 @@ def test_dpo_pair_teacher_preferred_student_not() -> None:
     ]
     assert record["input"]["parallel_tool_calls"] is True
     assert record["preferred_output"] == [
-        {"role": "assistant", "tool_calls": [call("call_1", "get_weather", {"city": "Paris"})]}
+        {"role": "assistant", "tool_calls": [call("call00001", "get_weather", {"city": "Paris"})]}
     ]
     assert record["non_preferred_output"] == [{"role": "assistant", "content": "Probably sunny."}]
+    trl = hf_dpo.render_pair(record)
+    assert validate_record(trl, "hf-dpo") == []
+    assert trl == {
+        "prompt": [
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": "Weather in Paris?"},
+        ],
+        "chosen": [
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "call00001",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                    }
+                ],
+            }
+        ],
+        "rejected": [{"role": "assistant", "content": "Probably sunny."}],
+        "tools": TOOLS,
+    }
     with pytest.raises(Rejected, match="identical_answers"):
         build_pair(request, student, student)
     with pytest.raises(Rejected, match="no_shadow_answer"):
         build_pair(request, student, None)
+
+
+def test_train_on_is_refused_where_the_trainer_cannot_express_it() -> None:
+    accepted = {
+        "openai": {"all", "final", "tool-calls", "last"},
+        "axolotl": {"all", "final", "tool-calls", "last"},
+        "hf": {"all", "last"},
+        "sharegpt": {"all", "last"},
+        "dpo": {"all"},
+        "hf-dpo": {"all"},
+    }
+    for fmt, choices in accepted.items():
+        for train_on in ("all", "final", "tool-calls", "last"):
+            options = ExportOptions(format=fmt, train_on=train_on)
+            if train_on in choices:
+                options.check()
+                continue
+            with pytest.raises(OptionsError) as info:
+                options.check()
+            message = str(info.value)
+            assert f"--train-on {train_on}" in message and "\n" not in message
+            assert ("preference pair" in message) == fmt.endswith("dpo")
+            if fmt in ("hf", "sharegpt"):
+                assert "--format axolotl" in message
+    assert trainer_notes("sharegpt", "last") == [
+        "LLaMA-Factory: set mask_history: true to train the last turn only"
+    ]
+    assert "message_field_training: training" in trainer_notes("axolotl", "final")[0]
+    assert "completion" in trainer_notes("hf", "last")[0]
+    assert trainer_notes("openai", "final") == [] and trainer_notes("sharegpt", "all") == []

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from exporter.formats import openai as openai_format
+from exporter.messages import MAX_TOOL_CALLS, TOOL_CALL_ID_PATTERN, tool_call_id
 from exporter.samples import (
     Conversation,
     Rejected,
@@ -146,8 +147,8 @@ def test_content_parts_are_flattened_and_response_only_fields_dropped() -> None:
     assert conv.messages == [
         {"role": "system", "content": "be kind"},
         {"role": "user", "content": "hi"},
-        {"role": "assistant", "tool_calls": [call("call_1")]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "result"},
+        {"role": "assistant", "tool_calls": [call("call00001")]},
+        {"role": "tool", "tool_call_id": "call00001", "content": "result"},
         {"role": "assistant", "content": "ok"},
     ]
 
@@ -190,11 +191,19 @@ def test_tool_call_ids_renumbered_uniquely_with_pairs_kept_even_when_the_app_reu
         ]
     )
     msgs = conv.messages
-    assert [c["id"] for c in msgs[2]["tool_calls"]] == ["call_1", "call_2"]
-    assert (msgs[3]["tool_call_id"], msgs[3]["content"]) == ("call_2", "fetched")
-    assert (msgs[4]["tool_call_id"], msgs[4]["content"]) == ("call_1", "looked")
-    assert msgs[5]["tool_calls"][0]["id"] == "call_3" and msgs[6]["tool_call_id"] == "call_3"
+    assert [c["id"] for c in msgs[2]["tool_calls"]] == ["call00001", "call00002"]
+    assert (msgs[3]["tool_call_id"], msgs[3]["content"]) == ("call00002", "fetched")
+    assert (msgs[4]["tool_call_id"], msgs[4]["content"]) == ("call00001", "looked")
+    assert msgs[5]["tool_calls"][0]["id"] == "call00003" and msgs[6]["tool_call_id"] == "call00003"
     assert validate_record(openai_format.render(conv)) == []
+
+
+def test_renumbered_ids_are_nine_alphanumeric_characters_as_mistral_requires() -> None:
+    ids = [tool_call_id(n) for n in (1, 2, 10, 12_345, MAX_TOOL_CALLS)]
+    assert ids == ["call00001", "call00002", "call00010", "call12345", "call99999"]
+    assert all(TOOL_CALL_ID_PATTERN.match(i) for i in ids) and len(set(ids)) == len(ids)
+    with pytest.raises(Rejected, match="too_many_tool_calls"):
+        tool_call_id(MAX_TOOL_CALLS + 1)
 
 
 def test_unanswered_orphan_and_duplicate_calls_are_rejected() -> None:
@@ -252,35 +261,70 @@ def test_names_tools_and_parallel_flag() -> None:
     }
 
 
-def test_incomplete_leaves_are_rejected_unless_asked_for() -> None:
-    calls = {
-        "choices": [
-            {
-                "message": {"role": "assistant", "content": None, "tool_calls": [call("z")]},
-                "finish_reason": "tool_calls",
-            }
-        ]
-    }
-    cut = {
-        "choices": [
-            {"message": {"role": "assistant", "content": "half"}, "finish_reason": "length"}
-        ]
-    }
-    for response in (None, calls, cut, answer("   ")):
-        with pytest.raises(Rejected, match="incomplete"):
+def _choice(message: dict[str, Any], finish: str) -> dict[str, Any]:
+    return {"choices": [{"message": {"role": "assistant", **message}, "finish_reason": finish}]}
+
+
+CALLS = _choice({"content": None, "tool_calls": [call("z")]}, "tool_calls")
+
+
+def test_incomplete_leaves_are_dropped_with_their_own_reason() -> None:
+    cases = [
+        (None, "error"),
+        (CALLS, "pending_tool_call"),
+        (_choice({"content": "half"}, "length"), "length"),
+        (_choice({"content": "hidden"}, "content_filter"), "content_filter"),
+        (_choice({"content": None, "refusal": "I can't help with that."}, "stop"), "refusal"),
+        (
+            _choice({"content": [{"type": "refusal", "refusal": "no"}]}, "stop"),
+            "refusal",
+        ),
+        (
+            _choice({"content": None, "audio": {"id": "audio_1", "transcript": "hi"}}, "stop"),
+            "audio",
+        ),
+        (answer("   "), "empty_assistant_message"),
+    ]
+    for response, reason in cases:
+        with pytest.raises(Rejected) as info:
             build_conversation(request(BASE), response)
-    ends_in_call = build_conversation(request(BASE), calls, require_final_answer=False)
-    assert ends_in_call.messages[-1]["tool_calls"][0]["id"] == "call_1"
+        assert info.value.reason == reason, response
+    for outcome in ("error", "cancelled"):
+        with pytest.raises(Rejected) as info:
+            build_conversation(request(BASE), answer(), outcome=outcome)
+        assert info.value.reason == outcome
+
+
+def test_include_incomplete_ends_in_a_call_but_never_trains_a_cut_or_failed_answer() -> None:
+    ends_in_call = build_conversation(request(BASE), CALLS, require_final_answer=False)
+    assert ends_in_call.messages[-1]["tool_calls"][0]["id"] == "call00001"
+    assert ends_in_call.cut is None
     assert validate_record(openai_format.render(ends_in_call)) == []
     history = [
         *BASE,
         {"role": "assistant", "tool_calls": [call("a")]},
         {"role": "tool", "tool_call_id": "a", "content": "r"},
     ]
-    failed = build_conversation(request(history), None, require_final_answer=False)
-    assert failed.messages[-1]["role"] == "assistant" and len(failed.messages) == 3
-    with pytest.raises(Rejected, match="no_assistant_message"):
-        build_conversation(request(BASE), None, require_final_answer=False)
+    for finish in ("length", "content_filter"):
+        truncated = _choice({"content": "The answer is half wri"}, finish)
+        kept = build_conversation(request(history), truncated, require_final_answer=False)
+        assert kept.cut == finish
+        assert kept.messages[-1]["role"] == "assistant" and len(kept.messages) == 3
+        assert "half wri" not in json.dumps(kept.messages)
+        with pytest.raises(Rejected) as info:  # nothing before it to train
+            build_conversation(request(BASE), truncated, require_final_answer=False)
+        assert info.value.reason == finish
+    refused = _choice({"content": None, "refusal": "no"}, "stop")
+    assert build_conversation(request(history), refused, require_final_answer=False).cut == (
+        "refusal"
+    )
+    # an error leaf is never a sample, even when its request holds a complete prefix
+    for response, outcome in ((None, "error"), (answer(), "error"), (answer(), "cancelled")):
+        with pytest.raises(Rejected) as info:
+            build_conversation(
+                request(history), response, require_final_answer=False, outcome=outcome
+            )
+        assert info.value.reason == outcome
 
 
 def test_empty_assistant_and_unknown_roles() -> None:
@@ -323,8 +367,8 @@ def test_legacy_functions_become_tools() -> None:
         },
         answer(),
     )
-    assert conv.messages[1]["tool_calls"][0]["id"] == "call_1"
-    assert conv.messages[2] == {"role": "tool", "tool_call_id": "call_1", "content": "found"}
+    assert conv.messages[1]["tool_calls"][0]["id"] == "call00001"
+    assert conv.messages[2] == {"role": "tool", "tool_call_id": "call00001", "content": "found"}
     assert conv.tools == [
         {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
     ]

@@ -2,12 +2,17 @@
 
 Shape: `{"conversations": [{"from": "human"|"gpt"|"function_call"|"observation", "value": str}],
 "system"?: str, "tools"?: str}`. Turns alternate: human or observation, then gpt or function_call,
-ending with gpt or function_call. A `function_call` value is the JSON of `{"name", "arguments"}`
-(arguments as an object), or of a list of them for parallel calls; their results become one
-`observation` joined with `\\n</tool_response>\\n<tool_response>\\n` (LLaMA-Factory's own
-convention for parallel results). `tools` is a JSON string of the function schemas
-(`[{"name", "description", "parameters"}]`). Dataset config: `"columns": {"messages":
-"conversations", "system": "system", "tools": "tools"}`.
+ending with gpt or function_call (LLaMA-Factory skips a sample whose turns do not alternate, so
+several results are never several observation turns). A `function_call` value is the JSON of
+`{"name", "arguments"}` (arguments as an object), or of a list of them for parallel calls, which
+LLaMA-Factory's function formatter takes; the results of parallel calls become one
+`observation` whose value is the JSON array of the result strings, in the order of the calls,
+mirroring the list of calls. No model family's tags (such as Qwen's `<tool_response>`) are
+written into the data: each LLaMA-Factory template wraps the observation in its own. `tools` is
+a JSON string of the function schemas (`[{"name", "description", "parameters"}]`). Dataset
+config: `"formatting": "sharegpt", "columns": {"messages": "conversations", "system": "system",
+"tools": "tools"}`. `--train-on last` is LLaMA-Factory's `mask_history: true` (a training
+setting, not a field of the data: the export summary says so).
 
 What ShareGPT cannot hold raises Rejected('sharegpt_unrepresentable'): a system message after the
 first turn, assistant text beside tool calls, images, turns that do not alternate.
@@ -21,7 +26,13 @@ from typing import Any
 from exporter.messages import Rejected
 from exporter.samples import Conversation
 
-PARALLEL_RESULTS_SEPARATOR = "\n</tool_response>\n<tool_response>\n"
+
+def observation_value(results: list[str]) -> str:
+    """The value of the observation turn answering one function_call turn: the result itself for
+    one call, the JSON array of the results (in call order) for parallel calls."""
+    if len(results) == 1:
+        return results[0]
+    return json.dumps(results, ensure_ascii=False)
 
 
 def _unrepresentable(detail: str) -> Rejected:
@@ -61,9 +72,7 @@ def render(conversation: Conversation) -> dict[str, Any]:
                 results.append(messages[index]["content"])
                 index += 1
             if results:
-                turns.append(
-                    {"from": "observation", "value": PARALLEL_RESULTS_SEPARATOR.join(results)}
-                )
+                turns.append({"from": "observation", "value": observation_value(results)})
         elif role == "assistant":
             turns.append({"from": "gpt", "value": message["content"]})
         else:

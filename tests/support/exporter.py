@@ -168,7 +168,7 @@ def expected_openai_sample(
 ) -> dict[str, Any]:
     """What the exporter must write for a conversation, computed here independently.
 
-    Ids renumbered call_1.. in order; tool content joined to a string; only the format's keys.
+    Ids renumbered call00001.. in order; tool content joined to a string; only the format's keys.
     """
     out: list[dict[str, Any]] = []
     ids: dict[str, str] = {}
@@ -183,10 +183,10 @@ def expected_openai_sample(
                 item["tool_calls"] = []
                 for call in message["tool_calls"]:
                     counter += 1
-                    ids[call["id"]] = f"call_{counter}"
+                    ids[call["id"]] = f"call{counter:05d}"
                     item["tool_calls"].append(
                         {
-                            "id": f"call_{counter}",
+                            "id": f"call{counter:05d}",
                             "type": "function",
                             "function": {
                                 "name": call["function"]["name"],
