@@ -53,12 +53,12 @@ def eval_progress(
 
 
 def fmt_rate(value: float | None, ci: Any = None) -> str:
-    """'83.3% (58.2-95.1)' or '-' when there is nothing to rate."""
+    """'83.3% (58-95)' (the 95% interval in whole percents) or '-' when there is nothing to rate."""
     if value is None:
         return "-"
     text = f"{value * 100:.1f}%"
     if ci:
-        text += f" ({ci[0] * 100:.1f}-{ci[1] * 100:.1f})"
+        text += f" ({ci[0] * 100:.0f}-{ci[1] * 100:.0f})"
     return text
 
 
@@ -121,7 +121,7 @@ def summary_table(report: dict[str, Any]) -> Table:
 def per_tool_table(report: dict[str, Any]) -> Table:
     """One row per tool the reference or the candidate called: calls and agreement rates."""
     table = Table(title="Per tool (over the reference's calls)", title_justify="left")
-    table.add_column("tool")
+    table.add_column("tool", no_wrap=True)
     table.add_column("reference calls", justify="right")
     table.add_column("candidate calls", justify="right")
     table.add_column("name", justify="right")
