@@ -261,3 +261,33 @@ def test_a_killed_run_resumes_without_asking_again(
         if key != "per_tool":
             assert report[key] == value, key
     assert len(db_rows(db_path, "SELECT id FROM eval_runs")) == 1
+
+
+def test_limit_asks_some_steps_now_and_the_rest_on_the_next_run(
+    db_path: Path, candidate: str, script: CandidateScript, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--db", str(db_path), "--base-url", candidate, "--model", CANDIDATE_MODEL,
+            "--split", "all", "--concurrency", "1"]  # fmt: skip
+    report, err = run_eval(capsys, *args, "--limit", "3", code=1)
+    assert report["asked"] == 3 and report["answered"] == 3 and report["status"] == "incomplete"
+    assert report["errors"] == 8 and report["error_types"] == {"not_asked": 8}
+    report, _ = run_eval(capsys, *args)
+    assert report["asked"] == 8 and report["reused"] == 3 and report["errors"] == 0
+    assert sorted(script.keys_received()) == sorted(STEP_KEYS_TEACHER)
+
+
+def test_a_database_the_proxy_has_not_migrated_yet_gets_the_eval_tables(
+    db_path: Path, candidate: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conn = sqlite3.connect(db_path)
+    conn.executescript(
+        "DROP TABLE eval_steps; DROP TABLE eval_runs;"
+        "DELETE FROM understudy_migrations WHERE name = '005_evaluations';"
+    )
+    conn.close()
+    report, _ = run_eval(
+        capsys, "--db", str(db_path), "--base-url", candidate, "--model", CANDIDATE_MODEL,
+        "--split", "all",
+    )  # fmt: skip
+    assert report["steps"] == 11 and report["errors"] == 0
+    assert len(db_rows(db_path, "SELECT * FROM eval_steps")) == 11

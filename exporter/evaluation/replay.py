@@ -171,6 +171,8 @@ class _Asker:
             error_type, error = "timeout", {"message": str(exc)}
         except openai.APIConnectionError as exc:
             error_type, error = "connection", {"message": str(exc)}
+        except (openai.APIError, ValueError) as exc:  # e.g. a JSON content type with a bad body
+            error_type, error = "bad_response", {"message": f"{type(exc).__name__}: {exc}"}
         latency_ms = (time.perf_counter() - started) * 1000
         comparison = None
         if error_type is None:
@@ -329,7 +331,9 @@ async def run_evaluation(
     report = summarize((outcome_of(r) for r in rows), config.model)
     report["steps"] = len(selection.steps)
     report["not_asked"] = len(selection.steps) - len(rows)
-    report["errors"] += report["not_asked"]
+    if report["not_asked"]:  # --limit, or steps of a run interrupted before (kept for a rerun)
+        report["errors"] += report["not_asked"]
+        report["error_types"]["not_asked"] = report["not_asked"]
     complete = report["errors"] == 0
     status = "finished" if complete else "incomplete"
     report = {
