@@ -4,6 +4,7 @@
     understudy-export validate FILE [--format openai]
     understudy-export stats --db PATH_OR_URL [--json]
     understudy-export upload FILE [--validation-file F] [--model BASE] [--suffix S] [--epochs N]
+    understudy-export eval --db PATH_OR_URL --base-url URL --model NAME [--split valid|all] ...
 
 `--db` defaults to `UNDERSTUDY_DB`, then `./understudy.db`, like the proxy. Errors are one line on
 stderr with a non-zero exit (1: failure or invalid file, 2: bad usage), never a traceback.
@@ -28,6 +29,7 @@ from exporter.commands import (
     cmd_validate,
     one_line,
 )
+from exporter.evaluation.command import add_eval_parser
 from exporter.formats import FORMATS
 from exporter.options import (
     DEFAULT_BASE_MODEL,
@@ -298,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="API base URL [OPENAI_BASE_URL, https://api.openai.com/v1]",
     )
     up.add_argument("--json", action="store_true", help="print the ids as JSON")
+
+    add_eval_parser(commands, _default_db(), _positive_int, _nonnegative_int, _fraction)
     return parser
 
 

@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from proxy.config import Settings
-from proxy.dashboard import api, pages
+from proxy.dashboard import api, evaluations, pages
 from proxy.dashboard.export import export_download
 from proxy.dashboard.guard import DashboardState
 from proxy.dashboard.security import Guard
@@ -56,6 +56,10 @@ def routes() -> list[BaseRoute]:
         Route("/dashboard/label", pages.bulk_label_form, methods=["POST"]),
         Route("/dashboard/charts", pages.charts_page, methods=["GET"]),
         Route("/dashboard/export", export_download, methods=["GET"]),
+        Route("/dashboard/evaluations", evaluations.evaluations_page, methods=["GET"]),
+        Route("/dashboard/evaluations/{run_id}", evaluations.evaluation_page, methods=["GET"]),
+        Route("/api/evaluations", evaluations.api_evaluations, methods=["GET"]),
+        Route("/api/evaluations/{run_id}", evaluations.api_evaluation, methods=["GET"]),
         Route("/dashboard/login", pages.login_page, methods=["GET"]),
         Route("/dashboard/login", pages.login_submit, methods=["POST"]),
         Route("/dashboard/logout", pages.logout, methods=["POST"]),

@@ -121,4 +121,53 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX ix_exchanges_response_id ON exchanges (response_id)",
         ),
     ),
+    Migration(
+        name="005_evaluations",
+        why="Replay evaluation (`understudy-export eval`) stores each run and every step's "
+        "result as it comes, so a run that crashes resumes without asking the candidate again "
+        "what it already answered, and the dashboard shows runs, per-tool rates and the steps "
+        "where the candidate disagreed. The candidate's API key is never stored.",
+        statements=(
+            """CREATE TABLE eval_runs (
+                id TEXT PRIMARY KEY,
+                created_utc TEXT NOT NULL,
+                updated_utc TEXT NOT NULL,
+                finished_utc TEXT,
+                status TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                base_url TEXT NOT NULL,
+                model TEXT NOT NULL,
+                split TEXT NOT NULL,
+                reference TEXT NOT NULL,
+                options_json TEXT NOT NULL,
+                trajectory_count INTEGER NOT NULL DEFAULT 0,
+                step_count INTEGER NOT NULL DEFAULT 0,
+                report_json TEXT
+            )""",
+            "CREATE INDEX ix_eval_runs_fingerprint ON eval_runs (fingerprint, created_utc)",
+            "CREATE INDEX ix_eval_runs_created_utc ON eval_runs (created_utc)",
+            """CREATE TABLE eval_steps (
+                run_id TEXT NOT NULL REFERENCES eval_runs (id),
+                exchange_id TEXT NOT NULL,
+                trajectory_id TEXT NOT NULL,
+                step INTEGER NOT NULL,
+                answered_utc TEXT NOT NULL,
+                outcome TEXT NOT NULL,
+                error_type TEXT,
+                agrees BOOLEAN,
+                comparison_json TEXT,
+                reference_message_json TEXT,
+                candidate_response_json TEXT,
+                error_json TEXT,
+                latency_ms DOUBLE PRECISION,
+                prompt_tokens INTEGER,
+                completion_tokens INTEGER,
+                reference_model TEXT,
+                reference_latency_ms DOUBLE PRECISION,
+                reference_prompt_tokens INTEGER,
+                reference_completion_tokens INTEGER,
+                PRIMARY KEY (run_id, exchange_id)
+            )""",
+        ),
+    ),
 )

@@ -108,3 +108,56 @@ migrations_table = Table(
     Column("name", Text, primary_key=True),
     Column("applied_utc", Text, nullable=False),
 )
+
+# Replay evaluation runs (`understudy-export eval`): one row per run; never the candidate's key.
+eval_runs = Table(
+    "eval_runs",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("created_utc", Text, nullable=False),
+    Column("updated_utc", Text, nullable=False),
+    Column("finished_utc", Text),
+    # 'running' (or crashed: rerun the command to resume), 'finished', 'incomplete' (some steps
+    # were not answered; a rerun asks only those again).
+    Column("status", Text, nullable=False),
+    # Hash of what selects and asks (base URL, model, split, reference, filters): a rerun of the
+    # same command resumes the latest unfinished run with the same fingerprint.
+    Column("fingerprint", Text, nullable=False),
+    # The candidate's base URL without user info, query or fragment.
+    Column("base_url", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("split", Text, nullable=False),
+    Column("reference", Text, nullable=False),
+    Column("options_json", Text, nullable=False),
+    Column("trajectory_count", Integer, nullable=False),
+    Column("step_count", Integer, nullable=False),
+    # The report (`exporter.evaluation.metrics.summarize`) as of the last finish.
+    Column("report_json", Text),
+)
+
+# One replayed step of a run, written as soon as the candidate answered (or finally failed).
+eval_steps = Table(
+    "eval_steps",
+    metadata,
+    Column("run_id", Text, primary_key=True),
+    Column("exchange_id", Text, primary_key=True),
+    Column("trajectory_id", Text, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("answered_utc", Text, nullable=False),
+    # 'answered' or 'error' (after retries; asked again when the run resumes).
+    Column("outcome", Text, nullable=False),
+    Column("error_type", Text),
+    # Decision and (on tool-call steps) names and canonical arguments all agree.
+    Column("agrees", Boolean),
+    Column("comparison_json", Text),
+    Column("reference_message_json", Text),
+    Column("candidate_response_json", Text),
+    Column("error_json", Text),
+    Column("latency_ms", Float),
+    Column("prompt_tokens", Integer),
+    Column("completion_tokens", Integer),
+    Column("reference_model", Text),
+    Column("reference_latency_ms", Float),
+    Column("reference_prompt_tokens", Integer),
+    Column("reference_completion_tokens", Integer),
+)
