@@ -6,7 +6,9 @@ one record; `exporter.validate_file.validate_lines` checks a whole file given as
 rules (JSON on every line, at least `min_samples` records, samples over the token limit) and
 token statistics.
 
-Rules for the `openai` chat format (and, adapted, `hf` and `dpo`): top-level keys `messages`,
+Formats: `openai`, `hf` (TRL `messages`, or `prompt` + `completion`), `axolotl` (`hf` messages
+each with a boolean `training`), `sharegpt`, `dpo` (OpenAI preference) and `hf-dpo` (TRL
+`prompt` / `chosen` / `rejected`). Rules for the `openai` chat format (and, adapted, the others): top-level keys `messages`,
 `tools`, `parallel_tool_calls` (and legacy `functions`) only; roles system, user, assistant, tool
 with only their own keys (`refusal`, `annotations`, `audio` are rejected); at least one assistant
 message, and one whose `weight` is not 0; `weight` only on assistant messages, 0 or 1; tool calls
