@@ -46,6 +46,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.storage_helpers import whole_requests
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -215,6 +217,7 @@ def recorded_exchanges(db: Path, trajectory_id: str | None = None) -> list[dict[
     text when it is not JSON)."""
     where, params = ("WHERE trajectory_id = ?", (trajectory_id,)) if trajectory_id else ("", ())
     rows = db_rows(db, f"SELECT * FROM exchanges {where} ORDER BY step, started_utc, id", params)
+    rows = whole_requests(db, rows)  # request bodies are stored in parts (migration 003)
     for row in rows:
         for column, name in _JSON_COLUMNS.items():
             row[name] = _json_or_text(row[column])

@@ -37,6 +37,7 @@ from proxy.config import RoutingRule, Settings
 from proxy.core.canonical import prefix_hashes
 from proxy.core.routing import RouteDecision, decide_route, rule_matches, sample_point
 from tests.conftest import ROOT, FakeUpstream, ProxyServer, child_env, free_port, start_server
+from tests.storage_helpers import whole_requests
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
@@ -229,7 +230,7 @@ async def wait_for_exchanges(
             or all(r["shadow_response_json"] or r["shadow_error_json"] for r in rows.values())
         )
         if ready:
-            return [rows[i] for i in ids]
+            return whole_requests(db, [rows[i] for i in ids])
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"exchanges not recorded in {within_s}s: {sorted(set(ids) - set(rows))}"

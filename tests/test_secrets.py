@@ -34,6 +34,7 @@ import pytest
 
 from proxy.core.sse import StreamAssembler
 from tests.conftest import FakeUpstream, ProxyServer, db_rows, launch_proxy
+from tests.storage_helpers import whole_requests
 
 pytestmark = pytest.mark.e2e
 
@@ -143,7 +144,8 @@ def stored(db: Path, exchange_ids: set[str], timeout_s: float = 30.0) -> dict[st
         if exchange_ids <= set(rows) or time.monotonic() > deadline:
             missing = exchange_ids - set(rows)
             assert not missing, f"{len(missing)} exchanges were never recorded"
-            return {i: rows[i] for i in exchange_ids}
+            chosen = whole_requests(db, [rows[i] for i in exchange_ids])  # bodies in parts (003)
+            return {row["id"]: row for row in chosen}
         time.sleep(0.1)
 
 

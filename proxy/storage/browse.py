@@ -33,6 +33,7 @@ from sqlalchemy import (
     true,
 )
 
+from proxy.storage.bodies import REQUEST_COLUMNS, RequestItemsLike, rebuild_requests
 from proxy.storage.database import Database, utc_now
 from proxy.storage.schema import exchanges, trajectories
 
@@ -185,6 +186,7 @@ def _conditions(flt: TrajectoryFilter) -> list[ColumnElement[bool]]:
                     e.trajectory_id == t.id,
                     or_(
                         e.request_json.ilike(pattern, escape=_LIKE_ESCAPE),
+                        RequestItemsLike(e.request_refs_json, pattern),
                         e.response_json.ilike(pattern, escape=_LIKE_ESCAPE),
                         e.error_json.ilike(pattern, escape=_LIKE_ESCAPE),
                     ),
@@ -293,7 +295,7 @@ async def trajectory_details(
         .group_by(e.trajectory_id)
     )
     firsts = (
-        select(e.trajectory_id, e.request_json)
+        select(e.id, e.trajectory_id, *REQUEST_COLUMNS)
         .where(e.trajectory_id.in_(ids), e.step == 0)
         .order_by(e.trajectory_id, e.started_utc)
     )
@@ -303,10 +305,11 @@ async def trajectory_details(
                 {k: usage[k] for k in usage if k != "trajectory_id"}
             )
         last_ms = {r.trajectory_id: r.duration_ms for r in await conn.execute(last)}
-        for first in await conn.execute(firsts):
-            entry = details[first.trajectory_id]
+        first_rows = [dict(row) for row in (await conn.execute(firsts)).mappings()]
+        for first in await rebuild_requests(conn, first_rows):
+            entry = details[first["trajectory_id"]]
             if entry.first_user_text is None:
-                entry.first_user_text = first_user_text(first.request_json)
+                entry.first_user_text = first_user_text(first["request_json"])
     for row in rows:
         entry = details[row["id"]]
         span = _span_ms(row["created_utc"], row["updated_utc"])
