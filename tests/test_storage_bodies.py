@@ -150,9 +150,20 @@ def test_the_array_and_tools_leave_the_options_as_null_in_place() -> None:
         "tool_choice": "auto",
     }
     assert len(split.item_hashes) == 2 and split.tools_hash is not None
-    assert split.blobs[split.tools_hash] == json.dumps(TOOLS, separators=(",", ":"))
+    assert split.blobs[split.tools_hash] == json.dumps(TOOLS)  # the span as sent
     for item_hash in split.item_hashes:
         assert item_hash == blob_hash(split.blobs[item_hash])
+
+
+def test_parts_are_the_spans_sent_and_a_raw_lone_surrogate_is_escaped() -> None:
+    sent = '{ "model" : "m" , "messages" : [ {"role": "user",  "content": "é"} , 1 ] }'
+    split = split_request(sent)
+    assert [split.blobs[h] for h in split.item_hashes] == ['{"role": "user",  "content": "é"}', "1"]
+    assert split.options_json == '{ "model" : "m" , "messages" : null }'
+    raw = json.dumps(SHAPES["lone surrogate kept"], ensure_ascii=False)  # no UTF-8 can carry it
+    split = split_request(raw)
+    assert all(text.isascii() for text in split.blobs.values())
+    assert json.loads(split.blobs[split.item_hashes[0]])["content"] == "x\udc80y"
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,14 @@
 Every step of an agent loop re-sends the whole conversation, so a request body is mostly items
 stored before. `split_request` cuts a body into:
 - its **items**: each element of the kind's array field (`messages` for chat, `input` for the
-  Responses API) as a compact JSON text, and its **tool list** (`tools`) as one JSON text; each
-  is stored once, keyed by `blob_hash` of that text;
+  Responses API) as its JSON text, exactly as sent, and its **tool list** (`tools`) as one JSON
+  text; each is stored once, keyed by `blob_hash` of that text;
 - its **options**: the body's JSON text with that array and the tool list replaced by `null` in
   place (same keys, same order), plus the character offsets of those two `null`s, so
   `splice_request` rebuilds the body by string splicing, without parsing anything.
 
 The rebuilt text is JSON-equal to the sent body (`json.loads` of both are equal: same keys in the
-same order, same values); whitespace and escapes may differ. A body that is not a JSON object, an
+same order, same values); it differs at most in the whitespace between the array's elements. A body that is not a JSON object, an
 array field that is not a list (`input` as a string) and a `tools` that is not a list stay in the
 options as they are.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,18 +91,135 @@ class SplitRequest:
 def split_request(request_json: str, kind: str | None = None) -> SplitRequest:
     """Cut `request_json` (the stored body text) into options and parts for an exchange of `kind`
     ('chat' | 'responses'; None or unknown: chat). Never raises: text that is not a JSON object
-    comes back whole as the options."""
+    comes back whole as the options.
+
+    Items and the tool list are the exact spans of `request_json` (one pass of the C JSON
+    scanner, nothing re-encoded), so options and parts are byte-for-byte what was sent; only the
+    whitespace between array elements is lost. A text that no UTF-8 driver could store (a raw
+    lone surrogate) is re-encoded with escapes instead.
+    """
+    array_field = ARRAY_FIELDS.get(kind or "chat", "messages")
+    if not request_json.isascii():
+        try:
+            request_json.encode("utf-8")
+        except UnicodeEncodeError:
+            return _split_parsed(request_json, array_field)
+    try:
+        return _split_spans(request_json, array_field)
+    except (ValueError, StopIteration, RecursionError):
+        return SplitRequest(request_json)
+
+
+_WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
+_scan = json.JSONDecoder().scan_once  # the C scanner: (value, end) of the JSON value at an index
+
+
+def _skip(text: str, index: int) -> int:
+    match = _WHITESPACE.match(text, index)
+    return match.end() if match else index
+
+
+def _split_spans(text: str, array_field: str) -> SplitRequest:
+    """`split_request` on the text itself; raises ValueError/StopIteration when it is not one
+    JSON object (or names the array field or `tools` twice: then the body is kept whole)."""
+    index = _skip(text, 0)
+    if text[index : index + 1] != "{":
+        return SplitRequest(text)
+    index = _skip(text, index + 1)
+    out = SplitRequest("")
+    cuts: list[tuple[int, int, str]] = []  # (start, end, what) spans replaced by null, in order
+    seen: set[str] = set()
+    if text[index : index + 1] != "}":
+        while True:
+            if text[index : index + 1] != '"':
+                raise ValueError("expected a key")
+            key, index = _scan(text, index)
+            index = _skip(text, index)
+            if text[index : index + 1] != ":":
+                raise ValueError("expected a colon")
+            start = index = _skip(text, index + 1)
+            if key in (array_field, "tools"):
+                if key in seen:
+                    raise ValueError("key given twice")
+                seen.add(key)
+            if key == array_field and text[index : index + 1] == "[":
+                index = _cut_items(text, index, out)
+                out.array_field = array_field
+                cuts.append((start, index, "items"))
+            else:
+                _, index = _scan(text, index)
+                if key == "tools" and text[start] == "[":
+                    tools = text[start:index]
+                    out.tools_hash = blob_hash(tools)
+                    out.blobs[out.tools_hash] = tools
+                    cuts.append((start, index, "tools"))
+            index = _skip(text, index)
+            separator = text[index : index + 1]
+            if separator == ",":
+                index = _skip(text, index + 1)
+                continue
+            if separator == "}":
+                index += 1
+                break
+            raise ValueError("expected , or }")
+    else:
+        index += 1
+    if _skip(text, index) != len(text):
+        raise ValueError("text after the object")
+    if not cuts:
+        return SplitRequest(text)
+    parts: list[str] = []
+    position = length = 0
+    for start, end, what in cuts:
+        parts.append(text[position:start])
+        length += start - position
+        if what == "items":
+            out.items_at = length
+        else:
+            out.tools_at = length
+        parts.append(_NULL)
+        length += len(_NULL)
+        position = end
+    parts.append(text[position:])
+    out.options_json = "".join(parts)
+    return out
+
+
+def _cut_items(text: str, index: int, out: SplitRequest) -> int:
+    """Record each element of the array starting at `text[index]` ('['); return its end."""
+    index = _skip(text, index + 1)
+    if text[index : index + 1] == "]":
+        return index + 1
+    digest = ""
+    while True:
+        start = index
+        _, index = _scan(text, index)
+        item = text[start:index]
+        item_hash = blob_hash(item)
+        out.blobs[item_hash] = item
+        out.item_hashes.append(item_hash)
+        digest = chain_digest(digest, item_hash)
+        out.digests.append(digest)
+        index = _skip(text, index)
+        separator = text[index : index + 1]
+        if separator == ",":
+            index = _skip(text, index + 1)
+            continue
+        if separator == "]":
+            return index + 1
+        raise ValueError("expected , or ]")
+
+
+def _split_parsed(request_json: str, array_field: str) -> SplitRequest:
+    """`split_request` by parsing and re-encoding (escapes what UTF-8 cannot carry)."""
     try:
         body = json.loads(request_json)
     except (ValueError, RecursionError):
         return SplitRequest(request_json)
     if not isinstance(body, dict):
         return SplitRequest(request_json)
-    array_field = ARRAY_FIELDS.get(kind or "chat", "messages")
-    items = body.get(array_field)
-    tools = body.get("tools")
-    cut_items = isinstance(items, list)
-    cut_tools = isinstance(tools, list)
+    cut_items = isinstance(body.get(array_field), list)
+    cut_tools = isinstance(body.get("tools"), list)
     if not cut_items and not cut_tools:
         return SplitRequest(request_json)
     try:
