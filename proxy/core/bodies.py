@@ -25,9 +25,10 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
+from json.scanner import make_scanner
 from typing import Any, Final
 
 ARRAY_FIELDS: Final = {"chat": "messages", "responses": "input"}
@@ -111,7 +112,8 @@ def split_request(request_json: str, kind: str | None = None) -> SplitRequest:
 
 
 _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
-_scan = json.JSONDecoder().scan_once  # the C scanner: (value, end) of the JSON value at an index
+# The C scanner json.loads uses: (value, end) of the JSON value at an index (StopIteration if none).
+_scan: Callable[[str, int], tuple[Any, int]] = make_scanner(json.JSONDecoder())
 
 
 def _skip(text: str, index: int) -> int:
