@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from json.scanner import make_scanner
-from typing import Any, Final
+from typing import Any, Final, cast
 
 ARRAY_FIELDS: Final = {"chat": "messages", "responses": "input"}
 """The request array field of each exchange kind (unknown kinds: `messages`)."""
@@ -113,7 +113,7 @@ def split_request(request_json: str, kind: str | None = None) -> SplitRequest:
 
 _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
 # The C scanner json.loads uses: (value, end) of the JSON value at an index (StopIteration if none).
-_scan: Callable[[str, int], tuple[Any, int]] = make_scanner(json.JSONDecoder())
+_scan: Callable[[str, int], tuple[Any, int]] = make_scanner(cast(Any, json.JSONDecoder()))
 
 
 def _skip(text: str, index: int) -> int:
