@@ -433,3 +433,81 @@ def test_the_migrate_command_converts_old_rows_and_says_so(tmp_path: Path) -> No
         timeout=120,
     )
     assert again.returncode == 0 and "converted" not in again.stdout
+
+
+# -- through the proxy, with the official SDK (issue 16's recording gaps) -------------------------
+
+
+def _image_message(text: str) -> dict[str, Any]:
+    image = base64.b64encode(random.Random(16).randbytes(150_000)).decode()  # 200 KB as base64
+    return {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": text},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+        ],
+    }
+
+
+@pytest.mark.e2e
+async def test_nul_text_and_a_big_image_are_recorded_through_the_proxy(
+    db_target: str, start_proxy: Any
+) -> None:
+    import openai
+
+    proxy = start_proxy(db=db_target)
+    client = openai.OpenAI(base_url=proxy.base_url, api_key="sk-test", max_retries=0)
+    history: list[dict[str, Any]] = [
+        {"role": "system", "content": "You describe images.\x00"},
+        _image_message("What is in this picture? \x00 (a NUL)"),
+    ]
+    calls = [
+        {
+            "id": "call_nul",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Z\\u0000rich\x00"}'},
+        }
+    ]
+    sent: list[dict[str, Any]] = []
+    for step in range(3):
+        body = {"model": "gpt-4.1-mini", "messages": list(history), "user": "end\x00user"}
+        if step:
+            body["tools"] = TOOLS
+        response = client.chat.completions.create(**body)  # type: ignore[call-overload]
+        sent.append(json.loads(json.dumps(body)))
+        answer = response.choices[0].message.model_dump(exclude_none=True)
+        history += [
+            answer,
+            {"role": "assistant", "content": None, "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "call_nul", "content": f"sunny \x00 {step}"},
+            {"role": "user", "content": f"and then? {step}"},
+        ]
+    proxy.stop()
+
+    db = await Database.open(db_target)
+    try:
+        rows = []
+        async with db.engine.connect() as conn:
+            ids = [r[0] for r in await conn.execute(select(exchanges.c.trajectory_id).distinct())]
+        for trajectory_id in ids:
+            rows += await db.exchanges_of(trajectory_id)
+        recorded = sorted(
+            (json.loads(r["request_json"]) for r in rows), key=lambda b: len(b["messages"])
+        )
+        assert recorded == sent
+        assert {r["end_user"] for r in rows} == {"end\ufffduser"}  # display copy
+        async with db.engine.connect() as conn:
+            images = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(blobs)
+                    .where(blobs.c.body_json.like("%base64,%"))
+                )
+            ).scalar_one()
+            options = (
+                await conn.execute(select(func.sum(func.length(exchanges.c.request_json))))
+            ).scalar_one()
+        assert images == 1  # the 200 KB image once, not once per step
+        assert options < 2_000
+    finally:
+        await db.close()
