@@ -18,7 +18,12 @@ from sqlalchemy import event, func, select, text
 
 from proxy.storage import Database, new_id
 from proxy.storage.bodies import BodyWriter
-from proxy.storage.browse import TrajectoryFilter, get_trajectory, list_trajectories
+from proxy.storage.browse import (
+    TrajectoryFilter,
+    get_trajectory,
+    label_trajectory,
+    list_trajectories,
+)
 from proxy.storage.conversion import convert_batch, unconverted_count
 from proxy.storage.engine import create_engines, database_url
 from proxy.storage.migrations import MIGRATIONS
@@ -285,6 +290,17 @@ async def test_nul_in_user_content_and_arguments_is_stored_losslessly(db: Databa
     assert json.loads(back["response_json"])["choices"][0]["message"]["content"] == "ok\x00"
     assert json.loads(back["metadata_json"]) == {"k": "v\x00"}
     assert back["end_user"] == "a\ufffdb"  # the display copy; the body keeps the exact value
+
+
+async def test_a_curation_note_with_nul_is_stored_on_both_databases(db: Database) -> None:
+    await write(db, agent_loop("noted", 1))
+    row = await label_trajectory(db, "noted", label="approved", note="keep\x00this", tags=["t\x00"])
+    assert row is not None
+    assert (row["label"], row["note"], json.loads(row["tags_json"])) == (
+        "approved",
+        "keep\ufffdthis",
+        ["t\x00"],
+    )
 
 
 async def test_the_dashboard_text_search_finds_words_stored_in_parts(db: Database) -> None:

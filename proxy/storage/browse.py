@@ -33,7 +33,7 @@ from sqlalchemy import (
     true,
 )
 
-from proxy.storage.bodies import REQUEST_COLUMNS, RequestItemsLike, rebuild_requests
+from proxy.storage.bodies import REQUEST_COLUMNS, RequestItemsLike, nul_safe_row, rebuild_requests
 from proxy.storage.database import Database, utc_now
 from proxy.storage.schema import exchanges, trajectories
 
@@ -386,6 +386,7 @@ def _curation_values(label: Any, tags: Any, note: Any) -> dict[str, Any]:
     if note is not KEEP:
         values["note"] = note or None
     values["labeled_utc"] = utc_now()
+    values = nul_safe_row(values)  # PostgreSQL refuses NUL in TEXT
     return values
 
 
