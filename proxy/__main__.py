@@ -149,10 +149,15 @@ def serve(settings: Settings, logging_config: dict[str, Any]) -> None:
 
 async def _open_and_migrate(target: str, *, report: bool) -> None:
     db = await Database.open(target)
-    await db.close()
+    try:
+        converted = await db.convert_requests(batch=1000) if report else 0
+    finally:
+        await db.close()
     if report:
         applied = ", ".join(db.applied_migrations) or "none needed"
         print(f"database {display_target(target)} is at the latest schema (applied: {applied})")
+        if converted:
+            print(f"converted {converted} exchanges to content-addressed request storage")
 
 
 if __name__ == "__main__":

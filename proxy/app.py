@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = await Database.open(settings.db)
+        db = await Database.open(settings.db, convert_in_background=True)
         recorder = Recorder(
             db,
             journal=Journal(journal_path(settings)),

@@ -41,6 +41,7 @@ from sqlalchemy import inspect as sa_inspect
 from proxy.core.canonical import chain_hash
 from proxy.recording.stitching import Stitcher
 from proxy.storage import Database, StateRef, new_id, utc_now
+from proxy.storage.bodies import rebuild_requests
 from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.schema import metadata
 from proxy.testing.servers import REPOSITORY_ROOT as ROOT
@@ -58,6 +59,18 @@ async def _fetch(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
         return [dict(row) for row in await conn.fetch(query, *args)]
     finally:
         await conn.close()
+
+
+async def _whole_exchanges(pg_url: str, order_by: str) -> list[dict[str, Any]]:
+    """`exchanges` rows read with plain asyncpg, request bodies made whole (stored in parts since
+    migration 003) by the storage layer's one rebuild."""
+    exchanges = await _fetch(pg_url, f"SELECT * FROM exchanges {order_by}")
+    db = await Database.open(pg_url, migrate=False)
+    try:
+        async with db.engine.connect() as conn:
+            return await rebuild_requests(conn, exchanges)
+    finally:
+        await db.close()
 
 
 @pytest.fixture
@@ -599,7 +612,7 @@ def _same_answer(recorded: dict[str, Any], seen: dict[str, Any]) -> bool:
 
 async def _assert_whole_and_single(pg_url: str, conversations: list[Conversation]) -> None:
     """One trajectory per conversation, steps chained by parent_id, leaf = what the client saw."""
-    exchanges = await _fetch(pg_url, "SELECT * FROM exchanges ORDER BY trajectory_id, step")
+    exchanges = await _whole_exchanges(pg_url, "ORDER BY trajectory_id, step")
     trajectories = {row["id"]: row for row in await _fetch(pg_url, "SELECT * FROM trajectories")}
     assert await _fetch(pg_url, "SELECT * FROM conversation_states") == []
     assert len(exchanges) == sum(len(c.steps) for c in conversations)
@@ -667,7 +680,7 @@ def _exporter(*args: str) -> str:
 
 async def _copy_to_sqlite(pg_url: str, path: Path) -> None:
     """The recorded rows, written into a fresh SQLite database (the zero-setup default)."""
-    exchanges = await _fetch(pg_url, "SELECT * FROM exchanges ORDER BY started_utc, id")
+    exchanges = await _whole_exchanges(pg_url, "ORDER BY started_utc, id")
     trajectories = await _fetch(pg_url, "SELECT * FROM trajectories")
     db = await Database.open(str(path))
     try:

@@ -40,6 +40,7 @@ import pytest
 from proxy.core.redaction import Redactor, loggable_error, redact_identifier, secret_rules
 from proxy.core.sse import StreamAssembler
 from tests.conftest import FakeUpstream, ProxyServer, child_env, db_rows, launch_proxy
+from tests.support.bodies import whole_requests
 
 pytestmark = pytest.mark.e2e
 
@@ -149,7 +150,8 @@ def stored(db: Path, exchange_ids: set[str], timeout_s: float = 30.0) -> dict[st
         if exchange_ids <= set(rows) or time.monotonic() > deadline:
             missing = exchange_ids - set(rows)
             assert not missing, f"{len(missing)} exchanges were never recorded"
-            return {i: rows[i] for i in exchange_ids}
+            chosen = whole_requests(db, [rows[i] for i in exchange_ids])  # bodies in parts (003)
+            return {row["id"]: row for row in chosen}
         time.sleep(0.1)
 
 

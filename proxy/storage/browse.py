@@ -31,6 +31,7 @@ from sqlalchemy import (
     select,
 )
 
+from proxy.storage.bodies import REQUEST_COLUMNS, nul_safe_row, rebuild_requests
 from proxy.storage.database import Database, utc_now
 from proxy.storage.filters import LABELS, TrajectoryFilter, trajectory_where
 from proxy.storage.schema import exchanges, trajectories
@@ -200,7 +201,7 @@ async def trajectory_details(
         .group_by(e.trajectory_id)
     )
     firsts = (
-        select(e.trajectory_id, e.request_json)
+        select(e.id, e.trajectory_id, *REQUEST_COLUMNS)
         .where(e.trajectory_id.in_(ids), e.step == 0)
         .order_by(e.trajectory_id, e.started_utc)
     )
@@ -210,10 +211,11 @@ async def trajectory_details(
                 {k: usage[k] for k in usage if k != "trajectory_id"}
             )
         last_ms = {r.trajectory_id: r.duration_ms for r in await conn.execute(last)}
-        for first in await conn.execute(firsts):
-            entry = details[first.trajectory_id]
+        first_rows = [dict(row) for row in (await conn.execute(firsts)).mappings()]
+        for first in await rebuild_requests(conn, first_rows):
+            entry = details[first["trajectory_id"]]
             if entry.first_user_text is None:
-                entry.first_user_text = first_user_text(first.request_json)
+                entry.first_user_text = first_user_text(first["request_json"])
     for row in rows:
         entry = details[row["id"]]
         span = _span_ms(row["created_utc"], row["updated_utc"])
@@ -290,6 +292,7 @@ def _curation_values(label: Any, tags: Any, note: Any) -> dict[str, Any]:
     if note is not KEEP:
         values["note"] = note or None
     values["labeled_utc"] = utc_now()
+    values = nul_safe_row(values)  # PostgreSQL refuses NUL in TEXT
     return values
 
 

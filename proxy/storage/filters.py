@@ -25,6 +25,7 @@ from typing import Final
 
 from sqlalchemy import ColumnElement, and_, exists, false, func, or_, select, true
 
+from proxy.storage.bodies import RequestItemsLike
 from proxy.storage.schema import exchanges, trajectories
 
 UNLABELED: Final = "unlabeled"
@@ -171,6 +172,7 @@ def trajectory_conditions(flt: TrajectoryFilter) -> list[ColumnElement[bool]]:
                     e.c.trajectory_id == t.id,
                     or_(
                         e.c.request_json.ilike(pattern, escape=_LIKE_ESCAPE),
+                        RequestItemsLike(e.c.request_refs_json, pattern),
                         e.c.response_json.ilike(pattern, escape=_LIKE_ESCAPE),
                         e.c.error_json.ilike(pattern, escape=_LIKE_ESCAPE),
                     ),

@@ -1,15 +1,29 @@
-"""Numbered schema migrations, run in order at start; each is applied once and never edited.
+"""Numbered schema migrations and their runner; each is applied once, in order, and never edited.
 
 Each migration is a list of DDL statements written in the SQL that SQLite and PostgreSQL share
 (`tests/test_postgres.py` applies them to both). Applied names are kept in `understudy_migrations`;
 on PostgreSQL the runner holds an advisory lock, so replicas that start at once apply each
 migration exactly once. To change the schema, append a migration
 (and update `schema.py` to describe the result); never edit one that has shipped.
+
+A migration that must also rewrite existing rows (003) does it apart from its DDL, batch by batch
+and resumable (`proxy.storage.conversion`): DDL is quick, rewriting a large database is not.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+from typing import Final
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from proxy.storage.engine import utc_now
+from proxy.storage.schema import migrations_table
+
+MIGRATION_LOCK_KEY: Final = zlib.crc32(b"understudy_migrations")
+"""The PostgreSQL advisory lock (a bigint key) that serializes migrations across processes."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,27 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(
+        name="003_content_addressed",
+        why="Every request re-sends the whole conversation, so storing whole request bodies made a "
+        "trajectory's bytes grow with the square of its steps (31.2 MB of SQLite for a 3.4 MB "
+        "export). Each distinct message/item and tool list is now stored once in `blobs`, keyed "
+        "by a hash of its JSON text; an exchange keeps its own options in `request_json` (the "
+        "array and tools replaced by null) and references in `request_refs_json`, and names in "
+        "`request_base_id` the exchange whose items are a prefix of its own (its parent), so "
+        "references grow linearly too. Existing rows are converted in place afterwards "
+        "(`proxy.storage.conversion`); the partial index finds the rows still to convert.",
+        statements=(
+            """CREATE TABLE blobs (
+                hash TEXT PRIMARY KEY,
+                body_json TEXT NOT NULL
+            )""",
+            "ALTER TABLE exchanges ADD COLUMN request_base_id TEXT",
+            "ALTER TABLE exchanges ADD COLUMN request_refs_json TEXT",
+            "CREATE INDEX ix_exchanges_unconverted ON exchanges (started_utc, id) "
+            "WHERE request_refs_json IS NULL",
+        ),
+    ),
+    Migration(
         name="004_responses",
         why="The Responses API (POST /v1/responses) is recorded beside chat completions: each "
         "exchange says which API it spoke (`kind`, 'chat' for every earlier row), and a "
@@ -171,3 +206,68 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
 )
+
+
+# -- the runner ----------------------------------------------------------------------------------
+
+
+async def applied_migrations(conn: AsyncConnection) -> set[str]:
+    """Names recorded in `understudy_migrations` (empty when the table does not exist)."""
+    if not await has_migrations_table(conn):
+        return set()
+    rows = await conn.execute(select(migrations_table.c.name))
+    return {row[0] for row in rows}
+
+
+async def has_migrations_table(conn: AsyncConnection) -> bool:
+    """Whether `understudy_migrations` exists (an Understudy database has it)."""
+    return bool(
+        await conn.run_sync(lambda sync: sync.dialect.has_table(sync, migrations_table.name))
+    )
+
+
+async def lock_migrations(conn: AsyncConnection) -> None:
+    """On PostgreSQL, wait for the migration lock; it is released when `conn`'s transaction ends.
+
+    Replicas that start at once then apply each migration exactly once: the first holds the
+    lock while it migrates; the others, once they get it, see the migration recorded (each
+    statement of a READ COMMITTED transaction sees what committed before it began).
+    """
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+
+
+async def pending_migrations(engine: AsyncEngine) -> list[str]:
+    """Names of the migrations not yet applied, in order."""
+    async with engine.connect() as conn:
+        applied = await applied_migrations(conn)
+    return [m.name for m in MIGRATIONS if m.name not in applied]
+
+
+async def migrate(engine: AsyncEngine) -> list[str]:
+    """Apply pending migrations, each in its own transaction; return the names applied.
+
+    Safe to run from several processes at once on PostgreSQL (advisory lock, see
+    `lock_migrations`): each migration is applied by exactly one of them.
+    """
+    done: list[str] = []
+    async with engine.begin() as conn:
+        await lock_migrations(conn)
+        await conn.execute(
+            text(
+                "CREATE TABLE IF NOT EXISTS understudy_migrations "
+                "(name TEXT PRIMARY KEY, applied_utc TEXT NOT NULL)"
+            )
+        )
+    for migration in MIGRATIONS:
+        async with engine.begin() as conn:
+            await lock_migrations(conn)
+            if migration.name in await applied_migrations(conn):
+                continue
+            for statement in migration.statements:
+                await conn.execute(text(statement))
+            await conn.execute(
+                migrations_table.insert().values(name=migration.name, applied_utc=utc_now())
+            )
+            done.append(migration.name)
+    return done

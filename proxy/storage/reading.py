@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, case, exists, func, or_, select
 
+from proxy.storage.bodies import REQUEST_COLUMNS
 from proxy.storage.database import Database
 from proxy.storage.filters import MAX_SQL_IDS, UNLABELED, TrajectoryFilter, trajectory_where
 from proxy.storage.schema import exchanges, trajectories
@@ -61,7 +62,7 @@ _LEAF_COLUMNS = (
     exchanges.c.route,
     exchanges.c.model_requested,
     exchanges.c.model_answered,
-    exchanges.c.request_json,
+    *REQUEST_COLUMNS,
     exchanges.c.response_json,
     exchanges.c.finish_reason,
     exchanges.c.tool_call_count,
@@ -79,7 +80,7 @@ _SHADOW_COLUMNS = (
     exchanges.c.route,
     exchanges.c.model_requested,
     exchanges.c.model_answered,
-    exchanges.c.request_json,
+    *REQUEST_COLUMNS,
     exchanges.c.response_json,
     exchanges.c.shadow_model,
     exchanges.c.shadow_response_json,
@@ -99,7 +100,7 @@ def leaves_query(f: LeafFilter) -> Select[Any]:
     """Leaves matching `f`, oldest first (`started_utc`, then id).
 
     Rows carry the `exchanges` columns the exporter needs (`request_json`: the client's request
-    body text; `response_json`: a `chat.completion` JSON text or NULL) plus the trajectory's
+    body text, once `stream_batches` has rebuilt it; `response_json`: a `chat.completion` JSON text or NULL) plus the trajectory's
     `trajectory_label`, `trajectory_tags_json` and `trajectory_created_utc`.
     """
     e = exchanges.c
@@ -160,11 +161,10 @@ def shadow_query(f: LeafFilter) -> Select[Any]:
 async def stream_batches(
     db: Database, query: Select[Any], batch: int = 500
 ) -> AsyncIterator[list[dict[str, Any]]]:
-    """Run `query` with a server-side cursor and yield its rows as lists of up to `batch` dicts."""
-    async with db.engine.connect() as conn:
-        result = await conn.stream(query.execution_options(yield_per=batch))
-        async for partition in result.mappings().partitions(batch):
-            yield [dict(row) for row in partition]
+    """Run `query` with a server-side cursor and yield its rows as lists of up to `batch` dicts,
+    request bodies whole (`Database.stream_batches`: one rebuild per batch, no query per row)."""
+    async for rows in db.stream_batches(query, batch):
+        yield rows
 
 
 async def count_rows(db: Database, query: Select[Any]) -> int:

@@ -56,6 +56,10 @@ exchanges = Table(
     Column("route", Text, nullable=False),
     Column("model_requested", Text),
     Column("model_answered", Text),
+    # The request body's options: the body with its item array (`messages` / `input`) and its
+    # `tools` list replaced by null, those being stored once each in `blobs` (see
+    # `proxy.storage.bodies`; read bodies through `rebuild_requests`, never this column alone).
+    # The whole body when `request_refs_json` is NULL (a row from before 003 not converted yet).
     Column("request_json", Text, nullable=False),
     # The answer as a `chat.completion` object (assembled from the chunks for a stream).
     Column("response_json", Text),
@@ -86,6 +90,21 @@ exchanges = Table(
     # Responses API: the id of the response this exchange produced (`previous_response_id` of
     # the next step names it).
     Column("response_id", Text),
+    # The exchange whose request items are the first items of this one's (its parent, usually):
+    # `request_refs_json` then lists only the items after them.
+    Column("request_base_id", Text),
+    # `{"at": offset, "items": [hash, ...], "tools_at": offset, "tools": hash}` (the keys of what
+    # was cut), `{}` when nothing was (request_json is the whole body), NULL before conversion.
+    Column("request_refs_json", Text),
+)
+
+# Each distinct request item (a message, a Responses input item) and each distinct tool list, once:
+# `hash` is BLAKE2b-128 (hex) of `body_json`, the compact JSON text (`proxy.core.bodies`).
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("hash", Text, primary_key=True),
+    Column("body_json", Text, nullable=False),
 )
 
 # States answered but not yet flushed by their replica's recorder (shared databases only): the

@@ -17,6 +17,7 @@ import openai
 
 from proxy.core.canonical import prefix_hashes
 from proxy.testing.agent import SYSTEM, TOOLS, Step, run_agent, tool_result
+from tests.support.bodies import whole_requests
 from tests.support.inprocess import InProcessProxy, ThreadedProxy, run_exporter, served_proxy
 from tests.support.processes import FakeUpstream, ProxyServer
 
@@ -100,7 +101,7 @@ async def wait_for_exchanges(
             or all(r["shadow_response_json"] or r["shadow_error_json"] for r in rows.values())
         )
         if ready:
-            return [rows[i] for i in ids]
+            return whole_requests(db, [rows[i] for i in ids])
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"exchanges not recorded in {within_s}s: {sorted(set(ids) - set(rows))}"

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.support.bodies import whole_requests
+
 _JSON_COLUMNS = {
     "request_json": "request",
     "response_json": "response",
@@ -34,6 +36,7 @@ def recorded_exchanges(db: Path, trajectory_id: str | None = None) -> list[dict[
     text when it is not JSON)."""
     where, params = ("WHERE trajectory_id = ?", (trajectory_id,)) if trajectory_id else ("", ())
     rows = db_rows(db, f"SELECT * FROM exchanges {where} ORDER BY step, started_utc, id", params)
+    rows = whole_requests(db, rows)  # request bodies are stored in parts (migration 003)
     for row in rows:
         for column, name in _JSON_COLUMNS.items():
             row[name] = _json_or_text(row[column])

@@ -1,0 +1,351 @@
+"""Request bodies in storage: written as content-addressed parts, read back whole.
+
+Writing (`BodyWriter`, used by `write_exchanges` and the 003 conversion): each exchange row's
+`request_json` is cut by `proxy.core.bodies.split_request`; its items and tool list go to `blobs`
+(insert-or-ignore, one statement per batch), the row keeps its options in `request_json`, its
+references in `request_refs_json` and, when its items start with its parent's, the parent's id in
+`request_base_id` (then `request_refs_json` lists only the new items).
+
+Reading (`rebuild_requests`, the one entry point every reader goes through): rows that carry
+`request_json`, `request_base_id` and `request_refs_json` (`REQUEST_COLUMNS`) get the whole body
+back in `request_json`, JSON-equal to what the client sent. One recursive query fetches the
+reference lists of every base exchange the rows need and one query per 2,000 hashes fetches the
+parts: never a query per message. Rows written before migration 003 and not yet converted
+(`request_refs_json` NULL) and rows with nothing cut (`{}`) already hold the whole body.
+
+Texts are made safe for both databases here too (`nul_safe_row`): PostgreSQL refuses the NUL
+character in TEXT. JSON texts never hold a raw NUL (JSON escapes it as `\\u0000`, losslessly);
+plain text columns copied out of the body (`end_user`, models, `finish_reason`) get U+FFFD
+instead: the exact value stays in the body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from sqlalchemy import Boolean, ColumnElement, bindparam, literal, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.compiler import compiles
+
+from proxy.core.bodies import (
+    RecentItems,
+    Remembered,
+    compact_json,
+    refs_for,
+    remembered,
+    splice_request,
+    split_request,
+)
+from proxy.storage.schema import blobs, exchanges
+
+log = logging.getLogger("understudy.storage")
+
+REQUEST_COLUMNS: Final = (
+    exchanges.c.request_json,
+    exchanges.c.request_base_id,
+    exchanges.c.request_refs_json,
+)
+"""The columns a query must select for `rebuild_requests` to give the whole body back."""
+
+LOOKUP_CHUNK: Final = 2000
+"""Most ids or hashes sent in one lookup statement."""
+
+WHOLE: Final = "{}"
+"""`request_refs_json` of a row whose `request_json` is the whole body (nothing was cut)."""
+
+# -- NUL -----------------------------------------------------------------------------------------
+
+
+def nul_safe_row(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` (a copy only when something changes) with no NUL character in any text value.
+
+    `*_json` columns: a JSON text holding a raw NUL (only possible when it was not written by a
+    JSON encoder) is re-encoded, which escapes it (`\\u0000`); text that does not parse gets the
+    escape spelled out. Other text columns: NUL becomes U+FFFD (they are copies of body values
+    for filtering and display; the body keeps the exact value).
+    """
+    changed: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, str) and "\x00" in value:
+            if key.endswith("_json"):
+                try:
+                    changed[key] = compact_json(json.loads(value, strict=False))
+                except (ValueError, RecursionError):
+                    changed[key] = value.replace("\x00", "\\u0000")
+            else:
+                changed[key] = value.replace("\x00", "\ufffd")
+    return {**row, **changed} if changed else row
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedBatch:
+    """Rows ready to insert: `rows` (copies, request cut), `blob_rows` (`{"hash", "body_json"}`,
+    sorted by hash so concurrent writers lock in one order), and what to remember once the
+    transaction has committed (`remember`, `blob_hashes`)."""
+
+    rows: list[dict[str, Any]]
+    blob_rows: list[dict[str, str]]
+    remember: list[tuple[str, Remembered]] = field(default_factory=list)
+    blob_hashes: list[str] = field(default_factory=list)
+
+
+class KnownBlobs:
+    """An LRU set of blob hashes known to be stored (at most `capacity`): the system prompt and
+    tool list of every call need not travel to the database again."""
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self.capacity = capacity
+        self._hashes: dict[str, None] = {}
+
+    def __contains__(self, blob_hash: object) -> bool:
+        return blob_hash in self._hashes
+
+    def add_all(self, hashes: Iterable[str]) -> None:
+        """Mark `hashes` as stored (most recent last); forget the oldest beyond capacity."""
+        for blob_hash in hashes:
+            self._hashes.pop(blob_hash, None)
+            self._hashes[blob_hash] = None
+        excess = len(self._hashes) - self.capacity
+        if excess > 0:
+            for old in list(self._hashes)[:excess]:
+                del self._hashes[old]
+
+
+class BodyWriter:
+    """Cuts exchange rows into parts for storage, remembering recent exchanges' items (one per
+    `Database`; the writer calls it from one task at a time).
+
+    recent: `RecentItems` of exchanges written (only after their transaction committed, so a base
+    is always a stored row). A row whose parent is not remembered (another replica wrote it, or
+    this process restarted) stores its full list of references.
+    """
+
+    def __init__(self, recent_capacity: int = 20_000, known_capacity: int = 50_000) -> None:
+        self.recent = RecentItems(recent_capacity)
+        self.known = KnownBlobs(known_capacity)
+
+    def prepare(self, rows: Sequence[dict[str, Any]]) -> PreparedBatch:
+        """Cut each row's `request_json` (whole body text) by its `kind` (absent: chat). A row
+        that already carries `request_refs_json` is taken as already cut. Rows earlier in the
+        batch count as remembered for later ones (same transaction). Input rows are not changed."""
+        out = PreparedBatch([], [])
+        pending: dict[str, Remembered] = {}
+        blob_texts: dict[str, str] = {}
+        for row in rows:
+            row = nul_safe_row(row)
+            if row.get("request_refs_json") is not None or not isinstance(
+                row.get("request_json"), str
+            ):
+                out.rows.append({"request_base_id": None, "request_refs_json": None, **row})
+                continue
+            split = split_request(row["request_json"], row.get("kind"))
+            parent_id = row.get("parent_id")
+            parent = pending.get(parent_id) if parent_id else None
+            if parent is None:
+                parent = self.recent.get(parent_id)
+            uses_base, refs = refs_for(split, parent)
+            out.rows.append(
+                {
+                    **row,
+                    "request_json": split.options_json,
+                    "request_base_id": parent_id if uses_base else None,
+                    "request_refs_json": compact_json(refs) if refs else WHOLE,
+                }
+            )
+            entry = remembered(split)
+            if entry is not None:
+                pending[row["id"]] = entry
+            for blob_hash, text in split.blobs.items():
+                if blob_hash not in self.known:
+                    blob_texts[blob_hash] = text
+        out.remember = list(pending.items())
+        out.blob_hashes = sorted(blob_texts)
+        out.blob_rows = [{"hash": h, "body_json": blob_texts[h]} for h in out.blob_hashes]
+        return out
+
+    def committed(self, batch: PreparedBatch) -> None:
+        """The batch is stored: remember its exchanges' items and its blobs."""
+        for exchange_id, entry in batch.remember:
+            self.recent.put(exchange_id, entry)
+        self.known.add_all(batch.blob_hashes)
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def _chunks(values: Sequence[str]) -> Iterable[list[str]]:
+    for start in range(0, len(values), LOOKUP_CHUNK):
+        yield list(values[start : start + LOOKUP_CHUNK])
+
+
+def _refs_of(text: Any) -> dict[str, Any] | None:
+    """The parsed references of a row, None when its `request_json` is the whole body."""
+    if text is None or text == WHOLE:
+        return None
+    value = json.loads(text)
+    return value if isinstance(value, dict) and value else None
+
+
+async def _ancestors(
+    conn: AsyncConnection, base_ids: Sequence[str]
+) -> dict[str, tuple[str | None, dict[str, Any] | None]]:
+    """id -> (request_base_id, refs) of `base_ids` and of every exchange their chains name (one
+    recursive query per LOOKUP_CHUNK ids)."""
+    e = exchanges.c
+    found: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
+    for part in _chunks(base_ids):
+        seed = select(e.id, e.request_base_id, e.request_refs_json).where(
+            e.id.in_(bindparam("ids", expanding=True))
+        )
+        chain = seed.cte("chain", recursive=True)
+        ancestor = exchanges.alias("ancestor")
+        chain = chain.union(
+            select(ancestor.c.id, ancestor.c.request_base_id, ancestor.c.request_refs_json).where(
+                ancestor.c.id == chain.c.request_base_id
+            )
+        )
+        for row in await conn.execute(select(chain), {"ids": part}):
+            found[row.id] = (row.request_base_id, _refs_of(row.request_refs_json))
+    return found
+
+
+def item_lists(
+    chains: dict[str, tuple[str | None, dict[str, Any] | None]],
+) -> dict[str, list[str] | None]:
+    """id -> the full list of item hashes of each exchange in `chains` (None: a base is missing)."""
+    resolved: dict[str, list[str] | None] = {}
+    for start in chains:
+        path: list[str] = []
+        current: str | None = start
+        while current is not None and current not in resolved:
+            if current not in chains or current in path:
+                break
+            path.append(current)
+            current = chains[current][0]
+        prefix: list[str] | None
+        if current is None:
+            prefix = []
+        elif current in resolved:
+            prefix = resolved[current]
+        else:  # a base that is not stored (or a cycle): these bodies cannot be rebuilt
+            prefix = None
+        for exchange_id in reversed(path):
+            refs = chains[exchange_id][1] or {}
+            if prefix is None or "items" not in refs:
+                prefix = None if prefix is None else list(refs.get("items", []))
+            else:
+                prefix = prefix + list(refs["items"])
+            resolved[exchange_id] = prefix
+    return resolved
+
+
+async def _blob_texts(conn: AsyncConnection, hashes: Iterable[str]) -> dict[str, str]:
+    wanted = sorted(set(hashes))
+    found: dict[str, str] = {}
+    query = select(blobs.c.hash, blobs.c.body_json).where(
+        blobs.c.hash.in_(bindparam("hashes", expanding=True))
+    )
+    for part in _chunks(wanted):
+        for row in await conn.execute(query, {"hashes": part}):
+            found[row.hash] = row.body_json
+    return found
+
+
+async def rebuild_requests(
+    conn: AsyncConnection, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Give each row (dicts with the `REQUEST_COLUMNS` keys and `id`) its whole request body in
+    `request_json`, in place; drop the `request_base_id` and `request_refs_json` keys. Returns
+    `rows`.
+
+    A body whose parts are missing (a damaged database) keeps its options (the array and tools
+    `null`) and is logged; nothing raises for one bad row.
+    """
+    cut: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for row in rows:
+        refs_text = row.pop("request_refs_json", None)
+        base_id = row.pop("request_base_id", None)
+        try:
+            refs = _refs_of(refs_text)
+        except ValueError:
+            log.warning("exchange %s: unreadable request references", row.get("id"))
+            continue
+        if refs is not None:
+            cut.append((row, {**refs, "_base": base_id}))
+    if not cut:
+        return rows
+    bases = sorted({refs["_base"] for _, refs in cut if refs["_base"] is not None})
+    chains = await _ancestors(conn, bases) if bases else {}
+    lists = item_lists(chains)
+    wanted: set[str] = set()
+    items_of: list[list[str] | None] = []
+    for _row, refs in cut:
+        items: list[str] | None = None
+        if "items" in refs:
+            base = refs["_base"]
+            prefix = lists.get(base) if base is not None else []
+            items = None if prefix is None else prefix + list(refs["items"])
+            wanted.update(items or ())
+        if "tools" in refs:
+            wanted.add(refs["tools"])
+        items_of.append(items)
+    texts = await _blob_texts(conn, wanted)
+    for (row, refs), items in zip(cut, items_of, strict=True):
+        try:
+            item_texts = [texts[h] for h in items] if items is not None else None
+            tools_text = texts.get(refs["tools"]) if "tools" in refs else None
+            row["request_json"] = splice_request(row["request_json"], refs, item_texts, tools_text)
+        except (KeyError, ValueError) as exc:
+            log.warning("exchange %s: request body cannot be rebuilt (%s)", row.get("id"), exc)
+    return rows
+
+
+# -- searching -----------------------------------------------------------------------------------
+
+
+class RequestItemsLike(ColumnElement[bool]):
+    """SQL condition: one of the items an exchange's request added (`request_refs_json`'s
+    `items`: the new ones, or all when it has no base) has a JSON text containing `pattern`, case
+    insensitively (`pattern`: a LIKE pattern escaped with a backslash). Every item of a
+    trajectory is added by one of its exchanges, so testing each exchange's own items finds any
+    text of the conversation. Compiled per dialect: `json_each` on SQLite,
+    `json_array_elements_text` on PostgreSQL; each item a primary-key lookup in `blobs`."""
+
+    inherit_cache = True
+    type = Boolean()
+
+    def __init__(self, refs: ColumnElement[Any], pattern: str) -> None:
+        self.refs = refs
+        self.pattern = literal(pattern)
+        self.escape = literal("\\")
+
+
+@compiles(RequestItemsLike, "sqlite")
+def _items_like_sqlite(element: RequestItemsLike, compiler: Any, **kw: Any) -> str:
+    refs = compiler.process(element.refs, **kw)
+    pattern = compiler.process(element.pattern, **kw)
+    escape = compiler.process(element.escape, **kw)
+    return (
+        f"EXISTS (SELECT 1 FROM json_each({refs}, '$.items') AS request_item "
+        "JOIN blobs ON blobs.hash = request_item.value "
+        f"WHERE lower(blobs.body_json) LIKE lower({pattern}) ESCAPE {escape})"
+    )
+
+
+@compiles(RequestItemsLike, "postgresql")
+def _items_like_postgresql(element: RequestItemsLike, compiler: Any, **kw: Any) -> str:
+    refs = compiler.process(element.refs, **kw)
+    pattern = compiler.process(element.pattern, **kw)
+    escape = compiler.process(element.escape, **kw)
+    return (
+        f"EXISTS (SELECT 1 FROM json_array_elements_text(CAST({refs} AS json) -> 'items') "
+        "AS request_item (value) JOIN blobs ON blobs.hash = request_item.value "
+        f"WHERE blobs.body_json ILIKE {pattern} ESCAPE {escape})"
+    )

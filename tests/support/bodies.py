@@ -1,0 +1,47 @@
+"""Reading request bodies straight from a SQLite file, as tests that open it with `sqlite3` do.
+
+Since migration 003 an exchange row holds its request's options and references, the items and
+tool lists living in `blobs` (`proxy.storage.bodies`); `whole_requests` gives such rows their
+whole body back, with the same pure functions the storage layer uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from proxy.core.bodies import splice_request
+from proxy.storage.bodies import WHOLE, item_lists
+
+
+def whole_requests(db: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`rows` (dicts read with `SELECT *` from `exchanges`) with `request_json` the whole body;
+    the reference columns removed. Reads every reference and blob of the file (test sizes)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        try:
+            chains = {
+                exchange_id: (base, json.loads(refs) if refs not in (None, WHOLE) else None)
+                for exchange_id, base, refs in conn.execute(
+                    "SELECT id, request_base_id, request_refs_json FROM exchanges"
+                )
+            }
+            texts = dict(conn.execute("SELECT hash, body_json FROM blobs").fetchall())
+        except sqlite3.OperationalError:  # not migrated to 003: bodies are whole
+            return rows
+    lists = item_lists(chains)
+    for row in rows:
+        refs_text = row.pop("request_refs_json", None)
+        base = row.pop("request_base_id", None)
+        if refs_text in (None, WHOLE):
+            continue
+        refs = json.loads(refs_text)
+        items = None
+        if "items" in refs:
+            prefix = lists.get(base) if base is not None else []
+            items = [texts[h] for h in (prefix or []) + refs["items"]]
+        tools = texts.get(refs["tools"]) if "tools" in refs else None
+        row["request_json"] = splice_request(row["request_json"], refs, items, tools)
+    return rows

@@ -1,0 +1,263 @@
+"""Request bodies cut into content-addressed parts and spliced back (`proxy.core.bodies`, pure)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+from typing import Any
+
+import pytest
+
+from proxy.core.bodies import (
+    RecentItems,
+    blob_hash,
+    refs_for,
+    remembered,
+    splice_request,
+    split_request,
+)
+from proxy.core.redaction import storable
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+IMAGE = "data:image/png;base64," + base64.b64encode(random.Random(7).randbytes(150_000)).decode()
+
+SHAPES: dict[str, Any] = {
+    "plain": {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": "hi"}]},
+    "tools first": {
+        "tools": TOOLS,
+        "model": "m",
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+        "tool_choice": "auto",
+    },
+    "odd unicode": {
+        "model": "m",
+        "messages": [{"role": "user", "content": 'é漢字🙂\u200b\u2028\u2029\ufeff"\\/\t\n'}],
+        "user": "ñ",
+    },
+    "made-storable surrogate": {
+        "model": "m",
+        "messages": [{"role": "user", "content": storable("half \ud83d emoji")}],
+    },
+    "lone surrogate kept": {"model": "m", "messages": [{"role": "user", "content": "x\udc80y"}]},
+    "nul everywhere": {
+        "model": "m",
+        "user": "a\x00b",
+        "messages": [
+            {"role": "user", "content": "nul \x00 here"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": '{"q": "\\u0000x\x00"}'},
+                    }
+                ],
+            },
+        ],
+        "tools": TOOLS,
+    },
+    "huge image": {
+        "model": "gpt-4o",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": IMAGE}},
+                ],
+            }
+        ],
+    },
+    "missing tools": {"model": "m", "messages": [], "metadata": {"k": "v"}},
+    "tools null": {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": None},
+    "tools not a list": {"model": "m", "messages": [], "tools": {"odd": True}},
+    "messages not a list": {"model": "m", "messages": "just text", "tools": TOOLS},
+    "no messages": {"model": "m", "temperature": 0.0, "n": 2, "stop": ["\n"]},
+    "numbers": {
+        "model": "m",
+        "messages": [{"role": "user", "content": "n"}],
+        "temperature": 1e-7,
+        "top_p": 0.30000000000000004,
+        "seed": 12345678901234567890123,
+        "logit_bias": {"316": -0.0, "17": 100},
+    },
+    "nested and empty": {
+        "model": "m",
+        "messages": [{"role": "user", "content": [[], {}, [{"a": [1, [2, [3]]]}]]}, {}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": {}}},
+    },
+    "keys that look like ours": {
+        "messages": [{"role": "user", "content": '"messages":null,"tools":null'}],
+        "tools": [],
+        "x": {"messages": None, "tools": None},
+        "model": "m",
+    },
+}
+
+
+def roundtrip(text: str, kind: str | None = None) -> str:
+    split = split_request(text, kind)
+    _, refs = refs_for(split, None)
+    items = [split.blobs[h] for h in split.item_hashes] if "items" in refs else None
+    tools = split.blobs[split.tools_hash] if split.tools_hash else None
+    return splice_request(split.options_json, refs, items, tools)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_a_request_is_rebuilt_json_equal_with_the_same_key_order(
+    name: str, ensure_ascii: bool
+) -> None:
+    body = SHAPES[name]
+    sent = json.dumps(body, ensure_ascii=ensure_ascii, indent=None if ensure_ascii else 2)
+    rebuilt = roundtrip(sent)
+    assert json.loads(rebuilt) == json.loads(sent)
+    assert list(json.loads(rebuilt)) == list(json.loads(sent))
+    rebuilt.encode("utf-8")  # storable by any driver, lone surrogates escaped
+    assert "\x00" not in rebuilt  # JSON escapes NUL: safe in PostgreSQL TEXT
+
+
+def test_a_key_sent_twice_is_rebuilt_as_json_reads_it() -> None:
+    sent = (
+        '{"messages": [1], "model": "m", "messages": [{"role": "user"}], "tools": [], "tools": [2]}'
+    )
+    assert json.loads(roundtrip(sent)) == json.loads(sent)
+
+
+def test_the_array_and_tools_leave_the_options_as_null_in_place() -> None:
+    sent = json.dumps(SHAPES["tools first"])
+    split = split_request(sent)
+    assert json.loads(split.options_json) == {
+        "tools": None,
+        "model": "m",
+        "messages": None,
+        "tool_choice": "auto",
+    }
+    assert len(split.item_hashes) == 2 and split.tools_hash is not None
+    assert split.blobs[split.tools_hash] == json.dumps(TOOLS)  # the span as sent
+    for item_hash in split.item_hashes:
+        assert item_hash == blob_hash(split.blobs[item_hash])
+
+
+def test_parts_are_the_spans_sent_and_a_raw_lone_surrogate_is_escaped() -> None:
+    sent = '{ "model" : "m" , "messages" : [ {"role": "user",  "content": "é"} , 1 ] }'
+    split = split_request(sent)
+    assert [split.blobs[h] for h in split.item_hashes] == ['{"role": "user",  "content": "é"}', "1"]
+    assert split.options_json == '{ "model" : "m" , "messages" : null }'
+    raw = json.dumps(SHAPES["lone surrogate kept"], ensure_ascii=False)  # no UTF-8 can carry it
+    split = split_request(raw)
+    assert all(text.isascii() for text in split.blobs.values())
+    assert json.loads(split.blobs[split.item_hashes[0]])["content"] == "x\udc80y"
+
+
+@pytest.mark.parametrize(
+    "text", ["", "not json", "[1, 2]", '"a string"', "null", '{"model": ', "1e999999"]
+)
+def test_a_body_that_is_not_an_object_stays_whole(text: str) -> None:
+    split = split_request(text)
+    assert split.options_json == text and split.blobs == {}
+    assert refs_for(split, None) == (False, {})
+    assert splice_request(split.options_json, {}, None, None) == text
+
+
+def test_responses_input_items_are_cut_and_a_string_input_stays_in_the_options() -> None:
+    items = {"model": "gpt-5", "input": [{"role": "user", "content": "hi"}], "tools": TOOLS}
+    split = split_request(json.dumps(items), "responses")
+    assert len(split.item_hashes) == 1 and split.array_field == "input"
+    assert json.loads(roundtrip(json.dumps(items), "responses")) == items
+    text = {"model": "gpt-5", "input": "just a prompt", "instructions": "be brief"}
+    split = split_request(json.dumps(text), "responses")
+    assert split.item_hashes == [] and split.array_field is None
+    assert json.loads(split.options_json) == text
+    # A chat body read as responses keeps its messages whole in the options, and vice versa.
+    assert split_request(json.dumps(SHAPES["plain"]), "responses").item_hashes == []
+
+
+def test_a_continuing_request_references_only_its_new_items() -> None:
+    history = [{"role": "system", "content": "sys"}, {"role": "user", "content": "q"}]
+    parent = split_request(json.dumps({"model": "m", "messages": history, "tools": TOOLS}))
+    grown = [
+        *history,
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    child = split_request(json.dumps({"model": "m", "messages": grown, "tools": TOOLS}))
+    uses_base, refs = refs_for(child, remembered(parent))
+    assert uses_base and refs["items"] == child.item_hashes[2:]
+    assert refs["tools"] == parent.tools_hash
+    # A request that edits the history does not continue: full list.
+    edited = [{"role": "system", "content": "other"}, *grown[1:]]
+    other = split_request(json.dumps({"model": "m", "messages": edited}))
+    assert refs_for(other, remembered(parent)) == (
+        False,
+        {"at": other.items_at, "items": other.item_hashes},
+    )
+    # Shorter than the parent, or the parent had no items: full list.
+    short = split_request(json.dumps({"model": "m", "messages": history[:1]}))
+    assert refs_for(short, remembered(parent))[0] is False
+    empty = split_request(json.dumps({"model": "m", "messages": []}))
+    assert refs_for(child, remembered(empty))[0] is False
+
+
+def test_splicing_refuses_options_that_do_not_match_their_references() -> None:
+    split = split_request(json.dumps(SHAPES["plain"]))
+    _, refs = refs_for(split, None)
+    with pytest.raises(ValueError, match="missing"):
+        splice_request(split.options_json, refs, None, None)
+    with pytest.raises(ValueError, match="do not match"):
+        splice_request(split.options_json, {**refs, "at": 1}, ["{}"], None)
+
+
+def test_recent_items_keep_the_latest_entries_only() -> None:
+    recent = RecentItems(capacity=2)
+    entry = remembered(split_request(json.dumps(SHAPES["plain"])))
+    assert entry is not None
+    for exchange_id in ("a", "b"):
+        recent.put(exchange_id, entry)
+    assert recent.get("a") == entry  # now the most recent
+    recent.put("c", entry)
+    assert recent.get("b") is None and recent.get("a") == entry and len(recent) == 2
+    assert recent.get(None) is None
+
+
+def test_random_bodies_round_trip() -> None:
+    rng = random.Random(13)
+    alphabet = ["a", "é", "\x00", "\n", '"', "\\", "🙂", "\u2028", "\ud800", " "]
+
+    def value(depth: int) -> Any:
+        kind = rng.randrange(7 if depth < 4 else 4)
+        if kind == 0:
+            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(6)))
+        if kind == 1:
+            return rng.choice([0, -1, 2**70, 1.5, -0.25, True, False, None])
+        if kind == 2:
+            return rng.random()
+        if kind == 3:
+            return ""
+        if kind == 4:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        return {f"k{rng.randrange(9)}": value(depth + 1) for _ in range(rng.randrange(4))}
+
+    for _ in range(300):
+        body = {f"o{rng.randrange(5)}": value(1) for _ in range(rng.randrange(4))}
+        body["messages"] = [value(1) for _ in range(rng.randrange(5))]
+        if rng.random() < 0.5:
+            body["tools"] = [value(2) for _ in range(rng.randrange(3))]
+        sent = json.dumps(body, ensure_ascii=rng.random() < 0.5)
+        assert json.loads(roundtrip(sent)) == json.loads(sent)
