@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import and_, delete, false, func, or_, select, update
 
+from proxy.storage.bodies import REQUEST_COLUMNS, rebuild_requests
 from proxy.storage.database import Database
 from proxy.storage.reading import MAX_SQL_IDS
 from proxy.storage.schema import eval_runs, eval_steps, exchanges
@@ -30,7 +31,7 @@ _STEP_COLUMNS = (
     exchanges.c.route,
     exchanges.c.model_requested,
     exchanges.c.model_answered,
-    exchanges.c.request_json,
+    *REQUEST_COLUMNS,
     exchanges.c.response_json,
     exchanges.c.duration_ms,
     exchanges.c.prompt_tokens,
@@ -64,7 +65,8 @@ async def steps_of(db: Database, trajectory_ids: Sequence[str]) -> list[dict[str
                     exchanges.c.id,
                 )
             )
-            rows.extend(dict(row._mapping) for row in result)
+            chunk_rows = [dict(row._mapping) for row in result]
+            rows.extend(await rebuild_requests(conn, chunk_rows))  # whole bodies (migration 003)
     return rows
 
 
