@@ -279,3 +279,33 @@ def test_on_record_failure_refuse_fails_calls_instead_of_losing_data(
         poll(lambda: call(proxy, "after").status_code == 200, what="calls to be served again")
     finally:
         proxy.stop()
+
+
+def test_a_replay_that_meets_a_full_disk_sets_nothing_aside(
+    small_disk: Path, fake_upstream: FakeUpstream
+) -> None:
+    """Records journaled while the database was locked meet a full disk when they are
+    replayed: SQLite's "database or disk is full" says nothing about them, so they wait in the
+    journal (not `.rejected`) and reach the database once space returns."""
+    db = small_disk / "replay-full.db"
+    proxy = launch_proxy(small_disk, upstream=fake_upstream.base_url, db=db)
+    try:
+        with locked(db):
+            ids = {
+                call(proxy, f"big {n} " + "y" * 20_000).headers["x-understudy-exchange-id"]
+                for n in range(12)
+            }
+            poll(
+                lambda: health(proxy)["recorder"].get("journaled", 0) >= 12,
+                what="the records to be journaled",
+            )
+            filler = fill(small_disk)
+        time.sleep(3)  # the writer retries the replay every second: a few meet the full disk
+        assert not list(small_disk.glob("*.rejected")), "a full disk set records aside"
+        assert health(proxy)["recorder"].get("rejected", 0) == 0
+        filler.unlink()
+        poll(lambda: ids <= stored_ids(db), what="the journal to be replayed once space returned")
+    finally:
+        output = proxy.stop()
+    assert "journal replay stopped" in output and "full" in output  # it did meet the full disk
+    assert not list(small_disk.glob("*.rejected"))
