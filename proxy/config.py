@@ -174,6 +174,27 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         50 * 1024 * 1024, ge=1024, description="Largest request body accepted, bytes (else 413)."
     )
+    max_inflight_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="Request body bytes (by Content-Length) the proxy holds at once; a request "
+        "that would exceed it is answered 503 with Retry-After before its body is read.",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest request header block, bytes (else 431)."
+    )
+    max_header_count: int = Field(
+        100, ge=10, description="Most request headers in one request (else 431)."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Longest time request headers may take to arrive, seconds."
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest silence while a request body arrives, seconds (then the "
+        "connection is closed).",
+    )
     teacher_retries: int = Field(
         0,
         ge=0,
