@@ -529,15 +529,17 @@ def test_trajectory_ids_model_names_and_escaped_keys_never_reach_disk_or_log(
     assert {r["model_requested"] for r in rows} >= {"ft:gpt-4.1-mini:[REDACTED:secret]"}
     # The exporter reads what was stored: nothing to decode back into a key.
     out = tmp_path / "train.jsonl"
-    subprocess.run(
+    exported = subprocess.run(
         [sys.executable, "-m", "exporter", "export", "--db", str(db), "--out", str(out)],
         check=False,
         capture_output=True,
         env=child_env(),
     )
-    if out.exists():
-        for needle in wanted.values():
-            assert needle not in out.read_bytes()
+    assert exported.returncode == 0, exported.stderr.decode()[-500:]
+    data = out.read_bytes()
+    assert b"[REDACTED:secret]" in data  # the escaped key's sample is there, masked
+    for needle in wanted.values():
+        assert needle not in data
 
 
 @pytest.mark.skipif(os.name != "posix", reason="file modes")
