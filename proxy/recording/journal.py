@@ -184,8 +184,7 @@ class Journal:
 
 class Segment:
     """One write-ahead file: how many records were appended to it and how many are settled
-    (in the database, or in the journal). All settled: it is emptied (the active one) or
-    removed (a sealed one)."""
+    (in the database, or in the journal). Sealed and all settled: it is removed."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -206,13 +205,14 @@ class WriteAhead:
     """The write-ahead log: every finished exchange is appended here (a plain `write` to the
     page cache, one line as in the journal) before its last byte goes to the client, so a
     SIGKILL of the proxy loses none of them; only an OS crash can lose what was written since
-    the last `sync()` (the writer task calls it after each batch). The writer settles records
-    as they reach the database; a file whose records are all settled is emptied, so the log
-    stays small. Files: `.<journal name>.wal-<n>` beside the journal; what a killed process left is replayed at the next
+    the last `sync()` (the writer task calls it at most once a second). The writer settles
+    records as they reach the database; the active file is sealed at `rotate_bytes` and a
+    sealed file is removed once all its records are settled, so the log stays a few files of
+    `rotate_bytes` (no truncation or unlink on the hot path). Files: `.<journal name>.wal-<n>` beside the journal; what a killed process left is replayed at the next
     start (`leftovers()`), skipping exchanges the database already holds.
     """
 
-    def __init__(self, journal_path: Path, rotate_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, journal_path: Path, rotate_bytes: int = 4 * 1024 * 1024) -> None:
         self.journal_path = journal_path
         self.rotate_bytes = rotate_bytes
         self._active: Segment | None = None
@@ -246,9 +246,12 @@ class WriteAhead:
         segment = self._active
         if segment is None or segment.fd is None:
             segment = self._active = self._open()
-        elif segment.bytes >= self.rotate_bytes and segment.settled < segment.appended:
+        elif segment.bytes >= self.rotate_bytes:
+            # Sealed: removed once all its records are settled (at once when they are).
             segment.sealed = True
             self._sealed.append(segment)
+            if segment.settled >= segment.appended:
+                self._remove(segment)
             segment = self._active = self._open()
         assert segment.fd is not None
         if segment.torn:
@@ -280,17 +283,13 @@ class WriteAhead:
     def settle(self, segment: Segment) -> None:
         """One record of `segment` reached the database or the journal."""
         segment.settled += 1
-        if segment.settled < segment.appended:
-            return
-        if segment.sealed:
-            segment.close()
-            segment.path.unlink(missing_ok=True)
-            self._sealed.remove(segment)
-        elif segment.fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(segment.fd, 0)
-                segment.appended = segment.settled = segment.bytes = 0
-                segment.torn = False
+        if segment.sealed and segment.settled >= segment.appended:
+            self._remove(segment)
+
+    def _remove(self, segment: Segment) -> None:
+        segment.close()
+        segment.path.unlink(missing_ok=True)
+        self._sealed.remove(segment)
 
     def sync(self) -> None:
         """fsync the active file (what a SIGKILL cannot lose, an OS crash then cannot either).

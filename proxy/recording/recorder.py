@@ -210,6 +210,10 @@ _REDACTED_TEXT_COLUMNS = (
 _REDACTED_SHADOW_COLUMNS = ("shadow_response_json", "shadow_error_json")
 
 
+# The write-ahead log is fsynced at most this often (what an OS crash, not a SIGKILL, can lose).
+_WAL_SYNC_INTERVAL_S = 1.0
+
+
 @dataclass
 class _Pending:
     """A record made ready for storage on submit: its journal line (redacted rows), its size
@@ -292,6 +296,7 @@ class Recorder:
         self.wal: WriteAhead | None = None
         self._wal_failing = False
         self._replay_failing = False
+        self._next_sync = 0.0  # time.monotonic() of the next fsync of the write-ahead log
         self.stats: Counter[str] = Counter()
 
     @property
@@ -481,7 +486,8 @@ class Recorder:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_event.wait(), wait)
             batch = [first, *self._take(self._batch_size - 1)]
-            if self.wal is not None:
+            if self.wal is not None and time.monotonic() >= self._next_sync:
+                self._next_sync = time.monotonic() + _WAL_SYNC_INTERVAL_S
                 await asyncio.to_thread(self.wal.sync)  # batched fsync, off the event loop
             await self._write(batch)
 
