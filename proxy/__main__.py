@@ -132,9 +132,11 @@ def serve(settings: Settings, logging_config: dict[str, Any]) -> None:
     gc.set_threshold(50_000, 20, 100)
 
     from proxy.app import FastPath, create_app
+    from proxy.http.limits import BodyBudget, limited_protocol
 
     uvicorn.run(
-        FastPath(create_app(settings)),
+        BodyBudget(FastPath(create_app(settings)), settings.max_inflight_body_bytes),
+        http=limited_protocol(settings),
         proxy_headers=False,
         host=settings.host,
         port=settings.port,

@@ -86,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             flush_interval_s=settings.flush_interval_ms / 1000,
             batch_size=settings.record_batch_size,
             queue_size=settings.record_queue_size,
+            buffer_bytes=settings.record_buffer_bytes,
+            write_ahead=settings.write_ahead,
         )
         await recorder.start()
         client = create_client(settings)
@@ -149,6 +151,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "record_queue_depth": proxy.recorder.queue_depth,
                 "journal_bytes": proxy.recorder.journal.size_bytes,
                 "journal_rejected_bytes": proxy.recorder.journal.rejected_bytes,
+                "record_buffer_bytes": proxy.recorder.held_bytes,
+                "recording_impaired": proxy.recorder.impaired,
                 "recorder": dict(proxy.recorder.stats),
             }
         )
@@ -164,6 +168,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         problems = []
         if not proxy.recorder.running:
             problems.append("recorder not running")
+        if proxy.recorder.impaired:
+            problems.append(f"recording impaired: {proxy.recorder.impaired}")
         try:
             await ping(proxy.db)
         except Exception as exc:

@@ -96,6 +96,24 @@ class Settings(BaseSettings):
         description="Most exchanges waiting in memory to be written; beyond it new ones go "
         "straight to the journal file (never dropped while the disk takes them).",
     )
+    record_buffer_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="Memory that holds records neither the database nor the journal takes "
+        "(disk full), bytes; about a minute at 1,500 calls/s of 3 KB, far longer at usual "
+        "rates. Beyond it records are lost (counted); /ready is 503 while any are held.",
+    )
+    on_record_failure: Literal["serve", "refuse"] = Field(
+        "serve",
+        description="While recording is impaired (records held in memory, write-ahead log "
+        "refused): 'serve' calls anyway, or 'refuse' them with 503 and Retry-After, for teams "
+        "that would rather fail calls than lose data.",
+    )
+    write_ahead: bool = Field(
+        True,
+        description="Append each finished exchange to a write-ahead file before its last "
+        "byte goes out, so a crash of the proxy (SIGKILL) loses none.",
+    )
     stitch_cache_size: int = Field(
         20_000,
         ge=0,
@@ -161,6 +179,27 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(
         50 * 1024 * 1024, ge=1024, description="Largest request body accepted, bytes (else 413)."
+    )
+    max_inflight_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="Request body bytes (by Content-Length) the proxy holds at once; a request "
+        "that would exceed it is answered 503 with Retry-After before its body is read.",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest request header block, bytes (else 431)."
+    )
+    max_header_count: int = Field(
+        100, ge=10, description="Most request headers in one request (else 431)."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Longest time request headers may take to arrive, seconds."
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest silence while a request body arrives, seconds (then the "
+        "connection is closed).",
     )
     teacher_retries: int = Field(
         0,

@@ -9,12 +9,16 @@ with the proxy's key attached.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -260,3 +264,137 @@ async def test_admin_api_refuses_an_address_after_too_many_wrong_tokens(
         # ...and another address is served as usual.
         assert (await admin.get("/api/trajectories", headers=right)).status_code == 200
         assert (await admin.get("/api/trajectories", headers=wrong)).status_code == 401
+
+
+# -- header and body limits, slow clients, bodies in flight -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited_proxy(
+    tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream
+) -> Iterator[ProxyServer]:
+    server = launch_proxy(
+        tmp_path_factory.mktemp("limits"),
+        upstream=fake_upstream.base_url,
+        max_header_count=30,
+        max_header_bytes=16384,
+        header_timeout_s=1,
+        body_timeout_s=2,
+        max_inflight_body_bytes=1_000_000,
+    )
+    yield server
+    server.stop()
+
+
+def connect(proxy: ProxyServer) -> socket.socket:
+    port = int(proxy.root_url.rsplit(":", 1)[1])
+    return socket.create_connection(("127.0.0.1", port), timeout=20)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (or 20 s pass)."""
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def request_head(extra: str = "", length: int = 0) -> bytes:
+    return (
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: {length}\r\n{extra}\r\n"
+    ).encode()
+
+
+def assert_serving(proxy: ProxyServer) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "still here"}]}
+    response = httpx.post(proxy.base_url + "/chat/completions", json=body, timeout=30)
+    assert response.status_code == 200
+
+
+@pytest.mark.e2e
+def test_too_many_headers_is_431(limited_proxy: ProxyServer) -> None:
+    extra = "".join(f"x-h{n}: v\r\n" for n in range(2000))
+    with connect(limited_proxy) as sock:
+        sock.sendall(request_head(extra))
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert answer.count(b"HTTP/1.1") == 1  # one answer, then the connection is closed
+    assert_serving(limited_proxy)
+
+
+@pytest.mark.e2e
+def test_a_huge_header_is_431_before_it_is_all_read(limited_proxy: ProxyServer) -> None:
+    with connect(limited_proxy) as sock:
+        sock.sendall(request_head(f"x-big: {'a' * 1_000_000}\r\n"[:20_000]))
+        answer = read_all(sock)  # refused at 16 KiB, without waiting for a megabyte
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert_serving(limited_proxy)
+
+
+@pytest.mark.e2e
+def test_slow_headers_are_cut_off(limited_proxy: ProxyServer) -> None:
+    """Slowloris: a header line now and then, never the end of the headers."""
+    with connect(limited_proxy) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        started = time.monotonic()
+        answer = b""
+        with contextlib.suppress(OSError):
+            for n in range(40):  # would take 20 s
+                sock.sendall(f"x-slow-{n}: 1\r\n".encode())
+                time.sleep(0.5)
+        answer = read_all(sock)
+        took = time.monotonic() - started
+    assert took < 15, f"the connection was held {took:.1f} s"
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+@pytest.mark.e2e
+def test_a_stalled_body_is_cut_off(limited_proxy: ProxyServer) -> None:
+    with connect(limited_proxy) as sock:
+        sock.sendall(request_head(length=1000) + b'{"model": ')
+        started = time.monotonic()
+        read_all(sock)  # the server closes the connection
+        took = time.monotonic() - started
+    assert took < 15, f"a stalled body held the connection {took:.1f} s"
+    assert_serving(limited_proxy)
+
+
+@pytest.mark.e2e
+def test_request_bodies_in_flight_are_capped_with_503(limited_proxy: ProxyServer) -> None:
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "z" * 300_000}]}
+    ).encode()
+    with connect(limited_proxy) as holder:
+        # One request holds 900,000 of the 1,000,000 bytes: it sends its body slowly.
+        holder.sendall(request_head(length=900_000) + b'{"model": "m", ')
+        deadline = time.monotonic() + 20
+        refused = None
+        while refused is None and time.monotonic() < deadline:
+            holder.sendall(b" ")  # keeps it alive within the body timeout
+            response = httpx.post(
+                limited_proxy.base_url + "/chat/completions",
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=30,
+            )
+            if response.status_code == 503:
+                refused = response
+            time.sleep(0.2)
+    assert refused is not None, "a request over the in-flight budget was admitted"
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "too_many_request_bytes"
+    # With the holder gone, the same request is served.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        response = httpx.post(
+            limited_proxy.base_url + "/chat/completions",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        if response.status_code == 200:
+            break
+        time.sleep(0.2)
+    assert response.status_code == 200

@@ -59,23 +59,70 @@ _SKIPPED_PLUGINS = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Rule:
     """One secret pattern and its pre-check: `hints`, literals of which every match holds one
-    (lower-cased when `fold`: compare with the lower-cased text); empty: always run."""
+    (lower-cased when `fold`: compare with the lower-cased text); empty: always run. A pattern
+    whose hints are too short to tell (one or two characters) is searched for itself: in the
+    text's long runs of token characters only when `in_runs` (every match of it is such a
+    run, at least `_RUN_MIN` long), else in the whole text."""
 
     pattern: re.Pattern[str]
     hints: tuple[str, ...]
     fold: bool
+    in_runs: bool = False
 
-    def may_match(self, text: str, lowered: str) -> bool:
-        if not self.hints:
-            return True
-        haystack = lowered if self.fold else text
-        if not any(hint in haystack for hint in self.hints):
+    @functools.cached_property
+    def hint_set(self) -> frozenset[str]:
+        return frozenset(self.hints)
+
+    @functools.cached_property
+    def weak(self) -> bool:
+        """Its hints are too short to tell (one or two characters)."""
+        return bool(self.hints) and min(map(len, self.hints)) <= 2
+
+
+# Characters of the tokens secrets are made of (a superset of every class `in_runs` allows).
+_TOKEN_CHARS = re.compile(r"[\w\-+/=.:~]")
+_RUN_MIN = 24
+# Every ASCII character that is not a token character becomes a space (others are kept: a
+# superset of the token characters, so every match still lies within one run).
+_NOT_TOKEN = {c: " " for c in range(128) if not _TOKEN_CHARS.match(chr(c))}
+
+
+def _token_only(items: Any) -> bool:
+    """Whether every character the parsed regex `items` can match is a token character
+    (zero-width assertions allowed: at a run's edge they see a space, as they would see the
+    non-token character beside the run)."""
+    for op, av in items:
+        if op is _c.LITERAL:
+            if not _TOKEN_CHARS.match(chr(av)):
+                return False
+        elif op is _c.IN:
+            for member_op, member in av:
+                if member_op is _c.LITERAL:
+                    if not _TOKEN_CHARS.match(chr(member)):
+                        return False
+                elif member_op is _c.RANGE:
+                    if not all(_TOKEN_CHARS.match(chr(c)) for c in range(member[0], member[1] + 1)):
+                        return False
+                elif member_op is _c.CATEGORY:
+                    if member not in (_c.CATEGORY_DIGIT, _c.CATEGORY_WORD):
+                        return False
+                else:
+                    return False
+        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT):
+            if not _token_only(av[2]):
+                return False
+        elif op is _c.SUBPATTERN:
+            if not _token_only(av[-1]):
+                return False
+        elif op is _c.BRANCH:
+            if not all(_token_only(alternative) for alternative in av[1]):
+                return False
+        elif op not in (_c.AT, _c.ASSERT, _c.ASSERT_NOT):
             return False
-        # A hint of one or two characters is in nearly every text: the pattern itself decides.
-        return min(map(len, self.hints)) > 2 or self.pattern.search(text) is not None
+    return True
 
 
 def _required(items: Any) -> list[str] | None:
@@ -117,7 +164,8 @@ def _rule(pattern: re.Pattern[str]) -> _Rule:
     parsed = _parser.parse(pattern.pattern, pattern.flags)
     fold = bool(pattern.flags & re.IGNORECASE) or "(?i" in pattern.pattern
     hints = _required(parsed) or []
-    return _Rule(pattern, tuple(h.lower() for h in hints) if fold else tuple(hints), fold)
+    in_runs = _token_only(parsed) and parsed.getwidth()[0] >= _RUN_MIN
+    return _Rule(pattern, tuple(h.lower() for h in hints) if fold else tuple(hints), fold, in_runs)
 
 
 @functools.cache
@@ -151,10 +199,38 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
+@functools.cache
+def _hints() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Every distinct hint: case-sensitive ones, and lower-cased ones (for the lower-cased
+    text)."""
+    rules = [r for r in secret_rules() if not (r.weak and r.in_runs)]  # those: by their runs
+    return (
+        tuple({h for r in rules if not r.fold for h in r.hints}),
+        tuple({h for r in rules if r.fold for h in r.hints}),
+    )
+
+
 def _active_rules(text: str) -> tuple[_Rule, ...]:
     """The rules that may match somewhere in `text` (the others' hints are all absent)."""
+    exact, folded = _hints()
     lowered = text.lower()
-    return tuple(rule for rule in secret_rules() if rule.may_match(text, lowered))
+    present = {h for h in exact if h in text} | {h for h in folded if h in lowered}
+    runs: str | None = None
+    active = []
+    for rule in secret_rules():
+        by_runs = rule.weak and rule.in_runs
+        if rule.hints and not by_runs and present.isdisjoint(rule.hint_set):
+            continue
+        if by_runs:
+            if runs is None:  # the long runs of token characters, space-separated
+                words = text.translate(_NOT_TOKEN).split()
+                runs = " ".join([word for word in words if len(word) >= _RUN_MIN])
+            if not runs or rule.pattern.search(runs) is None:
+                continue
+        elif rule.weak and rule.pattern.search(text) is None:
+            continue
+        active.append(rule)
+    return tuple(active)
 
 
 def _mask(match: re.Match[str]) -> str:
@@ -183,11 +259,8 @@ def redact_identifier(value: str) -> str:
     def digest(match: re.Match[str]) -> str:
         return f"[REDACTED:{hashlib.sha256(match.group(0).encode()).hexdigest()[:12]}]"
 
-    lowered = value.lower()
-    for rule in secret_rules():
-        if rule.may_match(value, lowered):
-            value = rule.pattern.sub(digest, value)
-            lowered = value.lower()
+    for rule in _active_rules(value):
+        value = rule.pattern.sub(digest, value)
     return value
 
 
@@ -264,7 +337,7 @@ class Redactor:
             # Only a backslash-u escape can hide a letter or digit of a secret in JSON text (and
             # an escaped slash, a slash): without one, the rules whose hints are in the text are
             # the only ones that can match any of its values.
-            rules = _active_rules(_JSON_ESCAPE.sub(_unescape, text) if "\\" in text else text)
+            rules = _active_rules(_unescaped(text) if "\\" in text else text)
             if not rules and not self._pii:
                 return text
         try:
@@ -293,14 +366,27 @@ class Redactor:
 
 
 _MAX_DEPTH = 200
-# JSON's two-character escapes; in the probe text they become what they stand for (control
-# characters become a space): every value's match then also matches the probe.
-_JSON_ESCAPE = re.compile(r"\\[\\/\"bfnrt]")
-_UNESCAPED = {"\\": "\\", "/": "/", '"': '"'}
 
 
-def _unescape(match: re.Match[str]) -> str:
-    return _UNESCAPED.get(match.group(0)[1], " ")
+def _unescaped(text: str) -> str:
+    """JSON text with its two-character escapes replaced by what they stand for (control
+    characters by a space): every match in a decoded value also matches here."""
+    text = text.replace("\\\\", "\0")  # an escaped backslash is not the start of an escape
+    for escape, char in _ESCAPES:
+        if escape in text:
+            text = text.replace(escape, char)
+    return text.replace("\0", "\\")
+
+
+_ESCAPES = (
+    ("\\n", " "),
+    ("\\r", " "),
+    ("\\t", " "),
+    ("\\b", " "),
+    ("\\f", " "),
+    ('\\"', '"'),
+    ("\\/", "/"),
+)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

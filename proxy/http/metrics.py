@@ -40,6 +40,8 @@ _RECORDER_EVENTS = (
     "submitted",
     "written",
     "journaled",
+    "held",
+    "wal_failed",
     "spilled",
     "replayed",
     "rejected",
@@ -69,6 +71,18 @@ class _StateCollector(Collector):
             "understudy_journal_rejected_bytes",
             "Size of the journal records the database refused, set aside for a person, bytes.",
             value=self._recorder.journal.rejected_bytes,
+        )
+        yield GaugeMetricFamily(
+            "understudy_recording_impaired",
+            "1 while recording is impaired (records held in memory, or the write-ahead log "
+            "refusing appends: disk full?), else 0. Alert on it.",
+            value=1 if self._recorder.impaired else 0,
+        )
+        yield GaugeMetricFamily(
+            "understudy_record_buffer_bytes",
+            "Records held in memory because neither the database nor the journal takes them, "
+            "bytes.",
+            value=self._recorder.held_bytes,
         )
         records = CounterMetricFamily(
             "understudy_recorder_records", "Records by what happened to them.", labels=["event"]

@@ -353,6 +353,15 @@ async def _call(
 ) -> Response:
     proxy: ProxyState = request.app.state.proxy
     settings = proxy.settings
+    if settings.on_record_failure == "refuse" and proxy.recorder.impaired:
+        return error_response(
+            503,
+            f"recording is impaired ({proxy.recorder.impaired}); this proxy refuses calls "
+            "until it records again (--on-record-failure refuse)",
+            "server_error",
+            code="recording_impaired",
+            headers={"retry-after": "5"},
+        )
     try:
         raw = await read_body(request, settings.max_body_bytes)
         body, request_text = api.parse(raw)
@@ -500,6 +509,9 @@ async def relay_stream(
         answered = True
         record.outcome = "error" if assembler.error else "ok"
         await exchange.answered(assembler.result())
+        if assembler.error is not None:
+            record.error_text = json.dumps(assembler.error)
+        exchange.finish()  # recorded (write-ahead log) before the last event goes out
 
     try:
         async for chunk in chunks:

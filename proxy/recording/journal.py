@@ -16,6 +16,7 @@ also replays the files of processes that are gone (`orphans()`: their lock is fr
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -82,7 +83,11 @@ class Journal:
             if candidate == self.path:
                 continue
             other = Journal(candidate)
-            if not other.pending() and not other._replaying_path.exists():
+            if (
+                not other.pending()
+                and not other._replaying_path.exists()
+                and not WriteAhead(candidate).leftovers()
+            ):
                 continue
             fd = self._try_lock(candidate)
             if fd is None:
@@ -175,3 +180,130 @@ class Journal:
     def done(path: Path) -> None:
         """The replay of `path` reached the database: remove it."""
         path.unlink(missing_ok=True)
+
+
+class Segment:
+    """One write-ahead file: how many records were appended to it and how many are settled
+    (in the database, or in the journal). Sealed and all settled: it is removed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.appended = 0
+        self.settled = 0
+        self.bytes = 0
+        self.sealed = False
+        self.torn = False  # a failed write may have left half a line: start the next one anew
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class WriteAhead:
+    """The write-ahead log: every finished exchange is appended here (a plain `write` to the
+    page cache, one line as in the journal) before its last byte goes to the client, so a
+    SIGKILL of the proxy loses none of them; only an OS crash can lose what was written since
+    the last `sync()` (the writer task calls it at most once a second). The writer settles
+    records as they reach the database; the active file is sealed at `rotate_bytes` and a
+    sealed file is removed once all its records are settled, so the log stays a few files of
+    `rotate_bytes` (no truncation or unlink on the hot path). Files: `.<journal name>.wal-<n>` beside the journal; what a killed process left is replayed at the next
+    start (`leftovers()`), skipping exchanges the database already holds.
+    """
+
+    def __init__(self, journal_path: Path, rotate_bytes: int = 4 * 1024 * 1024) -> None:
+        self.journal_path = journal_path
+        self.rotate_bytes = rotate_bytes
+        self._active: Segment | None = None
+        self._sealed: list[Segment] = []
+        self._next = 1
+        self._prefix = f".{journal_path.name}.wal-"  # hidden, like the journal's lock file
+
+    def leftovers(self) -> list[Path]:
+        """Write-ahead files left by an earlier process under this journal's name, oldest
+        first (call before the first `append`)."""
+        prefix = self._prefix
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            for path in self.journal_path.parent.iterdir():
+                suffix = path.name.removeprefix(prefix)
+                if path.name.startswith(prefix) and suffix.isdigit():
+                    found.append((int(suffix), path))
+        return [path for _, path in sorted(found)]
+
+    def _open(self) -> Segment:
+        taken = {p.name for p in self.leftovers()}
+        while f"{self._prefix}{self._next}" in taken:
+            self._next += 1
+        segment = Segment(self.journal_path.with_name(f"{self._prefix}{self._next}"))
+        self._next += 1
+        return segment
+
+    def append(self, data: bytes) -> Segment:
+        """Append one record's line (ending in a newline); returns the segment to settle it in.
+        Raises OSError when the disk refuses (ENOSPC, EIO): the caller keeps the record."""
+        segment = self._active
+        if segment is None or segment.fd is None:
+            segment = self._active = self._open()
+        elif segment.bytes >= self.rotate_bytes:
+            # Sealed: removed once all its records are settled (at once when they are).
+            segment.sealed = True
+            self._sealed.append(segment)
+            if segment.settled >= segment.appended:
+                self._remove(segment)
+            segment = self._active = self._open()
+        assert segment.fd is not None
+        if segment.torn:
+            data = b"\n" + data
+        try:
+            written = os.write(segment.fd, data)
+            if written != len(data):  # the disk filled up mid-line
+                raise OSError(errno.ENOSPC, "short write to the write-ahead log")
+        except OSError:
+            segment.torn = True
+            raise
+        segment.torn = False
+        segment.appended += 1
+        segment.bytes += len(data)
+        return segment
+
+    def probe(self) -> None:
+        """Does the disk take appends again? Writes a newline (ending a torn line; replay
+        skips blank lines). Raises OSError when it still refuses."""
+        segment = self._active
+        if segment is None or segment.fd is None:
+            segment = self._active = self._open()
+        assert segment.fd is not None
+        if os.write(segment.fd, b"\n") != 1:
+            raise OSError(errno.ENOSPC, "short write to the write-ahead log")
+        segment.torn = False
+        segment.bytes += 1
+
+    def settle(self, segment: Segment) -> None:
+        """One record of `segment` reached the database or the journal."""
+        segment.settled += 1
+        if segment.sealed and segment.settled >= segment.appended:
+            self._remove(segment)
+
+    def _remove(self, segment: Segment) -> None:
+        segment.close()
+        segment.path.unlink(missing_ok=True)
+        self._sealed.remove(segment)
+
+    def sync(self) -> None:
+        """fsync the active file (what a SIGKILL cannot lose, an OS crash then cannot either).
+        Blocking: call it from a thread."""
+        segment = self._active
+        if segment is not None and segment.fd is not None and segment.bytes:
+            with contextlib.suppress(OSError):
+                os.fsync(segment.fd)
+
+    def close(self) -> None:
+        """Close the files; remove those whose records are all settled (at a clean stop)."""
+        for segment in [*self._sealed, *([self._active] if self._active else [])]:
+            segment.close()
+            if segment.settled >= segment.appended:
+                segment.path.unlink(missing_ok=True)
+        self._sealed.clear()
+        self._active = None

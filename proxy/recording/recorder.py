@@ -9,15 +9,18 @@ queue, so a clean shutdown loses nothing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from proxy.core.redaction import Redactor, loggable_error
-from proxy.recording.journal import Journal
+from proxy.recording.journal import Journal, Segment, WriteAhead
 from proxy.storage import Database
 from proxy.storage.recovery import existing_exchange_ids, ping
 from proxy.storage.rows import exchange_row, trajectory_meta, trajectory_rows
@@ -117,13 +120,59 @@ _REDACTED_TEXT_COLUMNS = (
 _REDACTED_SHADOW_COLUMNS = ("shadow_response_json", "shadow_error_json")
 
 
-class Recorder:
-    """Queue plus single writer task, with redaction and the journal as the fallback.
+# The write-ahead log is fsynced at most this often (what an OS crash, not a SIGKILL, can lose).
+_WAL_SYNC_INTERVAL_S = 1.0
 
-    Backpressure: the queue holds at most `queue_size` records (memory stays bounded); when it is
-    full, records go straight to the journal file instead (never dropped while the disk takes
-    them). Counters in `stats`: submitted, written, failed_batches, journaled, spilled (queue
-    full), replayed, lost (neither database nor journal took them).
+
+@dataclass
+class _Pending:
+    """A record made ready for storage on submit: its journal line (redacted rows), its size
+    in bytes, and the write-ahead segment holding it (None when that append failed)."""
+
+    line: dict[str, Any]
+    size: int
+    queued_at: float
+    segment: Segment | None = None
+
+
+def _line_bytes(line: dict[str, Any]) -> bytes:
+    return (json.dumps(line, separators=(",", ":")) + "\n").encode()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed write says nothing about the records themselves: the database or disk
+    is unavailable, locked or full (SQLAlchemy OperationalError / InterfaceError, OSError such
+    as ENOSPC or EIO, DatabaseError for a removed file). Such records are kept and retried,
+    never set aside as refused; only other errors (a constraint, bad data) mark a bad record."""
+    from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+
+    from proxy.storage import DatabaseError
+
+    if isinstance(exc, OperationalError | InterfaceError | DisconnectionError | OSError):
+        return True
+    if isinstance(exc, DatabaseError) and not hasattr(exc, "orig"):
+        return True  # our own: the SQLite file was removed or replaced
+    orig = getattr(exc, "orig", None)
+    name = type(orig).__name__ if orig is not None else ""
+    return name in {"DiskFullError", "InsufficientResourcesError", "OutOfMemoryError"} or (
+        "disk" in str(orig).lower() and "full" in str(orig).lower()
+    )
+
+
+class Recorder:
+    """Queue plus single writer task, with redaction, a write-ahead log, the journal and a
+    bounded memory buffer as the fallbacks.
+
+    `submit()` (on the request path) redacts the record, appends its line to the write-ahead
+    log (`WriteAhead`: a plain write, so a SIGKILL loses nothing submitted) and queues it. The
+    writer writes batches to the database and settles them in the log. When the database
+    refuses a batch, it goes to the journal (fsynced) and is replayed as soon as a write
+    succeeds again (the writer retries every `retry_interval_s` even without traffic) and at
+    stop. When the journal refuses too (disk full), records are held in memory, up to
+    `buffer_bytes`, and retried; meanwhile `impaired` is true (`/ready` answers 503). Only
+    what exceeds the buffer is lost (counted). Counters in `stats`: submitted, written,
+    failed_batches, journaled, spilled (queue full), replayed, rejected, held, lost,
+    wal_failed.
     """
 
     def __init__(
@@ -135,19 +184,29 @@ class Recorder:
         flush_interval_s: float = 0.05,
         batch_size: int = 500,
         queue_size: int = 100_000,
+        buffer_bytes: int = 256 * 1024 * 1024,
+        retry_interval_s: float = 1.0,
+        write_ahead: bool = True,
     ) -> None:
         self._db = db
         self.journal = journal
         self._redact = redactor or Redactor()
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
-        self._queue: asyncio.Queue[ExchangeRecord | ShadowUpdate] = asyncio.Queue(
-            maxsize=queue_size
-        )
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._stop_event = asyncio.Event()
         self._idle = True
+        self._buffer_limit = buffer_bytes
+        self._held: collections.deque[_Pending] = collections.deque()
+        self.held_bytes = 0
+        self._retry_interval_s = retry_interval_s
+        self._wal_enabled = write_ahead
+        self.wal: WriteAhead | None = None
+        self._wal_failing = False
+        self._replay_failing = False
+        self._next_sync = 0.0  # time.monotonic() of the next fsync of the write-ahead log
         self.stats: Counter[str] = Counter()
 
     @property
@@ -158,73 +217,129 @@ class Recorder:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    @property
+    def impaired(self) -> str | None:
+        """Why recording is impaired right now (one line), or None: records held in memory
+        because neither the database nor the journal takes them, or the write-ahead log
+        refusing appends (what a crash would then lose)."""
+        if self._held:
+            return (
+                f"{len(self._held)} records ({self.held_bytes} bytes) held in memory: "
+                "neither the database nor the journal takes them (disk full?)"
+            )
+        if self._wal_failing:
+            return "the write-ahead log refuses appends (disk full?): a crash would lose records"
+        return None
+
     def submit(self, record: ExchangeRecord | ShadowUpdate) -> None:
-        """Queue a record (or a shadow answer) for writing. Never blocks or raises; when the
-        queue is full the record is appended to the journal instead."""
+        """Redact the record, append it to the write-ahead log and queue it for writing.
+        Never blocks or raises; when the queue is full the record goes to the journal."""
         self.stats["submitted"] += 1
         record.queued_at = time.monotonic()
         try:
-            self._queue.put_nowait(record)
+            line = self._line(record)
+            data = _line_bytes(line)
+        except Exception:  # never let recording break a call
+            self.stats["lost"] += 1
+            log.exception("could not prepare a record for storage; it is lost")
+            return
+        pending = _Pending(line, len(data), time.monotonic())
+        if self.wal is not None:
+            try:
+                pending.segment = self.wal.append(data)
+                self._wal_failing = False
+            except OSError as exc:
+                self.stats["wal_failed"] += 1
+                if not self._wal_failing:
+                    log.warning("write-ahead log refused a record (%s)", loggable_error(exc))
+                self._wal_failing = True
+        try:
+            self._queue.put_nowait(pending)
         except asyncio.QueueFull:
             self.stats["spilled"] += 1
-            self._to_journal([record])
+            self._fall_back([pending])
 
-    def _entries(
-        self, batch: list[ExchangeRecord | ShadowUpdate]
-    ) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], list[dict[str, Any]]]:
-        """Redacted (exchange row, trajectory meta) pairs and shadow rows of a batch."""
-        entries = []
-        shadows = []
-        for item in batch:
-            if isinstance(item, ExchangeRecord):
-                row = item.to_row()
-                for column in _REDACTED_JSON_COLUMNS:
-                    row[column] = self._redact.json_text(row[column])
-                for column in _REDACTED_TEXT_COLUMNS:
-                    row[column] = self._redact(row[column])
-                entries.append((row, trajectory_meta(item)))
-            else:
-                row = item.to_row()
-                for column in _REDACTED_SHADOW_COLUMNS:
-                    row[column] = self._redact.json_text(row[column])
-                shadows.append(row)
-        return entries, shadows
+    def _line(self, item: ExchangeRecord | ShadowUpdate) -> dict[str, Any]:
+        """The journal line of a record: redacted exchange row and trajectory meta, or a
+        redacted shadow row."""
+        row = item.to_row()
+        if isinstance(item, ExchangeRecord):
+            for column in _REDACTED_JSON_COLUMNS:
+                row[column] = self._redact.json_text(row[column])
+            for column in _REDACTED_TEXT_COLUMNS:
+                row[column] = self._redact(row[column])
+            return {"exchange": row, "trajectory": trajectory_meta(item)}
+        for column in _REDACTED_SHADOW_COLUMNS:
+            row[column] = self._redact.json_text(row[column])
+        return {"shadow": row}
 
-    def _to_journal(self, batch: list[ExchangeRecord | ShadowUpdate]) -> None:
-        entries, shadows = self._entries(batch)
-        self._append_journal(entries, shadows)
+    def _settle(self, batch: list[_Pending]) -> None:
+        if self.wal is None:
+            return
+        for pending in batch:
+            if pending.segment is not None:
+                self.wal.settle(pending.segment)
+                pending.segment = None
 
-    def _append_journal(
-        self, entries: list[tuple[dict[str, Any], dict[str, Any]]], shadows: list[dict[str, Any]]
-    ) -> None:
-        lines = [{"exchange": row, "trajectory": meta} for row, meta in entries]
-        lines += [{"shadow": row} for row in shadows]
+    def _fall_back(self, batch: list[_Pending]) -> None:
+        """The database did not take `batch`: append it to the journal (fsynced), else hold it
+        in memory up to the buffer limit; what exceeds it is lost (counted and logged)."""
         try:
-            self.journal.append(lines)
-            self.stats["journaled"] += len(lines)
-        except OSError:
-            self.stats["lost"] += len(lines)
-            log.exception(
-                "journal %s refused %d records: they are lost", self.journal.path, len(lines)
-            )
+            self.journal.append([p.line for p in batch])
+        except OSError as exc:
+            kept = 0
+            for pending in batch:
+                if self.held_bytes + pending.size > self._buffer_limit:
+                    break
+                self._held.append(pending)
+                self.held_bytes += pending.size
+                kept += 1
+            self.stats["held"] += kept
+            if kept < len(batch):
+                lost = batch[kept:]
+                self.stats["lost"] += len(lost)
+                self._settle(lost)  # nothing to replay them from but the log itself
+                log.error(
+                    "journal %s refused %d records (%s) and the memory buffer is full: %d are lost",
+                    self.journal.path,
+                    len(batch),
+                    loggable_error(exc),
+                    len(lost),
+                )
+            return
+        self.stats["journaled"] += len(batch)
+        self._settle(batch)
+        if self._held:  # the journal takes appends again: what memory holds goes there too
+            held = list(self._held)
+            self._held.clear()
+            self.held_bytes = 0
+            self._fall_back(held)
 
     async def start(self) -> None:
-        """Own a journal file, replay what earlier runs left (this file's and those of processes
-        that are gone), then start the writer task."""
+        """Own a journal file, replay what earlier runs left (this file's, its write-ahead
+        files, and those of processes that are gone), then start the writer task."""
         try:
             self.journal.claim()
         except OSError:
             log.exception("cannot claim a journal file next to %s", self.journal.base)
         await self.replay()
+        wal = WriteAhead(self.journal.path)
+        for leftover in wal.leftovers():
+            await self.replay_file(leftover)
         for orphan in self.journal.orphans():
             try:
                 await self.replay(orphan)
+                for leftover in WriteAhead(orphan.path).leftovers():
+                    await self.replay_file(leftover)
             finally:
                 orphan.release()
+        if self._wal_enabled:
+            self.wal = wal
         self._task = asyncio.create_task(self._run(), name="understudy-recorder")
 
     async def stop(self) -> None:
-        """Write everything queued, then end the writer task (a batch being written completes)."""
+        """Write everything queued and held, replay the journal if the database takes writes,
+        then end the writer task (a batch being written completes)."""
         self._stopping = True
         self._stop_event.set()
         failed_before = self.stats["failed_batches"]
@@ -237,13 +352,26 @@ class Recorder:
             if self.stats["failed_batches"] > failed_before:
                 # The database refused during shutdown: journal the rest at once, so a large
                 # queue never outlasts the orchestrator's grace period.
-                self._to_journal(self._take(self._queue.qsize()))
+                self._fall_back(self._take(self._queue.qsize()))
             else:
                 await self._write(self._take(self._batch_size))
+        if self._held:
+            await self._retry_held()
+        if self.stats["failed_batches"] == failed_before and self.journal.pending():
+            await self.replay()
+        if self._held:
+            self.stats["lost"] += len(self._held)
+            log.error(
+                "shutdown: %d records held in memory could not be stored (disk full?); "
+                "those in the write-ahead log are replayed at the next start",
+                len(self._held),
+            )
+        if self.wal is not None:
+            self.wal.close()
         self.journal.release()
 
-    def _take(self, limit: int) -> list[ExchangeRecord | ShadowUpdate]:
-        batch: list[ExchangeRecord | ShadowUpdate] = []
+    def _take(self, limit: int) -> list[_Pending]:
+        batch: list[_Pending] = []
         while len(batch) < limit and not self._queue.empty():
             batch.append(self._queue.get_nowait())
         return batch
@@ -251,7 +379,15 @@ class Recorder:
     async def _run(self) -> None:
         while not self._stopping:
             self._idle = True
-            first = await self._queue.get()
+            try:
+                if self._held or self._wal_failing or self.journal.pending():
+                    first = await asyncio.wait_for(self._queue.get(), self._retry_interval_s)
+                else:
+                    first = await self._queue.get()
+            except TimeoutError:
+                self._idle = False
+                await self._recover()
+                continue
             self._idle = False
             # Write at most one flush interval after the oldest record arrived; a batch that
             # took long to write leaves less (or no) waiting for the next one.
@@ -259,12 +395,41 @@ class Recorder:
             if wait > 0 and self._queue.qsize() < self._batch_size - 1:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_event.wait(), wait)
-            await self._write([first, *self._take(self._batch_size - 1)])
+            batch = [first, *self._take(self._batch_size - 1)]
+            if self.wal is not None and time.monotonic() >= self._next_sync:
+                self._next_sync = time.monotonic() + _WAL_SYNC_INTERVAL_S
+                await asyncio.to_thread(self.wal.sync)  # batched fsync, off the event loop
+            await self._write(batch)
 
-    async def _write(self, batch: list[ExchangeRecord | ShadowUpdate]) -> None:
+    async def _recover(self) -> None:
+        """No traffic for a while and something is waiting: probe the write-ahead log, retry
+        what is held, then replay the journal if the database takes writes again."""
+        if self._wal_failing and self.wal is not None:
+            try:
+                self.wal.probe()
+                self._wal_failing = False
+                log.info("the write-ahead log takes appends again")
+            except OSError:
+                pass
+        if self._held:
+            await self._retry_held()
+        if not self._held and self.journal.pending():
+            await self.replay()
+
+    async def _retry_held(self) -> None:
+        held = list(self._held)
+        self._held.clear()
+        self.held_bytes = 0
+        for start in range(0, len(held), self._batch_size):
+            await self._write(held[start : start + self._batch_size], retrying=True)
+
+    async def _write(self, batch: list[_Pending], *, retrying: bool = False) -> None:
         if not batch:
             return
-        entries, shadows = self._entries(batch)
+        entries = [
+            (p.line["exchange"], p.line["trajectory"]) for p in batch if "exchange" in p.line
+        ]
+        shadows = [p.line["shadow"] for p in batch if "shadow" in p.line]
         try:
             self._db.check_file()
             await self._db.write_exchanges(
@@ -272,28 +437,39 @@ class Recorder:
             )
         except Exception as exc:
             self.stats["failed_batches"] += 1
-            log.warning(
-                "database write of %d records failed (%s): journaling them",
-                len(batch),
-                loggable_error(exc),
-            )
-            self._append_journal(entries, shadows)
+            if not retrying:
+                log.warning(
+                    "database write of %d records failed (%s): journaling them",
+                    len(batch),
+                    loggable_error(exc),
+                )
+            self._fall_back(batch)
             return
         self.stats["written"] += len(batch)
-        if self.journal.pending() and not self._stopping:
+        self._settle(batch)
+        if retrying:
+            self.stats["held_written"] += len(batch)
+        if self._held and not retrying:
+            await self._retry_held()
+        if self.journal.pending() and not self._stopping and not self._held:
             await self.replay()
 
     async def replay(self, journal: Journal | None = None) -> int:
         """Write journaled records (this recorder's journal, or `journal`) into the database,
         skipping exchanges it already holds.
 
-        Returns the number of records replayed. On a database error the journal is kept for the
-        next attempt.
+        Returns the number of records replayed. On a transient error (database unreachable,
+        locked or full) the journal is kept for the next attempt.
         """
         journal = journal or self.journal
         path = journal.take()
         if path is None:
             return 0
+        return await self.replay_file(path, journal)
+
+    async def replay_file(self, path: Path, journal: Journal | None = None) -> int:
+        """Replay one journal or write-ahead file (see `replay`); it is removed once done."""
+        journal = journal or self.journal
         replayed = 0
         try:
             chunk: list[dict[str, Any]] = []
@@ -304,8 +480,11 @@ class Recorder:
                     chunk = []
             replayed += await self._replay_chunk(chunk, journal)
         except Exception as exc:
-            log.warning("journal replay stopped (%s); will retry", loggable_error(exc))
+            if not self._replay_failing:  # once per outage, not at every retry
+                log.warning("journal replay stopped (%s); will retry", loggable_error(exc))
+            self._replay_failing = True
             return replayed
+        self._replay_failing = False
         Journal.done(path)
         self.stats["replayed"] += replayed
         if replayed:
@@ -315,6 +494,7 @@ class Recorder:
     async def _replay_chunk(self, chunk: list[dict[str, Any]], journal: Journal) -> int:
         if not chunk:
             return 0
+        self._db.check_file()  # never replay into a removed SQLite file
         entries = [(e["exchange"], e["trajectory"]) for e in chunk if "exchange" in e]
         shadows = [e["shadow"] for e in chunk if "shadow" in e]
         held = await existing_exchange_ids(self._db, [row["id"] for row, _ in entries])
@@ -323,7 +503,9 @@ class Recorder:
             await self._db.write_exchanges(
                 [row for row, _ in entries], trajectory_rows(entries), shadows
             )
-        except Exception:
+        except Exception as exc:
+            if is_transient(exc):
+                raise  # keep the journal for the next attempt
             await ping(self._db)  # unreachable: raise, keep the journal for the next attempt
             return await self._replay_one_by_one(entries, shadows, journal)
         return len(entries) + len(shadows)
@@ -335,20 +517,25 @@ class Recorder:
         journal: Journal,
     ) -> int:
         """The database answers but refused the chunk: write its records one at a time and set
-        aside the ones it refuses (counted as `rejected`), so one bad record blocks nothing."""
+        aside the ones it refuses (counted as `rejected`), so one bad record blocks nothing. A
+        transient error (disk full, locked) stops the replay instead: nothing is set aside."""
         written = 0
         refused: list[dict[str, Any]] = []
         for row, meta in entries:
             try:
                 await self._db.write_exchanges([row], trajectory_rows([(row, meta)]))
                 written += 1
-            except Exception:
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
                 refused.append({"exchange": row, "trajectory": meta})
         for shadow in shadows:
             try:
                 await self._db.write_exchanges([], [], [shadow])
                 written += 1
-            except Exception:
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
                 refused.append({"shadow": shadow})
         if refused:
             self.stats["rejected"] += len(refused)
