@@ -38,6 +38,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from proxy.core.responses import response_key
 from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.schema import conversation_states, exchanges, migrations_table, trajectories
 
@@ -512,6 +513,16 @@ class Database:
             }
             for row in exchange_rows
             if row.get("state_hash")
+        ]
+        # A Responses exchange's id was written through as a state too (`Stitcher.remember_response`).
+        keys += [
+            {
+                "b_state_hash": response_key(row["response_id"]),
+                "b_trajectory_id": row["trajectory_id"],
+                "b_exchange_id": row["id"],
+            }
+            for row in exchange_rows
+            if row.get("response_id")
         ]
         if not keys:
             return
