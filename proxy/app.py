@@ -20,7 +20,7 @@ from proxy.http.chat import chat_completions
 from proxy.http.errors import error_response
 from proxy.http.metrics import Metrics
 from proxy.http.passthrough import passthrough
-from proxy.http.responses import create_response
+from proxy.http.responses import create_response, retrieve_response
 from proxy.http.state import ProxyState
 from proxy.http.teacher import Teacher
 from proxy.http.upstream import create_client
@@ -106,6 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await proxy.drain_background(settings.read_timeout_s)
+            for exchange in proxy.stitcher.drain_awaiting():
+                exchange.submit()  # background responses never retrieved: recorded as they are
             await client.close()
             await recorder.stop()
             await db.close()
@@ -115,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Hot paths are plain Starlette routes: the body is forwarded as bytes, never re-modelled.
     app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.router.add_route("/v1/responses", create_response, methods=["POST"])
+    app.router.add_route("/v1/responses/{response_id}", retrieve_response, methods=["GET"])
     app.router.add_route(
         "/v1/{path:path}",
         passthrough,

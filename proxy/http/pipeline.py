@@ -251,13 +251,20 @@ class Exchange:
         return response
 
     def finish(self) -> None:
-        """Stamp the duration and hand the record to the recorder (once)."""
+        """Stamp the duration and hand the record to the recorder (once), unless the API holds
+        it for an answer that arrives later (`RecordedApi.hold`)."""
         if self.submitted.is_set():
             return
         self.record.duration_ms = ms_since(self.start)
+        self.submitted.set()
+        if self.api.hold(self):
+            return
+        self.submit()
+
+    def submit(self) -> None:
+        """Hand the record to the recorder now (also a held one: see `RecordedApi.hold`)."""
         self.proxy.recorder.submit(self.record)
         self.proxy.metrics.observe(self.record)
-        self.submitted.set()
 
 
 class RecordedApi:
@@ -285,6 +292,11 @@ class RecordedApi:
     async def remember(self, exchange: Exchange, response: dict[str, Any]) -> None:
         """Remember the state `response` completes (awaited before the client sees the end)."""
         raise NotImplementedError
+
+    def hold(self, exchange: Exchange) -> bool:
+        """Keep the finished exchange's record back (True) because its answer comes later; the
+        API then calls `exchange.submit()` itself. Default: never."""
+        return False
 
     def forwarded(self, exchange: Exchange, body: dict[str, Any], raw: bytes) -> bytes:
         """The body bytes to send upstream (the client's own bytes unless the API changes them)."""

@@ -24,6 +24,8 @@ flat function tools. `previous_response_id` continues a response kept server-sid
 `encrypted_content` when `include` asks for `reasoning.encrypted_content`. `stream: true` sends
 the Responses events with `sequence_number` (no `[DONE]`); header `x-fake-empty-terminal: 1`
 sends a terminal `response.completed` whose `output` is empty, as several compatible backends do.
+`background: true` answers `queued`; `GET /v1/responses/{id}` finds it `in_progress` once, then
+answers it; `DELETE` and `POST .../cancel` work on it too.
 
 Every answer carries `x-request-id`, `openai-processing-ms`, `x-ratelimit-*` headers and an
 unknown body field (`x_fake_extra`) so fidelity can be checked. Requests are kept in memory and
@@ -481,6 +483,10 @@ async def responses(request: Request) -> Response:
     answer = build_response(body, items, number, reasoning)
     if body.get("store") is not False:
         stored[answer["id"]] = [*items, *answer["output"]]
+    if body.get("background") is True:
+        request.app.state.background[answer["id"]] = {"answer": answer, "polls": 0}
+        queued = {**answer, "status": "queued", "output": [], "usage": None, "background": True}
+        return JSONResponse(queued, headers=_headers(request_id))
     if body.get("stream"):
         delay = float(request.headers.get("x-fake-chunk-delay-ms", "0")) / 1000
         events = response_events(
@@ -617,6 +623,37 @@ async def _sse_events(
             await asyncio.sleep(delay)
 
 
+async def response_by_id(request: Request) -> Response:
+    """`GET` a background response (the first poll finds it `in_progress`, later ones get the
+    answer), `DELETE` it, or `POST .../cancel` it."""
+    response_id = request.path_params["response_id"]
+    held = request.app.state.background.get(response_id)
+    if held is None and response_id not in request.app.state.responses:
+        return _error(
+            404, f"No response found with id '{response_id}'.", "invalid_request_error", None, None
+        )
+    if request.method == "DELETE":
+        request.app.state.background.pop(response_id, None)
+        request.app.state.responses.pop(response_id, None)
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+    if held is None:
+        return _error(
+            400,
+            "only background responses are kept for retrieval here",
+            "invalid_request_error",
+            None,
+            None,
+        )
+    if request.url.path.endswith("/cancel"):
+        held["answer"] = {**held["answer"], "status": "cancelled", "output": []}
+        return JSONResponse(held["answer"], headers=_headers(f"req_fake_{response_id}"))
+    held["polls"] += 1
+    if held["polls"] == 1:
+        pending = {**held["answer"], "status": "in_progress", "output": [], "usage": None}
+        return JSONResponse(pending, headers=_headers(f"req_fake_{response_id}"))
+    return JSONResponse(held["answer"], headers=_headers(f"req_fake_{response_id}"))
+
+
 async def models(request: Request) -> Response:
     return JSONResponse(
         {
@@ -660,6 +697,8 @@ def create_fake_app() -> Starlette:
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/responses", responses, methods=["POST"]),
+            Route("/v1/responses/{response_id}", response_by_id, methods=["GET", "DELETE"]),
+            Route("/v1/responses/{response_id}/cancel", response_by_id, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/_fake/requests", recorded_requests, methods=["GET", "DELETE"]),
@@ -667,6 +706,7 @@ def create_fake_app() -> Starlette:
     )
     app.state.requests = []
     app.state.responses = {}  # response id -> the items a continuation inherits
+    app.state.background = {}  # background response id -> {"answer", "polls"}
     return app
 
 
