@@ -21,6 +21,7 @@ from proxy.http.errors import error_response
 from proxy.http.metrics import Metrics
 from proxy.http.passthrough import passthrough
 from proxy.http.responses import create_response, retrieve_response
+from proxy.http.responses_ws import responses_websocket
 from proxy.http.state import ProxyState
 from proxy.http.teacher import Teacher
 from proxy.http.upstream import create_client
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.router.add_route("/v1/responses", create_response, methods=["POST"])
     app.router.add_route("/v1/responses/{response_id}", retrieve_response, methods=["GET"])
+    app.router.add_websocket_route("/v1/responses", responses_websocket)
     app.router.add_route(
         "/v1/{path:path}",
         passthrough,

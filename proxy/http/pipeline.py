@@ -333,34 +333,27 @@ async def handle(request: Request, api: RecordedApi) -> Response:
         return Response(json.dumps(body).encode(), status_code=500, media_type="application/json")
 
 
-async def _call(
-    request: Request, api: RecordedApi, start: float, holder: list[Exchange]
-) -> Response:
-    proxy: ProxyState = request.app.state.proxy
-    settings = proxy.settings
-    try:
-        raw = await read_body(request, settings.max_body_bytes)
-        body, request_text = api.parse(raw)
-        explicit_id, id_source = explicit_trajectory_id(request.headers, body)
-        link = await api.link(proxy, body, explicit_id, id_source)
-        if link.route is None:
-            decision = decide_route(
-                body, request.headers.get(ROUTE_HEADER), link.request_hash, settings
-            )
-            route, shadow = await proxy.stitcher.claim(link, decision.route, decision.shadow)
-        else:
-            route, shadow = link.route, link.shadow
-    except InvalidRequest as exc:
-        return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
-    except RecursionError:
-        return error_response(
-            400, f"{api.items_param} are nested too deeply", param=api.items_param
-        )
-    except RouteHeaderError as exc:
-        return error_response(400, str(exc), param=ROUTE_HEADER)
+async def open_exchange(
+    proxy: ProxyState,
+    api: RecordedApi,
+    body: dict[str, Any],
+    request_text: str,
+    headers: Any,
+    path: str,
+    start: float,
+) -> Exchange:
+    """Link a checked request `body` to its trajectory, decide or keep its route, and build its
+    in-flight exchange. Raises InvalidRequest (bad trajectory id), RouteHeaderError, and
+    RecursionError for input nested too deeply to hash."""
+    explicit_id, id_source = explicit_trajectory_id(headers, body)
+    link = await api.link(proxy, body, explicit_id, id_source)
+    if link.route is None:
+        decision = decide_route(body, headers.get(ROUTE_HEADER), link.request_hash, proxy.settings)
+        route, shadow = await proxy.stitcher.claim(link, decision.route, decision.shadow)
+    else:
+        route, shadow = link.route, link.shadow
     if proxy.teacher is None:  # routed earlier by a proxy that had a teacher configured
         route, shadow = "student", False
-
     record = ExchangeRecord(
         id=new_id(),
         trajectory_id=link.trajectory_id,
@@ -371,15 +364,38 @@ async def _call(
         route=route,
         shadow=shadow,
         started_utc=utc_now(),
-        path=request.url.path,
+        path=path,
         stream=body.get("stream") is True,
         request=body,
         request_text=request_text,
         request_hash=link.request_hash,
-        control_headers=control_headers(request.headers),
+        control_headers=control_headers(headers),
         kind=api.kind,
     )
-    exchange = Exchange(proxy, api, record, link, start)
+    return Exchange(proxy, api, record, link, start)
+
+
+async def _call(
+    request: Request, api: RecordedApi, start: float, holder: list[Exchange]
+) -> Response:
+    proxy: ProxyState = request.app.state.proxy
+    settings = proxy.settings
+    try:
+        raw = await read_body(request, settings.max_body_bytes)
+        body, request_text = api.parse(raw)
+        exchange = await open_exchange(
+            proxy, api, body, request_text, request.headers, request.url.path, start
+        )
+    except InvalidRequest as exc:
+        return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+    except RecursionError:
+        return error_response(
+            400, f"{api.items_param} are nested too deeply", param=api.items_param
+        )
+    except RouteHeaderError as exc:
+        return error_response(400, str(exc), param=ROUTE_HEADER)
+    record = exchange.record
+    route, shadow = record.route, record.shadow
     holder.append(exchange)
     key = client_key(request.headers)
     if route == "teacher" and proxy.teacher is not None:

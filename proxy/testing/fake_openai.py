@@ -48,7 +48,8 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 _counter = itertools.count(1)
 FIXED_COMPLETION = json.dumps(
@@ -654,6 +655,46 @@ async def response_by_id(request: Request) -> Response:
     return JSONResponse(held["answer"], headers=_headers(f"req_fake_{response_id}"))
 
 
+async def responses_websocket(websocket: WebSocket) -> None:
+    """Responses over WebSocket: each client frame `{"type": "response.create", ...}` is a
+    request body; the answer's events come back as text frames (the same JSON as SSE data).
+    `generate: false` prewarms: `response.created` and `response.completed` with no output.
+    An unknown `previous_response_id` is an `error` event."""
+    await websocket.accept()
+    app = websocket.app
+    while True:
+        try:
+            text = await websocket.receive_text()
+        except WebSocketDisconnect:
+            return
+        frame = json.loads(text)
+        body = {k: v for k, v in frame.items() if k != "type"}
+        app.state.requests.append({"headers": dict(websocket.headers), "body": body, "ws": True})
+        number = next(_counter)
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in app.state.responses:
+            await websocket.send_text(
+                json.dumps(
+                    {
+                        "type": "error",
+                        "code": "previous_response_not_found",
+                        "message": f"Previous response with id '{previous}' not found.",
+                        "param": "previous_response_id",
+                        "sequence_number": 0,
+                    }
+                )
+            )
+            continue
+        items = _response_items(body, app.state.responses.get(previous, []))
+        answer = build_response(body, items, number, "reasoning" in str(body.get("model")))
+        if body.get("generate") is False:
+            answer = {**answer, "output": []}
+        if body.get("store") is not False:
+            app.state.responses[answer["id"]] = [*items, *answer["output"]]
+        for event in response_events(answer):
+            await websocket.send_text(json.dumps(event))
+
+
 async def models(request: Request) -> Response:
     return JSONResponse(
         {
@@ -697,6 +738,7 @@ def create_fake_app() -> Starlette:
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/responses", responses, methods=["POST"]),
+            WebSocketRoute("/v1/responses", responses_websocket),
             Route("/v1/responses/{response_id}", response_by_id, methods=["GET", "DELETE"]),
             Route("/v1/responses/{response_id}/cancel", response_by_id, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
