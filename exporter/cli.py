@@ -181,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also export leaves that did not end with a final answer",
     )
     export.add_argument(
+        "--include-truncated",
+        action="store_true",
+        help="also export Responses trajectories whose previous_response_id history the proxy "
+        "never recorded (they start at the first recorded step)",
+    )
+    export.add_argument(
         "--exclude-promoted",
         action="store_true",
         help="leave out trajectories whose requests got an injected logit_bias",
