@@ -58,6 +58,8 @@ async def test_trajectory_page_shows_a_responses_conversation(
             if len(api.get("exchanges", [])) == 2:
                 break
         assert [e["kind"] for e in api["exchanges"]] == ["responses", "responses"]
+        [listed] = (await client.get(f"{ROOT}/api/trajectories")).json()["data"]
+        assert listed["first_user_text"] == "Plan <script>alert(1)</script> Lisbon"
         page = await client.get(f"{ROOT}/dashboard/trajectories/{tid}")
     assert page.status_code == 200
     html = page.text

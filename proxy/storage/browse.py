@@ -33,6 +33,7 @@ from sqlalchemy import (
     true,
 )
 
+from proxy.core.responses import input_items
 from proxy.storage.database import Database, utc_now
 from proxy.storage.schema import exchanges, trajectories
 
@@ -333,6 +334,8 @@ def first_user_text(request_json: str | None, limit: int = 200) -> str | None:
     except ValueError:
         return None
     messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list) and isinstance(body, dict):
+        messages = input_items(body)  # a Responses API request: its input items
     if not isinstance(messages, list):
         return None
     for message in messages:
