@@ -76,7 +76,7 @@ def error_json(text: str) -> str:
     """An upstream error body as stored: itself when it is JSON, else wrapped in an error object."""
     try:
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return json.dumps(error_body(text, "upstream_error", code="upstream_invalid_body"))
     return text
 
@@ -142,7 +142,11 @@ class Exchange:
         """The model answered with `response` (the API's answer object): remember the new state."""
         self.record.response = response
         if self.record.outcome == "ok" and response is not None:
-            await self.api.remember(self, response)
+            try:
+                await self.api.remember(self, response)
+            except Exception:  # recording fails open: the answer still reaches the client
+                self.record.state_hash = None
+                log.exception("%s: remembering the state of an answer failed", self.api.kind)
 
     def failed(self, status: int, body: dict[str, Any]) -> Response:
         """Record an error the proxy answers itself (502/504/500 or a teacher error) and build it."""
@@ -359,7 +363,7 @@ async def relay_body(exchange: Exchange, upstream: aiohttp.ClientResponse) -> Re
     if 200 <= upstream.status < 300:
         try:
             parsed = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past the parser: kept as an error text
             parsed = None
         if isinstance(parsed, dict):
             record.response_text = text
