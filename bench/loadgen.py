@@ -116,6 +116,33 @@ def chat_body(stream: bool) -> bytes:
     return json.dumps(body).encode()
 
 
+def responses_body(stream: bool) -> bytes:
+    """The same request for the Responses API: instructions, the user message as input, the 3
+    tools flat (about 2.5 KB of JSON)."""
+    body: dict[str, Any] = {
+        "model": "gpt-4.1-mini",
+        "instructions": SYSTEM_PROMPT,
+        "input": [{"role": "user", "content": USER_MESSAGE}],
+        "tools": [{"type": "function", **tool["function"]} for tool in TOOLS],
+        "tool_choice": "auto",
+        "parallel_tool_calls": True,
+        "temperature": 0.2,
+        "max_output_tokens": 512,
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+def request_for(kind: str) -> tuple[str, bytes]:
+    """(path, body) of a benchmark kind: `json`, `stream` (chat completions) or
+    `responses-json`, `responses-stream` (the Responses API)."""
+    stream = kind.endswith("stream")
+    if kind.startswith("responses"):
+        return "/v1/responses", responses_body(stream)
+    return "/v1/chat/completions", chat_body(stream)
+
+
 # The headers the official Python SDK sends (key redacted: a dummy that the mock ignores).
 SDK_HEADERS: list[tuple[str, str]] = [
     ("Accept", "application/json"),

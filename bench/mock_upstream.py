@@ -6,8 +6,12 @@ calls): this one must never be the bottleneck, so it answers from pre-encoded by
     POST /v1/chat/completions   JSON `chat.completion` with one tool call (about 800 bytes), or,
                                 when the body has `"stream": true`, the same answer as an SSE
                                 stream (chunked, one write per event, `[DONE]` last).
+    POST /v1/responses          the same answer as a Responses API `response` (one
+                                `function_call` item), or its event stream with
+                                `sequence_number`s (no `[DONE]`) for `"stream": true`.
     GET  /v1/models             a one-model list (readiness probe).
-    GET  /_stats                `{"chat": N, "chat_stream": N}`: chat requests answered so far.
+    GET  /_stats                `{"chat": N, "chat_stream": N, "responses": N,
+                                "responses_stream": N}`: requests answered so far.
 
 Headers are the ones OpenAI sends (`x-request-id`, `openai-processing-ms`, `x-ratelimit-*`,
 `cf-ray`, ...), `x-request-id` unique per answer. Uses uvloop when it is installed.
@@ -110,7 +114,73 @@ def stream_events() -> list[bytes]:
     return [*events, b"data: [DONE]\n\n"]
 
 
+RESPONSE = {
+    "id": "resp_BenchMock0000000000000000000",
+    "object": "response",
+    "created_at": 1_750_000_000,
+    "status": "completed",
+    "error": None,
+    "incomplete_details": None,
+    "instructions": None,
+    "model": MODEL,
+    "output": [
+        {
+            "type": "function_call",
+            "id": "fc_BenchMock000000000000000000",
+            "call_id": TOOL_CALL["id"],
+            "name": "lookup_order",
+            "arguments": TOOL_ARGUMENTS,
+            "status": "completed",
+        }
+    ],
+    "parallel_tool_calls": True,
+    "tool_choice": "auto",
+    "tools": [],
+    "usage": {
+        "input_tokens": 512,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 27,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 539,
+    },
+}
+
+
+def response_events() -> list[bytes]:
+    """The Responses answer as SSE events, arguments split in 6-character pieces."""
+    item = RESPONSE["output"][0]  # type: ignore[index]
+    pending = {**RESPONSE, "status": "in_progress", "output": [], "usage": None}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": pending},
+        {"type": "response.in_progress", "response": pending},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**item, "arguments": "", "status": "in_progress"},
+        },
+    ]
+    for start in range(0, len(TOOL_ARGUMENTS), 6):
+        events.append(
+            {
+                "type": "response.function_call_arguments.delta",
+                "item_id": item["id"],
+                "output_index": 0,
+                "delta": TOOL_ARGUMENTS[start : start + 6],
+            }
+        )
+    events += [
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": RESPONSE},
+    ]
+    return [
+        f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': n}, separators=(',', ':'))}\n\n".encode()
+        for n, e in enumerate(events)
+    ]
+
+
 COMPLETION = completion_body()
+RESPONSE_BODY = json.dumps(RESPONSE, indent=2).encode() + b"\n"
+RESPONSE_CHUNKS = [b"%x\r\n%s\r\n" % (len(event), event) for event in response_events()]
 EVENTS = stream_events()
 # Each SSE event is one HTTP chunk, as OpenAI's servers send them.
 STREAM_CHUNKS = [b"%x\r\n%s\r\n" % (len(event), event) for event in EVENTS]
@@ -170,6 +240,8 @@ def _openai_headers(content_type: bytes) -> bytes:
 class Stats:
     chat = 0
     chat_stream = 0
+    responses = 0
+    responses_stream = 0
 
 
 class MockProtocol(asyncio.Protocol):
@@ -219,10 +291,24 @@ class MockProtocol(asyncio.Protocol):
             else:
                 Stats.chat += 1
                 self._send(b"200 OK", b"application/json", COMPLETION, close=close)
+        elif method == b"post" and path == b"/v1/responses":
+            if b'"stream":true' in body or b'"stream": true' in body:
+                Stats.responses_stream += 1
+                self._stream(close, RESPONSE_CHUNKS)
+            else:
+                Stats.responses += 1
+                self._send(b"200 OK", b"application/json", RESPONSE_BODY, close=close)
         elif method == b"get" and path == b"/v1/models":
             self._send(b"200 OK", b"application/json", MODELS, close=close)
         elif method == b"get" and path == b"/_stats":
-            stats = json.dumps({"chat": Stats.chat, "chat_stream": Stats.chat_stream}).encode()
+            stats = json.dumps(
+                {
+                    "chat": Stats.chat,
+                    "chat_stream": Stats.chat_stream,
+                    "responses": Stats.responses,
+                    "responses_stream": Stats.responses_stream,
+                }
+            ).encode()
             self._send(b"200 OK", b"application/json", stats, close=close)
         else:
             error = b'{"error":{"message":"unknown path","type":"invalid_request_error"}}'
@@ -238,13 +324,13 @@ class MockProtocol(asyncio.Protocol):
             self.transport.close()
             self.transport = None
 
-    def _stream(self, close: bool) -> None:
+    def _stream(self, close: bool, chunks: list[bytes] | None = None) -> None:
         assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 200 OK\r\n%stransfer-encoding: chunked\r\n\r\n"
             % _openai_headers(b"text/event-stream; charset=utf-8")
         )
-        for piece in STREAM_CHUNKS:
+        for piece in chunks or STREAM_CHUNKS:
             self.transport.write(piece)
         self.transport.write(b"0\r\n\r\n")
         if close:

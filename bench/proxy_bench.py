@@ -79,10 +79,10 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         conn.close()
 
 
-def http_post(port: int, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+def http_post(port: int, body: bytes, path: str = PATH) -> tuple[int, list[tuple[str, str]], bytes]:
     conn = http.client.HTTPConnection(HOST, port, timeout=10)
     try:
-        conn.request("POST", PATH, body=body, headers=dict(loadgen.SDK_HEADERS))
+        conn.request("POST", path, body=body, headers=dict(loadgen.SDK_HEADERS))
         response = conn.getresponse()
         return response.status, response.getheaders(), response.read()
     finally:
@@ -184,7 +184,7 @@ def merge(into: loadgen.RunResult, part: loadgen.RunResult) -> None:
 
 def mock_count(mock_port: int) -> int:
     stats = json.loads(http_get(mock_port, "/_stats")[1])
-    return int(stats["chat"]) + int(stats["chat_stream"])
+    return sum(int(count) for count in stats.values())
 
 
 async def counted(
@@ -214,6 +214,7 @@ async def settled_count(mock_port: int, quiet_s: float = 0.5, limit_s: float = 1
 
 
 async def throughput_run(
+    path: str,
     port: int,
     request: bytes,
     body: bytes,
@@ -225,11 +226,11 @@ async def throughput_run(
     if args.generator == "wrk":
         if args.warmup_s > 0:
             await asyncio.to_thread(
-                loadgen.run_wrk, HOST, port, PATH, body, args.connections, args.warmup_s
+                loadgen.run_wrk, HOST, port, path, body, args.connections, args.warmup_s
             )
         with cpu_meter(pids, cpu):
             return await asyncio.to_thread(
-                loadgen.run_wrk, HOST, port, PATH, body, args.connections, args.duration
+                loadgen.run_wrk, HOST, port, path, body, args.connections, args.duration
             )
     with cpu_meter(pids, cpu):
         return await loadgen.concurrent(
@@ -244,10 +245,9 @@ async def measure_kind(
     args: argparse.Namespace,
     console: Console,
 ) -> KindResult:
-    stream = kind == "stream"
-    body = loadgen.chat_body(stream)
+    path, body = loadgen.request_for(kind)
     requests = {
-        target: loadgen.http_request(HOST, port, PATH, body) for target, port in ports.items()
+        target: loadgen.http_request(HOST, port, path, body) for target, port in ports.items()
     }
     out = KindResult(kind)
     mock_port = ports["direct"]
@@ -286,12 +286,14 @@ async def measure_kind(
         if target == "proxy":
             result, via = await counted(
                 mock_port,
-                functools.partial(throughput_run, port, requests[target], body, pids, cpu, args),
+                functools.partial(
+                    throughput_run, path, port, requests[target], body, pids, cpu, args
+                ),
             )
             out.mock_answered_via_proxy += via
             out.proxy_answered += result.ok()
         else:
-            result = await throughput_run(port, requests[target], body, pids, cpu, args)
+            result = await throughput_run(path, port, requests[target], body, pids, cpu, args)
         # The python generator's CPU window includes its warm-up: fine for shares of a core.
         cpu["generator"] = 100 * result.cpu_s / (result.elapsed_s or 1)
         out.throughput[target] = result
@@ -303,14 +305,17 @@ async def measure_kind(
     return out
 
 
+FIDELITY_KINDS = ("json", "stream", "responses-json", "responses-stream")
+
+
 def fidelity_check(ports: dict[str, int]) -> list[str]:
-    """Problems found comparing one proxied answer with the direct one (JSON and stream)."""
+    """Problems found comparing one proxied answer with the direct one (chat and Responses,
+    JSON and stream: one request each, `FIDELITY_KINDS`)."""
     problems: list[str] = []
-    for stream in (False, True):
-        body = loadgen.chat_body(stream)
-        direct = http_post(ports["direct"], body)
-        proxied = http_post(ports["proxy"], body)
-        label = "stream" if stream else "json"
+    for label in FIDELITY_KINDS:
+        path, body = loadgen.request_for(label)
+        direct = http_post(ports["direct"], body, path)
+        proxied = http_post(ports["proxy"], body, path)
         if proxied[0] != 200 or direct[0] != 200:
             problems.append(f"{label}: status direct {direct[0]}, proxy {proxied[0]}")
         if proxied[2] != direct[2]:
@@ -330,13 +335,16 @@ def count_recorded(db: Path) -> dict[str, Any]:
     with sqlite3.connect(db) as conn:
         total = conn.execute("SELECT count(*) FROM exchanges").fetchone()[0]
         by = conn.execute(
-            "SELECT stream, outcome, count(*) FROM exchanges GROUP BY stream, outcome"
+            "SELECT kind, stream, outcome, count(*) FROM exchanges GROUP BY kind, stream, outcome"
         ).fetchall()
         trajectories = conn.execute("SELECT count(*) FROM trajectories").fetchone()[0]
     return {
         "exchanges": int(total),
         "trajectories": int(trajectories),
-        "by_kind": {f"{'stream' if s else 'json'}/{o}": int(n) for s, o, n in by},
+        "by_kind": {
+            f"{'' if k == 'chat' else k + '-'}{'stream' if s else 'json'}/{o}": int(n)
+            for k, s, o, n in by
+        },
     }
 
 
@@ -453,7 +461,24 @@ def verdicts(results: list[KindResult]) -> list[tuple[str, bool]]:
         50
     )
     rps = json_result.throughput["proxy"].rps
-    return [
+    out = []
+    responses = next((r for r in results if r.kind == "responses-json"), None)
+    if responses is not None:  # the Responses path within 10% of chat's
+        added_r = responses.latency["proxy"].percentile(50) - responses.latency[
+            "direct"
+        ].percentile(50)
+        rps_r = responses.throughput["proxy"].rps
+        out = [
+            (
+                f"Responses added p50 latency {added_r:.3f} ms <= 110% of chat's ({added:.3f} ms)",
+                added_r <= 1.1 * added,
+            ),
+            (
+                f"Responses throughput {rps_r:,.0f} req/s >= 90% of chat's ({rps:,.0f} req/s)",
+                rps_r >= 0.9 * rps,
+            ),
+        ]
+    return out + [
         (
             f"added p50 latency (JSON) {added:.3f} ms <= {TARGET_ADDED_P50_MS:g} ms",
             added <= TARGET_ADDED_P50_MS,
@@ -579,7 +604,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--generator", choices=["auto", "python", "wrk"], default="auto")
-    parser.add_argument("--kinds", default="json,stream", help="json, stream or both")
+    parser.add_argument(
+        "--kinds",
+        default="json,stream",
+        help="comma-separated: json, stream (chat completions), responses-json, responses-stream",
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "RESULTS.md")
     parser.add_argument(
         "--proxy-command", default=None, help="measure a variant; {port} {upstream} {db}"
@@ -655,13 +684,14 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_s, output = stop_process(proxy)
         proxy = None
         recorded = count_recorded(db)
-        answered_client = 2 + sum(r.proxy_answered for r in results)  # 2: the fidelity check
-        answered_mock = 2 + sum(r.mock_answered_via_proxy for r in results)
+        checked = len(FIDELITY_KINDS)  # the fidelity check's requests
+        answered_client = checked + sum(r.proxy_answered for r in results)
+        answered_mock = checked + sum(r.mock_answered_via_proxy for r in results)
         ok = recorded["exchanges"] == answered_mock
         if args.generator == "python":  # every request is awaited: exact counts, all answered
             ok = ok and recorded["exchanges"] == answered_client
             ok = ok and all(key.endswith("/ok") for key in recorded["by_kind"])
-        if mock_count(mock_port) - before < answered_mock - 2:
+        if mock_count(mock_port) - before < answered_mock - checked:
             problems.append("mock counters went backwards")
         if "Traceback" in output:
             problems.append("the proxy logged a traceback:\n" + output[-2000:])

@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or content_filter is left out, never trained; error leaves are never exported)",
     )
     export.add_argument(
+        "--include-truncated",
+        action="store_true",
+        help="also export Responses trajectories whose previous_response_id history the proxy "
+        "never recorded (they start at the first recorded step)",
+    )
+    export.add_argument(
         "--exclude-promoted",
         action="store_true",
         help="leave out trajectories whose requests got an injected logit_bias",

@@ -73,6 +73,7 @@ def _options(args: argparse.Namespace) -> ExportOptions:
         tags=tuple(args.tag or ()),
         min_tool_calls=args.min_tool_calls,
         include_incomplete=args.include_incomplete,
+        include_truncated=args.include_truncated,
         exclude_promoted=args.exclude_promoted,
         base_model=args.base_model,
         max_tokens=args.max_tokens,

@@ -89,6 +89,8 @@ class ExportOptions:
     'rejected', 'unlabeled'; 'any' keeps all). tags: every one must be among the trajectory's tags.
     min_tool_calls: fewer tool calls in the sample drops it. include_incomplete: also export
     leaves that did not end with a final answer (they end at their last assistant message).
+    include_truncated: also export Responses leaves whose `previous_response_id` history was
+    never recorded (dropped as `truncated_history` otherwise).
     exclude_promoted: leave out trajectories with an injected logit_bias. base_model: the model
     to fine-tune: picks the tokenizer, the token limit and the price (default gpt-4.1-mini for the
     openai and dpo formats; none for hf and sharegpt). max_tokens: token limit per sample,
@@ -116,6 +118,7 @@ class ExportOptions:
     tags: tuple[str, ...] = ()
     min_tool_calls: int = 0
     include_incomplete: bool = False
+    include_truncated: bool = False
     exclude_promoted: bool = False
     base_model: str | None = None
     max_tokens: int | None = None

@@ -80,14 +80,18 @@ async def read_batches(
         if selected is not None and not in_sql:
             rows = [row for row in rows if row["trajectory_id"] in selected]
         if rows:
-            yield await as_chat_rows(db, rows)
+            yield await as_chat_rows(db, rows, include_truncated=options.include_truncated)
 
 
-async def as_chat_rows(db: Database, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def as_chat_rows(
+    db: Database, rows: list[dict[str, Any]], *, include_truncated: bool = False
+) -> list[dict[str, Any]]:
     """`responses` rows in chat form (`exporter.responses`): their request, response and shadow
     JSON replaced by the chat equivalents, the history a `previous_response_id` names rebuilt
     from the trajectory's records (one read per such trajectory). A row that cannot be trained
-    faithfully gets `rejected` = (reason, detail) instead, which the sample builder counts."""
+    faithfully gets `rejected` = (reason, detail) instead, which the sample builder counts;
+    `include_truncated` exports a history that starts at its first recorded step instead of
+    dropping it as `truncated_history`."""
     trajectories: dict[str, dict[str, dict[str, Any]]] = {}
     for row in rows:
         if row.get("kind") != "responses":
@@ -104,7 +108,10 @@ async def as_chat_rows(db: Database, rows: list[dict[str, Any]]) -> list[dict[st
                     }
                 context, truncated = rebuild_context(trajectories[tid], row["id"])
             request, response = as_chat(
-                recorded["request"], recorded["response"], context, truncated=truncated
+                recorded["request"],
+                recorded["response"],
+                context,
+                truncated=truncated and not include_truncated,
             )
             row["request_json"] = json.dumps(request)
             row["response_json"] = json.dumps(response) if response is not None else None

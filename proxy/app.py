@@ -21,7 +21,8 @@ from proxy.http.errors import error_response
 from proxy.http.metrics import Metrics
 from proxy.http.passthrough import passthrough
 from proxy.http.paths import RECORDED_APIS, recorded_api_of
-from proxy.http.responses import create_response
+from proxy.http.responses import create_response, retrieve_response
+from proxy.http.responses_ws import responses_websocket
 from proxy.http.state import ProxyState
 from proxy.http.teacher import Teacher
 from proxy.http.upstream import create_client
@@ -123,6 +124,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await proxy.drain_background(settings.read_timeout_s)
+            for exchange in proxy.stitcher.drain_awaiting():
+                exchange.submit()  # background responses never retrieved: recorded as they are
             await client.close()
             await recorder.stop()
             await db.close()
@@ -133,6 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for path, api in RECORDED_APIS.items():  # also without /v1, as some clients send them
         for spelling in (path, path + "/"):
             app.router.add_route(spelling, RECORDED_HANDLERS[api], methods=["POST"])
+    app.router.add_route("/v1/responses/{response_id}", retrieve_response, methods=["GET"])
+    app.router.add_websocket_route("/v1/responses", responses_websocket)
     app.router.add_route(
         "/v1/{path:path}",
         v1_request,

@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 
 from proxy.core import responses as core
 from proxy.core.sse import ResponsesStreamAssembler
-from proxy.testing.fake_openai import build_response, response_events
+from proxy.testing.fake_responses import build_response, response_events
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
 TOOLS = [{"type": "function", "name": "get_weather"}, {"type": "function", "name": "find_museums"}]

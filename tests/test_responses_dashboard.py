@@ -58,6 +58,8 @@ async def test_trajectory_page_shows_a_responses_conversation(
             if len(api.get("exchanges", [])) == 2:
                 break
         assert [e["kind"] for e in api["exchanges"]] == ["responses", "responses"]
+        [listed] = (await client.get(f"{ROOT}/api/trajectories")).json()["data"]
+        assert listed["first_user_text"] == "Plan <script>alert(1)</script> Lisbon"
         page = await client.get(f"{ROOT}/dashboard/trajectories/{tid}")
     assert page.status_code == 200
     html = page.text
@@ -69,3 +71,28 @@ async def test_trajectory_page_shows_a_responses_conversation(
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>alert" not in html
     assert "Plan &lt;b&gt;trips&lt;/b&gt;." in html  # instructions as the system message
     assert "find_museums" in html  # the answer of step 1: the next tool call
+    assert "truncated" not in html and "prompt template unresolved" not in html
+
+
+async def test_truncated_history_and_prompt_templates_are_shown_as_such(
+    tmp_path: Path, fake_url: str
+) -> None:
+    async with in_process_proxy(tmp_path / "u.db", fake_url) as client:
+        reply = await client.post(
+            "/responses",
+            json={
+                "model": "m",
+                "previous_response_id": "resp_recorded_elsewhere",
+                "prompt": {"id": "pmpt_123", "version": "2"},
+                "input": "go on",
+            },
+        )
+        assert reply.status_code == 400  # the fake does not know the parent either
+        tid = reply.headers["x-understudy-trajectory-id"]
+        for _ in range(200):
+            api = (await client.get(f"{ROOT}/api/trajectories/{tid}")).json()
+            if api.get("exchanges"):
+                break
+        html = (await client.get(f"{ROOT}/dashboard/trajectories/{tid}")).text
+    assert ">truncated</span>" in html
+    assert "prompt template unresolved" in html

@@ -291,3 +291,7 @@ async def test_export_cli_validates_and_counts_truncated(tmp_path: Path, fake_ur
     checked = run_cli("validate", str(out))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert len(out.read_text().splitlines()) == 10
+    opted_in = tmp_path / "all.jsonl"
+    done = run_cli("export", "--db", str(db), "--out", str(opted_in), "--include-truncated")
+    assert done.returncode == 0, done.stderr
+    assert len(opted_in.read_text().splitlines()) == 11

@@ -277,3 +277,45 @@ async def test_chat_and_responses_exchanges_keep_their_kind(tmp_path: Path, fake
     assert sorted(r["kind"] for r in exchanges(db)) == ["chat", "responses"]
     chat = next(r for r in exchanges(db) if r["kind"] == "chat")
     assert chat["response_id"] is None
+
+
+async def test_background_response_is_recorded_when_retrieved(
+    tmp_path: Path, fake_url: str
+) -> None:
+    db = tmp_path / "u.db"
+    async with in_process_proxy(db, fake_url) as client:
+        queued = await client.post(
+            "/responses",
+            json={"model": "m", "input": "Plan Tunis", "tools": TOOLS, "background": True},
+        )
+        assert queued.json()["status"] == "queued"
+        response_id = queued.json()["id"]
+        polls = [(await client.get(f"/responses/{response_id}")).json() for _ in range(2)]
+        assert [p["status"] for p in polls] == ["in_progress", "completed"]
+        # the next step continues the retrieved answer
+        await client.post(
+            "/responses",
+            json={
+                "model": "m",
+                "previous_response_id": response_id,
+                "input": call_outputs(polls[1]),
+                "tools": TOOLS,
+            },
+        )
+        deleted = await client.delete(f"/responses/{response_id}")
+        assert deleted.json()["deleted"] is True
+    rows = exchanges(db)
+    assert len(rows) == 2
+    assert rows[0]["response"] == polls[1]  # the answer as retrieved, not `queued`
+    assert rows[0]["response_id"] == response_id and rows[0]["tool_call_count"] == 1
+    assert rows[1]["parent_id"] == rows[0]["id"]  # DELETE upstream keeps the record
+
+
+async def test_background_response_never_retrieved_is_recorded_at_shutdown(
+    tmp_path: Path, fake_url: str
+) -> None:
+    db = tmp_path / "u.db"
+    async with in_process_proxy(db, fake_url) as client:
+        await client.post("/responses", json={"model": "m", "input": "x", "background": True})
+    [row] = exchanges(db)
+    assert row["response"]["status"] == "queued"

@@ -266,6 +266,59 @@ async def test_agent_run_is_one_trajectory_equal_to_the_run(proxy: ProxyServer, 
     ]
 
 
+# -- LangChain, Responses API ------------------------------------------------------------------
+
+
+async def test_langchain_responses_api_with_bound_tools_is_one_trajectory(
+    proxy: ProxyServer,
+) -> None:
+    from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(query: str, step: int, n: int) -> str:
+        """Weather forecast for the city named in the query."""
+        return f"weather for {query!r}: 21C"
+
+    @tool
+    def find_museums(query: str, step: int, n: int) -> str:
+        """Museums worth visiting in the city named in the query."""
+        return "Louvre, Orsay"
+
+    tools = {"get_weather": get_weather, "find_museums": find_museums}
+    marker = uuid.uuid4().hex[:8]
+    llm = ChatOpenAI(
+        model=MODEL,
+        base_url=proxy.base_url,
+        api_key="sk-test-responses",  # type: ignore[arg-type]
+        use_responses_api=True,
+        max_retries=0,
+    ).bind_tools(list(tools.values()))
+    messages: list[Any] = [
+        SystemMessage(INSTRUCTIONS),
+        HumanMessage(f"parallel trip {marker}"),
+    ]
+    seen_calls: list[tuple[str, dict[str, Any]]] = []
+    seen_results: list[str] = []
+    for _ in range(5):
+        answer = await llm.ainvoke(messages)
+        messages.append(answer)
+        if not answer.tool_calls:  # type: ignore[attr-defined]
+            break
+        for call in answer.tool_calls:  # type: ignore[attr-defined]
+            result = tools[call["name"]].invoke(call["args"])
+            seen_calls.append((call["name"], call["args"]))
+            seen_results.append(str(result))
+            messages.append(ToolMessage(str(result), tool_call_id=call["id"]))
+    assert len(seen_calls) == 3
+    rows = trajectory_rows(proxy, marker, 3)
+    sample = await exported(proxy, rows[0]["trajectory_id"])
+    assert sample_calls(sample) == seen_calls
+    assert sample_results(sample) == seen_results
+    assert sample["messages"][-1] == {"role": "assistant", "content": messages[-1].text}
+
+
 async def test_module_export_validates(proxy: ProxyServer, tmp_path: Path) -> None:
     """Runs after the conversations above: add a few so `validate` has its 10 samples."""
     for _ in range(3):

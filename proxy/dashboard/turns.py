@@ -122,6 +122,10 @@ def step_info(exchange: Mapping[str, Any]) -> dict[str, Any]:
         "step": exchange.get("step"),
         "kind": exchange.get("kind") or "chat",
         "truncated": bool(exchange.get("truncated")),
+        # Responses API: a stored prompt template the proxy never saw (shown as unresolved)
+        "prompt_template": exchange.get("kind") == "responses"
+        and isinstance(exchange.get("request"), dict)
+        and exchange["request"].get("prompt") is not None,
         "started_utc": exchange.get("started_utc"),
         "duration_ms": exchange.get("duration_ms"),
         "ttft_ms": exchange.get("ttft_ms"),

@@ -7,7 +7,8 @@ body, or SSE events passed on as they arrive while the API's assembler builds th
 side. The exchange's state is remembered before the client can send its next step; the record
 goes to the recorder's queue. Recording never changes what the client receives.
 
-An API plugs in as a `RecordedApi` subclass (`proxy.http.chat.ChatApi`,
+Body limits and the checks every API shares are `proxy.http.body`. An API plugs in as a
+`RecordedApi` subclass (`proxy.http.chat.ChatApi`,
 `proxy.http.responses.ResponsesApi`). `handle(request, api)` is the one error boundary: an
 unexpected exception becomes an OpenAI-shaped 500, the exchange is recorded as an error and the
 traceback is logged once.
@@ -27,8 +28,15 @@ import anyio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy.core.redaction import redact_identifier
 from proxy.core.routing import ROUTE_HEADER, RouteHeaderError, decide_route
+from proxy.http.body import (
+    MAX_NESTING,
+    check_common,
+    explicit_trajectory_id,
+    nesting_depth,
+    parse_json_object,
+    read_body,
+)
 from proxy.http.errors import InvalidRequest, error_body, error_response
 from proxy.http.state import ProxyState
 from proxy.http.teacher import Teacher, TeacherError
@@ -41,150 +49,34 @@ from proxy.http.upstream import (
     upstream_url,
 )
 from proxy.recording.recorder import ExchangeRecord, ShadowUpdate, control_headers
-from proxy.recording.stitching import MAX_TRAJECTORY_ID_LENGTH, TRAJECTORY_HEADER, Link
+from proxy.recording.stitching import Link
 from proxy.storage import StateRef, new_id, utc_now
+
+__all__ = [
+    "EXCHANGE_HEADER",
+    "MAX_NESTING",
+    "Assembler",
+    "Exchange",
+    "RecordedApi",
+    "check_common",
+    "explicit_trajectory_id",
+    "handle",
+    "nesting_depth",
+    "open_exchange",
+    "parse_json_object",
+    "read_body",
+]
 
 log = logging.getLogger("understudy.pipeline")
 
 EXCHANGE_HEADER = "x-understudy-exchange-id"
-MAX_NESTING = 128
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than `limit` bytes (InvalidRequest 413) and bodies that are
-    not JSON by their content type (415; a missing content type is accepted)."""
-    content_type = request.headers.get("content-type")
-    if content_type is not None:
-        media_type = content_type.split(";")[0].strip().lower()
-        if media_type != "application/json" and not media_type.endswith("+json"):
-            raise InvalidRequest(
-                f"Content-Type must be application/json, not {media_type!r}",
-                code="unsupported_media_type",
-                status=415,
-            )
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise InvalidRequest(
-            f"request body of {declared} bytes is over the limit of {limit}",
-            code="request_too_large",
-            status=413,
-        )
-    parts: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise InvalidRequest(
-                f"request body is over the limit of {limit} bytes",
-                code="request_too_large",
-                status=413,
-            )
-        parts.append(part)
-    return b"".join(parts)
-
-
-def parse_json_object(raw: bytes) -> tuple[dict[str, Any], str]:
-    """Decode a request body that every recorded API shares the rules of; return it as a dict
-    and as text.
-
-    Raises InvalidRequest (400) when it is not UTF-8 strict JSON (NaN and Infinity refused), not
-    an object, lacks a string `model`,
-    has a `stream` that is not a boolean or `tools` that are not an array of objects, or nests
-    deeper than MAX_NESTING (everything stored must be readable back by the exporter and the
-    dashboard). API-specific checks (`messages`, `input`) come after this.
-    """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"request body is not UTF-8: {exc}", code="invalid_json") from exc
-    try:
-        body = json.loads(text, parse_constant=_refuse_constant)
-    except ValueError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
-    except RecursionError as exc:
-        raise InvalidRequest("request body is nested too deeply", code="invalid_json") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object", code="invalid_type")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("you must provide a model parameter (a string)", param="model")
-    return body, text
-
-
-def _refuse_constant(name: str) -> Any:
-    """NaN, Infinity and -Infinity: Python's json takes them, strict JSON (RFC 8259) does not."""
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def check_common(body: dict[str, Any], raw: bytes) -> None:
-    """The checks after the API's own: `stream` boolean, `tools` an array of objects, nesting.
-    Raises InvalidRequest (400)."""
-    if body.get("stream") is not None and not isinstance(body["stream"], bool):
-        raise InvalidRequest("'stream' must be a boolean", param="stream")
-    tools = body.get("tools")
-    if tools is not None and not (
-        isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
-    ):
-        raise InvalidRequest("'tools' must be an array of objects", param="tools")
-    if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and nesting_depth(body) > MAX_NESTING:
-        raise InvalidRequest(
-            f"request body is nested deeper than {MAX_NESTING} levels", code="invalid_json"
-        )
-
-
-def nesting_depth(value: Any) -> int:
-    """How deeply arrays and objects nest in `value` (iterative: safe on any depth)."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            deepest = max(deepest, depth)
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            deepest = max(deepest, depth)
-            stack.extend((v, depth + 1) for v in item)
-    return deepest
-
-
-def explicit_trajectory_id(headers: Any, body: dict[str, Any]) -> tuple[str | None, str]:
-    """The client-chosen trajectory id and where it came from ('header', 'metadata' or 'hash').
-
-    The header wins over `metadata.trajectory_id`. Raises InvalidRequest for an id that is not a
-    string, empty, over-long or not printable ASCII (it is echoed in a response header). A
-    key-shaped part of the id is replaced by a stable digest (`redact_identifier`): the id is
-    stored and echoed, a secret never is.
-    """
-    value = headers.get(TRAJECTORY_HEADER)
-    source = "header"
-    if value is None:
-        metadata = body.get("metadata")
-        if isinstance(metadata, dict) and metadata.get("trajectory_id") is not None:
-            value, source = metadata["trajectory_id"], "metadata"
-    if value is None:
-        return None, "hash"
-    if not isinstance(value, str):
-        raise InvalidRequest(
-            "metadata.trajectory_id must be a string", param="metadata.trajectory_id"
-        )
-    value = redact_identifier(value.strip())
-    if (
-        not value
-        or len(value) > MAX_TRAJECTORY_ID_LENGTH
-        or not all(" " <= c <= "~" for c in value)
-    ):
-        raise InvalidRequest(
-            f"trajectory id must be 1 to {MAX_TRAJECTORY_ID_LENGTH} printable ASCII characters",
-            param=TRAJECTORY_HEADER if source == "header" else "metadata.trajectory_id",
-        )
-    return value, source
 
 
 def error_json(text: str) -> str:
     """An upstream error body as stored: itself when it is JSON, else wrapped in an error object."""
     try:
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return json.dumps(error_body(text, "upstream_error", code="upstream_invalid_body"))
     return text
 
@@ -250,7 +142,11 @@ class Exchange:
         """The model answered with `response` (the API's answer object): remember the new state."""
         self.record.response = response
         if self.record.outcome == "ok" and response is not None:
-            await self.api.remember(self, response)
+            try:
+                await self.api.remember(self, response)
+            except Exception:  # recording fails open: the answer still reaches the client
+                self.record.state_hash = None
+                log.exception("%s: remembering the state of an answer failed", self.api.kind)
 
     def failed(self, status: int, body: dict[str, Any]) -> Response:
         """Record an error the proxy answers itself (502/504/500 or a teacher error) and build it."""
@@ -264,13 +160,20 @@ class Exchange:
         return response
 
     def finish(self) -> None:
-        """Stamp the duration and hand the record to the recorder (once)."""
+        """Stamp the duration and hand the record to the recorder (once), unless the API holds
+        it for an answer that arrives later (`RecordedApi.hold`)."""
         if self.submitted.is_set():
             return
         self.record.duration_ms = ms_since(self.start)
+        self.submitted.set()
+        if self.api.hold(self):
+            return
+        self.submit()
+
+    def submit(self) -> None:
+        """Hand the record to the recorder now (also a held one: see `RecordedApi.hold`)."""
         self.proxy.recorder.submit(self.record)
         self.proxy.metrics.observe(self.record)
-        self.submitted.set()
 
 
 class RecordedApi:
@@ -298,6 +201,11 @@ class RecordedApi:
     async def remember(self, exchange: Exchange, response: dict[str, Any]) -> None:
         """Remember the state `response` completes (awaited before the client sees the end)."""
         raise NotImplementedError
+
+    def hold(self, exchange: Exchange) -> bool:
+        """Keep the finished exchange's record back (True) because its answer comes later; the
+        API then calls `exchange.submit()` itself. Default: never."""
+        return False
 
     def forwarded(self, exchange: Exchange, body: dict[str, Any], raw: bytes) -> bytes:
         """The body bytes to send upstream (the client's own bytes unless the API changes them)."""
@@ -334,6 +242,48 @@ async def handle(request: Request, api: RecordedApi) -> Response:
         return Response(json.dumps(body).encode(), status_code=500, media_type="application/json")
 
 
+async def open_exchange(
+    proxy: ProxyState,
+    api: RecordedApi,
+    body: dict[str, Any],
+    request_text: str,
+    headers: Any,
+    path: str,
+    start: float,
+) -> Exchange:
+    """Link a checked request `body` to its trajectory, decide or keep its route, and build its
+    in-flight exchange. Raises InvalidRequest (bad trajectory id), RouteHeaderError, and
+    RecursionError for input nested too deeply to hash."""
+    explicit_id, id_source = explicit_trajectory_id(headers, body)
+    link = await api.link(proxy, body, explicit_id, id_source)
+    if link.route is None:
+        decision = decide_route(body, headers.get(ROUTE_HEADER), link.request_hash, proxy.settings)
+        route, shadow = await proxy.stitcher.claim(link, decision.route, decision.shadow)
+    else:
+        route, shadow = link.route, link.shadow
+    if proxy.teacher is None:  # routed earlier by a proxy that had a teacher configured
+        route, shadow = "student", False
+    record = ExchangeRecord(
+        id=new_id(),
+        trajectory_id=link.trajectory_id,
+        parent_id=link.parent.exchange_id if link.parent else None,
+        step=link.step,
+        new_trajectory=link.new_trajectory,
+        id_source=link.id_source,
+        route=route,
+        shadow=shadow,
+        started_utc=utc_now(),
+        path=path,
+        stream=body.get("stream") is True,
+        request=body,
+        request_text=request_text,
+        request_hash=link.request_hash,
+        control_headers=control_headers(headers),
+        kind=api.kind,
+    )
+    return Exchange(proxy, api, record, link, start)
+
+
 def refused(
     proxy: ProxyState,
     api: RecordedApi,
@@ -365,15 +315,9 @@ async def _call(
     try:
         raw = await read_body(request, settings.max_body_bytes)
         body, request_text = api.parse(raw)
-        explicit_id, id_source = explicit_trajectory_id(request.headers, body)
-        link = await api.link(proxy, body, explicit_id, id_source)
-        if link.route is None:
-            decision = decide_route(
-                body, request.headers.get(ROUTE_HEADER), link.request_hash, settings
-            )
-            route, shadow = await proxy.stitcher.claim(link, decision.route, decision.shadow)
-        else:
-            route, shadow = link.route, link.shadow
+        exchange = await open_exchange(
+            proxy, api, body, request_text, request.headers, request.url.path, start
+        )
     except InvalidRequest as exc:
         return refused(proxy, api, exc.status, exc.message, exc.param, exc.code)
     except ClientDisconnect:
@@ -384,28 +328,8 @@ async def _call(
         return refused(proxy, api, 400, message, api.items_param, None)
     except RouteHeaderError as exc:
         return refused(proxy, api, 400, str(exc), ROUTE_HEADER, None)
-    if proxy.teacher is None:  # routed earlier by a proxy that had a teacher configured
-        route, shadow = "student", False
-
-    record = ExchangeRecord(
-        id=new_id(),
-        trajectory_id=link.trajectory_id,
-        parent_id=link.parent.exchange_id if link.parent else None,
-        step=link.step,
-        new_trajectory=link.new_trajectory,
-        id_source=link.id_source,
-        route=route,
-        shadow=shadow,
-        started_utc=utc_now(),
-        path=request.url.path,
-        stream=body.get("stream") is True,
-        request=body,
-        request_text=request_text,
-        request_hash=link.request_hash,
-        control_headers=control_headers(request.headers),
-        kind=api.kind,
-    )
-    exchange = Exchange(proxy, api, record, link, start)
+    record = exchange.record
+    route, shadow = record.route, record.shadow
     holder.append(exchange)
     key = client_key(request.headers)
     if route == "teacher" and proxy.teacher is not None:
@@ -464,7 +388,7 @@ async def relay_body(exchange: Exchange, upstream: aiohttp.ClientResponse) -> Re
     if 200 <= upstream.status < 300:
         try:
             parsed = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past the parser: kept as an error text
             parsed = None
         if isinstance(parsed, dict):
             record.response_text = text

@@ -12,10 +12,14 @@ What is the Responses API's own (the shared flow is `proxy.http.pipeline`):
   visible history (no `previous_response_id`, `item_reference`, encrypted reasoning or
   compaction items: they are tied to the org that issued them).
 - Tool-call promotion does not apply: the Responses API has no `logit_bias`.
+- `background: true`: the exchange answered `queued` / `in_progress` is held and recorded when
+  `GET /v1/responses/{id}` brings its answer (held in this process; never retrieved, it is
+  recorded as it was at shutdown). Other Responses endpoints pass through unrecorded.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,10 +28,19 @@ from starlette.responses import Response
 
 from proxy.core import responses as items_core
 from proxy.core.sse import ResponsesStreamAssembler
-from proxy.http.errors import InvalidRequest
+from proxy.http.errors import InvalidRequest, error_response
+from proxy.http.passthrough import passthrough
 from proxy.http.pipeline import Exchange, RecordedApi, check_common, handle, parse_json_object
 from proxy.http.state import ProxyState
 from proxy.http.teacher import Teacher
+from proxy.http.upstream import (
+    UPSTREAM_ERRORS,
+    BodyDecoder,
+    forward_headers,
+    response_headers,
+    transport_error,
+    upstream_url,
+)
 from proxy.recording.stitching import Link
 
 
@@ -111,8 +124,89 @@ class ResponsesApi(RecordedApi):
     ) -> AsyncIterator[bytes]:
         return await teacher.open_response_stream(self._teacher_body(exchange, body), key)
 
+    def hold(self, exchange: Exchange) -> bool:
+        """A background response (`background: true`) answered `queued` / `in_progress` is
+        recorded when its answer is retrieved (`GET /v1/responses/{id}`), not now."""
+        response = exchange.record.response
+        if (
+            exchange.record.request.get("background") is not True
+            or exchange.record.outcome != "ok"
+            or not isinstance(response, dict)
+            or response.get("status") not in _PENDING
+            or not isinstance(response.get("id"), str)
+        ):
+            return False
+        for pushed_out in exchange.proxy.stitcher.await_answer(response["id"], exchange):
+            pushed_out.submit()
+        return True
+
+
+_PENDING = ("queued", "in_progress")
+
 
 RESPONSES = ResponsesApi()
+
+
+async def retrieve_response(request: Request) -> Response:
+    """`GET /v1/responses/{id}`: passed through; when it brings the answer of a background
+    response this proxy holds, that exchange is recorded with it (its state remembered so the
+    conversation goes on stitching). Streamed retrievals (`?stream=true`) pass through only."""
+    proxy: ProxyState = request.app.state.proxy
+    response_id = request.path_params["response_id"]
+    exchange = proxy.stitcher.awaiting(response_id)
+    if exchange is None or request.query_params.get("stream") == "true":
+        return await passthrough(request)
+    settings = proxy.settings
+    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+    try:
+        upstream = await proxy.client.request(
+            "GET",
+            upstream_url(
+                settings, request.url.path.removeprefix("/v1"), request.url.query.encode()
+            ),
+            headers=forward_headers(request.headers.items(), api_key),
+            allow_redirects=False,
+        )
+    except UPSTREAM_ERRORS as exc:
+        status, message, code = transport_error(exc, settings)
+        return error_response(status, message, "upstream_error", code=code)
+    try:
+        raw = await upstream.read()
+    except UPSTREAM_ERRORS as exc:
+        status, message, code = transport_error(exc, settings)
+        return error_response(status, message, "upstream_error", code=code)
+    finally:
+        upstream.release()
+    text = (
+        BodyDecoder(upstream.headers.get("content-encoding")).decode(raw).decode("utf-8", "replace")
+    )
+    answer = _json_object(text) if upstream.status == 200 else None
+    if (
+        answer is not None
+        and answer.get("status") not in _PENDING
+        and proxy.stitcher.answered_later(response_id) is exchange
+    ):
+        record = exchange.record
+        record.response_text = text
+        record.outcome = "error" if answer.get("status") == "failed" else "ok"
+        if record.outcome == "error":
+            record.error_text = json.dumps({"error": answer.get("error")})
+        await exchange.answered(answer)
+        exchange.submit()
+    reply = Response(raw, status_code=upstream.status)
+    reply.raw_headers = [
+        *response_headers(upstream.raw_headers),
+        (b"content-length", str(len(raw)).encode()),
+    ]
+    return reply
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 async def create_response(request: Request) -> Response:

@@ -183,6 +183,9 @@ class Stitcher:
         # recorded item id (msg_, fc_, rs_) -> item, for `item_reference`.
         self._responses: OrderedDict[str, tuple[StateRef, tuple[Any, ...]]] = OrderedDict()
         self._items: OrderedDict[str, Any] = OrderedDict()
+        # Background responses (`background: true`) whose answer is still to come: response id
+        # -> the in-flight exchange, recorded when the answer is retrieved (or at shutdown).
+        self._awaiting: OrderedDict[str, Any] = OrderedDict()
         self.cache_hits = 0
         self.db_lookups = 0
         self.db_errors = 0
@@ -475,3 +478,30 @@ class Stitcher:
             id_source="hash",
             request_hash=request_hash,
         )
+
+    # -- background responses ------------------------------------------------------------------
+
+    MAX_AWAITING = 10_000
+
+    def await_answer(self, response_id: str, exchange: Any) -> list[Any]:
+        """Keep `exchange` until its background answer is retrieved. Returns exchanges pushed
+        out (over MAX_AWAITING, oldest first): the caller records them as they are."""
+        self._awaiting[response_id] = exchange
+        out = []
+        while len(self._awaiting) > self.MAX_AWAITING:
+            out.append(self._awaiting.popitem(last=False)[1])
+        return out
+
+    def awaiting(self, response_id: str) -> Any:
+        """The exchange waiting for background response `response_id`, or None."""
+        return self._awaiting.get(response_id)
+
+    def answered_later(self, response_id: str) -> Any:
+        """Stop waiting for `response_id`; return its exchange (None when not waiting)."""
+        return self._awaiting.pop(response_id, None)
+
+    def drain_awaiting(self) -> list[Any]:
+        """Every exchange still waiting (shutdown: they are recorded as they are)."""
+        out = list(self._awaiting.values())
+        self._awaiting.clear()
+        return out

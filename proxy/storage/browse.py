@@ -31,6 +31,7 @@ from sqlalchemy import (
     select,
 )
 
+from proxy.core.responses import input_items
 from proxy.storage.bodies import REQUEST_COLUMNS, nul_safe_row, rebuild_requests
 from proxy.storage.database import Database, utc_now
 from proxy.storage.filters import LABELS, TrajectoryFilter, trajectory_where
@@ -242,6 +243,8 @@ def first_user_text(request_json: str | None, limit: int = 200) -> str | None:
     except ValueError:
         return None
     messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list) and isinstance(body, dict):
+        messages = input_items(body)  # a Responses API request: its input items
     if not isinstance(messages, list):
         return None
     for message in messages:

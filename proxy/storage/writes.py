@@ -16,6 +16,7 @@ from typing import Any, Final
 from sqlalchemy import bindparam, case, or_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from proxy.core.responses import response_key
 from proxy.storage.bodies import BodyWriter, PreparedBatch, nul_safe_row
 from proxy.storage.engine import dialect_insert
 from proxy.storage.schema import blobs, conversation_states, exchanges, trajectories
@@ -163,6 +164,16 @@ class RecorderWrites:
             }
             for row in exchange_rows
             if row.get("state_hash")
+        ]
+        # A Responses exchange's id was written through as a state too (`Stitcher.remember_response`).
+        keys += [
+            {
+                "b_state_hash": response_key(row["response_id"]),
+                "b_trajectory_id": row["trajectory_id"],
+                "b_exchange_id": row["id"],
+            }
+            for row in exchange_rows
+            if row.get("response_id")
         ]
         if not keys:
             return

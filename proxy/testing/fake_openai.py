@@ -15,15 +15,8 @@ Behaviour, chosen by the request:
 - Model `fake-error-500` / `fake-error-429` answer with OpenAI error bodies (429 has `retry-after`).
 - Header `x-fake-fixed: 1` answers with one fixed small completion (for the benchmark).
 
-Responses API (`POST /v1/responses`), the same "model" on items: `input` (a string or items;
-`function_call` / `function_call_output` items are its tool calls and results), `instructions`,
-flat function tools. `previous_response_id` continues a response kept server-side (unless
-`store: false`); an unknown id is a 400 `previous_response_not_found`. The output holds
-`function_call` items (parallel ones too) or one assistant `message`; a model whose name contains
-"reasoning" (or header `x-fake-reasoning: 1`) also emits a `reasoning` item with a summary, and its
-`encrypted_content` when `include` asks for `reasoning.encrypted_content`. `stream: true` sends
-the Responses events with `sequence_number` (no `[DONE]`); header `x-fake-empty-terminal: 1`
-sends a terminal `response.completed` whose `output` is empty, as several compatible backends do.
+Responses API (`POST /v1/responses`, JSON, SSE, WebSocket, background responses): the same
+"model" on Responses items, in `proxy.testing.fake_responses`.
 
 Every answer carries `x-request-id`, `openai-processing-ms`, `x-ratelimit-*` headers and an
 unknown body field (`x_fake_extra`) so fidelity can be checked. Requests are kept in memory and
@@ -46,7 +39,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 _counter = itertools.count(1)
 FIXED_COMPLETION = json.dumps(
@@ -311,313 +304,6 @@ async def _sse(
     yield b"data: [DONE]\n\n"
 
 
-def _chat_view(items: list[Any]) -> list[dict[str, Any]]:
-    """Responses items as the chat messages `plan_message` reads (roles, tool calls, results)."""
-    messages: list[dict[str, Any]] = []
-    for item in items:
-        kind = item.get("type") or ("message" if "role" in item else None)
-        if kind == "message":
-            messages.append({"role": item.get("role"), "content": _text_of(item.get("content"))})
-        elif kind == "function_call":
-            call = {
-                "id": item.get("call_id"),
-                "type": "function",
-                "function": {"name": item.get("name"), "arguments": item.get("arguments")},
-            }
-            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
-                messages[-1]["tool_calls"].append(call)
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
-            output = item.get("output")
-            messages.append(
-                {"role": "tool", "tool_call_id": item.get("call_id"), "content": _text_of(output)}
-            )
-    return messages
-
-
-def _response_items(body: dict[str, Any], context: list[Any]) -> list[Any]:
-    value = body.get("input")
-    own = (
-        [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) else value
-    )
-    return [*context, *(own or [])]
-
-
-def plan_output(
-    body: dict[str, Any], items: list[Any], number: int, reasoning: bool
-) -> list[dict[str, Any]]:
-    """The output items the fake model answers a Responses request with."""
-    tools = [
-        {"type": "function", "function": {"name": t["name"]}}
-        for t in body.get("tools") or []
-        if isinstance(t, dict) and t.get("type") == "function" and t.get("name")
-    ]
-    message = plan_message(
-        {"messages": _chat_view(items), "tools": tools, "tool_choice": body.get("tool_choice")},
-        number,
-    )
-    output: list[dict[str, Any]] = []
-    if reasoning:
-        item: dict[str, Any] = {
-            "type": "reasoning",
-            "id": f"rs_fake{number}",
-            "summary": [{"type": "summary_text", "text": f"Planning step {number}."}],
-        }
-        if "reasoning.encrypted_content" in (body.get("include") or []):
-            item["encrypted_content"] = f"gAAAAfake-encrypted-{number}"
-        output.append(item)
-    for i, call in enumerate(message.get("tool_calls") or []):
-        output.append(
-            {
-                "type": "function_call",
-                "id": f"fc_fake{number}_{i}",
-                "call_id": call["id"],
-                "name": call["function"]["name"],
-                "arguments": call["function"]["arguments"],
-                "status": "completed",
-            }
-        )
-    if message.get("content"):
-        output.append(
-            {
-                "type": "message",
-                "id": f"msg_fake{number}",
-                "role": "assistant",
-                "status": "completed",
-                "content": [
-                    {
-                        "type": "output_text",
-                        "text": message["content"],
-                        "annotations": [],
-                        "logprobs": [],
-                    }
-                ],
-            }
-        )
-    return output
-
-
-def build_response(
-    body: dict[str, Any], items: list[Any], number: int, reasoning: bool
-) -> dict[str, Any]:
-    """The whole `response` object the fake answers `body` with (`items`: its whole input,
-    inherited items included), shaped as `openai.types.responses.Response`."""
-    model = body.get("model", "fake-model")
-    output = plan_output(body, items, number, reasoning)
-    input_tokens = max(1, len(json.dumps(items)) // 4)
-    output_tokens = max(1, len(json.dumps(output)) // 4)
-    reasoning_tokens = 16 if reasoning else 0
-    return {
-        "id": f"resp_fake{number}",
-        "object": "response",
-        "created_at": int(time.time()),
-        "status": "completed",
-        "background": False,
-        "error": None,
-        "incomplete_details": None,
-        "instructions": body.get("instructions"),
-        "max_output_tokens": body.get("max_output_tokens"),
-        "model": model,
-        "output": output,
-        "parallel_tool_calls": body.get("parallel_tool_calls", True),
-        "previous_response_id": body.get("previous_response_id"),
-        "reasoning": {"effort": "medium" if reasoning else None, "summary": None},
-        "store": body.get("store", True),
-        "temperature": body.get("temperature", 1.0),
-        "text": {"format": {"type": "text"}, "verbosity": "medium"},
-        "tool_choice": body.get("tool_choice", "auto"),
-        "tools": body.get("tools") or [],
-        "top_p": body.get("top_p", 1.0),
-        "truncation": "disabled",
-        "usage": {
-            "input_tokens": input_tokens,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": output_tokens + reasoning_tokens,
-            "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
-            "total_tokens": input_tokens + output_tokens + reasoning_tokens,
-        },
-        "user": None,
-        "metadata": body.get("metadata") or {},
-        "x_fake_extra": {"kept": True},
-    }
-
-
-def _error(status: int, message: str, type_: str, param: str | None, code: str | None) -> Response:
-    return JSONResponse(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}},
-        status_code=status,
-    )
-
-
-async def responses(request: Request) -> Response:
-    number = next(_counter)
-    request_id = f"req_fake_{number}"
-    request.app.state.requests.append(
-        {"headers": dict(request.headers), "body": json.loads(await request.body() or b"null")}
-    )
-    body = request.app.state.requests[-1]["body"]
-    model = body.get("model", "fake-model")
-    if model == "fake-error-500":
-        return _error(500, "The server had an error", "server_error", None, None)
-    if model == "fake-error-429":
-        response = _error(429, "Rate limit reached", "requests", None, "rate_limit_exceeded")
-        response.headers["retry-after"] = "1"
-        return response
-    stored: dict[str, list[Any]] = request.app.state.responses
-    context: list[Any] = []
-    previous = body.get("previous_response_id")
-    if previous is not None:
-        if previous not in stored:
-            return _error(
-                400,
-                f"Previous response with id '{previous}' not found.",
-                "invalid_request_error",
-                "previous_response_id",
-                "previous_response_not_found",
-            )
-        context = stored[previous]
-    items = _response_items(body, context)
-    reasoning = "reasoning" in model or bool(request.headers.get("x-fake-reasoning"))
-    answer = build_response(body, items, number, reasoning)
-    if body.get("store") is not False:
-        stored[answer["id"]] = [*items, *answer["output"]]
-    if body.get("stream"):
-        delay = float(request.headers.get("x-fake-chunk-delay-ms", "0")) / 1000
-        events = response_events(
-            answer, empty_terminal=bool(request.headers.get("x-fake-empty-terminal"))
-        )
-        break_after = request.headers.get("x-fake-break-after")
-        return StreamingResponse(
-            _sse_events(events, delay, int(break_after) if break_after else None),
-            media_type="text/event-stream",
-            headers=_headers(request_id),
-        )
-    return JSONResponse(answer, headers=_headers(request_id))
-
-
-def response_events(
-    answer: dict[str, Any], *, empty_terminal: bool = False
-) -> list[dict[str, Any]]:
-    """The Responses API stream events for `answer`, as OpenAI sends them (`sequence_number`
-    from 0; `.added` items without their content or `encrypted_content`; deltas; `.done`)."""
-    events: list[dict[str, Any]] = []
-
-    def add(event: dict[str, Any]) -> None:
-        events.append({**event, "sequence_number": len(events)})
-
-    pending = {**answer, "status": "in_progress", "output": [], "usage": None}
-    add({"type": "response.created", "response": pending})
-    add({"type": "response.in_progress", "response": pending})
-    for index, item in enumerate(answer["output"]):
-        kind = item["type"]
-        if kind == "message":
-            added = {**item, "status": "in_progress", "content": []}
-        elif kind == "function_call":
-            added = {**item, "status": "in_progress", "arguments": ""}
-        else:
-            added = {k: v for k, v in item.items() if k != "encrypted_content"}
-            added["summary"] = []
-        add({"type": "response.output_item.added", "output_index": index, "item": added})
-        if kind == "message":
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            text = item["content"][0]["text"]
-            add(
-                {
-                    "type": "response.content_part.added",
-                    "item_id": item["id"],
-                    "output_index": index,
-                    "content_index": 0,
-                    "part": part,
-                }
-            )
-            for start in range(0, len(text), 5):
-                add(
-                    {
-                        "type": "response.output_text.delta",
-                        "item_id": item["id"],
-                        "output_index": index,
-                        "content_index": 0,
-                        "delta": text[start : start + 5],
-                        "logprobs": [],
-                    }
-                )
-            add(
-                {
-                    "type": "response.output_text.done",
-                    "item_id": item["id"],
-                    "output_index": index,
-                    "content_index": 0,
-                    "text": text,
-                    "logprobs": [],
-                }
-            )
-            add(
-                {
-                    "type": "response.content_part.done",
-                    "item_id": item["id"],
-                    "output_index": index,
-                    "content_index": 0,
-                    "part": {**part, "text": text},
-                }
-            )
-        elif kind == "function_call":
-            arguments = item["arguments"]
-            for start in range(0, len(arguments), 7):
-                add(
-                    {
-                        "type": "response.function_call_arguments.delta",
-                        "item_id": item["id"],
-                        "output_index": index,
-                        "delta": arguments[start : start + 7],
-                    }
-                )
-            add(
-                {
-                    "type": "response.function_call_arguments.done",
-                    "item_id": item["id"],
-                    "output_index": index,
-                    "name": item["name"],
-                    "arguments": arguments,
-                }
-            )
-        elif kind == "reasoning":
-            for summary_index, summary in enumerate(item.get("summary") or []):
-                add(
-                    {
-                        "type": "response.reasoning_summary_text.delta",
-                        "item_id": item["id"],
-                        "output_index": index,
-                        "summary_index": summary_index,
-                        "delta": summary["text"],
-                    }
-                )
-                add(
-                    {
-                        "type": "response.reasoning_summary_text.done",
-                        "item_id": item["id"],
-                        "output_index": index,
-                        "summary_index": summary_index,
-                        "text": summary["text"],
-                    }
-                )
-        add({"type": "response.output_item.done", "output_index": index, "item": item})
-    final = {**answer, "output": []} if empty_terminal else answer
-    add({"type": "response.completed", "response": final})
-    return events
-
-
-async def _sse_events(
-    events: list[dict[str, Any]], delay: float, break_after: int | None = None
-) -> AsyncIterator[bytes]:
-    for number, event in enumerate(events):
-        if break_after is not None and number >= break_after:
-            raise BrokenStream(f"connection dropped after {number} events")
-        yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
-        if delay:
-            await asyncio.sleep(delay)
-
-
 async def models(request: Request) -> Response:
     return JSONResponse(
         {
@@ -665,10 +351,15 @@ def create_fake_app(planner: Planner | None = None) -> Starlette:
     planner: answers chat requests first (the demo's scripted conversations); when it returns
     None, or without one, `plan_message` answers.
     """
+    from proxy.testing.fake_responses import response_by_id, responses, responses_websocket
+
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/responses", responses, methods=["POST"]),
+            WebSocketRoute("/v1/responses", responses_websocket),
+            Route("/v1/responses/{response_id}", response_by_id, methods=["GET", "DELETE"]),
+            Route("/v1/responses/{response_id}/cancel", response_by_id, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/_fake/requests", recorded_requests, methods=["GET", "DELETE"]),
@@ -677,6 +368,7 @@ def create_fake_app(planner: Planner | None = None) -> Starlette:
     app.state.requests = []
     app.state.responses = {}  # response id -> the items a continuation inherits
     app.state.planner = planner
+    app.state.background = {}  # background response id -> {"answer", "polls"}
     return app
 
 

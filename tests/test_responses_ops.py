@@ -1,0 +1,96 @@
+"""Operations on the Responses path: a client that goes away mid-stream (recorded 'cancelled'
+with the partial answer), an upstream stream that breaks (recorded 'error'), body limits,
+redaction of key-shaped strings, and metrics counting Responses exchanges."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import ProxyServer, database_bytes, wait_recorded
+from tests.responses_support import exchanges, fake_url, in_process_proxy
+
+__all__ = ["fake_url"]
+
+
+def test_client_gone_mid_stream_is_recorded_cancelled(
+    start_proxy: Callable[..., ProxyServer],
+) -> None:
+    proxy = start_proxy()
+    body = json.dumps(
+        {"model": "m", "stream": True, "input": "please cancel this long answer, it has many words"}
+    ).encode()
+    request = (
+        b"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"content-type: application/json\r\nx-fake-chunk-delay-ms: 300\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    port = int(proxy.root_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        received = b""
+        while received.count(b"response.output_text.delta") < 2:
+            part = sock.recv(65536)
+            assert part, "the proxy closed the connection early"
+            received += part
+    rows = wait_recorded(proxy.db, lambda rows: len(rows) == 1)
+    [row] = rows
+    assert row["kind"] == "responses"
+    assert row["outcome"] == "cancelled"
+    partial = row["response"]["output"][0]
+    assert partial["status"] == "incomplete"
+    assert partial["content"][0]["text"]  # the deltas seen before the client went away
+    assert row["state_hash"] is None  # a cancelled answer is no state to continue
+
+
+async def test_broken_upstream_stream_is_recorded_as_error(tmp_path: Path, fake_url: str) -> None:
+    db = tmp_path / "u.db"
+    async with in_process_proxy(db, fake_url) as client:
+        reply = await client.post(
+            "/responses",
+            headers={"x-fake-break-after": "5"},
+            json={"model": "m", "stream": True, "input": "a long answer please"},
+        )
+    assert reply.status_code == 200
+    assert b"upstream stream broke" in reply.content
+    [row] = exchanges(db)
+    assert row["outcome"] == "error"
+    assert "upstream stream broke" in row["error_json"]
+
+
+async def test_body_over_the_limit_is_a_413(tmp_path: Path, fake_url: str) -> None:
+    async with in_process_proxy(tmp_path / "u.db", fake_url, max_body_bytes=2000) as client:
+        reply = await client.post("/responses", json={"model": "m", "input": "x" * 5000})
+    assert reply.status_code == 413
+    assert reply.json()["error"]["code"] == "request_too_large"
+
+
+async def test_key_shaped_strings_are_not_stored(tmp_path: Path, fake_url: str) -> None:
+    db = tmp_path / "u.db"
+    secret = "sk-proj-" + "A1b2C3d4E5f6G7h8" * 3
+    async with in_process_proxy(db, fake_url) as client:
+        reply = await client.post(
+            "/responses",
+            headers={"authorization": f"Bearer {secret}"},
+            json={"model": "m", "input": [{"role": "user", "content": f"my key is {secret}"}]},
+        )
+    assert reply.status_code == 200
+    stored = database_bytes(db)
+    assert secret.encode() not in stored
+    [row] = exchanges(db)
+    assert "my key is" in row["request_json"]
+
+
+async def test_metrics_count_responses_exchanges(tmp_path: Path, fake_url: str) -> None:
+    async with in_process_proxy(tmp_path / "u.db", fake_url) as client:
+        for _ in range(3):
+            await client.post("/responses", json={"model": "m", "input": "hi"})
+        text = (await client.get("http://127.0.0.1/metrics")).text
+    line = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("understudy_requests_total{") and 'route="student"' in line
+    )
+    assert float(line.rsplit(" ", 1)[1]) == 3.0
