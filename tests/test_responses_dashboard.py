@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.responses_support import fake_url, in_process_proxy
+from tests.support.responses import fake_url, in_process_proxy
 
 __all__ = ["fake_url"]
 

@@ -16,7 +16,7 @@ from exporter.options import ExportOptions
 from exporter.responses import as_chat, chat_completion, chat_messages, chat_tools
 from proxy.storage import Database
 from tests.exporter_helpers import run_cli
-from tests.responses_support import fake_url, in_process_proxy
+from tests.support.responses import fake_url, in_process_proxy
 
 __all__ = ["fake_url"]
 

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.conftest import serve_in_thread
-from tests.responses_support import exchanges, in_process_proxy
+from tests.support.responses import exchanges, in_process_proxy
 
 
 def nested(depth: int) -> str:

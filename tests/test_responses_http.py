@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.responses_support import exchanges, fake_url, in_process_proxy, sse_events
+from tests.support.responses import exchanges, fake_url, in_process_proxy, sse_events
 
 __all__ = ["fake_url"]
 

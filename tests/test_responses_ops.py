@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import ProxyServer, database_bytes, wait_recorded
-from tests.responses_support import exchanges, fake_url, in_process_proxy
+from tests.support.responses import exchanges, fake_url, in_process_proxy
 
 __all__ = ["fake_url"]
 

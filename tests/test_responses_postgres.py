@@ -14,6 +14,7 @@ from sqlalchemy import select
 from exporter.api import export_samples
 from exporter.options import ExportOptions
 from proxy.storage import Database
+from proxy.storage.bodies import rebuild_requests
 from proxy.storage.schema import conversation_states, exchanges
 from tests.test_postgres import Replicas, start_replicas
 
@@ -68,6 +69,7 @@ async def test_responses_conversations_across_replicas_stay_single(
                     await conn.execute(select(exchanges).order_by(exchanges.c.started_utc))
                 ).mappings()
             ]
+            rows = await rebuild_requests(conn, rows)  # whole bodies (migration 003)
             pending = (await conn.execute(select(conversation_states))).all()
         lines, summary = await export_samples(db, ExportOptions())
     finally:

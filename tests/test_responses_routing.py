@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 
 from proxy.testing.fake_openai import create_fake_app
 from tests.conftest import serve_in_thread
-from tests.responses_support import exchanges, in_process_proxy, sse_events
+from tests.support.responses import exchanges, in_process_proxy, sse_events
 
 TOOLS = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
 TEACHER = "gpt-4.1-teacher"

@@ -17,7 +17,9 @@ from asgi_lifespan import LifespanManager
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.testing.fake_openai import create_fake_app
-from tests.conftest import db_rows, serve_in_thread
+from proxy.testing.servers import serve_in_thread
+from tests.support.bodies import whole_requests
+from tests.support.records import db_rows
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,7 @@ async def in_process_proxy(
 def exchanges(db: Path) -> list[dict[str, Any]]:
     """Recorded exchanges, oldest first, with `request`, `response`, `error` decoded."""
     rows = db_rows(db, "SELECT * FROM exchanges ORDER BY started_utc, step")
+    rows = whole_requests(db, rows)  # request bodies are stored in parts (migration 003)
     for row in rows:
         row["request"] = json.loads(row["request_json"])
         row["response"] = json.loads(row["response_json"]) if row["response_json"] else None
