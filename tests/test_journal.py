@@ -5,10 +5,11 @@ are gone. Real files, real flock, a real SQLite database and the real recorder."
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 
-from proxy.recording.journal import Journal
+from proxy.recording.journal import Journal, WriteAhead
 from proxy.recording.recorder import ExchangeRecord, Recorder, trajectory_meta
 from proxy.storage import Database, new_id, utc_now
 
@@ -91,3 +92,69 @@ async def test_a_live_process_journal_is_left_alone(tmp_path: Path) -> None:
         assert conn.execute("SELECT COUNT(*) FROM exchanges").fetchone() == (0,)
     assert base.exists()  # its owner replays it
     live.release()
+
+
+# -- the write-ahead log (issue 11: 5) ------------------------------------------------------------
+
+
+def _line(n: int) -> bytes:
+    return (json.dumps({"exchange": {"id": f"x{n}"}, "trajectory": {}}) + "\n").encode()
+
+
+def test_write_ahead_files_are_sealed_and_removed_once_settled(tmp_path: Path) -> None:
+    wal = WriteAhead(tmp_path / "u.jsonl", rotate_bytes=200)
+    segments = [wal.append(_line(n)) for n in range(12)]
+    files = wal.leftovers()
+    assert len(files) > 1, "the log was never sealed at its size"
+    assert all(f.name.startswith(".u.jsonl.wal-") for f in files)  # hidden, beside the journal
+    assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in files)
+    for segment in segments[:-1]:
+        wal.settle(segment)
+    assert len(wal.leftovers()) == 1  # every sealed file was settled: removed
+    entries = list(Journal.read(wal.leftovers()[0]))
+    assert [e["exchange"]["id"] for e in entries][-1] == "x11"
+    wal.settle(segments[-1])
+    wal.close()
+    assert wal.leftovers() == []  # clean stop: nothing left to replay
+
+
+def test_a_torn_write_ahead_line_costs_only_itself(tmp_path: Path) -> None:
+    wal = WriteAhead(tmp_path / "u.jsonl")
+    segment = wal.append(_line(1))
+    assert segment.fd is not None
+    os.write(segment.fd, b'{"exchange": {"id": "torn"')  # a write cut short (disk full)
+    segment.torn = True
+    wal.append(_line(2))
+    ids = [e["exchange"]["id"] for e in Journal.read(wal.leftovers()[0])]
+    assert ids == ["x1", "x2"]
+
+
+async def test_write_ahead_leftovers_of_a_killed_process_are_replayed_once(tmp_path: Path) -> None:
+    """What a killed process left in its write-ahead log reaches the database at the next
+    start, without duplicating what the database already held."""
+    db_path = tmp_path / "u.db"
+    base = tmp_path / "u.db.journal.jsonl"
+    db = await Database.open(str(db_path))
+    try:
+        killed = Recorder(db, journal=Journal(base))
+        await killed.start()
+        records = [_record(f"wal {n}") for n in range(4)]
+        for record in records[:2]:
+            killed.submit(record)
+        await killed._write(killed._take(2))  # these two reached the database
+        for record in records[2:]:
+            killed.submit(record)  # these two only reached the write-ahead log
+        assert killed._task is not None
+        killed._task.cancel()  # SIGKILL: no stop(); the lock dies with the process
+        killed.journal.release()
+        assert killed.wal is not None and killed.wal.leftovers()
+
+        again = Recorder(db, journal=Journal(base))
+        await again.start()
+        await again.stop()
+    finally:
+        await db.close()
+    with sqlite3.connect(db_path) as conn:
+        ids = [row[0] for row in conn.execute("SELECT id FROM exchanges")]
+    assert sorted(ids) == sorted(r.id for r in records)
+    assert WriteAhead(base).leftovers() == []
