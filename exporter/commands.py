@@ -58,7 +58,6 @@ def nothing_written(summary: Any, options: ExportOptions) -> str:
     )
 
 
-
 def _valid_path(out: Path) -> Path:
     """Where the validation split goes by default: train.jsonl -> valid.jsonl, x.jsonl -> x.valid.jsonl."""
     if "train" in out.stem:
