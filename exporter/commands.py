@@ -42,6 +42,22 @@ def one_line(exc: BaseException) -> str:
 # -- export ------------------------------------------------------------------------------------
 
 
+def nothing_written(summary: Any, options: ExportOptions) -> str:
+    """Why an export wrote no sample, in one line that says what to try."""
+    if summary.read == 0:
+        hint = (
+            "record some traffic first, or widen the filters"
+            if options.labels == ExportOptions.labels
+            else "no trajectory has these labels yet (label them in the dashboard, or drop --label)"
+        )
+        return f"no samples to write: no finished trajectory leaf matches the filters; {hint}"
+    reasons = ", ".join(f"{n} {r}" for r, n in summary.dropped.most_common())
+    return (
+        f"no samples to write: all {summary.read} trajectory leaves that match were dropped "
+        f"({reasons})"
+    )
+
+
 def _valid_path(out: Path) -> Path:
     """Where the validation split goes by default: train.jsonl -> valid.jsonl, x.jsonl -> x.valid.jsonl."""
     if "train" in out.stem:
@@ -133,11 +149,7 @@ async def _run_export(args: argparse.Namespace, options: ExportOptions, console:
             for fh in files:
                 fh.close()
         if summary.written == 0:
-            reasons = ", ".join(f"{r}: {n}" for r, n in summary.dropped.most_common()) or "none"
-            raise CliError(
-                f"no samples to write: {summary.read} rows matched the filters, "
-                f"all dropped ({reasons})"
-            )
+            raise CliError(nothing_written(summary, options))
         for temp, path in zip(temps, (out, valid_out), strict=False):
             temp.replace(path)
         temps.clear()

@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
 
-from proxy.__main__ import main as proxy_main
 from proxy.__main__ import parse_args
 from proxy.config import Settings
-from tests.support.inprocess import CliResult, run_exporter
-
-
-def run_proxy(*argv: str) -> CliResult:
-    """`python -m proxy ARGV` in this process, for commands that return (help, errors, migrate)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            proxy_main(list(argv))
-        except SystemExit as exc:
-            if isinstance(exc.code, str):
-                err.write(exc.code + "\n")
-                code = 1
-            else:
-                code = int(exc.code or 0)
-    return CliResult(code, out.getvalue(), err.getvalue())
+from tests.support.inprocess import run_exporter
+from tests.support.inprocess import run_proxy_cli as run_proxy
 
 
 def test_serve_is_the_default_command_and_takes_every_setting() -> None:

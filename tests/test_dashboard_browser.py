@@ -1,5 +1,6 @@
 """The dashboard in real headless Chromium (Debian's package, driven by Playwright; no browser
-download): traffic through the real proxy, then list, filter, read, label, chart and export.
+download): traffic through the proxy (served in the test process), then list, filter, read,
+label, chart and export.
 
 A screenshot of each page goes to test-artifacts/ (gitignored).
 """
@@ -7,8 +8,6 @@ A screenshot of each page goes to test-artifacts/ (gitignored).
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,9 +19,8 @@ import pytest
 
 from proxy.demo import CONVERSATIONS
 from proxy.testing.servers import REPOSITORY_ROOT as ROOT
-from proxy.testing.servers import child_env
 from tests.support.dashboard import TOKEN, by_name, record_traffic
-from tests.support.processes import ProxyServer
+from tests.support.inprocess import run_exporter
 
 pytestmark = pytest.mark.e2e
 
@@ -71,9 +69,9 @@ def rows(tab: Any) -> Any:
 
 
 def test_browse_filter_read_label_chart_export(
-    start_proxy: Callable[..., ProxyServer], page: Any, tmp_path: Path
+    serve_proxy: Callable[..., Any], demo_upstream: str, page: Any, tmp_path: Path
 ) -> None:
-    proxy = start_proxy()
+    proxy = serve_proxy(upstream=demo_upstream)  # the demo's conversations, as in the demo
     record_traffic(proxy, CONVERSATIONS)
     # More finished conversations, so the approved export reaches OpenAI's 10-sample minimum.
     record_traffic(
@@ -111,9 +109,7 @@ def test_browse_filter_read_label_chart_export(
     rows(page).first.locator(".convo a").click()
     expect(page.locator("h1")).to_contain_text("Trajectory")
     expect(page.locator(".call .tool-name")).to_have_count(4)
-    expect(page.locator(".call pre.args").first).to_contain_text(
-        '"query": "How do I rotate an API key?"'
-    )
+    expect(page.locator(".call pre.args").first).to_contain_text('"query": "rotate API key"')
     result = page.locator(".call-row", has=page.locator(".tool-name", has_text="fetch_page")).first
     expect(result.locator(".result")).to_contain_text(
         "<script>alert('tool results are shown as text')</script>"
@@ -165,18 +161,12 @@ def test_browse_filter_read_label_chart_export(
     download_info.value.save_as(target)
     lines = target.read_text().splitlines()
     assert len(lines) >= 10
-    checked = subprocess.run(
-        [sys.executable, "-m", "exporter", "validate", str(target)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=child_env(),
-    )
+    checked = run_exporter("validate", str(target), "--strict-min-samples")
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def test_login_with_admin_token(start_proxy: Callable[..., ProxyServer], page: Any) -> None:
-    proxy = start_proxy(env={"UNDERSTUDY_ADMIN_TOKEN": TOKEN})
+def test_login_with_admin_token(serve_proxy: Callable[..., Any], page: Any) -> None:
+    proxy = serve_proxy(admin_token=TOKEN)
     expect = playwright_api.expect
     page.goto(f"{proxy.root_url}/dashboard/charts")
     expect(page.locator("h1")).to_have_text("Log in")

@@ -318,6 +318,7 @@ def big_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.e2e  # builds a large database
 async def test_list_stays_fast_and_uses_the_index(big_db: Path) -> None:
     db = await Database.open(str(big_db))
     try:

@@ -366,13 +366,17 @@ def test_parse_list_query() -> None:
         }
     )
     f = query.filter
-    assert (f.route, f.label, f.has_tool_calls, f.errors, f.text) == (
+    assert (f.route, f.labels, f.has_tool_calls, f.errors, f.text) == (
         "teacher",
-        "unlabeled",
+        ("unlabeled",),
         True,
         False,
         "refund",
     )
+    assert parse_list_query({"label": "labeled"}).filter.labels == ("approved", "rejected")
+    assert parse_list_query({"model": "o3", "tag": "gold"}).filter.models == ("o3",)
+    assert parse_list_query({"model": "o3", "tag": "gold"}).filter.tags == ("gold",)
+    assert parse_list_query({}).filter.is_empty()
     assert (f.since_utc, f.until_utc) == ("2026-11-20", "2026-11-22")
     assert query.limit == 10
     assert "after=abc" in query.link(after="abc") and "route=teacher" in query.link()

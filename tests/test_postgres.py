@@ -46,6 +46,7 @@ from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.schema import metadata
 from proxy.testing.servers import REPOSITORY_ROOT as ROOT
 from proxy.testing.servers import child_env, free_port, wait_for_http
+from tests.support.inprocess import run_proxy_cli
 from tests.support.postgres import pg_admin
 from tests.support.processes import FakeUpstream, ProxyServer
 
@@ -106,14 +107,7 @@ async def test_migrations_run_once_when_replicas_start_together(pg_url: str) -> 
 
 def test_migrate_command_runs_once_then_has_nothing_to_do(pg_url: str) -> None:
     def migrate() -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "proxy", "migrate", "--db", pg_url],
-            cwd=ROOT,
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = run_proxy_cli("migrate", "--db", pg_url)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
@@ -123,20 +117,8 @@ def test_migrate_command_runs_once_then_has_nothing_to_do(pg_url: str) -> None:
 
 
 def test_a_database_url_password_is_never_shown() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "proxy",
-            "migrate",
-            "--db",
-            "postgresql://someone:hunter2-secret@127.0.0.1:1/nowhere",
-        ],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    done = run_proxy_cli(
+        "migrate", "--db", "postgresql://someone:hunter2-secret@127.0.0.1:1/nowhere"
     )
     assert done.returncode != 0
     assert "cannot open database postgresql://someone:***@127.0.0.1:1/nowhere" in done.stderr

@@ -1,12 +1,15 @@
-"""The proxy process starts, forwards one call and records it."""
+"""The proxy process starts, forwards one call and records it (`python -m proxy` as users run it)."""
 
 from __future__ import annotations
 
 import sqlite3
 
 import openai
+import pytest
 
 from tests.support.processes import ProxyServer
+
+pytestmark = pytest.mark.e2e
 
 
 def test_one_call_is_forwarded_and_recorded(proxy_server: ProxyServer) -> None:

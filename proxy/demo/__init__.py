@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import shlex
 import shutil
 import signal
@@ -137,7 +138,7 @@ def demo_settings(options: dict[str, Any], upstream: str) -> Settings:
         "upstream": upstream,
         "demo": True,
     }
-    if "port" not in options:
+    if "port" not in options and "UNDERSTUDY_PORT" not in os.environ:
         host = str(values.get("host", "127.0.0.1"))
         values["port"] = DEMO_PORT if _port_free(host, DEMO_PORT) else free_port(host)
     return load_settings(values)
@@ -180,7 +181,7 @@ def run_demo(options: dict[str, Any]) -> None:
 
     options: the `demo` command's flags given (Settings field names, plus `upstream_port`: the
     fake upstream's port, default a free one); `--db` defaults to ./understudy-demo.db, `--port`
-    to 8787 (another free port when it is taken). Exits with one line when it cannot start.
+    (or UNDERSTUDY_PORT) to 8787, another free port when that one is taken. Exits with one line when it cannot start.
     """
     import openai
 

@@ -14,6 +14,7 @@ import openai
 
 from proxy.recording.recorder import ExchangeRecord, trajectory_meta, trajectory_rows
 from proxy.storage import Database, new_id
+from proxy.testing.agent import assemble_chunks
 from proxy.testing.servers import REPOSITORY_ROOT
 
 ROOT = REPOSITORY_ROOT
@@ -79,31 +80,10 @@ def _complete(
     if not stream:
         completion = client.chat.completions.create(**kwargs)
         return completion.choices[0].message.model_dump()
-    content: list[str] = []
-    calls: dict[int, dict[str, Any]] = {}
-    for chunk in client.chat.completions.create(
+    stream_ = client.chat.completions.create(
         stream=True, stream_options={"include_usage": True}, **kwargs
-    ):
-        if not chunk.choices:
-            continue
-        delta = chunk.choices[0].delta
-        if delta.content:
-            content.append(delta.content)
-        for call in delta.tool_calls or ():
-            entry = calls.setdefault(
-                call.index,
-                {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
-            )
-            if call.id:
-                entry["id"] = call.id
-            if call.function and call.function.name:
-                entry["function"]["name"] += call.function.name
-            if call.function and call.function.arguments:
-                entry["function"]["arguments"] += call.function.arguments
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None}
-    if calls:
-        message["tool_calls"] = [calls[i] for i in sorted(calls)]
-    return message
+    )
+    return assemble_chunks(stream_)[0]
 
 
 def run_agent(

@@ -250,3 +250,27 @@ def _run_exporter(argv: list[str]) -> CliResult:
             else:
                 code = int(exc.code or 0)
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def run_proxy_cli(*argv: str) -> CliResult:
+    """`python -m proxy ARGV` in this process (`proxy.__main__.main`), for the commands that
+    return: `--help`, `migrate`, settings errors. Not for `serve` or `demo` (they serve)."""
+    from proxy.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level  # main() configures logging: put it back
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(argv))
+        except SystemExit as exc:
+            if isinstance(exc.code, str):
+                err.write(exc.code + "\n")
+                code = 1
+            else:
+                code = int(exc.code or 0)
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+    return CliResult(code, out.getvalue(), err.getvalue())
