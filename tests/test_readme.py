@@ -58,7 +58,7 @@ def test_every_bash_block_is_either_run_or_says_why_not() -> None:
     blocks = text.count("```bash")
     skipped = len(SKIP.findall(text))
     commands = readme_commands(text)
-    assert blocks >= 6 and skipped <= 4
+    assert blocks - skipped >= 4  # the setup, demo and export blocks run; each skip says why
     assert commands[0] == INSTALL, commands[:1]
     assert any(c.endswith("understudy-proxy demo") for c in commands)
 
