@@ -32,6 +32,7 @@ from exporter.options import ExportOptions, ExportSummary, trainer_notes
 from exporter.reader import read_batches
 from exporter.samples import Conversation, Rejected, apply_options, build_conversation
 from exporter.tokens import TokenCounter, encoding_name
+from proxy.core.fastjson import loads
 from proxy.storage import Database
 
 __all__ = [
@@ -122,14 +123,10 @@ class SampleBuilder:
         if row.get("rejected"):  # a Responses row with no faithful chat form (exporter.reader)
             raise Rejected(*row["rejected"])
         try:
-            request = json.loads(row["request_json"])
-            response = json.loads(row["response_json"]) if row.get("response_json") else None
-            shadow = (
-                json.loads(row["shadow_response_json"]) if row.get("shadow_response_json") else None
-            )
-            tags = (
-                json.loads(row["trajectory_tags_json"]) if row.get("trajectory_tags_json") else []
-            )
+            request = loads(row["request_json"])
+            response = loads(row["response_json"]) if row.get("response_json") else None
+            shadow = loads(row["shadow_response_json"]) if row.get("shadow_response_json") else None
+            tags = loads(row["trajectory_tags_json"]) if row.get("trajectory_tags_json") else []
         except (ValueError, TypeError):
             raise Rejected("unreadable", "stored JSON does not decode") from None
         if not isinstance(request, dict):
