@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.core.fastjson import loads
+from proxy.recording.journal import Journal
+from proxy.recording.recorder import _line_bytes
 
 EDGE_CASES = [
     '{"seed": 123456789012345678901234567890}',  # orjson alone: a float
@@ -66,3 +69,18 @@ _values = st.recursive(
 def test_any_document_reads_back_as_json_loads_reads_it(value: object) -> None:
     text = json.dumps(value)
     assert repr(loads(text)) == repr(json.loads(text))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"exchange": {"id": "x", "request_json": '{"a":"é ☃"}', "duration_ms": 1.25}},
+        {"exchange": {"id": "x", "end_user": "lone \ud800 surrogate"}},  # orjson refuses
+        {"exchange": {"id": "x", "seed": 2**70}},  # beyond 64 bits: orjson refuses
+    ],
+)
+def test_write_ahead_lines_read_back_exactly(tmp_path: Path, value: dict[str, object]) -> None:
+    """The recorder's lines (orjson, else the standard library) are what replay reads back."""
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(_line_bytes(value) + _line_bytes({"second": True}))
+    assert list(Journal.read(path)) == [value, {"second": True}]

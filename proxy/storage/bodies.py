@@ -212,8 +212,9 @@ async def _ancestors(
                 ancestor.c.id == chain.c.request_base_id
             )
         )
-        for row in await conn.execute(select(chain), {"ids": part}):
-            found[row.id] = (row.request_base_id, _refs_of(row.request_refs_json))
+        # .all(): one fetchall, not a fetchone per row through the async adapter
+        for exchange_id, base_id, refs in (await conn.execute(select(chain), {"ids": part})).all():
+            found[exchange_id] = (base_id, _refs_of(refs))
     return found
 
 
@@ -254,8 +255,8 @@ async def _blob_texts(conn: AsyncConnection, hashes: Iterable[str]) -> dict[str,
         blobs.c.hash.in_(bindparam("hashes", expanding=True))
     )
     for part in _chunks(wanted):
-        for row in await conn.execute(query, {"hashes": part}):
-            found[row.hash] = row.body_json
+        for blob_hash, text in (await conn.execute(query, {"hashes": part})).all():
+            found[blob_hash] = text
     return found
 
 
