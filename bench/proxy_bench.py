@@ -34,6 +34,7 @@ import datetime as dt
 import functools
 import http.client
 import json
+import math
 import os
 import platform
 import shlex
@@ -62,6 +63,11 @@ HOST = "127.0.0.1"
 PATH = "/v1/chat/completions"
 TARGET_ADDED_P50_MS = 1.0
 TARGET_RPS = 1500.0
+# Issue 13: the tail and streams.
+TARGET_ADDED_P99_MS = 2.0  # added p99 at one connection (JSON)
+TARGET_P99_OVER_P50 = 4.0  # p99 / p50 through the proxy at 32 connections (JSON)
+TARGET_STREAM_SHARE = 0.75  # streamed requests/s over JSON requests/s at 32 connections
+TARGET_STREAM_ADDED_TTFB_MS = 0.5  # added first-byte p50 of a stream at one connection
 LITELLM_ADDED_MS = 10.7
 LITELLM_RPS = 94.0
 
@@ -478,7 +484,7 @@ def verdicts(results: list[KindResult]) -> list[tuple[str, bool]]:
                 rps_r >= 0.9 * rps,
             ),
         ]
-    return out + [
+    out += [
         (
             f"added p50 latency (JSON) {added:.3f} ms <= {TARGET_ADDED_P50_MS:g} ms",
             added <= TARGET_ADDED_P50_MS,
@@ -488,6 +494,46 @@ def verdicts(results: list[KindResult]) -> list[tuple[str, bool]]:
             rps >= TARGET_RPS,
         ),
     ]
+    return out + tail_and_stream_verdicts(results)
+
+
+def tail_and_stream_verdicts(results: list[KindResult]) -> list[tuple[str, bool]]:
+    """Issue 13's floors: added p99 at one connection, p99 / p50 at 32 connections (JSON);
+    stream throughput as a share of JSON's and the stream's added first-byte p50."""
+    json_result = next(r for r in results if r.kind == "json")
+    direct, proxy = json_result.latency["direct"], json_result.latency["proxy"]
+    added_p99 = proxy.percentile(99) - direct.percentile(99)
+    loaded = json_result.throughput["proxy"]
+    ratio = loaded.percentile(99) / loaded.percentile(50) if loaded.percentile(50) else math.inf
+    out = [
+        (
+            f"added p99 latency (JSON, 1 connection) {added_p99:.3f} ms "
+            f"<= {TARGET_ADDED_P99_MS:g} ms",
+            added_p99 <= TARGET_ADDED_P99_MS,
+        ),
+        (
+            f"p99 / p50 (JSON, proxy, 32 connections) {ratio:.1f}x <= {TARGET_P99_OVER_P50:g}x",
+            ratio <= TARGET_P99_OVER_P50,
+        ),
+    ]
+    stream = next((r for r in results if r.kind == "stream"), None)
+    if stream is not None:
+        share = stream.throughput["proxy"].rps / max(loaded.rps, 1e-9)
+        ttfb = stream.latency["proxy"].percentile(50, ttfb=True) - stream.latency[
+            "direct"
+        ].percentile(50, ttfb=True)
+        out += [
+            (
+                f"stream throughput {share:.0%} of JSON's (32 connections) "
+                f">= {TARGET_STREAM_SHARE:.0%}",
+                share >= TARGET_STREAM_SHARE,
+            ),
+            (
+                f"stream added first-byte p50 {ttfb:.3f} ms <= {TARGET_STREAM_ADDED_TTFB_MS:g} ms",
+                ttfb <= TARGET_STREAM_ADDED_TTFB_MS,
+            ),
+        ]
+    return out
 
 
 def write_markdown(
