@@ -20,6 +20,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import math
 import multiprocessing
 import re
 import time
@@ -79,7 +80,8 @@ def _json_line(record: Any, fast: bool = True) -> str:
     separators=(",", ":"))` writes.
 
     fast: try orjson first (several times cheaper); pass False when the record may hold NaN or
-    an infinity (orjson writes those as null). orjson's output is kept only when it holds no
+    an infinity. Those are written as null (strict JSON; stored by proxies older than the 400 on
+    NaN). orjson's output is kept only when it holds no
     float at all (strings, integers, booleans and null are written identically by both);
     anything else, and what orjson refuses (lone surrogates, integers beyond 64 bits, non-string
     keys), goes to the standard library."""
@@ -91,7 +93,22 @@ def _json_line(record: Any, fast: bool = True) -> str:
         else:
             if _FLOAT_TOKEN.search(data) is None:
                 return data.decode()
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # NaN or an infinity stored by an older version: not JSON, so null
+        return json.dumps(_finite(record), ensure_ascii=False, separators=(",", ":"))
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN and infinity replaced by None (what the dashboard shows too):
+    a training file must be strict JSON (RFC 8259), whatever an older proxy stored."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _may_hold_non_finite(*texts: str | None) -> bool:
