@@ -47,7 +47,8 @@ def _int(usage: dict[str, Any] | None, key: str) -> int | None:
 
 def chat_summary(response: dict[str, Any]) -> AnswerSummary:
     """Summary of a `chat.completion` dict: usage `prompt_tokens`/`completion_tokens`, the first
-    choice's `finish_reason` and tool calls."""
+    choice's `finish_reason` and tool calls (its `tool_calls`, or 1 for a legacy `function_call`
+    answering the deprecated `functions` parameter)."""
     usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
     choices = response.get("choices") or []
     first = (
@@ -62,8 +63,14 @@ def chat_summary(response: dict[str, Any]) -> AnswerSummary:
         total_tokens=_int(usage, "total_tokens"),
         usage=usage,
         finish_reason=_text(first.get("finish_reason")),
-        tool_call_count=len(tool_calls) if isinstance(tool_calls, list) else 0,
+        tool_call_count=len(tool_calls) if isinstance(tool_calls, list) else _legacy_call(message),
     )
+
+
+def _legacy_call(message: Any) -> int:
+    """1 when a chat message holds a legacy `function_call` (a named call), else 0."""
+    call = message.get("function_call") if isinstance(message, dict) else None
+    return 1 if isinstance(call, dict) and call.get("name") else 0
 
 
 _TOOL_CALL_ITEMS = ("function_call", "custom_tool_call")

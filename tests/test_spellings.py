@@ -1,0 +1,158 @@
+"""Less common Chat Completions spellings recorded whole (issue 16): a streamed audio answer keeps
+`delta.audio` as the openai SDK's own accumulator assembles it, legacy `functions` /
+`function_call` exchanges count their call (SQLite and PostgreSQL), and a retry of an identical
+request after an upstream error is not shown as a fork by the dashboard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from proxy.core.sse import _joined, merge_delta
+from proxy.storage import Database
+from proxy.storage.schema import exchanges
+from tests.support.inprocess import in_process_proxy, run_exporter
+from tests.support.processes import FakeUpstream
+
+AUDIO = {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}
+FUNCTIONS = [
+    {
+        "name": "lookup",
+        "description": "Look a thing up.",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+    }
+]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database: a SQLite file, or a new database on the PostgreSQL test server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "spellings.db")
+    return str(request.getfixturevalue("pg_url"))
+
+
+async def exchanges_in(db_url: str) -> list[dict[str, Any]]:
+    """Every exchange recorded in `db_url`, request bodies whole, by trajectory then step."""
+    db = await Database.open(db_url)
+    try:
+        async with db.engine.connect() as conn:
+            query = select(exchanges.c.trajectory_id).order_by(exchanges.c.started_utc)
+            ids = [row[0] for row in await conn.execute(query)]
+        rows: list[dict[str, Any]] = []
+        for trajectory_id in dict.fromkeys(ids):
+            rows.extend(await db.exchanges_of(trajectory_id))
+        return rows
+    finally:
+        await db.close()
+
+
+def stats_of(db_url: str) -> dict[str, Any]:
+    result = run_exporter("stats", "--db", db_url, "--json")
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+# -- 3. streamed audio ------------------------------------------------------------------------------
+
+
+def test_merge_delta_merges_as_the_sdk_does_but_keeps_ids_once() -> None:
+    merged: Any = None
+    for piece in (
+        {"id": "audio_1", "transcript": "Hel"},
+        {"transcript": "lo", "id": "audio_1"},
+        {"data": "UklG"},
+        {"data": "Rg=="},
+        {"expires_at": 1_700_000_000},
+    ):
+        merged = merge_delta(merged, piece)
+    merged = merge_delta(merged, {"expires_at": 1_700_000_000})
+    assert _joined(merged) == {
+        "id": "audio_1",
+        "transcript": "Hello",
+        "data": "UklGRg==",
+        "expires_at": 1_700_000_000,
+    }
+    parts = merge_delta(None, [{"index": 0, "text": "a"}])
+    parts = merge_delta(parts, [{"index": 0, "text": "b"}, {"index": 1, "text": "c"}])
+    assert _joined(parts) == [{"index": 0, "text": "ab"}, {"index": 1, "text": "c"}]
+
+
+async def test_streamed_audio_answer_is_recorded_as_the_sdk_assembles_it(
+    tmp_path: Path, fake_upstream: FakeUpstream
+) -> None:
+    async with in_process_proxy(tmp_path, upstream=fake_upstream.base_url) as proxy:
+        sdk = proxy.openai()
+        async with sdk.chat.completions.stream(
+            model="gpt-4o-audio-preview",
+            messages=[{"role": "user", "content": "say hello to the audio test"}],
+            **AUDIO,  # type: ignore[arg-type]
+        ) as stream:
+            final = await stream.get_final_completion()
+        whole = await sdk.chat.completions.create(
+            model="gpt-4o-audio-preview",
+            messages=[{"role": "user", "content": "say hello to the audio test"}],
+            **AUDIO,  # type: ignore[arg-type]
+        )
+    sdk_audio = final.choices[0].message.audio
+    assert sdk_audio is not None and sdk_audio.transcript.startswith("Answer to")
+    streamed, plain = await exchanges_in(str(proxy.db))
+    assert streamed["stream"] and not plain["stream"]
+    recorded = json.loads(streamed["response_json"])["choices"][0]["message"]
+    assert recorded["audio"] == sdk_audio.model_dump()
+    assert recorded["content"] is None
+    # The same fields a whole (non-stream) answer carries, id aside (each answer has its own).
+    whole_audio = whole.choices[0].message.audio
+    assert whole_audio is not None
+    assert recorded["audio"]["transcript"] == whole_audio.transcript
+    assert set(recorded["audio"]) == {"id", "data", "expires_at", "transcript"}
+
+
+# -- 4. legacy functions / function_call ----------------------------------------------------------
+
+
+async def test_legacy_function_call_is_counted_as_a_tool_call(
+    tmp_path: Path, fake_upstream: FakeUpstream, db_url: str
+) -> None:
+    async with in_process_proxy(tmp_path, upstream=fake_upstream.base_url, db=db_url) as proxy:
+        sdk = proxy.openai()
+        ask = [{"role": "user", "content": "look up the legacy way"}]
+        first = await sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=ask,  # type: ignore[arg-type]
+            functions=FUNCTIONS,  # type: ignore[arg-type]
+        )
+        call = first.choices[0].message.function_call
+        assert call is not None and call.name == "lookup"
+        assert first.choices[0].finish_reason == "function_call"
+        chunks = await sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "stream the legacy way"}],
+            functions=FUNCTIONS,  # type: ignore[arg-type]
+            stream=True,
+        )
+        async for _ in chunks:
+            pass
+        last = await sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[
+                *ask,
+                {"role": "assistant", "content": None, "function_call": call.model_dump()},
+                {"role": "function", "name": "lookup", "content": "found it"},
+            ],  # type: ignore[list-item]
+            functions=FUNCTIONS,  # type: ignore[arg-type]
+        )
+        assert last.choices[0].message.function_call is not None  # step 1 calls again
+    rows = await exchanges_in(db_url)
+    assert [row["tool_call_count"] for row in rows if row["stream"]] == [1]
+    assert all(row["tool_call_count"] == 1 for row in rows), rows
+    streamed = next(row for row in rows if row["stream"])
+    message = json.loads(streamed["response_json"])["choices"][0]["message"]
+    assert message["function_call"]["name"] == "lookup"
+    stats = stats_of(db_url)
+    # Two trajectories: the stitched legacy conversation (2 calls) and the streamed one (1).
+    assert stats["tool_call_histogram"] == {"1": 1, "2": 1}
