@@ -9,14 +9,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-from sqlalchemy import select
-
 from proxy.core.sse import _joined, merge_delta
-from proxy.storage import Database
-from proxy.storage.schema import exchanges
-from tests.support.inprocess import in_process_proxy, run_exporter
+from tests.support.inprocess import in_process_proxy
 from tests.support.processes import FakeUpstream
+from tests.support.spellings import db_url, exchanges_in, stats_of
+
+__all__ = ["db_url"]  # the fixture, used by parameter name
 
 AUDIO = {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}
 FUNCTIONS = [
@@ -26,35 +24,6 @@ FUNCTIONS = [
         "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
     }
 ]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database: a SQLite file, or a new database on the PostgreSQL test server."""
-    if request.param == "sqlite":
-        return str(tmp_path / "spellings.db")
-    return str(request.getfixturevalue("pg_url"))
-
-
-async def exchanges_in(db_url: str) -> list[dict[str, Any]]:
-    """Every exchange recorded in `db_url`, request bodies whole, by trajectory then step."""
-    db = await Database.open(db_url)
-    try:
-        async with db.engine.connect() as conn:
-            query = select(exchanges.c.trajectory_id).order_by(exchanges.c.started_utc)
-            ids = [row[0] for row in await conn.execute(query)]
-        rows: list[dict[str, Any]] = []
-        for trajectory_id in dict.fromkeys(ids):
-            rows.extend(await db.exchanges_of(trajectory_id))
-        return rows
-    finally:
-        await db.close()
-
-
-def stats_of(db_url: str) -> dict[str, Any]:
-    result = run_exporter("stats", "--db", db_url, "--json")
-    assert result.returncode == 0, result.stderr
-    return dict(json.loads(result.stdout))
 
 
 # -- 3. streamed audio ------------------------------------------------------------------------------

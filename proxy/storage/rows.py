@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.core.redaction import storable
 from proxy.core.usage import estimate_usage
+from proxy.http.paths import azure_deployment
 
 if TYPE_CHECKING:
     from proxy.recording.recorder import ExchangeRecord
@@ -128,7 +129,8 @@ def exchange_row(record: ExchangeRecord) -> dict[str, Any]:
         "status_code": record.status_code,
         "outcome": record.outcome,
         "route": record.route,
-        "model_requested": _text(record.request.get("model")),
+        # An Azure deployment path names the model asked (Azure ignores the body's `model`).
+        "model_requested": _text(azure_deployment(record.path) or record.request.get("model")),
         "model_answered": summary.model,
         "request_json": record.request_text,
         "response_json": record.response_text

@@ -44,7 +44,7 @@ import base64
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -451,6 +451,33 @@ async def embeddings(request: Request) -> Response:
     )
 
 
+def _azure(handler: Callable[[Request], Awaitable[Response]], deployment_path: bool) -> Any:
+    """An Azure OpenAI route answering like `handler`: 401 without an `api-key` header (or a
+    bearer token, Azure's Entra ID sign-in), 404 on a deployment path without `api-version`, as
+    Azure answers them."""
+
+    async def azure(request: Request) -> Response:
+        if not request.headers.get("api-key") and not request.headers.get("authorization"):
+            return JSONResponse(
+                {
+                    "error": {
+                        "code": "401",
+                        "message": "Access denied due to invalid subscription key or wrong API "
+                        "endpoint. Make sure to provide a valid key for an active subscription "
+                        "and use a correct regional API endpoint for your resource.",
+                    }
+                },
+                status_code=401,
+            )
+        if deployment_path and "api-version" not in request.query_params:
+            return JSONResponse(
+                {"error": {"code": "404", "message": "Resource not found"}}, status_code=404
+            )
+        return await handler(request)
+
+    return azure
+
+
 async def recorded_requests(request: Request) -> Response:
     if request.method == "DELETE":
         request.app.state.requests.clear()
@@ -479,6 +506,17 @@ def create_fake_app(planner: Planner | None = None) -> Starlette:
             Route("/v1/responses/{response_id}/cancel", response_by_id, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
+            *(
+                Route(path, _azure(handler, "deployments" in path), methods=["POST"])
+                for path, handler in (
+                    ("/openai/deployments/{deployment}/chat/completions", chat_completions),
+                    ("/openai/deployments/{deployment}/responses", responses),
+                    ("/openai/deployments/{deployment}/embeddings", embeddings),
+                    ("/openai/responses", responses),
+                    ("/openai/v1/chat/completions", chat_completions),
+                    ("/openai/v1/responses", responses),
+                )
+            ),
             Route("/_fake/requests", recorded_requests, methods=["GET", "DELETE"]),
         ]
     )
