@@ -125,3 +125,58 @@ async def test_legacy_function_call_is_counted_as_a_tool_call(
     stats = stats_of(db_url)
     # Two trajectories: the stitched legacy conversation (2 calls) and the streamed one (1).
     assert stats["tool_call_histogram"] == {"1": 1, "2": 1}
+
+
+# -- 5. a retry after an upstream error is not a fork -----------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "search", "parameters": {"type": "object", "properties": {}}},
+    }
+]
+
+
+async def test_retried_call_is_not_a_fork_in_the_dashboard(
+    tmp_path: Path, fake_upstream: FakeUpstream, db_url: str
+) -> None:
+    """Step 1 fails upstream (500) and the SDK's own retry sends the identical request, which
+    answers: the dashboard shows one branch, the failed attempt marked as retried; a real fork
+    (another request after step 0) is still a branch."""
+    key = f"retry-{tmp_path.name}-{db_url[-8:]}"
+    async with in_process_proxy(tmp_path, upstream=fake_upstream.base_url, db=db_url) as proxy:
+        sdk = proxy.openai()
+        messages: list[Any] = [{"role": "user", "content": "find the retry doc"}]
+        first = await sdk.chat.completions.create(model="m", messages=messages, tools=TOOLS)
+        call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+        messages += [
+            first.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "doc found"},
+        ]
+        retrying = proxy.openai(max_retries=1, default_headers={"x-fake-fail-once": key})
+        answer = await retrying.chat.completions.create(model="m", messages=messages, tools=TOOLS)
+        assert answer.choices[0].finish_reason == "tool_calls"  # the fake calls again at step 1
+        await proxy.flushed()
+        rows = await exchanges_in(db_url)
+        trajectory_id = rows[0]["trajectory_id"]
+        assert [(r["step"], r["outcome"], r["status_code"]) for r in rows] == [
+            (0, "ok", 200),
+            (1, "error", 500),
+            (1, "ok", 200),
+        ]
+        view = (await proxy.client.get(f"/api/trajectories/{trajectory_id}")).json()
+        assert len(view["branches"]) == 1
+        assert view["branches"][0]["leaf_id"] == rows[2]["id"]
+        by_id = {e["id"]: e for e in view["exchanges"]}
+        assert by_id[rows[1]["id"]]["retried_by"] == rows[2]["id"]
+        page = await proxy.client.get(f"/dashboard/trajectories/{trajectory_id}")
+        assert page.status_code == 200 and 'aria-label="branches"' not in page.text
+
+        # A different request after step 0 is a real fork: two branches.
+        other = [*messages[:3], {"role": "tool", "tool_call_id": call.id, "content": "other"}]
+        await sdk.chat.completions.create(model="m", messages=other, tools=TOOLS)
+        await proxy.flushed()
+        view = (await proxy.client.get(f"/api/trajectories/{trajectory_id}")).json()
+        assert len(view["branches"]) == 2
+        page = await proxy.client.get(f"/dashboard/trajectories/{trajectory_id}")
+        assert 'aria-label="branches"' in page.text

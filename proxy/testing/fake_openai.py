@@ -13,6 +13,8 @@ Behaviour, chosen by the request:
   `x-fake-delay-ms: N` waits N ms before answering at all (a read timeout); header
   `x-fake-break-after: N` drops the connection after N stream chunks (a stream that breaks).
 - Model `fake-error-500` / `fake-error-429` answer with OpenAI error bodies (429 has `retry-after`).
+- Header `x-fake-fail-once: KEY`: the first chat request carrying KEY answers 500, later ones
+  answer normally (an upstream error the app, or the SDK's own retry, retries).
 - Header `x-fake-fixed: 1` answers with one fixed small completion (for the benchmark).
 - Legacy `functions` (no `tools`): the same plan as a `function_call` (finish `function_call`).
 - `n: N` answers N choices: choice 0 is the plan above, choice k > 0 the same with
@@ -223,6 +225,10 @@ async def chat_completions(request: Request) -> Response:
     model = body.get("model", "fake-model")
     if request.headers.get("x-fake-delay-ms"):
         await asyncio.sleep(float(request.headers["x-fake-delay-ms"]) / 1000)
+    fail_once = request.headers.get("x-fake-fail-once")
+    if fail_once and fail_once not in request.app.state.failed_once:
+        request.app.state.failed_once.add(fail_once)
+        model = "fake-error-500"
     if model == "fake-error-500":
         return JSONResponse(
             {
@@ -521,6 +527,7 @@ def create_fake_app(planner: Planner | None = None) -> Starlette:
         ]
     )
     app.state.requests = []
+    app.state.failed_once = set()  # x-fake-fail-once keys already failed
     app.state.responses = {}  # response id -> the items a continuation inherits
     app.state.planner = planner
     app.state.background = {}  # background response id -> {"answer", "polls"}
