@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from proxy.core.canonical import chain_hash
 from proxy.core.redaction import storable
 from proxy.core.usage import estimate_usage
 from proxy.http.paths import azure_deployment
@@ -105,8 +106,27 @@ def responses_summary(response: dict[str, Any]) -> AnswerSummary:
 SUMMARIES = {"chat": chat_summary, "responses": responses_summary}
 
 
+def choice_state_rows(request_hash: str, response: Any) -> list[list[Any]]:
+    """`[[index, state_hash], ...]` for the choices after the first of a `chat.completion`
+    (`n > 1`): each choice's message closes a conversation state of its own, as choice 0's does
+    (`exchanges.state_hash`); [] for one choice. Pure (`canonical.chain_hash`)."""
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if not isinstance(choices, list) or len(choices) < 2:
+        return []
+    out = []
+    for position, choice in enumerate(choices[1:], start=1):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict):
+            index = choice.get("index")
+            out.append(
+                [index if isinstance(index, int) else position, chain_hash(request_hash, message)]
+            )
+    return out
+
+
 def exchange_row(record: ExchangeRecord) -> dict[str, Any]:
-    """The `exchanges` row for `record` (see `proxy.storage.schema.exchanges` for the columns)."""
+    """The `exchanges` row for `record` (see `proxy.storage.schema.exchanges` for the columns),
+    plus `choice_states` (`choice_state_rows`: not a column, written to `choice_states`)."""
     response = record.response or {}
     summary = SUMMARIES[record.kind](response) if response else AnswerSummary()
     if summary.usage is None and record.kind == "chat" and record.stream and record.outcome == "ok":
@@ -116,7 +136,7 @@ def exchange_row(record: ExchangeRecord) -> dict[str, Any]:
             summary = chat_summary({**response, "usage": estimated})
     metadata = record.request.get("metadata")
     user = record.request.get("user")
-    row = {
+    row: dict[str, Any] = {
         "id": record.id,
         "trajectory_id": record.trajectory_id,
         "parent_id": record.parent_id,
@@ -159,6 +179,8 @@ def exchange_row(record: ExchangeRecord) -> dict[str, Any]:
         if response and record.kind == "responses"
         else None,
     }
+    if record.kind == "chat" and record.state_hash and record.outcome == "ok":
+        row["choice_states"] = choice_state_rows(record.request_hash, response)
     return row
 
 
