@@ -20,7 +20,7 @@ from proxy.http.chat import chat_completions
 from proxy.http.errors import error_response
 from proxy.http.metrics import Metrics
 from proxy.http.passthrough import passthrough
-from proxy.http.paths import RECORDED_APIS, recorded_api_of
+from proxy.http.paths import AZURE_ROOT, RECORDED_APIS, recorded_spelling_of
 from proxy.http.responses import create_response, retrieve_response
 from proxy.http.responses_ws import responses_websocket
 from proxy.http.state import ProxyState
@@ -47,10 +47,10 @@ class FastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            api = recorded_api_of(scope)
-            if api is not None:
+            spelling = recorded_spelling_of(scope)
+            if spelling is not None and not spelling.azure:  # Azure: the app checks the upstream
                 scope["app"] = self.app
-                response = await RECORDED_HANDLERS[api](Request(scope, receive, send))
+                response = await RECORDED_HANDLERS[spelling.api](Request(scope, receive, send))
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -63,13 +63,30 @@ RECORDED_HANDLERS: dict[str, Callable[[Request], Awaitable[Response]]] = {
 }
 
 
+def _not_azure(request: Request) -> Response:
+    return error_response(
+        404,
+        f"{request.url.path} is an Azure OpenAI path, but this proxy's upstream is not Azure: "
+        "start it with --upstream https://RESOURCE.openai.azure.com (or --upstream-kind azure)",
+        code="unknown_url",
+    )
+
+
 async def v1_request(request: Request) -> Response:
-    """Any `/v1/*` request: a POST to a recorded API however spelled (`/v1/chat/completions/`,
-    `/v1//chat/completions`) goes to its handler, everything else to the pass-through."""
+    """Any `/v1/*` or `/openai/*` request: a POST to a recorded API however spelled
+    (`/v1/chat/completions/`, `/v1//chat/completions`, Azure's
+    `/openai/deployments/{d}/chat/completions`, ...) goes to its handler, everything else to the
+    pass-through. Azure OpenAI paths need an Azure upstream (`Settings.upstream_is_azure`):
+    otherwise a recorded one, or any path under `/openai`, is answered 404 saying so."""
+    azure = request.app.state.proxy.settings.upstream_is_azure
     if request.method == "POST":
-        api = recorded_api_of(request.scope)
-        if api is not None:
-            return await RECORDED_HANDLERS[api](request)
+        spelling = recorded_spelling_of(request.scope)
+        if spelling is not None:
+            if spelling.azure and not azure:
+                return _not_azure(request)
+            return await RECORDED_HANDLERS[spelling.api](request)
+    if not azure and request.url.path.startswith(f"/{AZURE_ROOT}/"):
+        return _not_azure(request)
     return await passthrough(request)
 
 
@@ -138,11 +155,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.router.add_route(spelling, RECORDED_HANDLERS[api], methods=["POST"])
     app.router.add_route("/v1/responses/{response_id}", retrieve_response, methods=["GET"])
     app.router.add_websocket_route("/v1/responses", responses_websocket)
-    app.router.add_route(
-        "/v1/{path:path}",
-        v1_request,
-        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
-    )
+    for root in ("/v1/{path:path}", f"/{AZURE_ROOT}/{{path:path}}"):
+        app.router.add_route(
+            root, v1_request, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+        )
 
     mount_dashboard(app, settings)
 

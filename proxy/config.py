@@ -67,6 +67,14 @@ class Settings(BaseSettings):
         description="Base URL of the OpenAI-compatible API that calls are forwarded to "
         "(the part before /chat/completions).",
     )
+    upstream_kind: Literal["auto", "openai", "azure"] = Field(
+        "auto",
+        description="What the upstream is: 'openai' (an OpenAI-compatible base URL, ending in "
+        "/v1), 'azure' (an Azure OpenAI resource URL such as https://RESOURCE.openai.azure.com: "
+        "Azure paths /openai/... are forwarded as sent, /v1/X goes to /openai/v1/X and the "
+        "upstream key is sent as api-key), or 'auto': azure for *.openai.azure.com, "
+        "*.cognitiveservices.azure.com and *.services.ai.azure.com hosts, else openai.",
+    )
     db: str = Field(
         "./understudy.db",
         description="Database: a SQLite file path, or a sqlite:/// / postgresql:// URL.",
@@ -242,6 +250,11 @@ class Settings(BaseSettings):
             raise ValueError("upstream must be an http:// or https:// URL")
         return value.rstrip("/")
 
+    @property
+    def upstream_is_azure(self) -> bool:
+        """The upstream is an Azure OpenAI resource (`upstream_kind`, or its host for 'auto')."""
+        return is_azure_upstream(self.upstream, self.upstream_kind)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -270,6 +283,25 @@ def _config_file_source(settings_cls: type[BaseSettings], path: Path) -> Pydanti
     if suffix == ".json":
         return JsonConfigSettingsSource(settings_cls, json_file=path)
     raise ConfigFileError(f"config file must end in .toml, .yaml, .yml or .json: {path}")
+
+
+AZURE_HOST_SUFFIXES = (
+    ".openai.azure.com",
+    ".cognitiveservices.azure.com",
+    ".services.ai.azure.com",
+)
+
+
+@functools.lru_cache(maxsize=8)
+def is_azure_upstream(upstream: str, kind: str) -> bool:
+    """Whether `upstream` (a URL) of `kind` ('auto', 'openai', 'azure') is an Azure OpenAI
+    resource; 'auto' decides from the URL's host name."""
+    if kind != "auto":
+        return kind == "azure"
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(upstream).hostname or "").lower()
+    return host.endswith(AZURE_HOST_SUFFIXES)
 
 
 def journal_path(settings: Settings) -> Path:

@@ -4,7 +4,9 @@ Responses API stream into one `response` (`ResponsesStreamAssembler`).
 Pure, incremental, no I/O. Feed the (decoded) bytes of the stream as they arrive; the assembler
 keeps the per-choice state: content and refusal concatenated, tool calls keyed by their `index`
 with `arguments` concatenated across chunks (parallel calls too), `finish_reason`, `logprobs`
-and the final `usage` chunk that `stream_options.include_usage` adds.
+and the final `usage` chunk that `stream_options.include_usage` adds. Every other delta field
+(`audio`, `reasoning_content`, ...) is merged as the openai SDK's accumulator merges it
+(`merge_delta`).
 """
 
 from __future__ import annotations
@@ -64,13 +66,78 @@ class SSEParser:
         return out
 
 
+# Keys whose value names a thing rather than adding to it: kept once, never concatenated.
+_IDENTITY_KEYS = frozenset({"id", "type", "index", "expires_at"})
+
+
+class _Text(list[str]):
+    """Text pieces of one delta field, joined once by `result()` (linear, not quadratic)."""
+
+
+def merge_delta(current: Any, value: Any) -> Any:
+    """`current` with one more delta `value` of a message field merged in, the way openai-python's
+    stream accumulator (`openai.lib.streaming._deltas.accumulate_delta`) merges it: text
+    concatenated, objects merged key by key (e.g. `delta.audio`: `transcript` and `data`
+    concatenated, `id` and `expires_at` kept), lists of objects merged by their `index`, other
+    lists extended. Unlike the SDK, `id`, `type`, `index` and `expires_at` are kept once (the SDK
+    would add repeated numbers or concatenate a repeated id), and numbers are replaced. Pure; text
+    is held as a `_Text` until `_joined`."""
+    if current is None:
+        if isinstance(value, str):
+            current = _Text()
+        elif isinstance(value, (dict, list)):
+            current = type(value)()
+        else:
+            return value
+    if isinstance(current, _Text) and isinstance(value, str):
+        current.append(value)
+        return current
+    if isinstance(current, dict) and isinstance(value, dict):
+        for key, item in value.items():
+            if item is None:
+                continue
+            if key in _IDENTITY_KEYS and key in current:
+                continue
+            current[key] = merge_delta(current.get(key), item)
+        return current
+    if isinstance(current, list) and isinstance(value, list):
+        for entry in value:
+            if isinstance(entry, dict) and isinstance(entry.get("index"), int):
+                at = next(
+                    (
+                        i
+                        for i, e in enumerate(current)
+                        if isinstance(e, dict) and e.get("index") == entry["index"]
+                    ),
+                    None,
+                )
+                if at is not None:
+                    current[at] = merge_delta(current[at], entry)
+                    continue
+                entry = merge_delta(None, entry)
+            current.append(entry)
+        return current
+    return value  # a number or a changed kind: the latest value
+
+
+def _joined(value: Any) -> Any:
+    """A merged delta value with its text pieces joined (see `merge_delta`)."""
+    if isinstance(value, _Text):
+        return "".join(value)
+    if isinstance(value, dict):
+        return {key: _joined(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_joined(item) for item in value]
+    return value
+
+
 @dataclass
 class _ChoiceState:
     index: int
     role: str | None = None
     content: list[str] = field(default_factory=list)
     refusal: list[str] = field(default_factory=list)
-    extra_text: dict[str, list[str]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     function_call: dict[str, Any] | None = None
     finish_reason: str | None = None
@@ -156,8 +223,8 @@ class StreamAssembler:
                     fc["name"] = value["name"]
                 fc["arguments"] += value.get("arguments") or ""
                 state.function_call = fc
-            elif isinstance(value, str):  # reasoning_content and other provider text fields
-                state.extra_text.setdefault(key, []).append(value)
+            else:  # audio, reasoning_content and any other field: merged as the SDK merges them
+                state.extra[key] = merge_delta(state.extra.get(key), value)
         if choice.get("finish_reason") is not None:
             state.finish_reason = choice["finish_reason"]
         logprobs = choice.get("logprobs")
@@ -197,8 +264,8 @@ class StreamAssembler:
                 "content": "".join(state.content) if state.content else None,
                 "refusal": "".join(state.refusal) if state.refusal else None,
             }
-            for key, parts in state.extra_text.items():
-                message[key] = "".join(parts)
+            for key, value in state.extra.items():
+                message[key] = _joined(value)
             if state.tool_calls:
                 message["tool_calls"] = [state.tool_calls[i] for i in sorted(state.tool_calls)]
             if state.function_call is not None:

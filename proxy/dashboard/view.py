@@ -153,8 +153,39 @@ def _chain(leaf_id: str, by_id: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return chain
 
 
+def _same_request(exchange: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What makes two exchanges the same call: parent, and request hash (else request body)."""
+    request_hash = exchange.get("request_hash")
+    if request_hash:
+        return (exchange.get("parent_id"), exchange.get("kind"), request_hash)
+    body = exchange.get("request") or exchange.get("request_json")
+    return (exchange.get("parent_id"), exchange.get("kind"), json.dumps(body, sort_keys=True))
+
+
+def retries(exchanges: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Failed attempts the app retried: exchange id -> id of the next attempt.
+
+    An exchange is a retried attempt when it failed (outcome not `ok`: an upstream error, a broken
+    stream, a client that went away), nothing continues it, and a later exchange of the trajectory
+    sent the same request (same parent and request hash). Such an attempt is not a branch: the
+    dashboard lists it among the exchanges (marked `retried_by`), never as a fork, as the
+    exporter never writes a failed leaf."""
+    by_id = {e["id"]: e for e in exchanges}
+    has_child = {e.get("parent_id") for e in exchanges if e.get("parent_id") in by_id}
+    ordered = sorted(exchanges, key=lambda e: (e.get("started_utc") or "", e["id"]))
+    out: dict[str, str] = {}
+    later: dict[tuple[Any, ...], str] = {}
+    for e in reversed(ordered):
+        key = _same_request(e)
+        if e.get("outcome") != "ok" and e["id"] not in has_child and key in later:
+            out[e["id"]] = later[key]
+        later[key] = e["id"]
+    return out
+
+
 def branches(exchanges: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The trajectory's leaves as branches, the latest first.
+    """The trajectory's leaves as branches, the latest first; retried failed attempts
+    (`retries`) are not leaves.
 
     Each: `leaf_id`, `number` (1 = latest), `steps` (exchanges on its path), `chain` (exchange
     ids root to leaf), `fork_step` (the first step where it differs from branch 1; None for
@@ -163,7 +194,8 @@ def branches(exchanges: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """
     by_id = {e["id"]: e for e in exchanges}
     has_child = {e.get("parent_id") for e in exchanges if e.get("parent_id") in by_id}
-    leaves = [e for e in exchanges if e["id"] not in has_child]
+    retried = retries(exchanges)
+    leaves = [e for e in exchanges if e["id"] not in has_child and e["id"] not in retried]
     leaves.sort(key=lambda e: (e.get("started_utc") or "", e["id"]), reverse=True)
     out: list[dict[str, Any]] = []
     main: list[str] = []
@@ -197,7 +229,8 @@ def trajectory_payload(
 ) -> dict[str, Any]:
     """A trajectory as `GET /api/trajectories/{id}` returns it and its page renders it.
 
-    The summary keys, plus `exchanges` (see `exchange_view`), `branches` (see `branches`), and
+    The summary keys, plus `exchanges` (see `exchange_view`; a retried failed attempt carries
+    `retried_by`, the id of the next attempt: see `retries`), `branches` (see `branches`), and
     `conversation`: the latest leaf's request messages followed by its answer message.
     """
     exchanges = [exchange_view(e) for e in exchange_rows]
@@ -225,6 +258,8 @@ def trajectory_payload(
         exchanges, key=lambda e: (e.get("step") or 0, e.get("started_utc") or ""), default=None
     )
     payload["first_user_text"] = _first_user(first)
+    for retried_id, retry_id in retries(exchanges).items():
+        next(e for e in exchanges if e["id"] == retried_id)["retried_by"] = retry_id
     payload["exchanges"] = exchanges
     payload["branches"] = branches(exchanges)
     leaf = next(

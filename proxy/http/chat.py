@@ -34,6 +34,7 @@ from proxy.http.pipeline import (
 from proxy.http.state import ProxyState
 from proxy.http.teacher import Teacher
 from proxy.recording.stitching import Link
+from proxy.storage.rows import choice_state_rows
 
 __all__ = [
     "EXCHANGE_HEADER",
@@ -85,12 +86,19 @@ class ChatApi(RecordedApi):
         return StreamAssembler()
 
     async def remember(self, exchange: Exchange, response: dict[str, Any]) -> None:
+        """Every choice's message closes a state (`n > 1`: the app may continue any of them);
+        choice 0's is the exchange's `state_hash`, the others are stored by the recorder
+        (`proxy.storage.rows.choice_state_rows`)."""
         message = response_message(response)
         if message is None:
             return
-        state_hash = chain_hash(exchange.link.request_hash, message)
+        request_hash = exchange.link.request_hash
+        state_hash = chain_hash(request_hash, message)
         exchange.record.state_hash = state_hash
-        await exchange.proxy.stitcher.remember(state_hash, exchange.ref)
+        stitcher = exchange.proxy.stitcher
+        await stitcher.remember(state_hash, exchange.ref)
+        for _, later in choice_state_rows(request_hash, response):
+            await stitcher.remember(later, exchange.ref)
 
     def forwarded(self, exchange: Exchange, body: dict[str, Any], raw: bytes) -> bytes:
         """The client's bytes, or the body with `logit_bias` added when promotion is on."""

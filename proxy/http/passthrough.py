@@ -32,14 +32,14 @@ async def passthrough(request: Request) -> Response:
     proxy: ProxyState = request.app.state.proxy
     settings = proxy.settings
     try:
-        path = upstream_path(raw_path_of(request.scope))
+        path = upstream_path(raw_path_of(request.scope), azure=settings.upstream_is_azure)
     except PathRefused as exc:
         return error_response(400, f"refused path: {exc}", param="path", code="invalid_path")
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
     has_body = request.method not in ("GET", "HEAD", "OPTIONS", "DELETE") or request.headers.get(
         "content-length", "0"
     ) not in ("", "0")
-    headers = forward_headers(request.headers.items(), api_key)
+    headers = forward_headers(request.headers.items(), api_key, azure=settings.upstream_is_azure)
     if has_body and "content-length" in request.headers:
         headers.append(("content-length", request.headers["content-length"]))
     try:

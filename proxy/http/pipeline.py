@@ -38,6 +38,7 @@ from proxy.http.body import (
     read_body,
 )
 from proxy.http.errors import InvalidRequest, error_body, error_response
+from proxy.http.paths import forward_path
 from proxy.http.state import ProxyState
 from proxy.http.teacher import Teacher, TeacherError
 from proxy.http.upstream import (
@@ -342,9 +343,15 @@ async def _call(
     try:
         upstream = await proxy.client.request(
             "POST",
-            upstream_url(settings, api.upstream_path, request.url.query.encode()),
+            upstream_url(
+                settings,
+                forward_path(request.scope, api.upstream_path, settings.upstream_is_azure),
+                request.url.query.encode(),
+            ),
             data=content,
-            headers=forward_headers(request.headers.items(), api_key),
+            headers=forward_headers(
+                request.headers.items(), api_key, azure=settings.upstream_is_azure
+            ),
             allow_redirects=False,
         )
     except UPSTREAM_ERRORS as exc:

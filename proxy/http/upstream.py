@@ -85,12 +85,13 @@ def upstream_url(settings: Settings, path: str, query: bytes = b"") -> URL:
 
 
 def forward_headers(
-    incoming: Iterable[tuple[str, str]], api_key: str | None
+    incoming: Iterable[tuple[str, str]], api_key: str | None, *, azure: bool = False
 ) -> list[tuple[str, str]]:
     """The client's headers as sent upstream.
 
     Drops hop-by-hop headers and the proxy's own `X-Understudy-*` controls; offers only codings
-    the proxy can decode; with `api_key`, replaces the client's credentials with the proxy's.
+    the proxy can decode; with `api_key`, replaces the client's credentials with the proxy's
+    (as `api-key` for an Azure upstream, `azure`, else as a bearer `authorization`).
     """
     out: list[tuple[str, str]] = []
     for name, value in incoming:
@@ -107,7 +108,7 @@ def forward_headers(
             value = ", ".join(kept)
         out.append((name, value))
     if api_key is not None:
-        out.append(("authorization", f"Bearer {api_key}"))
+        out.append(("api-key", api_key) if azure else ("authorization", f"Bearer {api_key}"))
     return out
 
 

@@ -7,7 +7,9 @@ explicit id (`X-Understudy-Trajectory-Id` header or `metadata.trajectory_id`) wi
 
 States of recent exchanges are kept in memory (an LRU), so a request that arrives before the
 previous exchange's batch is written still stitches; older states are found with one indexed
-query on `exchanges.state_hash`.
+query on `exchanges.state_hash` and `choice_states.state_hash`. Every choice of an answer is a
+state (`n > 1`: `ChatApi.remember` remembers each one), so continuing choice k links to its
+exchange.
 
 The Stitcher has two modes, chosen by the database (`Database.shared`):
 

@@ -205,6 +205,23 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        name="006_choice_states",
+        why="A request with `n > 1` gets several answers (choices); the app continues one of "
+        "them, not always the first. Every choice is a conversation state: choice 0 stays in "
+        "`exchanges.state_hash`, each later choice gets a row here, and stitching looks both up "
+        "by index in one statement, so continuing choice k links to its exchange instead of "
+        "starting an unlinked trajectory.",
+        statements=(
+            """CREATE TABLE choice_states (
+                exchange_id TEXT NOT NULL,
+                choice_index INTEGER NOT NULL,
+                state_hash TEXT NOT NULL,
+                PRIMARY KEY (exchange_id, choice_index)
+            )""",
+            "CREATE INDEX ix_choice_states_state_hash ON choice_states (state_hash)",
+        ),
+    ),
 )
 
 

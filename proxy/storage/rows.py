@@ -11,8 +11,10 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from proxy.core.canonical import chain_hash
 from proxy.core.redaction import storable
 from proxy.core.usage import estimate_usage
+from proxy.http.paths import azure_deployment
 
 if TYPE_CHECKING:
     from proxy.recording.recorder import ExchangeRecord
@@ -47,7 +49,8 @@ def _int(usage: dict[str, Any] | None, key: str) -> int | None:
 
 def chat_summary(response: dict[str, Any]) -> AnswerSummary:
     """Summary of a `chat.completion` dict: usage `prompt_tokens`/`completion_tokens`, the first
-    choice's `finish_reason` and tool calls."""
+    choice's `finish_reason` and tool calls (its `tool_calls`, or 1 for a legacy `function_call`
+    answering the deprecated `functions` parameter)."""
     usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
     choices = response.get("choices") or []
     first = (
@@ -62,8 +65,14 @@ def chat_summary(response: dict[str, Any]) -> AnswerSummary:
         total_tokens=_int(usage, "total_tokens"),
         usage=usage,
         finish_reason=_text(first.get("finish_reason")),
-        tool_call_count=len(tool_calls) if isinstance(tool_calls, list) else 0,
+        tool_call_count=len(tool_calls) if isinstance(tool_calls, list) else _legacy_call(message),
     )
+
+
+def _legacy_call(message: Any) -> int:
+    """1 when a chat message holds a legacy `function_call` (a named call), else 0."""
+    call = message.get("function_call") if isinstance(message, dict) else None
+    return 1 if isinstance(call, dict) and call.get("name") else 0
 
 
 _TOOL_CALL_ITEMS = ("function_call", "custom_tool_call")
@@ -97,8 +106,27 @@ def responses_summary(response: dict[str, Any]) -> AnswerSummary:
 SUMMARIES = {"chat": chat_summary, "responses": responses_summary}
 
 
+def choice_state_rows(request_hash: str, response: Any) -> list[list[Any]]:
+    """`[[index, state_hash], ...]` for the choices after the first of a `chat.completion`
+    (`n > 1`): each choice's message closes a conversation state of its own, as choice 0's does
+    (`exchanges.state_hash`); [] for one choice. Pure (`canonical.chain_hash`)."""
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if not isinstance(choices, list) or len(choices) < 2:
+        return []
+    out = []
+    for position, choice in enumerate(choices[1:], start=1):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict):
+            index = choice.get("index")
+            out.append(
+                [index if isinstance(index, int) else position, chain_hash(request_hash, message)]
+            )
+    return out
+
+
 def exchange_row(record: ExchangeRecord) -> dict[str, Any]:
-    """The `exchanges` row for `record` (see `proxy.storage.schema.exchanges` for the columns)."""
+    """The `exchanges` row for `record` (see `proxy.storage.schema.exchanges` for the columns),
+    plus `choice_states` (`choice_state_rows`: not a column, written to `choice_states`)."""
     response = record.response or {}
     summary = SUMMARIES[record.kind](response) if response else AnswerSummary()
     if summary.usage is None and record.kind == "chat" and record.stream and record.outcome == "ok":
@@ -108,7 +136,7 @@ def exchange_row(record: ExchangeRecord) -> dict[str, Any]:
             summary = chat_summary({**response, "usage": estimated})
     metadata = record.request.get("metadata")
     user = record.request.get("user")
-    row = {
+    row: dict[str, Any] = {
         "id": record.id,
         "trajectory_id": record.trajectory_id,
         "parent_id": record.parent_id,
@@ -121,7 +149,8 @@ def exchange_row(record: ExchangeRecord) -> dict[str, Any]:
         "status_code": record.status_code,
         "outcome": record.outcome,
         "route": record.route,
-        "model_requested": _text(record.request.get("model")),
+        # An Azure deployment path names the model asked (Azure ignores the body's `model`).
+        "model_requested": _text(azure_deployment(record.path) or record.request.get("model")),
         "model_answered": summary.model,
         "request_json": record.request_text,
         "response_json": record.response_text
@@ -150,6 +179,8 @@ def exchange_row(record: ExchangeRecord) -> dict[str, Any]:
         if response and record.kind == "responses"
         else None,
     }
+    if record.kind == "chat" and record.state_hash and record.outcome == "ok":
+        row["choice_states"] = choice_state_rows(record.request_hash, response)
     return row
 
 

@@ -121,6 +121,16 @@ conversation_states = Table(
     Column("remembered_utc", Text, nullable=False),
 )
 
+# The states of an exchange's later choices (`n > 1`: choice 1, 2, ...; choice 0's state is
+# `exchanges.state_hash`), found by `state_hash` like it (migration 006).
+choice_states = Table(
+    "choice_states",
+    metadata,
+    Column("exchange_id", Text, primary_key=True),
+    Column("choice_index", Integer, primary_key=True),
+    Column("state_hash", Text, nullable=False),  # indexed: ix_choice_states_state_hash
+)
+
 migrations_table = Table(
     "understudy_migrations",
     metadata,

@@ -18,7 +18,7 @@ from sqlalchemy import Select, bindparam, literal_column, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from proxy.storage.engine import dialect_insert, utc_now
-from proxy.storage.schema import conversation_states, exchanges, trajectories
+from proxy.storage.schema import choice_states, conversation_states, exchanges, trajectories
 
 _CLAIM_COLUMNS: Final = ("id", "created_utc", "updated_utc", "id_source", "route", "shadow")
 _COUNT_COLUMNS: Final = (
@@ -38,8 +38,28 @@ _ROUTE_OF: Final = select(trajectories.c.route, trajectories.c.shadow).where(
 def _state_lookup(include_pending: bool, by_trajectory: bool) -> Select[Any]:
     """The `find_states` query, built once per variant. Parameters: `hashes` (a list, expanded
     into IN) and, `by_trajectory`, `trajectory_id`. Rows: state_hash, exchange_id, trajectory_id,
-    step, route, shadow, ordered so that the latest state of each hash comes last."""
-    e, t = exchanges.c, trajectories.c
+    step, route, shadow, ordered so that the latest state of each hash comes last. A state is
+    an exchange's `state_hash` (its first choice) or one of its later choices (`choice_states`,
+    `n > 1`): both by index."""
+    e, t, c = exchanges.c, trajectories.c, choice_states.c
+    later_choices = (
+        select(
+            c.state_hash,
+            e.id.label("exchange_id"),
+            e.trajectory_id,
+            e.step,
+            e.route,
+            t.shadow,
+            literal_column("0").label("pending"),
+            e.started_utc.label("at_utc"),
+        )
+        .select_from(choice_states)
+        .join(exchanges, e.id == c.exchange_id)
+        .join(trajectories, t.id == e.trajectory_id)
+        .where(c.state_hash.in_(bindparam("hashes", expanding=True)))
+    )
+    if by_trajectory:
+        later_choices = later_choices.where(e.trajectory_id == bindparam("trajectory_id"))
     flushed = (
         select(
             e.state_hash,
@@ -57,7 +77,8 @@ def _state_lookup(include_pending: bool, by_trajectory: bool) -> Select[Any]:
     if by_trajectory:
         flushed = flushed.where(e.trajectory_id == bindparam("trajectory_id"))
     if not include_pending:
-        return flushed.order_by(e.started_utc)
+        recorded = union_all(flushed, later_choices).subquery("states")
+        return select(recorded).order_by(recorded.c.at_utc)
     s = conversation_states.c
     pending = select(
         s.state_hash,
@@ -71,7 +92,7 @@ def _state_lookup(include_pending: bool, by_trajectory: bool) -> Select[Any]:
     ).where(s.state_hash.in_(bindparam("hashes", expanding=True)))
     if by_trajectory:
         pending = pending.where(s.trajectory_id == bindparam("trajectory_id"))
-    both = union_all(flushed, pending).subquery("states")
+    both = union_all(flushed, later_choices, pending).subquery("states")
     return select(both).order_by(both.c.pending, both.c.at_utc)
 
 

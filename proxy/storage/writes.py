@@ -19,7 +19,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from proxy.core.responses import response_key
 from proxy.storage.bodies import BodyWriter, PreparedBatch, nul_safe_row
 from proxy.storage.engine import dialect_insert
-from proxy.storage.schema import blobs, conversation_states, exchanges, trajectories
+from proxy.storage.schema import (
+    blobs,
+    choice_states,
+    conversation_states,
+    exchanges,
+    trajectories,
+)
 
 THREAD_PREPARE_BYTES: Final = 64 * 1024
 """Batches whose request bodies total at least this many characters are cut in a thread."""
@@ -85,6 +91,12 @@ class RecorderWrites:
         trajectory_rows = sorted(trajectory_rows, key=lambda row: str(row["id"]))
         shadow_rows = [nul_safe_row(row) for row in shadow_rows]
         prepared = await self._prepare(exchange_rows)
+        # An exchange's later choices (`n > 1`, `rows.choice_state_rows`) go to their own table.
+        choice_rows = [
+            {"exchange_id": row["id"], "choice_index": index, "state_hash": state_hash}
+            for row in prepared.rows
+            for index, state_hash in row.pop("choice_states", None) or ()
+        ]
         async with self.engine.begin() as conn:
             if not trajectory_rows:
                 await self._write_shadows(conn, shadow_rows)
@@ -132,13 +144,18 @@ class RecorderWrites:
                 [{f"b_{k}": v for k, v in row.items()} for row in trajectory_rows],
             )
             await conn.execute(exchanges.insert(), prepared.rows)
+            if choice_rows:
+                await conn.execute(self._insert_ignore(choice_states), choice_rows)
             if self.shared:
-                await self._forget_states(conn, prepared.rows)
+                await self._forget_states(conn, prepared.rows, choice_rows)
             await self._write_shadows(conn, shadow_rows)
         self.bodies.committed(prepared)
 
     async def _forget_states(
-        self, conn: AsyncConnection, exchange_rows: Sequence[dict[str, Any]]
+        self,
+        conn: AsyncConnection,
+        exchange_rows: Sequence[dict[str, Any]],
+        choice_rows: Sequence[dict[str, Any]] = (),
     ) -> None:
         """Delete the `conversation_states` rows that the exchange rows being inserted supersede.
 
@@ -164,6 +181,15 @@ class RecorderWrites:
             }
             for row in exchange_rows
             if row.get("state_hash")
+        ]
+        trajectory_of = {row["id"]: row["trajectory_id"] for row in exchange_rows}
+        keys += [
+            {
+                "b_state_hash": row["state_hash"],
+                "b_trajectory_id": trajectory_of[row["exchange_id"]],
+                "b_exchange_id": row["exchange_id"],
+            }
+            for row in choice_rows
         ]
         # A Responses exchange's id was written through as a state too (`Stitcher.remember_response`).
         keys += [

@@ -168,7 +168,12 @@ async def responses(request: Request) -> Response:
     number = next(_counter)
     request_id = f"req_fake_{number}"
     request.app.state.requests.append(
-        {"headers": dict(request.headers), "body": json.loads(await request.body() or b"null")}
+        {
+            "headers": dict(request.headers),
+            "body": json.loads(await request.body() or b"null"),
+            "path": request.url.path,
+            "query": request.url.query,
+        }
     )
     body = request.app.state.requests[-1]["body"]
     model = body.get("model", "fake-model")
