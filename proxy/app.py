@@ -17,6 +17,7 @@ from proxy.config import Settings, get_settings, journal_path
 from proxy.core.redaction import Redactor, loggable_error
 from proxy.dashboard import mount_dashboard
 from proxy.http.chat import chat_completions
+from proxy.http.conversations import conversations_call
 from proxy.http.errors import error_response
 from proxy.http.metrics import Metrics
 from proxy.http.passthrough import passthrough
@@ -138,6 +139,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.router.add_route(spelling, RECORDED_HANDLERS[api], methods=["POST"])
     app.router.add_route("/v1/responses/{response_id}", retrieve_response, methods=["GET"])
     app.router.add_websocket_route("/v1/responses", responses_websocket)
+    app.router.add_route("/v1/conversations", conversations_call, methods=["POST"])
+    app.router.add_route(
+        "/v1/conversations/{conversation_id}/items", conversations_call, methods=["GET", "POST"]
+    )
     app.router.add_route(
         "/v1/{path:path}",
         v1_request,

@@ -12,6 +12,9 @@ What is the Responses API's own (the shared flow is `proxy.http.pipeline`):
   visible history (no `previous_response_id`, `item_reference`, encrypted reasoning or
   compaction items: they are tied to the org that issued them).
 - Tool-call promotion does not apply: the Responses API has no `logit_bias`.
+- `conversation` (an id or `{"id"}`): the request stands for the conversation's items as the
+  proxy mirrored them (`proxy.http.conversations`) followed by its input; the answer's input
+  and output items are appended to the mirror before the client receives its end.
 - `background: true`: the exchange answered `queued` / `in_progress` is held and recorded when
   `GET /v1/responses/{id}` brings its answer (held in this process; never retrieved, it is
   recorded as it was at shutdown). Other Responses endpoints pass through unrecorded.
@@ -19,6 +22,7 @@ What is the Responses API's own (the shared flow is `proxy.http.pipeline`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +32,7 @@ from starlette.responses import Response
 
 from proxy.core import responses as items_core
 from proxy.core.sse import ResponsesStreamAssembler
+from proxy.http.conversations import conversation_history, mirror_response_items
 from proxy.http.errors import InvalidRequest, error_response
 from proxy.http.passthrough import passthrough
 from proxy.http.pipeline import Exchange, RecordedApi, check_common, handle, parse_json_object
@@ -49,7 +54,8 @@ def parse_responses_request(raw: bytes) -> tuple[dict[str, Any], str]:
 
     Raises InvalidRequest (400) when it is not UTF-8 JSON, not an object, lacks a string `model`,
     has an `input` that is neither a string nor an array of objects, `instructions` that are not
-    a string, a `previous_response_id` that is not a string, a non-boolean `stream`, `tools`
+    a string, a `previous_response_id` that is not a string, a `conversation` that is neither an
+    id nor `{"id": ...}`, a non-boolean `stream`, `tools`
     that are not an array of objects, or nests deeper than MAX_NESTING.
     """
     body, text = parse_json_object(raw)
@@ -68,6 +74,15 @@ def parse_responses_request(raw: bytes) -> tuple[dict[str, Any], str]:
         raise InvalidRequest(
             "'previous_response_id' must be a string", param="previous_response_id"
         )
+    conversation = body.get("conversation")
+    if conversation is not None and not (
+        isinstance(conversation, str)
+        or (isinstance(conversation, dict) and isinstance(conversation.get("id"), str))
+    ):
+        raise InvalidRequest(
+            "'conversation' must be a conversation id or an object with a string 'id'",
+            param="conversation",
+        )
     check_common(body, raw)
     return body, text
 
@@ -85,7 +100,18 @@ class ResponsesApi(RecordedApi):
     async def link(
         self, proxy: ProxyState, body: dict[str, Any], explicit_id: str | None, id_source: str
     ) -> Link:
-        return await proxy.stitcher.link_responses(body, explicit_id, id_source)
+        """Stitching (`Stitcher.link_responses`). A request created in a `conversation` stands
+        for the conversation's mirrored items followed by its input: it stitches as a client
+        that resends everything would, and those items are its context (for the teacher and
+        for a later `previous_response_id`)."""
+        conversation = items_core.conversation_id(body)
+        if conversation is None or items_core.previous_response_id(body) is not None:
+            return await proxy.stitcher.link_responses(body, explicit_id, id_source)
+        _begun, history = await conversation_history(proxy, conversation)
+        resent = {k: v for k, v in body.items() if k != "conversation"}
+        resent["input"] = [*history, *items_core.input_items(body)]
+        link = await proxy.stitcher.link_responses(resent, explicit_id, id_source)
+        return dataclasses.replace(link, context=tuple(history))
 
     def assembler(self) -> ResponsesStreamAssembler:
         return ResponsesStreamAssembler()
@@ -107,6 +133,15 @@ class ResponsesApi(RecordedApi):
                 exchange.link.context, exchange.record.request, response
             )
             await stitcher.remember_response(response_id, exchange.ref, inherited)
+        conversation = items_core.conversation_id(exchange.record.request)
+        if (
+            conversation is not None
+            and items_core.previous_response_id(exchange.record.request) is None
+            and response.get("status") not in _PENDING  # a background answer: when retrieved
+        ):
+            await mirror_response_items(
+                exchange.proxy, conversation, exchange.record.request, response, exchange.record.id
+            )
 
     def _teacher_body(self, exchange: Exchange, body: dict[str, Any]) -> dict[str, Any]:
         own, _ = items_core.resolve_references(
