@@ -22,7 +22,7 @@ from proxy.http.errors import error_response
 from proxy.http.metrics import Metrics
 from proxy.http.passthrough import passthrough
 from proxy.http.paths import RECORDED_APIS, recorded_api_of
-from proxy.http.responses import create_response, retrieve_response
+from proxy.http.responses import create_response, drain_background, retrieve_response
 from proxy.http.responses_ws import responses_websocket
 from proxy.http.state import ProxyState
 from proxy.http.teacher import Teacher
@@ -125,8 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await proxy.drain_background(settings.read_timeout_s)
-            for exchange in proxy.stitcher.drain_awaiting():
-                exchange.submit()  # background responses never retrieved: recorded as they are
+            await drain_background(proxy)  # background responses never retrieved: as they are
             await client.close()
             await recorder.stop()
             await db.close()

@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from proxy.core import responses as items_core
-from proxy.core.redaction import loggable_error
+from proxy.core.redaction import Redactor, loggable_error
 from proxy.http.body import read_body
 from proxy.http.errors import InvalidRequest, error_response
 from proxy.http.paths import PathRefused, raw_path_of, upstream_path
@@ -43,18 +43,19 @@ log = logging.getLogger("understudy.conversations")
 
 async def forward_whole(
     request: Request, content: bytes | None
-) -> tuple[Response, int, dict[str, Any] | None]:
+) -> tuple[Response, int, dict[str, Any] | None, str]:
     """Send the request (its method, normalised path, query, headers and `content`) upstream
     and read the whole answer. Returns the response for the client (the upstream's status,
     headers and bytes, or an OpenAI-shaped 400/502/504), the upstream's status (0 when none
-    answered) and its body as a JSON object when it is one (else None)."""
+    answered), its body as a JSON object when it is one and the status is 200 (else None), and
+    that body as decoded text ("" when none)."""
     proxy: ProxyState = request.app.state.proxy
     settings = proxy.settings
     try:
         path = upstream_path(raw_path_of(request.scope))
     except PathRefused as exc:
         reply = error_response(400, f"refused path: {exc}", param="path", code="invalid_path")
-        return reply, 0, None
+        return reply, 0, None, ""
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
     try:
         upstream = await proxy.client.request(
@@ -70,21 +71,35 @@ async def forward_whole(
             upstream.release()
     except UPSTREAM_ERRORS as exc:
         status, message, code = transport_error(exc, settings)
-        return error_response(status, message, "upstream_error", code=code), 0, None
+        return error_response(status, message, "upstream_error", code=code), 0, None, ""
     reply = Response(raw, status_code=upstream.status)
     reply.raw_headers = [
         *response_headers(upstream.raw_headers),
         (b"content-length", str(len(raw)).encode()),
     ]
     answer: dict[str, Any] | None = None
+    text = ""
     if upstream.status == 200:
-        text = BodyDecoder(upstream.headers.get("content-encoding")).decode(raw)
+        text = (
+            BodyDecoder(upstream.headers.get("content-encoding"))
+            .decode(raw)
+            .decode("utf-8", "replace")
+        )
         try:
             value = json.loads(text)
         except (ValueError, RecursionError):
             value = None
         answer = value if isinstance(value, dict) else None
-    return reply, upstream.status, answer
+    return reply, upstream.status, answer, text
+
+
+def redacted(proxy: ProxyState, value: Any) -> Any:
+    """`value` (JSON-able) with secrets and the configured PII masked, as the recorder masks
+    what it stores (`proxy.core.redaction.Redactor`)."""
+    settings = proxy.settings
+    text = json.dumps(value, ensure_ascii=False)
+    masked = Redactor(settings.redact_pii, settings.phone_region).json_text(text)
+    return value if masked == text else json.loads(masked or "null")
 
 
 def _items_of(body: Any, field: str) -> list[Any]:
@@ -113,7 +128,7 @@ async def conversations_call(request: Request) -> Response:
             sent = json.loads(content) if content else None
         except (ValueError, RecursionError):
             sent = None  # the upstream answers it with its own error
-    reply, status, answer = await forward_whole(request, content)
+    reply, _status, answer, _text = await forward_whole(request, content)
     if answer is None:
         return reply
     conversation = request.path_params.get("conversation_id")
@@ -136,12 +151,13 @@ async def _mirror(
         created = answer.get("id")
         if answer.get("object") == "conversation" and isinstance(created, str) and created:
             await mirror.began(created, "create")
-            await mirror.append(created, _items_of(sent, "items"))
+            await mirror.append(created, redacted(proxy, _items_of(sent, "items")))
         return
     if answer.get("object") != "list":
         return
     if request.method == "POST":  # items added: the upstream's copies, with their ids
-        await mirror.append(conversation, _items_of(answer, "data") or _items_of(sent, "items"))
+        added = _items_of(answer, "data") or _items_of(sent, "items")
+        await mirror.append(conversation, redacted(proxy, added))
         return
     query = request.query_params
     if query.get("after") or answer.get("has_more") is not False:
@@ -152,7 +168,7 @@ async def _mirror(
     if query.get("order", "desc") != "asc":
         listed.reverse()
     await mirror.began(conversation, "list")
-    await mirror.append(conversation, listed)
+    await mirror.append(conversation, redacted(proxy, listed))
 
 
 async def conversation_history(proxy: ProxyState, conversation: str) -> tuple[bool, list[Any]]:
@@ -182,7 +198,7 @@ async def mirror_response_items(
     try:
         await proxy.db.conversations.append(
             conversation,
-            [*own, *items_core.output_items(response)],
+            redacted(proxy, [*own, *items_core.output_items(response)]),
             exchange_id=exchange_id,
             response_id=response_id if isinstance(response_id, str) else None,
         )

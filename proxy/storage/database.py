@@ -24,6 +24,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.storage import migrations
+from proxy.storage.background import BackgroundHolds
 from proxy.storage.bodies import BodyWriter, rebuild_requests
 from proxy.storage.conversations import ConversationMirror, attach_conversation_contexts
 from proxy.storage.engine import (
@@ -81,6 +82,7 @@ class Database(RequestPathStates, RecorderWrites):
         self.bodies = BodyWriter()
         self._conversion: asyncio.Task[int] | None = None
         self.conversations = ConversationMirror(engine)  # Responses `conversation` items
+        self.background = BackgroundHolds(engine)  # background responses, shared databases
         self._build_state_statements()
 
     @classmethod

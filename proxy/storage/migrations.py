@@ -213,7 +213,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         "response in it) so that stitching, the teacher, the dashboard and the exporter know the "
         "whole conversation. `position` orders a conversation's items (unique: replicas that "
         "append at once retry); `exchange_id` names the exchange whose request and answer "
-        "added an item, so the history an exchange saw is the items before its own.",
+        "added an item, so the history an exchange saw is the items before its own. "
+        "`background_responses` holds a background response's exchange until its answer is "
+        "retrieved, on whichever replica that happens.",
         statements=(
             """CREATE TABLE conversations (
                 id TEXT PRIMARY KEY,
@@ -231,6 +233,14 @@ MIGRATIONS: tuple[Migration, ...] = (
                 PRIMARY KEY (conversation_id, position)
             )""",
             "CREATE INDEX ix_conversation_items_exchange_id ON conversation_items (exchange_id)",
+            # Background responses (`background: true`) whose answer is still to come, held in
+            # the shared database so whichever replica retrieves the answer records the
+            # exchange (claimed once: DELETE ... RETURNING).
+            """CREATE TABLE background_responses (
+                response_id TEXT PRIMARY KEY,
+                record_json TEXT NOT NULL,
+                held_utc TEXT NOT NULL
+            )""",
         ),
     ),
 )

@@ -209,3 +209,14 @@ conversation_items = Table(
     Column("response_id", Text),
     Column("added_utc", Text, nullable=False),
 )
+
+# A background response's exchange (`background: true`, answered `queued`) held until its answer
+# is retrieved, on whichever replica (shared databases only): the redacted in-flight record as
+# JSON (`proxy.storage.background`). The replica that claims the row records the exchange.
+background_responses = Table(
+    "background_responses",
+    metadata,
+    Column("response_id", Text, primary_key=True),
+    Column("record_json", Text, nullable=False),
+    Column("held_utc", Text, nullable=False),
+)

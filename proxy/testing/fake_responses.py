@@ -362,7 +362,8 @@ async def _sse_events(
 
 async def response_by_id(request: Request) -> Response:
     """`GET` a background response (the first poll finds it `in_progress`, later ones get the
-    answer), `DELETE` it, or `POST .../cancel` it."""
+    answer; `?stream=true&starting_after=N` replays the answer's events after N as SSE),
+    `DELETE` it, or `POST .../cancel` it."""
     response_id = request.path_params["response_id"]
     held = request.app.state.background.get(response_id)
     if held is None and response_id not in request.app.state.responses:
@@ -384,6 +385,14 @@ async def response_by_id(request: Request) -> Response:
     if request.url.path.endswith("/cancel"):
         held["answer"] = {**held["answer"], "status": "cancelled", "output": []}
         return JSONResponse(held["answer"], headers=_headers(f"req_fake_{response_id}"))
+    if request.query_params.get("stream") == "true":  # the whole answer's events, replayed
+        after = int(request.query_params.get("starting_after", "-1"))
+        events = [e for e in response_events(held["answer"]) if e["sequence_number"] > after]
+        return StreamingResponse(
+            _sse_events(events, 0.0),
+            media_type="text/event-stream",
+            headers=_headers(f"req_fake_{response_id}"),
+        )
     held["polls"] += 1
     if held["polls"] == 1:
         pending = {**held["answer"], "status": "in_progress", "output": [], "usage": None}
