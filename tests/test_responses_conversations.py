@@ -18,6 +18,7 @@ from exporter.api import export_samples
 from exporter.options import ExportOptions
 from proxy.core.responses import canonical_item
 from proxy.storage import Database
+from tests.conftest import database_bytes
 from tests.support.records import db_rows
 from tests.support.responses import exchanges, fake_url, in_process_proxy
 
@@ -238,3 +239,24 @@ async def test_bad_conversation_is_a_400(tmp_path: Path, fake_url: str) -> None:
         )
     assert reply.status_code == 400
     assert reply.json()["error"]["param"] == "conversation"
+
+
+async def test_conversation_items_are_redacted_in_the_mirror(tmp_path: Path, fake_url: str) -> None:
+    db = tmp_path / "u.db"
+    secret = "sk-proj-" + "Q9w8E7r6T5y4U3i2" * 3
+    async with in_process_proxy(db, fake_url) as client:
+        openai = sdk(client)
+        conversation = await openai.conversations.create(
+            items=[{"type": "message", "role": "user", "content": f"my key is {secret}"}]
+        )
+        await openai.conversations.items.create(
+            conversation.id,
+            items=[{"type": "message", "role": "user", "content": f"again {secret}"}],
+        )
+        await openai.responses.create(
+            model=MODEL, conversation=conversation.id, input=f"and {secret}"
+        )
+    assert secret.encode() not in database_bytes(db)
+    items = db_rows(db, "SELECT item_json FROM conversation_items ORDER BY position")
+    assert len(items) == 4  # two added, then the response's input and output
+    assert "my key is" in items[0]["item_json"]

@@ -150,3 +150,40 @@ async def test_background_answers_retrieved_on_another_replica_are_recorded_once
     assert answer["status"] == "completed"
     assert [i["id"] for i in answer["output"]] == [i.id for i in events[-1].response.output]
     assert third["tool_call_count"] == 1
+
+
+async def test_a_conversation_across_replicas_is_one_trajectory(
+    start_replicas: Callable[..., Replicas], pg_url: str
+) -> None:
+    """A conversation created on one replica, its responses alternating between replicas: the
+    mirror is shared, so the steps stitch into one trajectory that exports whole."""
+    replicas = start_replicas(2, [{"flush_interval_ms": 2000}, {"flush_interval_ms": 2000}])
+    conversation = await replicas.clients[0].conversations.create(
+        items=[{"type": "message", "role": "user", "content": "conversation trip to Bogota"}]
+    )
+    pending: list[Any] = []
+    for step in range(3):
+        response = await replicas.clients[(step + 1) % 2].responses.create(
+            model="m", conversation=conversation.id, input=pending, tools=TOOLS
+        )
+        pending = outputs_of(response)
+    replicas.stop()
+    db = await Database.open(pg_url)
+    try:
+        async with db.engine.connect() as conn:
+            rows = [
+                dict(r)
+                for r in (
+                    await conn.execute(select(exchanges).order_by(exchanges.c.started_utc))
+                ).mappings()
+            ]
+        lines, summary = await export_samples(db, ExportOptions())
+    finally:
+        await db.close()
+    assert len(rows) == 3 and len({r["trajectory_id"] for r in rows}) == 1
+    assert [r["parent_id"] for r in rows[1:]] == [rows[0]["id"], rows[1]["id"]]
+    assert dict(summary.dropped) == {}
+    [sample] = [json.loads(line) for line in lines]
+    roles = [m["role"] for m in sample["messages"]]
+    assert roles == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert sample["messages"][0]["content"] == "conversation trip to Bogota"
