@@ -117,6 +117,7 @@ class _Session:
             return
         exchange.record.status_code = 101
         pending = b""
+        ended = "cancelled"  # unless the stream ends: the client went away meanwhile
         try:
             async for chunk in events:
                 pending += chunk
@@ -127,11 +128,12 @@ class _Session:
                             text = line[5:].strip().decode("utf-8", "surrogatepass")
                             await self.server_frame(text)
                             await websocket.send_text(text)
+            ended = "error"  # the teacher's stream ended without a terminal event
         finally:
             with contextlib.suppress(Exception):
                 await events.aclose()  # type: ignore[attr-defined]
-            if self.exchange is exchange:  # the teacher's stream ended without a terminal event
-                self.end("error")
+            if self.exchange is exchange:
+                self.end(ended)
 
     async def server_frame(self, text: str) -> None:
         """A frame from the upstream: fed to the assembler; on the terminal event the state is
