@@ -16,7 +16,7 @@ from sqlalchemy import Select
 from exporter.messages import Rejected
 from exporter.options import ExportOptions, parse_utc
 from exporter.responses import as_chat, chat_completion
-from proxy.core.responses import previous_response_id, rebuild_context, recorded_exchange
+from proxy.core.responses import needs_history, rebuild_context, recorded_exchange
 from proxy.storage import Database
 from proxy.storage.reading import (
     MAX_SQL_IDS,
@@ -100,7 +100,7 @@ async def as_chat_rows(
             recorded = recorded_exchange(row)
             context: list[Any] = []
             truncated = False
-            if previous_response_id(recorded["request"]):
+            if needs_history(recorded["request"]):
                 tid = row["trajectory_id"]
                 if tid not in trajectories:
                     trajectories[tid] = {

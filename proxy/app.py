@@ -17,11 +17,12 @@ from proxy.config import Settings, get_settings, journal_path
 from proxy.core.redaction import Redactor, loggable_error
 from proxy.dashboard import mount_dashboard
 from proxy.http.chat import chat_completions
+from proxy.http.conversations import conversations_call
 from proxy.http.errors import error_response
 from proxy.http.metrics import Metrics
 from proxy.http.passthrough import passthrough
 from proxy.http.paths import AZURE_ROOT, RECORDED_APIS, recorded_spelling_of
-from proxy.http.responses import create_response, retrieve_response
+from proxy.http.responses import create_response, drain_background, retrieve_response
 from proxy.http.responses_ws import responses_websocket
 from proxy.http.state import ProxyState
 from proxy.http.teacher import Teacher
@@ -141,8 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await proxy.drain_background(settings.read_timeout_s)
-            for exchange in proxy.stitcher.drain_awaiting():
-                exchange.submit()  # background responses never retrieved: recorded as they are
+            await drain_background(proxy)  # background responses never retrieved: as they are
             await client.close()
             await recorder.stop()
             await db.close()
@@ -155,6 +155,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.router.add_route(spelling, RECORDED_HANDLERS[api], methods=["POST"])
     app.router.add_route("/v1/responses/{response_id}", retrieve_response, methods=["GET"])
     app.router.add_websocket_route("/v1/responses", responses_websocket)
+    app.router.add_route("/v1/conversations", conversations_call, methods=["POST"])
+    app.router.add_route(
+        "/v1/conversations/{conversation_id}/items", conversations_call, methods=["GET", "POST"]
+    )
     for root in ("/v1/{path:path}", f"/{AZURE_ROOT}/{{path:path}}"):
         app.router.add_route(
             root, v1_request, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]

@@ -97,18 +97,22 @@ def test_metrics_count_what_happened(proxy: ProxyServer) -> None:
         return value(after, name, **labels) - value(before, name, **labels)
 
     requests = "understudy_requests_total"
-    assert delta(requests, route="student", stream="false", outcome="ok") == 3
-    assert delta(requests, route="student", stream="true", outcome="ok") == 2
-    assert delta(requests, route="student", stream="false", outcome="error") == 1
+    assert delta(requests, kind="chat", route="student", stream="false", outcome="ok") == 3
+    assert delta(requests, kind="chat", route="student", stream="true", outcome="ok") == 2
+    assert delta(requests, kind="chat", route="student", stream="false", outcome="error") == 1
 
     duration = "understudy_request_duration_seconds"
-    assert delta(duration + "_count", route="student", stream="false") == 4
-    assert delta(duration + "_count", route="student", stream="true") == 2
+    assert delta(duration + "_count", kind="chat", route="student", stream="false") == 4
+    assert delta(duration + "_count", kind="chat", route="student", stream="true") == 2
     for stream in ("false", "true"):
-        seconds = delta(duration + "_sum", route="student", stream=stream)
+        seconds = delta(duration + "_sum", kind="chat", route="student", stream=stream)
         assert 0 < seconds < 60, seconds
-        infinite = value(after, duration + "_bucket", route="student", stream=stream, le="+Inf")
-        assert infinite == value(after, duration + "_count", route="student", stream=stream)
+        infinite = value(
+            after, duration + "_bucket", kind="chat", route="student", stream=stream, le="+Inf"
+        )
+        assert infinite == value(
+            after, duration + "_count", kind="chat", route="student", stream=stream
+        )
         buckets = sorted(
             (float(dict(labels)["le"]), count)
             for (name, labels), count in after.items()
@@ -116,9 +120,9 @@ def test_metrics_count_what_happened(proxy: ProxyServer) -> None:
         )
         counts = [count for _, count in buckets]
         assert counts == sorted(counts), "histogram buckets must be cumulative"
-    assert delta("understudy_time_to_first_token_seconds_count", route="student") == 2
-    ttft = delta("understudy_time_to_first_token_seconds_sum", route="student")
-    assert 0 < ttft <= delta(duration + "_sum", route="student", stream="true")
+    assert delta("understudy_time_to_first_token_seconds_count", kind="chat", route="student") == 2
+    ttft = delta("understudy_time_to_first_token_seconds_sum", kind="chat", route="student")
+    assert 0 < ttft <= delta(duration + "_sum", kind="chat", route="student", stream="true")
 
     assert value(after, "understudy_record_queue_depth") == 0
     assert value(after, "understudy_journal_bytes") == 0

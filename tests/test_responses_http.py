@@ -311,6 +311,35 @@ async def test_background_response_is_recorded_when_retrieved(
     assert rows[1]["parent_id"] == rows[0]["id"]  # DELETE upstream keeps the record
 
 
+async def test_background_response_retrieved_as_a_stream_is_recorded(
+    tmp_path: Path, fake_url: str
+) -> None:
+    """`GET /v1/responses/{id}?stream=true&starting_after=N`: the events after N are relayed as
+    they come and the held exchange is recorded from the terminal event."""
+    db = tmp_path / "u.db"
+    async with in_process_proxy(db, fake_url) as client:
+        queued = await client.post(
+            "/responses",
+            json={"model": "m", "input": "Plan Sfax", "tools": TOOLS, "background": True},
+        )
+        response_id = queued.json()["id"]
+        streamed = await client.get(
+            f"/responses/{response_id}", params={"stream": "true", "starting_after": "2"}
+        )
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(streamed.content)
+        assert events[0]["sequence_number"] == 3
+        final = events[-1]
+        assert final["type"] == "response.completed"
+        # a second retrieval of the same answer records nothing more
+        again = await client.get(f"/responses/{response_id}", params={"stream": "true"})
+        assert sse_events(again.content)[-1] == final
+    [row] = exchanges(db)
+    assert row["response"]["status"] == "completed"
+    assert row["response"]["output"] == final["response"]["output"]
+    assert row["response_id"] == response_id and row["tool_call_count"] == 1
+
+
 async def test_background_response_never_retrieved_is_recorded_at_shutdown(
     tmp_path: Path, fake_url: str
 ) -> None:

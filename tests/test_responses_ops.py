@@ -1,6 +1,6 @@
 """Operations on the Responses path: a client that goes away mid-stream (recorded 'cancelled'
 with the partial answer), an upstream stream that breaks (recorded 'error'), body limits,
-redaction of key-shaped strings, and metrics counting Responses exchanges."""
+redaction of key-shaped strings, and metrics labelling exchanges by kind."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import socket
 from collections.abc import Callable
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ProxyServer, database_bytes, wait_recorded
 from tests.support.responses import exchanges, fake_url, in_process_proxy
@@ -83,14 +85,31 @@ async def test_key_shaped_strings_are_not_stored(tmp_path: Path, fake_url: str) 
     assert "my key is" in row["request_json"]
 
 
-async def test_metrics_count_responses_exchanges(tmp_path: Path, fake_url: str) -> None:
+async def test_metrics_label_exchanges_by_kind(tmp_path: Path, fake_url: str) -> None:
+    """`kind` tells chat from Responses exchanges on every exchange metric."""
     async with in_process_proxy(tmp_path / "u.db", fake_url) as client:
         for _ in range(3):
             await client.post("/responses", json={"model": "m", "input": "hi"})
+        await client.post("/responses", json={"model": "m", "input": "hi", "stream": True})
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        await client.post("/chat/completions", json=chat)
         text = (await client.get("http://127.0.0.1/metrics")).text
-    line = next(
-        line
-        for line in text.splitlines()
-        if line.startswith("understudy_requests_total{") and 'route="student"' in line
-    )
-    assert float(line.rsplit(" ", 1)[1]) == 3.0
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    requests = "understudy_requests_total"
+    assert value(requests, kind="responses", route="student", stream="false", outcome="ok") == 3
+    assert value(requests, kind="responses", route="student", stream="true", outcome="ok") == 1
+    assert value(requests, kind="chat", route="student", stream="false", outcome="ok") == 1
+    duration = "understudy_request_duration_seconds_count"
+    assert value(duration, kind="responses", route="student", stream="false") == 3
+    assert value(duration, kind="chat", route="student", stream="false") == 1
+    ttft = "understudy_time_to_first_token_seconds_count"
+    assert value(ttft, kind="responses", route="student") == 1
+    assert value(ttft, kind="chat", route="student") == 0

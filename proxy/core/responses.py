@@ -15,6 +15,8 @@ Pure functions, no I/O. Items are stored raw; these functions only read them.
 - `continuation_candidates`: prefixes that end in an item the model produced, longest first.
 - `inherited_items(context, body, response)`: what a step hands to the request that names its
   response as `previous_response_id`: its own context, its input, its output (no instructions).
+- `conversation_id(body)`: a request created in a conversation sees the conversation's items
+  (mirrored by the proxy) before its input; `rebuild_context` reads them.
 """
 
 from __future__ import annotations
@@ -267,15 +269,33 @@ def previous_response_id(body: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def conversation_id(body: Mapping[str, Any]) -> str | None:
+    """The request's `conversation` (an id string, or `{"id": ...}`) as its id, else None."""
+    value = body.get("conversation")
+    if isinstance(value, dict):
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+def needs_history(body: Mapping[str, Any]) -> bool:
+    """Whether the request carries only new items, the rest of the conversation being state on
+    the upstream's servers (`previous_response_id` or `conversation`): readers then rebuild it
+    with `rebuild_context`."""
+    return previous_response_id(body) is not None or conversation_id(body) is not None
+
+
 def rebuild_context(
     exchanges: Mapping[str, Mapping[str, Any]], exchange_id: str
 ) -> tuple[list[Any], bool]:
-    """The items exchange `exchange_id` inherits through `previous_response_id`, rebuilt from the
-    recorded exchanges of its trajectory, and whether that history is truncated (a parent named
-    by `previous_response_id` was not recorded here).
+    """The items exchange `exchange_id` inherits through `previous_response_id` or
+    `conversation`, rebuilt from the recorded exchanges of its trajectory, and whether that
+    history is truncated (a parent named by `previous_response_id` was not recorded here, or a
+    conversation's items before this exchange are not known to the proxy).
 
-    exchanges: exchange id -> `{"request": dict, "response": dict | None, "parent_id": str | None}`.
-    Only `previous_response_id` links are followed: a hash-stitched request resent its history.
+    exchanges: exchange id -> `{"request": dict, "response": dict | None, "parent_id": str | None,
+    "conversation_context": list | None}` (the last only for a request naming a `conversation`:
+    the conversation's items before it, from `proxy.storage.conversations`). Only
+    `previous_response_id` links are followed: a hash-stitched request resent its history.
     """
     chain: list[Mapping[str, Any]] = []
     truncated = False
@@ -291,15 +311,22 @@ def rebuild_context(
         chain.append(parent)
         current = parent
     context: list[Any] = []
+    if not truncated and current is not None and conversation_id(current["request"]):
+        known = current.get("conversation_context")
+        if isinstance(known, list):
+            context = list(known)
+        else:
+            truncated = True
     for step in reversed(chain):
         context = inherited_items(context, step["request"], step.get("response"))
     return context, truncated
 
 
 def recorded_exchange(row: Mapping[str, Any]) -> dict[str, Any]:
-    """An `exchanges` row (`request_json`, `response_json`, `parent_id`) as `rebuild_context`
-    reads it: `{"request": dict, "response": dict | None, "parent_id"}`; JSON that does not
-    decode reads as empty."""
+    """An `exchanges` row (`request_json`, `response_json`, `parent_id`, and the
+    `conversation_context` that `Database.exchanges_of` attaches) as `rebuild_context` reads it:
+    `{"request": dict, "response": dict | None, "parent_id", "conversation_context"}`; JSON
+    that does not decode reads as empty."""
 
     def load(text: Any) -> Any:
         try:
@@ -312,6 +339,7 @@ def recorded_exchange(row: Mapping[str, Any]) -> dict[str, Any]:
         "request": request if isinstance(request, dict) else {},
         "response": load(row.get("response_json")),
         "parent_id": row.get("parent_id"),
+        "conversation_context": row.get("conversation_context"),
     }
 
 

@@ -121,6 +121,7 @@ def responses_view(exchanges: Sequence[dict[str, Any]]) -> None:
             "request": e.get("request") if isinstance(e.get("request"), dict) else {},
             "response": e.get("response"),
             "parent_id": e.get("parent_id"),
+            "conversation_context": e.get("conversation_context"),
         }
         for e in exchanges
     }

@@ -1,8 +1,9 @@
 """Prometheus metrics (`GET /metrics`), one registry per app so several apps never collide.
 
-- `understudy_requests_total{route,stream,outcome}`: chat-completion exchanges answered.
-- `understudy_request_duration_seconds{route,stream}`: whole call, histogram.
-- `understudy_time_to_first_token_seconds{route}`: streams only, histogram.
+- `understudy_requests_total{kind,route,stream,outcome}`: exchanges answered; `kind` is the
+  exchange's kind, `chat` (Chat Completions) or `responses` (Responses API, HTTP or WebSocket).
+- `understudy_request_duration_seconds{kind,route,stream}`: whole call, histogram.
+- `understudy_time_to_first_token_seconds{kind,route}`: streams only, histogram.
 - `understudy_record_queue_depth`, `understudy_journal_bytes`,
   `understudy_journal_rejected_bytes`: gauges read at scrape time.
 - `understudy_recorder_records_total{event}`: submitted, written, journaled, spilled, replayed,
@@ -113,21 +114,21 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "understudy_requests",
-            "Chat-completion exchanges answered.",
-            ["route", "stream", "outcome"],
+            "Exchanges answered, by kind (chat, responses), route, stream and outcome.",
+            ["kind", "route", "stream", "outcome"],
             registry=self.registry,
         )
         self.duration = Histogram(
             "understudy_request_duration_seconds",
-            "Duration of chat-completion calls through the proxy.",
-            ["route", "stream"],
+            "Duration of recorded calls through the proxy, by kind (chat, responses).",
+            ["kind", "route", "stream"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.ttft = Histogram(
             "understudy_time_to_first_token_seconds",
-            "Time to the first streamed chunk.",
-            ["route"],
+            "Time to the first streamed chunk (SSE chunk or WebSocket event).",
+            ["kind", "route"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -140,12 +141,15 @@ class Metrics:
         self.registry.register(_StateCollector(recorder, stitcher))
 
     def observe(self, record: ExchangeRecord) -> None:
+        """Count one finished exchange under its kind (`chat` | `responses`), route, stream flag
+        and outcome; its duration and time to first token (seconds) go to the histograms."""
         stream = "true" if record.stream else "false"
-        self.requests.labels(record.route, stream, record.outcome).inc()
+        kind = record.kind or "chat"
+        self.requests.labels(kind, record.route, stream, record.outcome).inc()
         if record.duration_ms is not None:
-            self.duration.labels(record.route, stream).observe(record.duration_ms / 1000)
+            self.duration.labels(kind, record.route, stream).observe(record.duration_ms / 1000)
         if record.ttft_ms is not None:
-            self.ttft.labels(record.route).observe(record.ttft_ms / 1000)
+            self.ttft.labels(kind, record.route).observe(record.ttft_ms / 1000)
 
     def rejected(self, status: int, code: str | None, param: str | None, path: str) -> None:
         """Count a refused request and log one INFO line: status (400, 413, 415), the error's

@@ -5,10 +5,18 @@ both ways as they come. Client frames `{"type": "response.create", ...}` carry a
 each one opens an exchange of kind `responses` (stitched and routed as over HTTP, recorded with
 `stream` true); the server's frames are the Responses stream events, assembled as SSE events are,
 and the state is remembered before the terminal event reaches the client. `generate: false`
-(prewarming) frames and frames that are not a valid body are relayed, not recorded. Over
-WebSocket every exchange is answered by the upstream (no teacher route: a trajectory the rules
-would give the teacher is recorded as `student`); a client that goes away leaves its in-flight
-exchange 'cancelled'.
+(prewarming) frames and frames that are not a valid body are relayed, not recorded. A client
+that goes away leaves its in-flight exchange 'cancelled'.
+
+Teacher route: a `response.create` whose trajectory is routed to the teacher is not sent
+upstream; the teacher answers it (litellm's Responses support, streamed, given the whole
+visible history as over HTTP) and its events go to the client as text frames, the same JSON as
+the SSE events, recorded like the upstream's. The teacher's response ids are the proxy's to
+resolve: the trajectory stays with the teacher, so a later `previous_response_id` naming one is
+rebuilt from the records, never sent upstream. A teacher that fails answers with an `error`
+event (`code`, `message`, `param`, `sequence_number`, as OpenAI's WebSocket does) and the
+exchange is recorded as an error. Shadow answers are not taken over WebSocket (the exchange is
+recorded without one).
 """
 
 from __future__ import annotations
@@ -25,9 +33,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from proxy.core.sse import ResponsesStreamAssembler
 from proxy.http.errors import InvalidRequest
-from proxy.http.pipeline import Exchange, ms_since, open_exchange
+from proxy.http.pipeline import Exchange, client_key, ms_since, open_exchange
 from proxy.http.responses import RESPONSES, parse_responses_request
 from proxy.http.state import ProxyState
+from proxy.http.teacher import TeacherError
 from proxy.http.upstream import UPSTREAM_ERRORS, forward_headers, upstream_url
 
 log = logging.getLogger("understudy.responses_ws")
@@ -45,16 +54,17 @@ class _Session:
         self.exchange: Exchange | None = None
         self.assembler = ResponsesStreamAssembler()
 
-    async def client_frame(self, text: str) -> None:
-        """A frame from the client: a `response.create` opens an exchange."""
+    async def client_frame(self, text: str) -> dict[str, Any] | None:
+        """A frame from the client: a `response.create` opens an exchange. Returns the request
+        body when the teacher is to answer it (the frame must then not go upstream), else None."""
         try:
             frame = json.loads(text)
         except ValueError:
-            return
+            return None
         if not isinstance(frame, dict) or frame.get("type") != "response.create":
-            return
+            return None
         if frame.get("generate") is False:
-            return
+            return None
         body = {k: v for k, v in frame.items() if k != "type"}
         body_text = json.dumps(body, ensure_ascii=False)
         try:
@@ -63,14 +73,67 @@ class _Session:
                 self.proxy, RESPONSES, body, body_text, self.headers, self.path, time.perf_counter()
             )
         except (InvalidRequest, ValueError, RecursionError):
-            return  # relayed as it is: the upstream answers it with an error event
+            return None  # relayed as it is: the upstream answers it with an error event
         self.end("cancelled")  # a new request while one is in flight: the client moved on
-        exchange.record.route, exchange.record.shadow = "student", False
+        if exchange.record.route != "teacher" or self.proxy.teacher is None:
+            exchange.record.route = "student"
+        exchange.record.shadow = False
         exchange.record.stream = True
         exchange.record.status_code = 101
         exchange.record.outcome = "cancelled"
         self.exchange = exchange
         self.assembler = ResponsesStreamAssembler()
+        return body if exchange.record.route == "teacher" else None
+
+    async def teacher_answer(self, websocket: WebSocket, body: dict[str, Any]) -> None:
+        """The teacher answers the exchange in flight: its stream's events are recorded (as the
+        upstream's are) and sent to the client as text frames; a teacher that cannot start or
+        breaks sends an `error` event and the exchange is recorded as an error."""
+        exchange, teacher = self.exchange, self.proxy.teacher
+        if exchange is None or teacher is None:
+            return
+        try:
+            events = await RESPONSES.teacher_stream(
+                exchange, teacher, {**body, "stream": True}, client_key(self.headers)
+            )
+        except TeacherError as exc:
+            exchange.record.status_code = exc.status
+            exchange.record.error_text = json.dumps(exc.body)
+            self.exchange = None
+            exchange.record.outcome = "error"
+            exchange.finish()
+            error = exc.body.get("error") or {}
+            await websocket.send_text(
+                json.dumps(
+                    {
+                        "type": "error",
+                        "code": error.get("code"),
+                        "message": error.get("message"),
+                        "param": error.get("param"),
+                        "sequence_number": 0,
+                    }
+                )
+            )
+            return
+        exchange.record.status_code = 101
+        pending = b""
+        ended = "cancelled"  # unless the stream ends: the client went away meanwhile
+        try:
+            async for chunk in events:
+                pending += chunk
+                *blocks, pending = pending.split(b"\n\n")
+                for block in blocks:
+                    for line in block.split(b"\n"):
+                        if line.startswith(b"data:"):
+                            text = line[5:].strip().decode("utf-8", "surrogatepass")
+                            await self.server_frame(text)
+                            await websocket.send_text(text)
+            ended = "error"  # the teacher's stream ended without a terminal event
+        finally:
+            with contextlib.suppress(Exception):
+                await events.aclose()  # type: ignore[attr-defined]
+            if self.exchange is exchange:
+                self.end(ended)
 
     async def server_frame(self, text: str) -> None:
         """A frame from the upstream: fed to the assembler; on the terminal event the state is
@@ -133,8 +196,11 @@ async def responses_websocket(websocket: WebSocket) -> None:
             if message["type"] == "websocket.disconnect":
                 return
             if message.get("text") is not None:
-                await session.client_frame(message["text"])
-                await upstream.send_str(message["text"])
+                teacher_body = await session.client_frame(message["text"])
+                if teacher_body is None:
+                    await upstream.send_str(message["text"])
+                else:
+                    await session.teacher_answer(websocket, teacher_body)
             elif message.get("bytes") is not None:
                 await upstream.send_bytes(message["bytes"])
 

@@ -24,7 +24,9 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.storage import migrations
+from proxy.storage.background import BackgroundHolds
 from proxy.storage.bodies import BodyWriter, rebuild_requests
+from proxy.storage.conversations import ConversationMirror, attach_conversation_contexts
 from proxy.storage.engine import (
     DatabaseError,
     create_engines,
@@ -79,6 +81,8 @@ class Database(RequestPathStates, RecorderWrites):
         self._next_state_sweep = 0.0  # time.monotonic() of the next stale-state sweep
         self.bodies = BodyWriter()
         self._conversion: asyncio.Task[int] | None = None
+        self.conversations = ConversationMirror(engine)  # Responses `conversation` items
+        self.background = BackgroundHolds(engine)  # background responses, shared databases
         self._build_state_statements()
 
     @classmethod
@@ -262,7 +266,8 @@ class Database(RequestPathStates, RecorderWrites):
 
     async def exchanges_of(self, trajectory_id: str) -> list[dict[str, Any]]:
         """All exchanges of one trajectory, by step then time, request bodies whole
-        (`rebuild_requests`)."""
+        (`rebuild_requests`); a Responses exchange created in a `conversation` also gets its
+        `conversation_context` (`attach_conversation_contexts`)."""
         e = exchanges.c
         query = (
             select(exchanges)
@@ -271,4 +276,6 @@ class Database(RequestPathStates, RecorderWrites):
         )
         async with self.engine.connect() as conn:
             rows = [dict(row) for row in (await conn.execute(query)).mappings()]
-            return await rebuild_requests(conn, rows)
+            rows = await rebuild_requests(conn, rows)
+            await attach_conversation_contexts(conn, rows)
+            return rows

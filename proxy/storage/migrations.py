@@ -222,6 +222,44 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX ix_choice_states_state_hash ON choice_states (state_hash)",
         ),
     ),
+    Migration(
+        name="007_conversations",
+        why="Responses created with `conversation` carry only their new items: the conversation "
+        "lives on the upstream's servers. The proxy mirrors what it sees of each conversation "
+        "(created through it, items added or listed through it, the input and output of each "
+        "response in it) so that stitching, the teacher, the dashboard and the exporter know the "
+        "whole conversation. `position` orders a conversation's items (unique: replicas that "
+        "append at once retry); `exchange_id` names the exchange whose request and answer "
+        "added an item, so the history an exchange saw is the items before its own. "
+        "`background_responses` holds a background response's exchange until its answer is "
+        "retrieved, on whichever replica that happens.",
+        statements=(
+            """CREATE TABLE conversations (
+                id TEXT PRIMARY KEY,
+                created_utc TEXT NOT NULL,
+                source TEXT NOT NULL
+            )""",
+            """CREATE TABLE conversation_items (
+                conversation_id TEXT NOT NULL,
+                position INTEGER NOT NULL,
+                item_id TEXT,
+                item_json TEXT NOT NULL,
+                exchange_id TEXT,
+                response_id TEXT,
+                added_utc TEXT NOT NULL,
+                PRIMARY KEY (conversation_id, position)
+            )""",
+            "CREATE INDEX ix_conversation_items_exchange_id ON conversation_items (exchange_id)",
+            # Background responses (`background: true`) whose answer is still to come, held in
+            # the shared database so whichever replica retrieves the answer records the
+            # exchange (claimed once: DELETE ... RETURNING).
+            """CREATE TABLE background_responses (
+                response_id TEXT PRIMARY KEY,
+                record_json TEXT NOT NULL,
+                held_utc TEXT NOT NULL
+            )""",
+        ),
+    ),
 )
 
 

@@ -190,3 +190,43 @@ eval_steps = Table(
     Column("reference_prompt_tokens", Integer),
     Column("reference_completion_tokens", Integer),
 )
+
+# A conversation (`/v1/conversations`) the proxy has seen begin: created through it ('create') or
+# listed whole through it ('list'). Items of a conversation without this row were seen only in
+# part (it began before the proxy): its histories read as truncated.
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("created_utc", Text, nullable=False),
+    Column("source", Text, nullable=False),
+)
+
+# The proxy's mirror of a conversation's items, in order (`proxy.storage.conversations`).
+conversation_items = Table(
+    "conversation_items",
+    metadata,
+    Column("conversation_id", Text, primary_key=True),
+    # 0, 1, 2, ... within the conversation.
+    Column("position", Integer, primary_key=True),
+    # The upstream's id of the item (`msg_...`, `fc_...`) when known.
+    Column("item_id", Text),
+    # The item as JSON, raw (as the client sent it or the upstream answered it).
+    Column("item_json", Text, nullable=False),
+    # The exchange (a response created with `conversation`) whose input or output this item is;
+    # NULL for items added through `/v1/conversations` itself.
+    Column("exchange_id", Text),
+    Column("response_id", Text),
+    Column("added_utc", Text, nullable=False),
+)
+
+# A background response's exchange (`background: true`, answered `queued`) held until its answer
+# is retrieved, on whichever replica (shared databases only): the redacted in-flight record as
+# JSON (`proxy.storage.background`). The replica that claims the row records the exchange.
+background_responses = Table(
+    "background_responses",
+    metadata,
+    Column("response_id", Text, primary_key=True),
+    Column("record_json", Text, nullable=False),
+    Column("held_utc", Text, nullable=False),
+)

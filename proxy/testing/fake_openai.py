@@ -501,7 +501,12 @@ def create_fake_app(planner: Planner | None = None) -> Starlette:
     planner: answers chat requests first (the demo's scripted conversations); when it returns
     None, or without one, `plan_message` answers.
     """
-    from proxy.testing.fake_responses import response_by_id, responses, responses_websocket
+    from proxy.testing.fake_responses import (
+        CONVERSATION_ROUTES,
+        response_by_id,
+        responses,
+        responses_websocket,
+    )
 
     app = Starlette(
         routes=[
@@ -510,6 +515,7 @@ def create_fake_app(planner: Planner | None = None) -> Starlette:
             WebSocketRoute("/v1/responses", responses_websocket),
             Route("/v1/responses/{response_id}", response_by_id, methods=["GET", "DELETE"]),
             Route("/v1/responses/{response_id}/cancel", response_by_id, methods=["POST"]),
+            *CONVERSATION_ROUTES,
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             *(
@@ -531,6 +537,7 @@ def create_fake_app(planner: Planner | None = None) -> Starlette:
     app.state.responses = {}  # response id -> the items a continuation inherits
     app.state.planner = planner
     app.state.background = {}  # background response id -> {"answer", "polls"}
+    app.state.conversations = {}  # conversation id -> the conversation and its items
     return app
 
 

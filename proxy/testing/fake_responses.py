@@ -1,5 +1,6 @@
 """The fake upstream's Responses API (`POST /v1/responses`, JSON, SSE and WebSocket; background
-responses), mounted by `proxy.testing.fake_openai.create_fake_app`. It plays the same
+responses; the Conversations API and responses created with `conversation`), mounted by
+`proxy.testing.fake_openai.create_fake_app`. It plays the same
 deterministic tool-using "model" as the chat fake (`plan_message`), on Responses items, in the
 real wire format (shapes checked against `openai.types.responses` in tests).
 """
@@ -14,6 +15,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from proxy.testing.fake_openai import (
@@ -186,6 +188,25 @@ async def responses(request: Request) -> Response:
     stored: dict[str, list[Any]] = request.app.state.responses
     context: list[Any] = []
     previous = body.get("previous_response_id")
+    named, conversation = _conversation(request.app, body)
+    if named and conversation is None:
+        return _error(
+            404,
+            "Conversation not found.",
+            "invalid_request_error",
+            "conversation",
+            "conversation_not_found",
+        )
+    if conversation is not None:
+        if previous is not None:
+            return _error(
+                400,
+                "Cannot use both 'previous_response_id' and 'conversation'.",
+                "invalid_request_error",
+                "conversation",
+                None,
+            )
+        context = list(conversation["items"])
     if previous is not None:
         if previous not in stored:
             return _error(
@@ -201,6 +222,9 @@ async def responses(request: Request) -> Response:
     answer = build_response(body, items, number, reasoning)
     if body.get("store") is not False:
         stored[answer["id"]] = [*items, *answer["output"]]
+    if conversation is not None:
+        answer["conversation"] = {"id": conversation["id"]}
+        _conversation_add(conversation, [*_response_items(body, []), *answer["output"]])
     if body.get("background") is True:
         request.app.state.background[answer["id"]] = {"answer": answer, "polls": 0}
         queued = {**answer, "status": "queued", "output": [], "usage": None, "background": True}
@@ -343,7 +367,8 @@ async def _sse_events(
 
 async def response_by_id(request: Request) -> Response:
     """`GET` a background response (the first poll finds it `in_progress`, later ones get the
-    answer), `DELETE` it, or `POST .../cancel` it."""
+    answer; `?stream=true&starting_after=N` replays the answer's events after N as SSE),
+    `DELETE` it, or `POST .../cancel` it."""
     response_id = request.path_params["response_id"]
     held = request.app.state.background.get(response_id)
     if held is None and response_id not in request.app.state.responses:
@@ -365,6 +390,14 @@ async def response_by_id(request: Request) -> Response:
     if request.url.path.endswith("/cancel"):
         held["answer"] = {**held["answer"], "status": "cancelled", "output": []}
         return JSONResponse(held["answer"], headers=_headers(f"req_fake_{response_id}"))
+    if request.query_params.get("stream") == "true":  # the whole answer's events, replayed
+        after = int(request.query_params.get("starting_after", "-1"))
+        events = [e for e in response_events(held["answer"]) if e["sequence_number"] > after]
+        return StreamingResponse(
+            _sse_events(events, 0.0),
+            media_type="text/event-stream",
+            headers=_headers(f"req_fake_{response_id}"),
+        )
     held["polls"] += 1
     if held["polls"] == 1:
         pending = {**held["answer"], "status": "in_progress", "output": [], "usage": None}
@@ -410,3 +443,103 @@ async def responses_websocket(websocket: WebSocket) -> None:
             app.state.responses[answer["id"]] = [*items, *answer["output"]]
         for event in response_events(answer):
             await websocket.send_text(json.dumps(event))
+
+
+# -- the Conversations API -------------------------------------------------------------------
+
+
+def _conversation(app: Any, body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+    """Whether a Responses body names a conversation, and that conversation (None: unknown)."""
+    value = body.get("conversation")
+    if isinstance(value, dict):
+        value = value.get("id")
+    if value is None:
+        return False, None
+    found: dict[str, Any] | None = app.state.conversations.get(value)
+    return True, found
+
+
+def _conversation_item(item: dict[str, Any]) -> dict[str, Any]:
+    """An input item as the upstream stores it (`openai.types.conversations.ConversationItem`):
+    with an id and a status; a message's string content as one text part."""
+    kind = item.get("type") or ("message" if "role" in item else None)
+    out = {**item, "type": kind}
+    if kind == "message":
+        content = item.get("content")
+        if isinstance(content, str):
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            text_part: dict[str, Any] = {"type": part, "text": content}
+            if part == "output_text":
+                text_part["annotations"] = []
+            out["content"] = [text_part]
+        out.setdefault("status", "completed")
+    elif kind == "function_call_output":
+        out.setdefault("status", "completed")
+    prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}.get(
+        str(kind), "item"
+    )
+    out.setdefault("id", f"{prefix}_conv{next(_counter)}")
+    return out
+
+
+def _conversation_add(conversation: dict[str, Any], items: list[Any]) -> list[dict[str, Any]]:
+    added = [_conversation_item(item) for item in items if isinstance(item, dict)]
+    conversation["items"].extend(added)
+    return added
+
+
+def _item_list(items: list[dict[str, Any]], has_more: bool = False) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": items,
+        "first_id": items[0]["id"] if items else "",
+        "last_id": items[-1]["id"] if items else "",
+        "has_more": has_more,
+    }
+
+
+async def conversations(request: Request) -> Response:
+    """`POST /v1/conversations` (with optional `items` and `metadata`): a new conversation."""
+    body = json.loads(await request.body() or b"{}")
+    request.app.state.requests.append({"headers": dict(request.headers), "body": body})
+    number = next(_counter)
+    conversation: dict[str, Any] = {
+        "id": f"conv_fake{number}",
+        "object": "conversation",
+        "created_at": int(time.time()),
+        "metadata": body.get("metadata") or {},
+        "items": [],
+    }
+    _conversation_add(conversation, body.get("items") or [])
+    request.app.state.conversations[conversation["id"]] = conversation
+    public = {k: v for k, v in conversation.items() if k != "items"}
+    return JSONResponse(public, headers=_headers(f"req_fake_{number}"))
+
+
+async def conversation_items(request: Request) -> Response:
+    """`POST /v1/conversations/{id}/items` adds `items` (answers the added items, with ids);
+    `GET` lists them (`order` desc by default, `limit` 20, `after` an item id)."""
+    conversation = request.app.state.conversations.get(request.path_params["conversation_id"])
+    if conversation is None:
+        return _error(404, "Conversation not found.", "invalid_request_error", None, None)
+    if request.method == "POST":
+        body = json.loads(await request.body() or b"{}")
+        request.app.state.requests.append({"headers": dict(request.headers), "body": body})
+        return JSONResponse(_item_list(_conversation_add(conversation, body.get("items") or [])))
+    items = list(conversation["items"])
+    if request.query_params.get("order", "desc") != "asc":
+        items.reverse()
+    after = request.query_params.get("after")
+    if after:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    limit = int(request.query_params.get("limit", "20"))
+    return JSONResponse(_item_list(items[:limit], has_more=len(items) > limit))
+
+
+CONVERSATION_ROUTES = [
+    Route("/v1/conversations", conversations, methods=["POST"]),
+    Route("/v1/conversations/{conversation_id}/items", conversation_items, methods=["GET", "POST"]),
+]
+"""The Conversations API's routes, for `create_fake_app` (conversations live in
+`app.state.conversations`: id -> the conversation with its `items`)."""
