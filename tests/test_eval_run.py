@@ -30,7 +30,8 @@ from tests.eval_helpers import (
     candidate_script,
     record_scenario,
 )
-from tests.exporter_helpers import read_jsonl, run_cli
+from tests.exporter_helpers import read_jsonl
+from tests.support.inprocess import run_exporter as run_cli
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from exporter.messages import Rejected
 from exporter.options import ExportOptions
 from exporter.responses import as_chat, chat_completion, chat_messages, chat_tools
 from proxy.storage import Database
-from tests.exporter_helpers import run_cli
+from tests.support.inprocess import run_exporter as run_cli
 from tests.support.responses import fake_url, in_process_proxy
 
 __all__ = ["fake_url"]
