@@ -63,6 +63,9 @@ from tests.support.scripted import (
     scripted_sse_events,
 )
 
+# Shared fixtures: Chromium (`browser`, `page`) and PostgreSQL replicas (`start_replicas`).
+pytest_plugins = ["tests.support.browser", "tests.support.replicas"]
+
 __all__ = [
     "DEFAULT_POSTGRES_URL",
     "POSTGRES_URL_ENV",

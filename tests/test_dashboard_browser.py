@@ -7,9 +7,8 @@ A screenshot of each page goes to test-artifacts/ (gitignored).
 
 from __future__ import annotations
 
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,50 +17,11 @@ import playwright.sync_api as playwright_api
 import pytest
 
 from proxy.demo import CONVERSATIONS
-from proxy.testing.servers import REPOSITORY_ROOT as ROOT
+from tests.support.browser import shot
 from tests.support.dashboard import TOKEN, by_name, record_traffic
 from tests.support.inprocess import run_exporter
 
 pytestmark = pytest.mark.e2e
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = ROOT / "test-artifacts"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless Chromium from the system package."""
-    assert Path(CHROMIUM).exists(), "chromium is not installed (.ci/run installs Debian's package)"
-    with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    """A fresh browser context (own cookies) and page; JavaScript dialogs fail the test."""
-    context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
-    tab = context.new_page()
-    dialogs: list[str] = []
-    tab.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-    yield tab
-    context.close()
-    assert not dialogs, f"captured traffic ran script: {dialogs}"
-
-
-def shot(tab: Any, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    tab.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
 
 
 def rows(tab: Any) -> Any:

@@ -21,7 +21,7 @@ from proxy.storage.evaluations import create_run
 from proxy.testing.fake_candidate import create_candidate_app
 from tests.conftest import ProxyServer, serve_in_thread
 from tests.eval_helpers import CANDIDATE_MODEL, assistant, candidate_script, record_scenario
-from tests.test_dashboard_browser import browser, page, shot  # noqa: F401  (browser fixtures)
+from tests.support.browser import shot
 
 HOSTILE = "<script>alert('eval')</script>"
 

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,10 +44,10 @@ from proxy.storage.bodies import rebuild_requests
 from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.schema import metadata
 from proxy.testing.servers import REPOSITORY_ROOT as ROOT
-from proxy.testing.servers import child_env, free_port, wait_for_http
+from proxy.testing.servers import child_env
 from tests.support.inprocess import run_proxy_cli
 from tests.support.postgres import pg_admin
-from tests.support.processes import FakeUpstream, ProxyServer
+from tests.support.processes import FakeUpstream
 
 pytestmark = pytest.mark.e2e
 
@@ -392,66 +391,9 @@ async def test_the_stitcher_fails_open_when_the_database_is_gone(
     assert (await stitcher.link([*messages[:2]], "run-down", "header")).route == "student"
 
 
+from tests.support.replicas import Replicas  # noqa: E402  (the fixture comes from conftest)
+
 # -- end to end: replicas ---------------------------------------------------------------------------
-
-
-@dataclass
-class Replicas:
-    """Proxy processes on one database; `clients[i]` is an AsyncOpenAI for `servers[i]`."""
-
-    servers: list[ProxyServer]
-    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
-
-    def stop(self) -> None:
-        for server in self.servers:
-            server.stop()
-
-
-@pytest.fixture
-def start_replicas(
-    pg_url: str, fake_upstream: FakeUpstream, tmp_path: Path
-) -> Iterator[Callable[..., Replicas]]:
-    """Factory: `start_replicas(n, flags_per_replica=[...])` starts n proxies on the test database
-    at once (so their migrations race), waits for all, and stops them at the end."""
-    started: list[Replicas] = []
-
-    def start(count: int, flags: list[dict[str, Any]] | None = None) -> Replicas:
-        processes = []
-        for number in range(count):
-            port = free_port()
-            options = {
-                "port": port,
-                "upstream": fake_upstream.base_url,
-                "db": pg_url,
-                "journal": str(tmp_path / f"journal-{port}.jsonl"),
-                "log_level": "warning",
-                **(flags[number] if flags else {}),
-            }
-            args = [sys.executable, "-m", "proxy"]
-            for name, value in options.items():
-                args += [f"--{name.replace('_', '-')}", str(value)]
-            process = subprocess.Popen(
-                args, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-            )
-            processes.append((port, process))
-        servers = []
-        for port, process in processes:
-            wait_for_http(f"http://127.0.0.1:{port}/health", process, timeout=90)
-            root = f"http://127.0.0.1:{port}"
-            servers.append(ProxyServer(f"{root}/v1", root, Path(os.devnull), process))
-        replicas = Replicas(
-            servers,
-            [
-                openai.AsyncOpenAI(base_url=s.base_url, api_key="sk-test-key", max_retries=0)
-                for s in servers
-            ],
-        )
-        started.append(replicas)
-        return replicas
-
-    yield start
-    for replicas in started:
-        replicas.stop()
 
 
 TOOLS = [

@@ -17,9 +17,7 @@ from exporter.options import ExportOptions
 from proxy.storage import Database
 from proxy.storage.bodies import rebuild_requests
 from proxy.storage.schema import background_responses, conversation_states, exchanges
-from tests.test_postgres import Replicas, start_replicas
-
-__all__ = ["start_replicas"]
+from tests.support.replicas import Replicas
 
 TOOLS = [
     {"type": "function", "name": "get_weather", "parameters": {"type": "object"}},

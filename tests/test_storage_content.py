@@ -29,7 +29,7 @@ from proxy.storage.engine import create_engines, database_url
 from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.reading import LeafFilter, leaves_query, shadow_query, stream_batches
 from proxy.storage.schema import blobs, exchanges, trajectories
-from tests.test_storage_bodies import SHAPES, TOOLS
+from tests.support.shapes import SHAPES, TOOLS
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "data:image/png;base64," + base64.b64encode(random.Random(3).randbytes(150_000)).decode()
