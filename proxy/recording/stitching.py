@@ -303,38 +303,8 @@ class Stitcher:
         candidates = continuation_candidates(messages, hashes)
         parent = await self._find_parent(candidates, explicit_id) if candidates else None
         if parent is not None:
-            return Link(
-                trajectory_id=parent.trajectory_id,
-                parent=parent,
-                step=parent.step + 1,
-                route=parent.route,
-                shadow=parent.shadow,
-                new_trajectory=False,
-                id_source=id_source if explicit_id else "hash",
-                request_hash=request_hash,
-            )
-        if explicit_id is not None:
-            known = await self._known_route(explicit_id)
-            return Link(
-                trajectory_id=explicit_id,
-                parent=None,
-                step=0,
-                route=known[0] if known else None,
-                shadow=known[1] if known else False,
-                new_trajectory=known is None,
-                id_source=id_source,
-                request_hash=request_hash,
-            )
-        return Link(
-            trajectory_id=new_id(),
-            parent=None,
-            step=0,
-            route=None,
-            shadow=False,
-            new_trajectory=True,
-            id_source="hash",
-            request_hash=request_hash,
-        )
+            return _continuing(parent, explicit_id, id_source, request_hash)
+        return await self._new_or_explicit(explicit_id, id_source, request_hash)
 
     # -- Responses API -------------------------------------------------------------------------
 
@@ -423,17 +393,7 @@ class Stitcher:
             hashes = items_core.prefix_hashes(items)
             request_hash = hashes[-1] if hashes else ""
             if parent is not None:
-                return Link(
-                    trajectory_id=parent.trajectory_id,
-                    parent=parent,
-                    step=parent.step + 1,
-                    route=parent.route,
-                    shadow=parent.shadow,
-                    new_trajectory=False,
-                    id_source=id_source if explicit_id else "hash",
-                    request_hash=request_hash,
-                    context=context,
-                )
+                return _continuing(parent, explicit_id, id_source, request_hash, context)
             link = await self._new_or_explicit(explicit_id, id_source, request_hash)
             return Link(**{**link.__dict__, "truncated": True})
         resolved, _ = items_core.resolve_references(items_core.input_items(body), known)
@@ -443,16 +403,7 @@ class Stitcher:
         candidates = items_core.continuation_candidates(items, hashes)
         parent = await self._find_parent(candidates, explicit_id) if candidates else None
         if parent is not None:
-            return Link(
-                trajectory_id=parent.trajectory_id,
-                parent=parent,
-                step=parent.step + 1,
-                route=parent.route,
-                shadow=parent.shadow,
-                new_trajectory=False,
-                id_source=id_source if explicit_id else "hash",
-                request_hash=request_hash,
-            )
+            return _continuing(parent, explicit_id, id_source, request_hash)
         return await self._new_or_explicit(explicit_id, id_source, request_hash)
 
     async def _new_or_explicit(
@@ -507,3 +458,25 @@ class Stitcher:
         out = list(self._awaiting.values())
         self._awaiting.clear()
         return out
+
+
+def _continuing(
+    parent: StateRef,
+    explicit_id: str | None,
+    id_source: str,
+    request_hash: str,
+    context: tuple[Any, ...] = (),
+) -> Link:
+    """The link of a request that continues `parent`'s exchange: same trajectory, next step,
+    the trajectory's route; `context` is the rebuilt history of a Responses request, if any."""
+    return Link(
+        trajectory_id=parent.trajectory_id,
+        parent=parent,
+        step=parent.step + 1,
+        route=parent.route,
+        shadow=parent.shadow,
+        new_trajectory=False,
+        id_source=id_source if explicit_id else "hash",
+        request_hash=request_hash,
+        context=context,
+    )
