@@ -16,6 +16,7 @@ traceback is logged once.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import logging
@@ -177,7 +178,7 @@ class Exchange:
         self.proxy.metrics.observe(self.record)
 
 
-class RecordedApi:
+class RecordedApi(abc.ABC):
     """What one recorded API adds to the pipeline. Subclasses set `kind` ('chat', 'responses')
     and `upstream_path` (under the upstream's base URL) and implement the hooks."""
 
@@ -185,23 +186,23 @@ class RecordedApi:
     upstream_path = ""
     items_param = "messages"  # the body field that holds the conversation
 
+    @abc.abstractmethod
     def parse(self, raw: bytes) -> tuple[dict[str, Any], str]:
         """The checked body as a dict and as text; raises InvalidRequest (400)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def link(
         self, proxy: ProxyState, body: dict[str, Any], explicit_id: str | None, id_source: str
     ) -> Link:
         """The trajectory and parent exchange of this request (stitching)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def assembler(self) -> Assembler:
         """A fresh stream assembler for this API's SSE events."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def remember(self, exchange: Exchange, response: dict[str, Any]) -> None:
         """Remember the state `response` completes (awaited before the client sees the end)."""
-        raise NotImplementedError
 
     def hold(self, exchange: Exchange) -> bool:
         """Keep the finished exchange's record back (True) because its answer comes later; the
@@ -212,17 +213,17 @@ class RecordedApi:
         """The body bytes to send upstream (the client's own bytes unless the API changes them)."""
         return raw
 
+    @abc.abstractmethod
     async def teacher_complete(
         self, exchange: Exchange, teacher: Teacher, body: dict[str, Any], key: str | None
     ) -> dict[str, Any]:
         """A whole teacher answer in this API's answer shape. Raises TeacherError."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def teacher_stream(
         self, exchange: Exchange, teacher: Teacher, body: dict[str, Any], key: str | None
     ) -> AsyncIterator[bytes]:
         """A streamed teacher answer as this API's SSE bytes. Raises TeacherError."""
-        raise NotImplementedError
 
 
 async def handle(request: Request, api: RecordedApi) -> Response:
