@@ -274,16 +274,12 @@ def _validate_dpo(record: dict[str, Any], errors: list[str]) -> None:
     ):
         errors.append("input messages must end with a user or tool message")
     for key in ("preferred_output", "non_preferred_output"):
-        output = record.get(key)
-        if not isinstance(output, list) or len(output) != 1 or not isinstance(output[0], dict):
-            errors.append(f"{key} must be a list of exactly one assistant message")
-            continue
-        if output[0].get("role") != "assistant":
-            errors.append(f"{key} must be an assistant message")
+        answer = _one_assistant_message(record, key, errors)
+        if answer is None:
             continue
         sub: list[str] = []
         check_messages(
-            [*(messages if isinstance(messages, list) else []), output[0]],
+            [*(messages if isinstance(messages, list) else []), answer],
             sub,
             declared=declared,
             parallel_allowed=parallel,
@@ -398,6 +394,21 @@ def axolotl_as_weighted(messages: Any, errors: list[str]) -> Any:
     return out
 
 
+def _one_assistant_message(
+    record: dict[str, Any], key: str, errors: list[str]
+) -> dict[str, Any] | None:
+    """`record[key]` when it is a list of exactly one assistant message (a preference pair's
+    answer, in either DPO layout), else None with the reason appended to `errors`."""
+    output = record.get(key)
+    if not isinstance(output, list) or len(output) != 1 or not isinstance(output[0], dict):
+        errors.append(f"{key} must be a list of exactly one assistant message")
+        return None
+    if output[0].get("role") != "assistant":
+        errors.append(f"{key} must be an assistant message")
+        return None
+    return output[0]
+
+
 def _validate_hf_dpo(record: dict[str, Any], errors: list[str]) -> None:
     """TRL's conversational preference layout."""
     unknown = set(record) - {"prompt", "chosen", "rejected", "tools"}
@@ -408,17 +419,11 @@ def _validate_hf_dpo(record: dict[str, Any], errors: list[str]) -> None:
     if prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") not in ("user", "tool"):
         errors.append("prompt must end with a user or tool message")
     for key in ("chosen", "rejected"):
-        output = record.get(key)
-        if not isinstance(output, list) or len(output) != 1 or not isinstance(output[0], dict):
-            errors.append(f"{key} must be a list of exactly one assistant message")
-            continue
-        if output[0].get("role") != "assistant":
-            errors.append(f"{key} must be an assistant message")
+        answer = _one_assistant_message(record, key, errors)
+        if answer is None:
             continue
         sub: list[str] = []
-        check_messages(
-            [*prompt, output[0]], sub, declared=declared, arguments_as_object=True, hf=True
-        )
+        check_messages([*prompt, answer], sub, declared=declared, arguments_as_object=True, hf=True)
         errors.extend(f"{key}: {e}" for e in sub if e not in errors)
 
 
