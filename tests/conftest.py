@@ -13,8 +13,8 @@ dropped afterwards). They skip only when nothing answers at the default URL and
 `UNDERSTUDY_TEST_POSTGRES_URL` is unset; when that variable names a server (as `.ci/run` does), an
 unreachable server fails the tests instead, so CI never skips them silently.
 
-The helpers live in `tests.support` (no test module imports another); the names below stay
-importable from here for the tests that still do.
+This file holds fixtures only: helpers are imported from `tests.support` (no test module imports
+another, nor this file).
 """
 
 from __future__ import annotations
@@ -27,75 +27,14 @@ from typing import Any
 
 import pytest
 
-from proxy.testing.servers import (
-    REPOSITORY_ROOT as ROOT,
-)
-from proxy.testing.servers import (
-    child_env,
-    free_port,
-    serve_in_thread,
-    start_server,
-    wait_for_http,
-)
+from proxy.testing.servers import serve_in_thread
 from tests.support.inprocess import InProcessProxy, ThreadedProxy, in_process_proxy, served_proxy
-from tests.support.postgres import (
-    DEFAULT_POSTGRES_URL,
-    POSTGRES_URL_ENV,
-    pg_admin,
-    with_database,
-)
+from tests.support.postgres import DEFAULT_POSTGRES_URL, POSTGRES_URL_ENV, pg_admin, with_database
 from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy, start_fake_upstream
-from tests.support.records import (
-    conversation,
-    database_bytes,
-    db_rows,
-    leaves,
-    path_to,
-    recorded_exchanges,
-    response_message,
-    wait_for_ids,
-    wait_recorded,
-)
-from tests.support.scripted import (
-    SCRIPTED_COMPLETION,
-    ScriptedUpstream,
-    create_scripted_app,
-    scripted_sse_events,
-)
+from tests.support.scripted import ScriptedUpstream, create_scripted_app
 
 # Shared fixtures: Chromium (`browser`, `page`) and PostgreSQL replicas (`start_replicas`).
 pytest_plugins = ["tests.support.browser", "tests.support.replicas"]
-
-__all__ = [
-    "DEFAULT_POSTGRES_URL",
-    "POSTGRES_URL_ENV",
-    "ROOT",
-    "SCRIPTED_COMPLETION",
-    "FakeUpstream",
-    "InProcessProxy",
-    "ProxyServer",
-    "ScriptedUpstream",
-    "ThreadedProxy",
-    "child_env",
-    "conversation",
-    "create_scripted_app",
-    "database_bytes",
-    "db_rows",
-    "free_port",
-    "launch_proxy",
-    "leaves",
-    "path_to",
-    "pg_admin",
-    "recorded_exchanges",
-    "response_message",
-    "scripted_sse_events",
-    "serve_in_thread",
-    "start_server",
-    "wait_for_http",
-    "wait_for_ids",
-    "wait_recorded",
-    "with_database",
-]
 
 
 @pytest.fixture(scope="session")

@@ -30,8 +30,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import FakeUpstream, ProxyServer, db_rows, launch_proxy
 from tests.support.bodies import whole_requests
+from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
+from tests.support.records import db_rows
 
 pytestmark = pytest.mark.e2e
 

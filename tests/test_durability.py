@@ -30,7 +30,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import FakeUpstream, ProxyServer, db_rows, launch_proxy
+from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
+from tests.support.records import db_rows
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,7 @@ from exporter.evaluation.compare import (
 from exporter.evaluation.metrics import StepOutcome, summarize, wilson_interval
 from exporter.evaluation.replay import fingerprint, public_url
 from exporter.evaluation.selection import candidate_request
-from tests.eval_helpers import TOOLS
+from tests.support.evaluation import TOOLS
 
 REQUEST: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
 

@@ -19,9 +19,10 @@ from proxy.config import Settings
 from proxy.storage import Database, new_id, utc_now
 from proxy.storage.evaluations import create_run
 from proxy.testing.fake_candidate import create_candidate_app
-from tests.conftest import ProxyServer, serve_in_thread
-from tests.eval_helpers import CANDIDATE_MODEL, assistant, candidate_script, record_scenario
+from proxy.testing.servers import serve_in_thread
 from tests.support.browser import shot
+from tests.support.evaluation import CANDIDATE_MODEL, assistant, candidate_script, record_scenario
+from tests.support.processes import ProxyServer
 
 HOSTILE = "<script>alert('eval')</script>"
 

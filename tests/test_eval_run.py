@@ -20,8 +20,9 @@ import pytest
 from exporter.cli import main
 from proxy.dashboard.pricing import price_of
 from proxy.testing.fake_candidate import CandidateScript, create_candidate_app
-from tests.conftest import ROOT, child_env, serve_in_thread
-from tests.eval_helpers import (
+from proxy.testing.servers import REPOSITORY_ROOT as ROOT
+from proxy.testing.servers import child_env, serve_in_thread
+from tests.support.evaluation import (
     CANDIDATE_MODEL,
     EXPECTED,
     SECRET_KEY,
@@ -30,7 +31,7 @@ from tests.eval_helpers import (
     candidate_script,
     record_scenario,
 )
-from tests.exporter_helpers import read_jsonl
+from tests.support.exporter import read_jsonl
 from tests.support.inprocess import run_exporter as run_cli
 
 

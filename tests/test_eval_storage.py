@@ -22,8 +22,8 @@ from proxy.storage.evaluations import (
     save_step,
 )
 from proxy.testing.fake_candidate import create_candidate_app
-from tests.conftest import serve_in_thread
-from tests.eval_helpers import CANDIDATE_MODEL, EXPECTED, candidate_script, record_scenario
+from proxy.testing.servers import serve_in_thread
+from tests.support.evaluation import CANDIDATE_MODEL, EXPECTED, candidate_script, record_scenario
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

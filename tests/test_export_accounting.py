@@ -17,7 +17,7 @@ import pytest
 
 from exporter.api import ExportOptions, export_samples
 from proxy.storage import Database, new_id
-from tests.exporter_helpers import completion, record, write_records
+from tests.support.exporter import completion, record, write_records
 from tests.support.inprocess import run_exporter as run_cli
 
 TOOLS = [

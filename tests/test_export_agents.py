@@ -20,8 +20,8 @@ from agents import (
 )
 from openai import AsyncOpenAI
 
-from tests.conftest import ProxyServer
-from tests.exporter_helpers import read_jsonl, run_cli
+from tests.support.exporter import read_jsonl, run_cli
+from tests.support.processes import ProxyServer
 
 pytestmark = pytest.mark.e2e
 

@@ -12,8 +12,8 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import ProxyServer
-from tests.exporter_helpers import TOOLS, expected_openai_sample, read_jsonl, run_agent, run_cli
+from tests.support.exporter import TOOLS, expected_openai_sample, read_jsonl, run_agent, run_cli
+from tests.support.processes import ProxyServer
 
 pytestmark = pytest.mark.e2e
 
@@ -29,8 +29,8 @@ def recorded(
     """A realistic workload through one proxy: streamed and not, parallel calls, SDK objects
     echoed back, tool results as part arrays, re-serialized arguments, a second user turn, a
     conversation without tools. Returns the database and the expected samples."""
-    from tests.conftest import ProxyServer as _PS  # noqa: F401  (type only)
-    from tests.conftest import child_env, free_port, start_server
+    from proxy.testing.servers import child_env, free_port, start_server
+    from tests.support.processes import ProxyServer as _PS  # noqa: F401  (type only)
 
     directory = tmp_path_factory.mktemp("recorded")
     db = directory / "understudy.db"

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from jinja2.exceptions import TemplateError
 
-from tests.exporter_helpers import read_jsonl
+from tests.support.exporter import read_jsonl
 from tests.support.inprocess import run_exporter as run_cli
-from tests.trainer_data import (
+from tests.support.trainer_data import (
     TEMPLATES,
     TEMPLATES_DIR,
     build_db,

@@ -3,7 +3,7 @@ TRL's SFTTrainer (assistant-only loss on `hf`, completion-only loss on `hf --tra
 DPOTrainer (`hf-dpo`) run a few steps on a tiny randomly initialised model with a tokenizer
 trained on the data. Nothing is downloaded (HF_HUB_OFFLINE=1); needs the `train` extra.
 
-The training runs in its own process (`tests.trl_smoke`) so that the offline switches are set
+The training runs in its own process (`tests.support.trl_smoke`) so that the offline switches are set
 before huggingface_hub reads them.
 """
 
@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.exporter_helpers import ROOT, read_jsonl, run_cli
-from tests.trainer_data import build_db
+from tests.support.exporter import ROOT, read_jsonl, run_cli
+from tests.support.trainer_data import build_db
 
 EXPORTS = {
     "hf": ("--format", "hf"),
@@ -43,7 +43,7 @@ def test_trl_sft_and_dpo_train_on_the_exported_files(tmp_path: Path) -> None:
         "TOKENIZERS_PARALLELISM": "false",
     }
     run = subprocess.run(
-        [sys.executable, "-m", "tests.trl_smoke", str(tmp_path)],
+        [sys.executable, "-m", "tests.support.trl_smoke", str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,

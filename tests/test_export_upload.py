@@ -12,8 +12,8 @@ import pytest
 
 from exporter.upload import UploadError, upload
 from proxy.testing.fake_openai_files import VALID_KEY, serve_fake_openai
-from tests.conftest import free_port
-from tests.exporter_helpers import run_cli
+from proxy.testing.servers import free_port
+from tests.support.exporter import run_cli
 
 SAMPLE = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 

@@ -48,15 +48,9 @@ import openai
 import pytest
 
 from proxy.core.sse import StreamAssembler
-from tests.conftest import (
-    FakeUpstream,
-    ProxyServer,
-    child_env,
-    db_rows,
-    free_port,
-    recorded_exchanges,
-    start_server,
-)
+from proxy.testing.servers import child_env, free_port, start_server
+from tests.support.processes import FakeUpstream, ProxyServer
+from tests.support.records import db_rows, recorded_exchanges
 
 pytestmark = pytest.mark.e2e
 

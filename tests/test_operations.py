@@ -25,7 +25,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import FakeUpstream, ProxyServer, db_rows, launch_proxy
+from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
+from tests.support.records import db_rows
 
 pytestmark = pytest.mark.e2e
 

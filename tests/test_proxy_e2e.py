@@ -29,13 +29,11 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from proxy.core.canonical import canonical_message
-from tests.conftest import (
-    FakeUpstream,
-    ProxyServer,
+from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
+from tests.support.records import (
     conversation,
     database_bytes,
     db_rows,
-    launch_proxy,
     leaves,
     path_to,
     recorded_exchanges,

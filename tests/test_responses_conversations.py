@@ -18,8 +18,7 @@ from exporter.api import export_samples
 from exporter.options import ExportOptions
 from proxy.core.responses import canonical_item
 from proxy.storage import Database
-from tests.conftest import database_bytes
-from tests.support.records import db_rows
+from tests.support.records import database_bytes, db_rows
 from tests.support.responses import exchanges, fake_url, in_process_proxy
 
 __all__ = ["fake_url"]

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.conftest import serve_in_thread
+from proxy.testing.servers import serve_in_thread
 from tests.support.responses import exchanges, in_process_proxy
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ProxyServer, database_bytes, wait_recorded
+from tests.support.processes import ProxyServer
+from tests.support.records import database_bytes, wait_recorded
 from tests.support.responses import exchanges, fake_url, in_process_proxy
 
 __all__ = ["fake_url"]

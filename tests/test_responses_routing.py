@@ -13,7 +13,7 @@ import pytest
 from starlette.applications import Starlette
 
 from proxy.testing.fake_openai import create_fake_app
-from tests.conftest import serve_in_thread
+from proxy.testing.servers import serve_in_thread
 from tests.support.responses import exchanges, in_process_proxy, sse_events
 
 TOOLS = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]

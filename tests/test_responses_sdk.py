@@ -31,8 +31,9 @@ from openai import AsyncOpenAI
 from exporter.api import export_samples
 from exporter.options import ExportOptions
 from proxy.storage import Database
-from tests.conftest import FakeUpstream, ProxyServer, launch_proxy, wait_recorded
-from tests.exporter_helpers import run_cli
+from tests.support.exporter import run_cli
+from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
+from tests.support.records import wait_recorded
 
 pytestmark = pytest.mark.e2e
 

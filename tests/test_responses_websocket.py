@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.conftest import FakeUpstream, ProxyServer, wait_recorded
+from tests.support.processes import FakeUpstream, ProxyServer
+from tests.support.records import wait_recorded
 from tests.support.responses import exchanges
 
 pytestmark = pytest.mark.e2e

@@ -48,8 +48,10 @@ from proxy.core.redaction import (
     secret_rules,
 )
 from proxy.core.sse import StreamAssembler
-from tests.conftest import FakeUpstream, ProxyServer, child_env, db_rows, launch_proxy
+from proxy.testing.servers import child_env
 from tests.support.bodies import whole_requests
+from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
+from tests.support.records import db_rows
 
 pytestmark = pytest.mark.e2e
 

@@ -28,15 +28,11 @@ from starlette.routing import Route
 from proxy.config import Settings
 from proxy.dashboard.security import FailedAttempts
 from proxy.http.paths import PathRefused, normalize, recorded_api, upstream_path
-from tests.conftest import (
-    SCRIPTED_COMPLETION,
-    FakeUpstream,
-    ProxyServer,
-    launch_proxy,
-    serve_in_thread,
-    wait_for_ids,
-)
-from tests.inprocess import running_app
+from proxy.testing.servers import serve_in_thread
+from tests.support.inprocess import running_app
+from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
+from tests.support.records import wait_for_ids
+from tests.support.scripted import SCRIPTED_COMPLETION
 
 PROXY_KEY = "sk-proxy-" + "k" * 40
 

@@ -16,6 +16,9 @@ timing or a client that goes away mid-stream need a real server (`tests.support.
 process (lifespan run): a real loopback URL for synchronous clients (the `openai` SDK, httpx,
 the demo's agent loop), without starting a process; `.stop()` drains the recorder.
 
+`running_app(settings)` runs the same app's lifespan and hands out clients whose requests come
+from a chosen client address (the dashboard's loopback and admin-token checks).
+
 `run_exporter(*argv)` runs `exporter.cli.main(argv)` in this process and returns its exit code
 and output, as `python -m exporter ARGS` would print them.
 """
@@ -29,7 +32,7 @@ import gc
 import io
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +98,24 @@ async def in_process_proxy(directory: Path, **settings: Any) -> AsyncIterator[In
             httpx.AsyncClient(transport=transport, base_url=ROOT_URL, timeout=60) as client,
         ):
             yield InProcessProxy(app, client, config, Path(config.db))
+    finally:
+        gc.unfreeze()  # the lifespan freezes what start-up allocated; a test process goes on
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[Callable[..., httpx.AsyncClient]]:
+    """Run the app's lifespan; yield `client(address="127.0.0.1")`, which makes an
+    `httpx.AsyncClient` whose requests come from `address` (close it, or use `async with`)."""
+    app: FastAPI = create_app(settings)
+    entry = FastPath(app)
+    try:
+        async with app.router.lifespan_context(app):
+
+            def client(address: str = "127.0.0.1") -> httpx.AsyncClient:
+                transport = httpx.ASGITransport(app=entry, client=(address, 50_000))
+                return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1")
+
+            yield client
     finally:
         gc.unfreeze()  # the lifespan freezes what start-up allocated; a test process goes on
 

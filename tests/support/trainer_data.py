@@ -14,7 +14,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from proxy.storage import new_id
-from tests.exporter_helpers import ROOT, completion, record, write_records
+from tests.support.exporter import ROOT, completion, record, write_records
 
 TEMPLATES_DIR = Path(
     os.environ.get("UNDERSTUDY_CHAT_TEMPLATES", ROOT.parent / "shared" / "chat-templates")

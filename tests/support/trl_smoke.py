@@ -1,4 +1,4 @@
-"""Train on exported files with TRL, offline: `python -m tests.trl_smoke DIR` (run by
+"""Train on exported files with TRL, offline: `python -m tests.support.trl_smoke DIR` (run by
 tests/test_export_trl.py in a process with HF_HUB_OFFLINE=1).
 
 DIR holds `hf.jsonl` (messages), `hf-last.jsonl` (prompt/completion) and `hf-dpo.jsonl`
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.trainer_data import TEMPLATES, TEMPLATES_DIR, render
+from tests.support.trainer_data import TEMPLATES, TEMPLATES_DIR, render
 
 
 def _records(path: Path) -> list[dict[str, Any]]:

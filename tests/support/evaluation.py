@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.testing.fake_candidate import CandidateScript, tool_call
-from tests.exporter_helpers import completion, record, write_records_sync
+from tests.support.exporter import completion, record, write_records_sync
 
 TOOLS: list[dict[str, Any]] = [
     {

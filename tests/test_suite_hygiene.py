@@ -1,0 +1,68 @@
+"""The test suite's own rules (issue 10): helpers live in `tests/support/`, no test module imports
+another test module or `tests/conftest.py`, and `tests/` holds nothing but test modules, the
+conftest (fixtures only) and the support package."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports (`import a.b` -> "a.b"; `from a.b import c` -> "a.b" and
+    "a.b.c", since `c` may itself be a module)."""
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module)
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return modules
+
+
+def test_nothing_imports_a_test_module_or_the_conftest() -> None:
+    offenders = {}
+    for path in sorted([*TESTS.glob("*.py"), *TESTS.glob("support/*.py")]):
+        wrong = sorted(
+            name
+            for name in imported_modules(path)
+            if name.startswith(("tests.test_", "tests.conftest"))
+            or (name.startswith("tests.") and name.count(".") == 1 and name != "tests.support")
+        )
+        if wrong:
+            offenders[path.relative_to(TESTS).as_posix()] = wrong
+    assert offenders == {}, "import from tests.support instead"
+
+
+def test_the_tests_folder_holds_only_test_modules_the_conftest_and_support() -> None:
+    strays = sorted(
+        path.name
+        for path in TESTS.glob("*.py")
+        if not path.name.startswith("test_") and path.name not in {"conftest.py", "__init__.py"}
+    )
+    assert strays == [], "helpers belong in tests/support/"
+
+
+def test_the_conftest_holds_fixtures_and_hooks_only() -> None:
+    """The conftest re-exports nothing: no `__all__`, and every function it defines is a fixture
+    or a pytest hook."""
+    tree = ast.parse((TESTS / "conftest.py").read_text(encoding="utf-8"))
+    names = {
+        target.id
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    assert "__all__" not in names
+    plain = [
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and not node.name.startswith("pytest_")
+        and not any("fixture" in ast.unparse(d) for d in node.decorator_list)
+    ]
+    assert plain == []
