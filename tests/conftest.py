@@ -27,14 +27,41 @@ from typing import Any
 
 import pytest
 
-from proxy.testing.servers import serve_in_thread
+from proxy.testing.servers import REPOSITORY_ROOT, serve_in_thread
 from tests.support.inprocess import InProcessProxy, ThreadedProxy, in_process_proxy, served_proxy
 from tests.support.postgres import DEFAULT_POSTGRES_URL, POSTGRES_URL_ENV, pg_admin, with_database
 from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy, start_fake_upstream
 from tests.support.scripted import ScriptedUpstream, create_scripted_app
+from tests.support.worktree import files_in_working_tree
 
 # Shared fixtures: Chromium (`browser`, `page`) and PostgreSQL replicas (`start_replicas`).
 pytest_plugins = ["tests.support.browser", "tests.support.replicas"]
+
+
+# -- the suite leaves nothing behind ---------------------------------------------------------------
+
+_TREE_BEFORE = pytest.StashKey[set[str]]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Note the files of the working tree (in the controller, not in xdist workers)."""
+    if not hasattr(session.config, "workerinput"):
+        session.config.stash[_TREE_BEFORE] = files_in_working_tree(REPOSITORY_ROOT)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when it left new files in the working tree (tests write under `tmp_path`)."""
+    before = session.config.stash.get(_TREE_BEFORE, None)
+    if before is None:
+        return
+    left = sorted(files_in_working_tree(REPOSITORY_ROOT) - before)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"the tests left {len(left)} new file(s) in {REPOSITORY_ROOT}: {left}"
+        if reporter is not None:
+            reporter.write("\n")
+            reporter.write_line(f"ERROR: {message}", red=True, bold=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -382,7 +382,12 @@ async def listed(database: Database, query: Any) -> set[str]:
 async def test_list_api_and_export_select_the_same_trajectories(db: Any, tmp_path: Path) -> None:
     database, ids, target = db
     name_of = {tid: name for name, tid in ids.items()}
-    async with in_process_proxy(tmp_path, upstream="http://127.0.0.1:9/v1", db=target) as proxy:
+    async with in_process_proxy(
+        tmp_path,
+        upstream="http://127.0.0.1:9/v1",
+        db=target,
+        journal=str(tmp_path / "journal.jsonl"),  # not ./understudy-journal.jsonl (PostgreSQL)
+    ) as proxy:
         for params in SAME_SET_QUERIES:
             query = parse_list_query(params)
             in_list = await listed(database, query)

@@ -467,11 +467,12 @@ def _image_message(text: str) -> dict[str, Any]:
 
 @pytest.mark.e2e
 async def test_nul_text_and_a_big_image_are_recorded_through_the_proxy(
-    db_target: str, start_proxy: Any
+    db_target: str, start_proxy: Any, tmp_path: Path
 ) -> None:
     import openai
 
-    proxy = start_proxy(db=db_target)
+    # the journal in tmp_path: for PostgreSQL it would default to the working directory
+    proxy = start_proxy(db=db_target, journal=tmp_path / "journal.jsonl")
     client = openai.OpenAI(base_url=proxy.base_url, api_key="sk-test", max_retries=0)
     history: list[dict[str, Any]] = [
         {"role": "system", "content": "You describe images.\x00"},
