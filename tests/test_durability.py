@@ -22,8 +22,7 @@ import signal
 import sqlite3
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import pytest
 
 from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
 from tests.support.records import db_rows
+from tests.support.waiting import poll
 
 pytestmark = pytest.mark.e2e
 
@@ -43,17 +43,6 @@ def stored_ids(db: Path) -> set[str]:
         return {row["id"] for row in db_rows(db, "SELECT id FROM exchanges")}
     except sqlite3.OperationalError:  # a writer holds a lock for a moment
         return set()
-
-
-def poll(condition: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def call(proxy: ProxyServer, content: str, *, stream: bool = False) -> httpx.Response:
@@ -301,7 +290,8 @@ def test_a_replay_that_meets_a_full_disk_sets_nothing_aside(
                 what="the records to be journaled",
             )
             filler = fill(small_disk)
-        time.sleep(3)  # the writer retries the replay every second: a few meet the full disk
+        # the writer retries the replay every second: wait until one has met the full disk
+        proxy.wait_for_output("journal replay stopped", timeout=60)
         assert not list(small_disk.glob("*.rejected")), "a full disk set records aside"
         assert health(proxy)["recorder"].get("rejected", 0) == 0
         filler.unlink()

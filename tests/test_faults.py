@@ -51,6 +51,7 @@ from proxy.core.sse import StreamAssembler
 from proxy.testing.servers import child_env, free_port, start_server
 from tests.support.processes import FakeUpstream, ProxyServer
 from tests.support.records import db_rows, recorded_exchanges
+from tests.support.waiting import poll
 
 pytestmark = pytest.mark.e2e
 
@@ -110,20 +111,26 @@ def chat(
     return Answer(response.status_code, response.headers, raw, time.monotonic() - started)
 
 
-def poll(condition: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
-    """Call `condition` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
-
-
 def health(proxy: ProxyServer) -> dict[str, Any]:
     return dict(httpx.get(proxy.root_url + "/health", timeout=10).json())
+
+
+def recorder_settled(proxy: ProxyServer, submitted: int) -> bool:
+    """Whether the recorder has been handed `submitted` records (at least) and has handled each:
+    written, journaled, held in memory (the journal refused it) or counted lost."""
+    stats = health(proxy)["recorder"]
+    handled = sum(stats.get(name, 0) for name in ("written", "journaled", "held", "lost"))
+    return bool(stats.get("submitted", 0) >= submitted and handled >= stats["submitted"])
+
+
+def listening(proxy: ProxyServer) -> bool:
+    """Whether the proxy's port accepts a connection (the connection is closed at once)."""
+    port = int(proxy.root_url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def stored_ids(db: Path) -> list[str]:
@@ -344,7 +351,7 @@ def test_removed_database_does_not_swallow_records(
     poll(lambda: len(stored_ids(db)) == 2, what="the first exchanges to be written")
     shutil.rmtree(directory)
     gone = traffic(proxy, "gone", 4)
-    time.sleep(1.0)  # a few flush intervals
+    poll(lambda: recorder_settled(proxy, 2 + 4), what="the recorder to handle every record")
     proxy.stop()
     directory.mkdir(exist_ok=True)
     restarted = start_proxy(db=db)
@@ -441,7 +448,7 @@ def test_sigterm_finishes_streams_drains_the_queue_and_records_everything_answer
         thread.start()
     first_chunk.wait()  # every stream is in flight
     proxy.process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    poll(lambda: not listening(proxy), what="the proxy to close its listening socket")
     with pytest.raises(httpx.TransportError):  # no longer accepting new connections
         httpx.post(proxy.base_url + "/chat/completions", json={}, timeout=5)
     for thread in threads:

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
 from tests.support.records import db_rows
+from tests.support.waiting import poll
 
 pytestmark = pytest.mark.e2e
 
@@ -63,14 +64,6 @@ def health(proxy: ProxyServer) -> dict[str, Any]:
     response = httpx.get(proxy.root_url + "/health", timeout=10)
     assert response.status_code == 200
     return dict(response.json())
-
-
-def poll(condition: Any, timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def post(proxy: ProxyServer, body: Any, **headers: str) -> httpx.Response:

@@ -12,7 +12,6 @@ The teacher at an OpenAI-compatible upstream is covered in `test_routing.py`.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -46,6 +45,7 @@ from tests.support.agents import (
 )
 from tests.support.inprocess import ThreadedProxy
 from tests.support.processes import FakeUpstream
+from tests.support.waiting import poll_async
 
 # ---------------------------------------------------------------------------------------------
 # Pure: teacher_params
@@ -394,7 +394,8 @@ async def test_a_run_started_as_student_gets_no_shadow_at_any_step(
     rows = await wait_for_exchanges(claude_proxy.db, [s.exchange_id for s in steps])
     assert [(r["route"], r["shadow_model"]) for r in rows] == [("student", None)] * 3
     assert trajectory_row(claude_proxy.db, steps[0].trajectory_id)["shadow"] == 0
-    await asyncio.sleep(1.0)  # a stray background shadow call would have reached Claude by now
+    # a stray shadow call would be a background task, started before its answer was sent
+    await poll_async(lambda: claude_proxy.background_tasks() == 0, what="background tasks to end")
     assert fake_anthropic.requests(text) == []
     assert all(
         r["shadow_response_json"] is None

@@ -45,6 +45,10 @@ from proxy.app import FastPath, create_app
 from proxy.config import Settings, load_settings
 from proxy.testing.servers import ServerThread, free_port
 
+STARTUP_DEADLINE_S = 120.0
+"""How long a server may take to start (a teacher imports litellm: seconds, many more on a
+loaded machine) before the test fails: a bound on the wait, not a speed check."""
+
 ROOT_URL = "http://127.0.0.1:8787"
 """The origin the in-process client sends to (never connected to: the transport is the app; a
 loopback address, as the dashboard answers only to loopback hosts without an admin token)."""
@@ -158,6 +162,11 @@ class ThreadedProxy:
     server: ServerThread
     logs: _LogCollector
     restore_env: dict[str, str | None]
+    app: FastAPI
+
+    def background_tasks(self) -> int:
+        """How many background tasks (shadow calls) the app has started and not yet finished."""
+        return len(self.app.state.proxy.background)
 
     def stop(self) -> str:
         """Stop serving (requests in flight finish, the recorder drains), put back the
@@ -215,8 +224,9 @@ def served_proxy(
     logs.attach()
     try:
         config = _settings_with_env(settings, settings_env)
-        server = ServerThread(FastPath(create_app(config)), config.host, port, lifespan="on")
-        server.start()
+        app = create_app(config)
+        server = ServerThread(FastPath(app), config.host, port, lifespan="on")
+        server.start(timeout=STARTUP_DEADLINE_S)
     except BaseException:
         logs.detach()
         _put_back(restore)
@@ -230,6 +240,7 @@ def served_proxy(
         server,
         logs,
         restore,
+        app,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 
 from proxy.testing.servers import child_env, free_port, start_server
+from tests.support.inprocess import STARTUP_DEADLINE_S
 
 
 @dataclass
@@ -50,6 +52,38 @@ class ProxyServer:
     process: subprocess.Popen[bytes]
     output: list[str] = field(default_factory=list)
     db_url: str = ""
+    _reader: threading.Thread | None = field(default=None, repr=False)
+    _arrived: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    def wait_for_output(self, text: str, timeout: float = 30.0) -> str:
+        """Read the process's output as it comes until it contains `text`; return it so far.
+
+        Raises AssertionError when `timeout` s pass or the output ends first. `stop()` still
+        returns the whole output."""
+        with self._arrived:
+            if self._reader is None:
+                self._reader = threading.Thread(target=self._read_lines, daemon=True)
+                self._reader.start()
+            finished = self._arrived.wait_for(
+                lambda: text in "".join(self.output) or not self._reading(), timeout
+            )
+            so_far = "".join(self.output)
+        assert finished and text in so_far, (
+            f"no {text!r} in the output within {timeout} s:\n{so_far}"
+        )
+        return so_far
+
+    def _reading(self) -> bool:
+        return self._reader is not None and self._reader.is_alive()
+
+    def _read_lines(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._arrived:
+                self.output.append(line.decode(errors="replace"))
+                self._arrived.notify_all()
+        with self._arrived:
+            self._arrived.notify_all()
 
     def stop(self, timeout: float = 30.0) -> str:
         """SIGTERM, wait for a clean exit (the recorder drains); return the process output."""
@@ -60,7 +94,9 @@ class ProxyServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self.process.stdout and not self.output:
+        if self._reader is not None:
+            self._reader.join(timeout=10)  # the output ends with the process
+        elif self.process.stdout and not self.output:
             self.output.append(self.process.stdout.read().decode(errors="replace"))
         return "".join(self.output)
 
@@ -72,6 +108,7 @@ def start_fake_upstream() -> FakeUpstream:
         ["-m", "proxy.testing.fake_openai", "--port", str(port)],
         f"http://127.0.0.1:{port}/v1/models",
         child_env(),
+        timeout=STARTUP_DEADLINE_S,
     )
     return FakeUpstream(f"http://127.0.0.1:{port}/v1", process)
 
@@ -87,7 +124,12 @@ def launch_proxy(
     args = ["-m", "proxy"]
     for name, value in options.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
-    process = start_server(args, f"http://127.0.0.1:{port}/health", child_env(**(env or {})))
+    process = start_server(
+        args,
+        f"http://127.0.0.1:{port}/health",
+        child_env(**(env or {})),
+        timeout=STARTUP_DEADLINE_S,
+    )
     return ProxyServer(
         f"http://127.0.0.1:{port}/v1",
         f"http://127.0.0.1:{port}",
