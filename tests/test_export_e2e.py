@@ -1,5 +1,7 @@
-"""End to end: trajectories recorded by the real proxy (official SDK, fake upstream), then exported
-with the real CLI and checked message for message, validated, split, in every format."""
+"""End to end: trajectories recorded by the proxy app (served by uvicorn in a thread, official SDK,
+fake upstream), then exported with the CLI (`exporter.cli.main`, in-process) and checked message
+for message, validated, split, in every format. The CLI as a process is what tests/test_readme.py
+runs."""
 
 from __future__ import annotations
 
@@ -12,10 +14,9 @@ from typing import Any
 import openai
 import pytest
 
-from tests.support.exporter import TOOLS, expected_openai_sample, read_jsonl, run_agent, run_cli
-from tests.support.processes import ProxyServer
-
-pytestmark = pytest.mark.e2e
+from tests.support.exporter import TOOLS, expected_openai_sample, read_jsonl, run_agent
+from tests.support.inprocess import ThreadedProxy, served_proxy
+from tests.support.inprocess import run_exporter as run_cli
 
 
 def _canonical(sample: dict[str, Any]) -> str:
@@ -29,18 +30,9 @@ def recorded(
     """A realistic workload through one proxy: streamed and not, parallel calls, SDK objects
     echoed back, tool results as part arrays, re-serialized arguments, a second user turn, a
     conversation without tools. Returns the database and the expected samples."""
-    from proxy.testing.servers import child_env, free_port, start_server
-    from tests.support.processes import ProxyServer as _PS  # noqa: F401  (type only)
-
     directory = tmp_path_factory.mktemp("recorded")
     db = directory / "understudy.db"
-    port = free_port()
-    process = start_server(
-        ["-m", "proxy", "--port", str(port), "--upstream", fake_upstream.base_url, "--db", str(db)],
-        f"http://127.0.0.1:{port}/health",
-        child_env(),
-    )
-    server = ProxyServer(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}", db, process)
+    server = served_proxy(directory, upstream=fake_upstream.base_url, db=str(db))
     client = openai.OpenAI(base_url=server.base_url, api_key="sk-test-key-123")
     conversations: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]] = []
     try:
@@ -227,7 +219,10 @@ def test_stats_counts_what_the_proxy_recorded(recorded: tuple[Path, list[dict[st
     assert table.returncode == 0 and "Tool calls per trajectory" in table.stdout
 
 
-def test_forks_export_every_leaf_or_the_longest(proxy_server: ProxyServer, tmp_path: Path) -> None:
+def test_forks_export_every_leaf_or_the_longest(
+    serve_proxy: Callable[..., ThreadedProxy], tmp_path: Path
+) -> None:
+    proxy_server = serve_proxy()
     client = openai.OpenAI(base_url=proxy_server.base_url, api_key="sk-test")
     full = run_agent(client, "where is order 7?")
     # The app retries from the first tool result: same prefix, a new answer -> a fork.
@@ -271,8 +266,9 @@ def test_forks_export_every_leaf_or_the_longest(proxy_server: ProxyServer, tmp_p
 
 
 def test_duplicate_conversations_are_written_once(
-    proxy_server: ProxyServer, tmp_path: Path
+    serve_proxy: Callable[..., ThreadedProxy], tmp_path: Path
 ) -> None:
+    proxy_server = serve_proxy()
     client = openai.OpenAI(base_url=proxy_server.base_url, api_key="sk-test")
     for _ in range(3):  # the same question, answered the same way, in separate trajectories
         client.chat.completions.create(
@@ -288,7 +284,7 @@ def test_duplicate_conversations_are_written_once(
     assert summary["written"] == 1 and summary["dropped"] == {"duplicate": 2}
 
 
-def test_cli_errors_are_one_line(start_proxy: Callable[..., ProxyServer], tmp_path: Path) -> None:
+def test_cli_errors_are_one_line(serve_proxy: Callable[..., ThreadedProxy], tmp_path: Path) -> None:
     def one_line_error(result: Any, code: int, needle: str) -> None:
         assert result.returncode == code, (result.stdout, result.stderr)
         lines = result.stderr.strip().splitlines()
@@ -326,7 +322,7 @@ def test_cli_errors_are_one_line(start_proxy: Callable[..., ProxyServer], tmp_pa
     not_db = tmp_path / "text.db"
     not_db.write_text("hello, not a database\n" * 100)
     one_line_error(run_cli("stats", "--db", str(not_db)), 1, "understudy-export")
-    proxy = start_proxy()
+    proxy = serve_proxy()
     client = openai.OpenAI(base_url=proxy.base_url, api_key="sk-test")
     client.chat.completions.create(
         model="gpt-4.1-mini", messages=[{"role": "user", "content": "hi"}]
