@@ -1,10 +1,11 @@
-"""An openai-agents run through the real proxy comes out of the exporter as one sample per run,
-with every tool call (parallel too), every tool result and the final answer, valid in every format."""
+"""An openai-agents run through the proxy (the app served by uvicorn in a thread) comes out of the
+exporter (its `main`, in-process) as one sample per run, with every tool call (parallel too),
+every tool result and the final answer, valid in every format."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,9 @@ from agents import (
 )
 from openai import AsyncOpenAI
 
-from tests.support.exporter import read_jsonl, run_cli
-from tests.support.processes import ProxyServer
-
-pytestmark = pytest.mark.e2e
+from tests.support.exporter import read_jsonl
+from tests.support.inprocess import ThreadedProxy
+from tests.support.inprocess import run_exporter as run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,10 @@ def track_parcel(query: str, step: int, n: int) -> str:
     return json.dumps({"depot": "Lyon", "step": step, "n": n})
 
 
-async def test_agent_runs_export_exactly(proxy_server: ProxyServer, tmp_path: Path) -> None:
+async def test_agent_runs_export_exactly(
+    serve_proxy: Callable[..., ThreadedProxy], tmp_path: Path
+) -> None:
+    proxy_server = serve_proxy()
     client = AsyncOpenAI(base_url=proxy_server.base_url, api_key="sk-test-agents")
     agent: Agent[Any] = Agent(
         name="support",

@@ -16,7 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.exporter import ROOT, read_jsonl, run_cli
+from tests.support.exporter import ROOT, read_jsonl
+from tests.support.inprocess import run_exporter as run_cli
 from tests.support.trainer_data import build_db
 
 EXPORTS = {

@@ -1,4 +1,5 @@
-"""`upload` with the official SDK against a fake OpenAI files / fine-tuning server on loopback."""
+"""`upload` with the official SDK against a fake OpenAI files / fine-tuning server on loopback; the
+CLI runs as `exporter.cli.main(argv)` in this process, its environment set with `monkeypatch`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from exporter.upload import UploadError, upload
 from proxy.testing.fake_openai_files import VALID_KEY, serve_fake_openai
 from proxy.testing.servers import free_port
-from tests.support.exporter import run_cli
+from tests.support.inprocess import CliResult, run_exporter
 
 SAMPLE = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 
@@ -33,15 +34,19 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
     return train, valid
 
 
-def env(key: str | None) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-    if key is not None:
-        out["OPENAI_API_KEY"] = key
-    return out
+def run_cli(*argv: str, key: str | None, monkeypatch: pytest.MonkeyPatch) -> CliResult:
+    """`understudy-export ARGV` with `OPENAI_API_KEY=key` (unset for None) and no other
+    `OPENAI_*` variable in the environment."""
+    with monkeypatch.context() as patched:
+        for name in [n for n in os.environ if n.startswith("OPENAI_")]:
+            patched.delenv(name)
+        if key is not None:
+            patched.setenv("OPENAI_API_KEY", key)
+        return run_exporter(*argv)
 
 
 def test_upload_files_and_create_a_job(
-    fake_openai: tuple[str, Any], files: tuple[Path, Path]
+    fake_openai: tuple[str, Any], files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base_url, app = fake_openai
     train, valid = files
@@ -59,7 +64,8 @@ def test_upload_files_and_create_a_job(
         "--base-url",
         base_url,
         "--json",
-        env=env(VALID_KEY),
+        key=VALID_KEY,
+        monkeypatch=monkeypatch,
     )
     assert result.returncode == 0, result.stderr
     ids = json.loads(result.stdout)
@@ -74,7 +80,9 @@ def test_upload_files_and_create_a_job(
         "supervised": {"hyperparameters": {"n_epochs": 2}},
     }
     assert ids["job_status"] == "validating_files" and ids["method"] == "supervised"
-    plain = run_cli("upload", str(train), "--base-url", base_url, env=env(VALID_KEY))
+    plain = run_cli(
+        "upload", str(train), "--base-url", base_url, key=VALID_KEY, monkeypatch=monkeypatch
+    )
     assert plain.returncode == 0 and plain.stdout.startswith("training file: file-fake")
 
 
@@ -93,14 +101,18 @@ def test_dpo_files_create_dpo_jobs(fake_openai: tuple[str, Any], tmp_path: Path)
 
 
 def test_auth_failure_is_one_clear_line(
-    fake_openai: tuple[str, Any], files: tuple[Path, Path]
+    fake_openai: tuple[str, Any], files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base_url, _ = fake_openai
-    result = run_cli("upload", str(files[0]), "--base-url", base_url, env=env("sk-wrong-key"))
+    result = run_cli(
+        "upload", str(files[0]), "--base-url", base_url, key="sk-wrong-key", monkeypatch=monkeypatch
+    )
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert "authentication failed (401)" in line and "OPENAI_API_KEY" in line
-    missing = run_cli("upload", str(files[0]), "--base-url", base_url, env=env(None))
+    missing = run_cli(
+        "upload", str(files[0]), "--base-url", base_url, key=None, monkeypatch=monkeypatch
+    )
     assert (
         missing.returncode == 1
         and "no API key" in missing.stderr
@@ -109,7 +121,10 @@ def test_auth_failure_is_one_clear_line(
 
 
 def test_validation_failures_are_reported(
-    fake_openai: tuple[str, Any], files: tuple[Path, Path], tmp_path: Path
+    fake_openai: tuple[str, Any],
+    files: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     base_url, _ = fake_openai
     bad = tmp_path / "bad.jsonl"
@@ -117,7 +132,14 @@ def test_validation_failures_are_reported(
     with pytest.raises(UploadError, match=r"rejected by the API \(400\).*Line 1 has no messages"):
         upload(bad, base_url=base_url, api_key=VALID_KEY)
     result = run_cli(
-        "upload", str(files[0]), "--model", "gpt-2", "--base-url", base_url, env=env(VALID_KEY)
+        "upload",
+        str(files[0]),
+        "--model",
+        "gpt-2",
+        "--base-url",
+        base_url,
+        key=VALID_KEY,
+        monkeypatch=monkeypatch,
     )
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
@@ -125,7 +147,9 @@ def test_validation_failures_are_reported(
         "creating the fine-tuning job: rejected by the API (400): Model gpt-2 is not available"
         in line
     )
-    missing = run_cli("upload", str(tmp_path / "nope.jsonl"), env=env(VALID_KEY))
+    missing = run_cli(
+        "upload", str(tmp_path / "nope.jsonl"), key=VALID_KEY, monkeypatch=monkeypatch
+    )
     assert missing.returncode == 1 and "file not found" in missing.stderr
 
 

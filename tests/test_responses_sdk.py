@@ -1,4 +1,5 @@
-"""Unmodified clients on `/v1/responses` through a real proxy process: the official `openai` SDK
+"""Unmodified clients on `/v1/responses` through the proxy (the app served by uvicorn in a thread,
+real HTTP on loopback): the official `openai` SDK
 (`responses.create`, streamed and not, full resend and `previous_response_id`) and openai-agents
 with its default model (`OpenAIResponsesModel`) and real function tools (`Runner.run`,
 `run_streamed`, `auto_previous_response_id=True`). Each conversation must be one trajectory whose
@@ -31,11 +32,10 @@ from openai import AsyncOpenAI
 from exporter.api import export_samples
 from exporter.options import ExportOptions
 from proxy.storage import Database
-from tests.support.exporter import run_cli
-from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
+from tests.support.inprocess import ThreadedProxy, served_proxy
+from tests.support.inprocess import run_exporter as run_cli
+from tests.support.processes import FakeUpstream
 from tests.support.records import wait_recorded
-
-pytestmark = pytest.mark.e2e
 
 MODEL = "gpt-4.1-mini"
 INSTRUCTIONS = "You plan city trips. Use the tools, then answer in one sentence."
@@ -72,14 +72,14 @@ TOOLS = [
 @pytest.fixture(scope="module")
 def proxy(
     tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream
-) -> Iterator[ProxyServer]:
-    server = launch_proxy(tmp_path_factory.mktemp("responses-sdk"), upstream=fake_upstream.base_url)
+) -> Iterator[ThreadedProxy]:
+    server = served_proxy(tmp_path_factory.mktemp("responses-sdk"), upstream=fake_upstream.base_url)
     yield server
     server.stop()
 
 
 @pytest.fixture(autouse=True)
-def agents_client(proxy: ProxyServer) -> Iterator[None]:
+def agents_client(proxy: ThreadedProxy) -> Iterator[None]:
     """The agents SDK's default client points at the proxy (its default API is Responses)."""
     set_tracing_disabled(True)
     set_default_openai_api("responses")
@@ -89,11 +89,11 @@ def agents_client(proxy: ProxyServer) -> Iterator[None]:
     yield
 
 
-def client(proxy: ProxyServer) -> AsyncOpenAI:
+def client(proxy: ThreadedProxy) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=proxy.base_url, api_key="sk-test-responses", max_retries=0)
 
 
-def trajectory_rows(proxy: ProxyServer, marker: str, calls: int) -> list[dict[str, Any]]:
+def trajectory_rows(proxy: ThreadedProxy, marker: str, calls: int) -> list[dict[str, Any]]:
     """The exchanges whose requests carry `marker`, once `calls` are written; they must form
     one chain of one trajectory of kind `responses`."""
     rows = wait_recorded(proxy.db, lambda rows: any(marker in r["request_json"] for r in rows))
@@ -113,7 +113,7 @@ def trajectory_rows(proxy: ProxyServer, marker: str, calls: int) -> list[dict[st
     return mine
 
 
-async def exported(proxy: ProxyServer, trajectory_id: str) -> dict[str, Any]:
+async def exported(proxy: ThreadedProxy, trajectory_id: str) -> dict[str, Any]:
     database = await Database.open(str(proxy.db))
     try:
         lines, summary = await export_samples(
@@ -143,7 +143,7 @@ def sample_results(sample: dict[str, Any]) -> list[str]:
 
 
 async def sdk_conversation(
-    proxy: ProxyServer, marker: str, *, chained: bool, stream: bool
+    proxy: ThreadedProxy, marker: str, *, chained: bool, stream: bool
 ) -> tuple[list[tuple[str, dict[str, Any]]], list[str], str]:
     """Run a tool loop with `responses.create`; return (calls, results, final text) as seen."""
     openai = client(proxy)
@@ -188,7 +188,7 @@ async def sdk_conversation(
 @pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
 @pytest.mark.parametrize("chained", [False, True], ids=["full_resend", "previous_response_id"])
 async def test_openai_sdk_conversation_is_one_trajectory(
-    proxy: ProxyServer, chained: bool, stream: bool
+    proxy: ThreadedProxy, chained: bool, stream: bool
 ) -> None:
     marker = uuid.uuid4().hex[:8]
     calls, results, final = await sdk_conversation(proxy, marker, chained=chained, stream=stream)
@@ -228,7 +228,9 @@ class TripTools:
 
 
 @pytest.mark.parametrize("mode", ["run", "run_streamed", "auto_previous_response_id"])
-async def test_agent_run_is_one_trajectory_equal_to_the_run(proxy: ProxyServer, mode: str) -> None:
+async def test_agent_run_is_one_trajectory_equal_to_the_run(
+    proxy: ThreadedProxy, mode: str
+) -> None:
     marker = uuid.uuid4().hex[:8]
     tools = TripTools()
     agent: Agent[Any] = Agent(
@@ -269,7 +271,7 @@ async def test_agent_run_is_one_trajectory_equal_to_the_run(proxy: ProxyServer, 
 
 
 async def test_langchain_responses_api_with_bound_tools_is_one_trajectory(
-    proxy: ProxyServer,
+    proxy: ThreadedProxy,
 ) -> None:
     from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
     from langchain_core.tools import tool
@@ -318,7 +320,7 @@ async def test_langchain_responses_api_with_bound_tools_is_one_trajectory(
     assert sample["messages"][-1] == {"role": "assistant", "content": messages[-1].text}
 
 
-async def test_module_export_validates(proxy: ProxyServer, tmp_path: Path) -> None:
+async def test_module_export_validates(proxy: ThreadedProxy, tmp_path: Path) -> None:
     """Runs after the conversations above: add a few so `validate` has its 10 samples."""
     for _ in range(3):
         await sdk_conversation(proxy, uuid.uuid4().hex[:8], chained=True, stream=False)

@@ -4,7 +4,7 @@
 - `processes`: real proxy and fake-upstream processes (signals, journal, replicas, SDK runs).
 - `records`: reading what a proxy recorded in its SQLite file.
 - `scripted`: an in-process upstream with scripted faults.
-- `exporter`: recorded rows written through the storage API, the CLI as a subprocess, samples.
+- `exporter`: recorded rows written through the storage API, an SDK agent loop, expected samples.
 - `evaluation`: the replay-evaluation scenario (trajectories, the candidate's script, the report).
 - `trainer_data`: varied trajectories for the open-trainer tests, chat templates rendered as
   transformers does; `trl_smoke`: the TRL training run (`python -m tests.support.trl_smoke`).

@@ -1,12 +1,11 @@
-"""Helpers for the exporter tests: an agent loop with the official SDK, the CLI as a subprocess,
-rows written through the storage API, and the expected sample computed independently."""
+"""Helpers for the exporter tests: an agent loop with the official SDK, rows written through the
+storage API, and the expected sample computed independently (the CLI itself runs in-process:
+`tests.support.inprocess.run_exporter`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +44,6 @@ TOOLS: list[dict[str, Any]] = [
         },
     },
 ]
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """`python -m exporter ARGS` as a user runs it; returns the finished process (text output)."""
-    return subprocess.run(
-        [sys.executable, "-m", "exporter", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
