@@ -12,6 +12,9 @@ since the proxy's upstream client speaks real HTTP. `ASGITransport` hands over a
 its body is complete, so a stream arrives whole (its SSE chunks unchanged); tests about chunk
 timing or a client that goes away mid-stream need a real server (`tests.support.processes`).
 
+A database URL (PostgreSQL) without a `journal` gets one in the test's directory
+(`journal_beside`), never the proxy's default in the working directory.
+
 `served_proxy(tmp_path, upstream=...)` serves the same app with uvicorn in a thread of this
 process (lifespan run): a real loopback URL for synchronous clients (the `openai` SDK, httpx,
 the demo's agent loop), without starting a process; `.stop()` drains the recorder.
@@ -87,12 +90,22 @@ class InProcessProxy:
         return openai.AsyncOpenAI(base_url=self.base_url, http_client=self.client, **kwargs)
 
 
+def journal_beside(directory: Path, settings: dict[str, Any]) -> None:
+    """Set `settings["journal"]` to a file in `directory` when the database is not a SQLite file
+    and no journal is given: the proxy's default for a database URL is
+    `./understudy-journal.jsonl` in the working directory (the repository, in tests)."""
+    db = str(settings.get("db", ""))
+    if "journal" not in settings and "://" in db and not db.startswith("sqlite"):
+        settings["journal"] = str(directory / "understudy-journal.jsonl")
+
+
 @contextlib.asynccontextmanager
 async def in_process_proxy(directory: Path, **settings: Any) -> AsyncIterator[InProcessProxy]:
     """Build the app from `Settings(**settings)` (`upstream` required; `db` defaults to a new
     SQLite file in `directory`), run its lifespan and yield it with a client; on exit the
     lifespan ends (the recorder drains, the database closes)."""
     settings.setdefault("db", str(directory / "understudy-inprocess.db"))
+    journal_beside(directory, settings)
     config = Settings(**settings)
     app = create_app(config)
     transport = httpx.ASGITransport(app=FastPath(app))
@@ -219,6 +232,7 @@ def served_proxy(
     os.environ.update(process_env)
     port = free_port()
     settings.setdefault("db", str(directory / f"understudy-{port}.db"))
+    journal_beside(directory, settings)
     settings.setdefault("port", port)
     logs = _LogCollector()
     logs.attach()

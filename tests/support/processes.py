@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from proxy.testing.servers import child_env, free_port, start_server
-from tests.support.inprocess import STARTUP_DEADLINE_S
+from tests.support.inprocess import STARTUP_DEADLINE_S, journal_beside
 
 
 @dataclass
@@ -117,10 +117,12 @@ def launch_proxy(
     directory: Path, *, env: dict[str, str] | None = None, **flags: Any
 ) -> ProxyServer:
     """Start `python -m proxy` with `flags` (`upstream` required; `db` defaults to a new file in
-    `directory`) and wait until it answers. The caller stops it."""
+    `directory`; a database URL's journal goes to `directory`) and wait until it answers. The
+    caller stops it."""
     port = free_port()
     db_url = str(flags.pop("db", directory / f"understudy-{port}.db"))
     options = {"port": port, "db": db_url, **flags}
+    journal_beside(directory, options)
     args = ["-m", "proxy"]
     for name, value in options.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
