@@ -16,9 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.exporter import ROOT, read_jsonl
 from tests.support.inprocess import run_exporter as run_cli
 from tests.support.trainer_data import build_db
+
+pytestmark = pytest.mark.e2e  # trains a model in a process
 
 EXPORTS = {
     "hf": ("--format", "hf"),

@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from exporter.api import export_samples
@@ -18,6 +19,9 @@ from proxy.storage import Database
 from proxy.storage.bodies import rebuild_requests
 from proxy.storage.schema import background_responses, conversation_states, exchanges
 from tests.support.replicas import Replicas
+
+# replicas are proxy processes
+pytestmark = pytest.mark.e2e
 
 TOOLS = [
     {"type": "function", "name": "get_weather", "parameters": {"type": "object"}},
