@@ -31,11 +31,31 @@ from proxy.testing.servers import REPOSITORY_ROOT, serve_in_thread
 from tests.support.inprocess import InProcessProxy, ThreadedProxy, in_process_proxy, served_proxy
 from tests.support.postgres import DEFAULT_POSTGRES_URL, POSTGRES_URL_ENV, pg_admin, with_database
 from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy, start_fake_upstream
+from tests.support.scheduling import MODULE_SECONDS_KEY, ModuleTimes, order_heaviest_first
 from tests.support.scripted import ScriptedUpstream, create_scripted_app
 from tests.support.worktree import files_in_working_tree
 
 # Shared fixtures: Chromium (`browser`, `page`) and PostgreSQL replicas (`start_replicas`).
 pytest_plugins = ["tests.support.browser", "tests.support.replicas"]
+
+
+# -- sharing the suite among xdist workers -----------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In an xdist worker: heaviest modules first, by the previous run's times when pytest's
+    cache has them (`tests.support.scheduling`). Every worker reads the same cache and reorders
+    the same items the same way, as xdist requires."""
+    if hasattr(config, "workerinput"):
+        cache = getattr(config, "cache", None)
+        measured = cache.get(MODULE_SECONDS_KEY, {}) if cache is not None else {}
+        order_heaviest_first(items, measured if isinstance(measured, dict) else {})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In the controller: note each module's time for the next run's order."""
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(ModuleTimes(config), "understudy-module-times")
 
 
 # -- the suite leaves nothing behind ---------------------------------------------------------------

@@ -1,11 +1,15 @@
 """The test suite's own rules (issue 10): helpers live in `tests/support/`, no test module imports
 another test module or `tests/conftest.py`, and `tests/` holds nothing but test modules, the
-conftest (fixtures only) and the support package."""
+conftest (fixtures only) and the support package. Also the order xdist gets the modules in."""
 
 from __future__ import annotations
 
 import ast
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from tests.support.scheduling import E2E_SECONDS, order_heaviest_first
 
 TESTS = Path(__file__).resolve().parent
 
@@ -66,3 +70,48 @@ def test_the_conftest_holds_fixtures_and_hooks_only() -> None:
         and not any("fixture" in ast.unparse(d) for d in node.decorator_list)
     ]
     assert plain == []
+
+
+@dataclass
+class FakeItem:
+    """What `order_heaviest_first` reads of a pytest item: its node id and its e2e marker."""
+
+    nodeid: str
+    e2e: bool = False
+
+    def get_closest_marker(self, name: str) -> Any:
+        return object() if name == "e2e" and self.e2e else None
+
+
+def test_modules_go_heaviest_first_and_keep_their_tests_together_in_order() -> None:
+    items: list[Any] = [
+        FakeItem("tests/test_a.py::test_1"),
+        FakeItem("tests/test_b.py::test_1[x]", e2e=True),
+        FakeItem("tests/test_a.py::test_2"),
+        FakeItem("tests/test_b.py::test_1[y]", e2e=True),  # one function: counted once
+        FakeItem("tests/test_c.py::test_1", e2e=True),
+        FakeItem("tests/test_c.py::test_2", e2e=True),
+        FakeItem("tests/test_b.py::test_2"),
+    ]
+    estimated = list(items)
+    order_heaviest_first(estimated, {})
+    assert [i.nodeid for i in estimated] == [
+        "tests/test_c.py::test_1",  # two e2e functions
+        "tests/test_c.py::test_2",
+        "tests/test_b.py::test_1[x]",  # one e2e function
+        "tests/test_b.py::test_1[y]",
+        "tests/test_b.py::test_2",
+        "tests/test_a.py::test_1",
+        "tests/test_a.py::test_2",
+    ]
+    measured = list(items)
+    order_heaviest_first(measured, {"tests/test_a.py": 3 * E2E_SECONDS, "tests/test_c.py": 0.5})
+    assert [module.split("::")[0] for module in [i.nodeid for i in measured]] == [
+        "tests/test_a.py",
+        "tests/test_a.py",
+        "tests/test_b.py",
+        "tests/test_b.py",
+        "tests/test_b.py",
+        "tests/test_c.py",
+        "tests/test_c.py",
+    ]
