@@ -4,7 +4,6 @@ httpx (access rules, CSRF, escaping, curation, charts, export)."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 
 from tests.support.dashboard import TOKEN, by_name, csrf_of, find, record_traffic
 from tests.support.inprocess import ThreadedProxy, run_exporter
-from tests.support.records import recorded_exchanges
+from tests.support.records import recorded_exchanges, recorded_trajectories
 
 StartProxy = Callable[..., ThreadedProxy]
 
@@ -128,11 +127,9 @@ def test_api_label_is_stored(serve_proxy: StartProxy) -> None:
     assert bulk.json() == {"object": "label_result", "updated": len(others)}
 
     proxy.stop()
-    with sqlite3.connect(proxy.db) as conn:
-        row = conn.execute(
-            "SELECT label, tags_json, note, labeled_utc FROM trajectories WHERE id = ?", (tid,)
-        ).fetchone()
-    assert row[:3] == ("approved", '["short", "poem"]', None) and row[3]
+    [row] = recorded_trajectories(proxy.db, tid)
+    assert (row["label"], row["tags_json"], row["note"]) == ("approved", '["short", "poem"]', None)
+    assert row["labeled_utc"]
 
 
 # -- pages ---------------------------------------------------------------------------------------

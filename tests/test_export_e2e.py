@@ -17,6 +17,7 @@ import pytest
 from tests.support.exporter import TOOLS, expected_openai_sample, read_jsonl, run_agent
 from tests.support.inprocess import ThreadedProxy, served_proxy
 from tests.support.inprocess import run_exporter as run_cli
+from tests.support.records import recorded_exchanges, recorded_trajectories
 
 
 def _canonical(sample: dict[str, Any]) -> str:
@@ -206,9 +207,8 @@ def test_stats_counts_what_the_proxy_recorded(recorded: tuple[Path, list[dict[st
     result = run_cli("stats", "--db", str(db), "--json")
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
-    with sqlite3.connect(db) as conn:
-        exchanges = conn.execute("SELECT count(*) FROM exchanges").fetchone()[0]
-        trajectories = conn.execute("SELECT count(*) FROM trajectories").fetchone()[0]
+    exchanges = len(recorded_exchanges(db))
+    trajectories = len(recorded_trajectories(db))
     assert stats["exchanges"] == exchanges and stats["trajectories"] == trajectories == 16
     assert stats["leaves"] == 16 and stats["forked_trajectories"] == 0
     assert stats["by_route"]["student"]["trajectories"] == 16

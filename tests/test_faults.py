@@ -395,8 +395,7 @@ def test_a_lone_surrogate_is_stored_and_blocks_nothing(
     expected = {a.exchange_id for a in neighbours} | {poisoned.headers["x-understudy-exchange-id"]}
     assert expected <= set(stored_ids(db))
     assert not [p.name for p in journal_files(db)]
-    with sqlite3.connect(db) as conn:
-        models = {row[0] for row in conn.execute("SELECT model_requested FROM exchanges")}
+    models = {row["model_requested"] for row in recorded_exchanges(db)}
     assert "gpt-4.1-mini\ufffd" in models
 
 

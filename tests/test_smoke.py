@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 import openai
 import pytest
 
 from tests.support.processes import ProxyServer
+from tests.support.records import recorded_exchanges
 
 pytestmark = pytest.mark.e2e
 
@@ -19,8 +18,7 @@ def test_one_call_is_forwarded_and_recorded(proxy_server: ProxyServer) -> None:
     )
     assert completion.choices[0].message.content == "Answer to 'hi'"
     proxy_server.stop()
-    with sqlite3.connect(proxy_server.db) as conn:
-        rows = conn.execute(
-            "SELECT model_requested, outcome, status_code FROM exchanges"
-        ).fetchall()
-    assert rows == [("gpt-4.1-mini", "ok", 200)]
+    rows = recorded_exchanges(proxy_server.db)
+    assert [(r["model_requested"], r["outcome"], r["status_code"]) for r in rows] == [
+        ("gpt-4.1-mini", "ok", 200)
+    ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from proxy.core.canonical import chain_hash, prefix_hashes
 from proxy.recording.recorder import ExchangeRecord
 from proxy.recording.stitching import Link, Stitcher
 from proxy.storage import Database, StateRef, new_id, utc_now
+from tests.support.records import recorded_exchanges, recorded_trajectories
 
 SYSTEM = {"role": "system", "content": "You are a travel agent."}
 
@@ -199,11 +199,14 @@ async def test_steps_link_through_the_database_after_a_restart(
     finally:
         await reopened.close()
 
-    with sqlite3.connect(tmp_path / "stitch.db") as conn:
-        rows = conn.execute(
-            "SELECT id, parent_id, step, route FROM exchanges ORDER BY step"
-        ).fetchall()
-        traj = conn.execute("SELECT id, exchange_count, route FROM trajectories").fetchall()
+    rows = [
+        (r["id"], r["parent_id"], r["step"], r["route"])
+        for r in recorded_exchanges(tmp_path / "stitch.db")
+    ]
+    traj = [
+        (t["id"], t["exchange_count"], t["route"])
+        for t in recorded_trajectories(tmp_path / "stitch.db")
+    ]
     assert rows == [(r0.id, None, 0, "teacher"), (r1.id, r0.id, 1, "teacher")]
     assert traj == [(r0.trajectory_id, 2, "teacher")]
 

@@ -43,6 +43,13 @@ def recorded_exchanges(db: Path, trajectory_id: str | None = None) -> list[dict[
     return rows
 
 
+def recorded_trajectories(db: Path, trajectory_id: str | None = None) -> list[dict[str, Any]]:
+    """`trajectories` rows (all, or the one of `trajectory_id`), oldest first, as dicts of their
+    columns (`label`, `tags_json`, `exchange_count`, `route`, ...)."""
+    where, params = ("WHERE id = ?", (trajectory_id,)) if trajectory_id else ("", ())
+    return db_rows(db, f"SELECT * FROM trajectories {where} ORDER BY created_utc, id", params)
+
+
 def _json_or_text(value: str | None) -> Any:
     if value is None:
         return None
