@@ -1,4 +1,4 @@
-"""openai-agents through the proxy: an `Agent` with real `@function_tool` Python functions, run by
+"""openai-agents through the proxy (the app served by uvicorn in a thread): an `Agent` with real `@function_tool` Python functions, run by
 `Runner` on `OpenAIChatCompletionsModel` with an `AsyncOpenAI` client whose base_url is the proxy.
 
 The agents SDK builds every request itself (its own converter echoes tool calls and results), so
@@ -31,10 +31,9 @@ from agents import (
 from agents.result import RunResult, RunResultStreaming
 from openai import AsyncOpenAI
 
-from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
+from tests.support.inprocess import ThreadedProxy, served_proxy
+from tests.support.processes import FakeUpstream
 from tests.support.records import db_rows, leaves, path_to, recorded_exchanges, wait_recorded
-
-pytestmark = pytest.mark.e2e
 
 API_KEY = "sk-test-agents"
 MODEL = "gpt-4.1-mini"
@@ -135,7 +134,7 @@ def leaf_tool_results(leaf: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def trajectory_of(proxy: ProxyServer, marker: str, model_calls: int) -> list[dict[str, Any]]:
+def trajectory_of(proxy: ThreadedProxy, marker: str, model_calls: int) -> list[dict[str, Any]]:
     """The exchanges of the one trajectory whose requests carry `marker` (waits until
     `model_calls` of them are written); fails if they are spread over several trajectories."""
     rows = wait_recorded(
@@ -153,7 +152,7 @@ def trajectory_of(proxy: ProxyServer, marker: str, model_calls: int) -> list[dic
 
 
 def assert_single_complete_trajectory(
-    proxy: ProxyServer, marker: str, result: RunResult | RunResultStreaming, model_calls: int
+    proxy: ThreadedProxy, marker: str, result: RunResult | RunResultStreaming, model_calls: int
 ) -> list[dict[str, Any]]:
     assert len(result.raw_responses) == model_calls
     rows = trajectory_of(proxy, marker, model_calls)
@@ -180,15 +179,15 @@ def assert_single_complete_trajectory(
 @pytest.fixture(scope="module")
 def proxy(
     tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream
-) -> Iterator[ProxyServer]:
+) -> Iterator[ThreadedProxy]:
     """One proxy for the agent runs of this module; each run is found by a marker in its input."""
-    server = launch_proxy(tmp_path_factory.mktemp("agents"), upstream=fake_upstream.base_url)
+    server = served_proxy(tmp_path_factory.mktemp("agents"), upstream=fake_upstream.base_url)
     yield server
     server.stop()
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["run", "run_streamed"])
-async def test_agent_run_is_one_complete_trajectory(proxy: ProxyServer, stream: bool) -> None:
+async def test_agent_run_is_one_complete_trajectory(proxy: ThreadedProxy, stream: bool) -> None:
     tools = TripTools()
     marker = f"Plan a day in Paris ({'streamed' if stream else 'plain'} run)"
     async with AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY, max_retries=0) as client:
@@ -203,7 +202,7 @@ async def test_agent_run_is_one_complete_trajectory(proxy: ProxyServer, stream: 
         assert (name, *json.loads(arguments).values()) == call
 
 
-async def test_agent_parallel_tool_calls(proxy: ProxyServer) -> None:
+async def test_agent_parallel_tool_calls(proxy: ThreadedProxy) -> None:
     tools = TripTools()
     marker = "Check weather and museums in parallel for Lyon"
     async with AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY, max_retries=0) as client:
@@ -222,7 +221,7 @@ async def test_agent_parallel_tool_calls(proxy: ProxyServer) -> None:
     assert [row["tool_call_count"] for row in rows] == [2, 1, 0]
 
 
-async def test_agent_second_user_turn_continues_the_trajectory(proxy: ProxyServer) -> None:
+async def test_agent_second_user_turn_continues_the_trajectory(proxy: ThreadedProxy) -> None:
     tools = TripTools()
     marker = "Plan a day in Rome (two turns)"
     async with AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY, max_retries=0) as client:
