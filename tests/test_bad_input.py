@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from tests.support.bodies import whole_requests
 from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
-from tests.support.records import db_rows
+from tests.support.records import db_rows, recorded_ids
 
 pytestmark = pytest.mark.e2e
 
@@ -397,7 +397,7 @@ def wait_recorded(proxy: ProxyServer, ids: set[str], timeout_s: float = 30.0) ->
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            stored = {row["id"] for row in db_rows(proxy.db, "SELECT id FROM exchanges")}
+            stored = set(recorded_ids(proxy.db))
         except sqlite3.OperationalError:  # busy for a moment (a checkpoint): read again
             stored = set()
         if ids <= stored:

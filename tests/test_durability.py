@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
-from tests.support.records import db_rows
+from tests.support.records import db_rows, recorded_ids
 from tests.support.waiting import poll
 
 pytestmark = pytest.mark.e2e
@@ -40,7 +40,7 @@ MODEL = "gpt-4.1-mini"
 
 def stored_ids(db: Path) -> set[str]:
     try:
-        return {row["id"] for row in db_rows(db, "SELECT id FROM exchanges")}
+        return set(recorded_ids(db))
     except sqlite3.OperationalError:  # a writer holds a lock for a moment
         return set()
 
@@ -118,7 +118,7 @@ def test_sigkill_under_load_loses_no_answered_exchange(
         last.stop()
     missing = answered - stored_ids(db)
     assert not missing, f"{len(missing)} of {len(answered)} answered exchanges were lost"
-    ids = [row["id"] for row in db_rows(db, "SELECT id FROM exchanges")]
+    ids = recorded_ids(db)
     assert len(ids) == len(set(ids))
     counted = db_rows(db, "SELECT SUM(exchange_count) AS n FROM trajectories")[0]["n"]
     assert counted == len(ids)

@@ -50,7 +50,7 @@ import pytest
 from proxy.core.sse import StreamAssembler
 from proxy.testing.servers import child_env, free_port, start_server
 from tests.support.processes import FakeUpstream, ProxyServer
-from tests.support.records import db_rows, recorded_exchanges
+from tests.support.records import db_rows, recorded_exchanges, recorded_ids
 from tests.support.waiting import poll
 
 pytestmark = pytest.mark.e2e
@@ -135,7 +135,7 @@ def listening(proxy: ProxyServer) -> bool:
 
 def stored_ids(db: Path) -> list[str]:
     """Exchange ids in the database (readable while the proxy runs: WAL)."""
-    return [row["id"] for row in db_rows(db, "SELECT id FROM exchanges")]
+    return recorded_ids(db)
 
 
 def journal_files(db: Path) -> list[Path]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from pathlib import Path
 
 from proxy.recording.journal import Journal, WriteAhead
 from proxy.recording.recorder import ExchangeRecord, Recorder, trajectory_meta
 from proxy.storage import Database, new_id, utc_now
+from tests.support.records import recorded_ids
 
 
 def _record(text: str) -> ExchangeRecord:
@@ -66,8 +66,7 @@ async def test_journals_of_gone_processes_are_replayed_at_start(tmp_path: Path) 
     await recorder.stop()
     await db.close()
 
-    with sqlite3.connect(db_path) as conn:
-        stored = {row[0] for row in conn.execute("SELECT id FROM exchanges")}
+    stored = set(recorded_ids(db_path))
     assert stored == {record.id for record in records}
     assert recorder.stats["replayed"] == 2
     assert not [path for path in paths if path.exists()]
@@ -88,8 +87,7 @@ async def test_a_live_process_journal_is_left_alone(tmp_path: Path) -> None:
     await recorder.stop()
     await db.close()
 
-    with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM exchanges").fetchone() == (0,)
+    assert recorded_ids(db_path) == []
     assert base.exists()  # its owner replays it
     live.release()
 
@@ -154,7 +152,6 @@ async def test_write_ahead_leftovers_of_a_killed_process_are_replayed_once(tmp_p
         await again.stop()
     finally:
         await db.close()
-    with sqlite3.connect(db_path) as conn:
-        ids = [row[0] for row in conn.execute("SELECT id FROM exchanges")]
+    ids = recorded_ids(db_path)
     assert sorted(ids) == sorted(r.id for r in records)
     assert WriteAhead(base).leftovers() == []

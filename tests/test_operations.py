@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
-from tests.support.records import db_rows
+from tests.support.records import db_rows, recorded_ids
 from tests.support.waiting import poll
 
 pytestmark = pytest.mark.e2e
@@ -209,7 +209,7 @@ def test_backpressure_spills_to_the_journal_and_loses_nothing(
         assert value(scrape(server), "understudy_recorder_records_total", event="spilled") >= 5
 
         def all_stored() -> bool:
-            stored = {r["id"] for r in db_rows(server.db, "SELECT id FROM exchanges")}
+            stored = set(recorded_ids(server.db))
             return ids <= stored and health(server)["journal_bytes"] == 0
 
         poll(all_stored, what="the spilled records to be replayed")
@@ -218,7 +218,7 @@ def test_backpressure_spills_to_the_journal_and_loses_nothing(
         assert stats["replayed"] == stats["spilled"]
     finally:
         server.stop()
-    assert {r["id"] for r in db_rows(server.db, "SELECT id FROM exchanges")} == ids
+    assert set(recorded_ids(server.db)) == ids
 
 
 def test_json_logs_are_one_object_per_line(tmp_path: Path, fake_upstream: FakeUpstream) -> None:

@@ -51,7 +51,7 @@ from proxy.core.sse import StreamAssembler
 from proxy.testing.servers import child_env
 from tests.support.bodies import whole_requests
 from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
-from tests.support.records import db_rows
+from tests.support.records import db_rows, recorded_ids
 
 pytestmark = pytest.mark.e2e
 
@@ -233,7 +233,7 @@ def test_api_keys_and_key_shaped_strings_never_reach_the_disk(
 
 
 def _ids(db: Path) -> set[str]:
-    return {r["id"] for r in db_rows(db, "SELECT id FROM exchanges")}
+    return set(recorded_ids(db))
 
 
 @pytest.fixture(scope="module")

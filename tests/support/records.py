@@ -30,6 +30,12 @@ def db_rows(db: Path, query: str, params: tuple[Any, ...] = ()) -> list[dict[str
         return [dict(row) for row in conn.execute(query, params)]
 
 
+def recorded_ids(db: Path) -> list[str]:
+    """The ids of the exchanges recorded in the SQLite file `db` (cheap: for polling a running
+    proxy; raises sqlite3.OperationalError while a writer holds a lock)."""
+    return [row["id"] for row in db_rows(db, "SELECT id FROM exchanges")]
+
+
 def recorded_exchanges(db: Path, trajectory_id: str | None = None) -> list[dict[str, Any]]:
     """`exchanges` rows by step then time, each *_json column also decoded under a short name
     (`request`, `response`, `error`, `headers`, `metadata`, `usage`; None when NULL, the raw
