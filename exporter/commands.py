@@ -14,15 +14,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
-from exporter import api, report
 from exporter.options import DEFAULT_BASE_MODEL, ExportOptions, OptionsError
-from exporter.tokens import TokenCounter, encoding_name, token_limit
-from exporter.upload import upload
-from exporter.validate_file import validate_lines
+
+if TYPE_CHECKING:  # each command imports what it needs when it runs (the CLI starts faster)
+    from rich.console import Console
 
 PROG = "understudy-export"
 AUTO_WORKERS_FROM = 20_000
@@ -116,6 +113,8 @@ async def _open_db(target: str) -> Any:
 
 
 async def _run_export(args: argparse.Namespace, options: ExportOptions, console: Console) -> int:
+    from exporter import api, report
+
     to_stdout = args.out == "-"
     if to_stdout and options.val_fraction > 0:
         raise CliError("--val-fraction needs files: give --out FILE, not -")
@@ -170,6 +169,8 @@ async def _run_export(args: argparse.Namespace, options: ExportOptions, console:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write one training sample per trajectory leaf (JSONL), filtered, deduplicated, split."""
+    from rich.console import Console
+
     options = _options(args)
     console = Console(stderr=args.out == "-")
     return asyncio.run(_run_export(args, options, console))
@@ -180,6 +181,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a training file against the format's rules; errors by line, token statistics."""
+    from rich.console import Console
+
+    from exporter import report
+    from exporter.tokens import TokenCounter, encoding_name, token_limit
+    from exporter.validate_file import validate_lines
+
     path = Path(args.file)
     if not path.is_file():
         raise CliError(f"file not found: {path}")
@@ -248,6 +255,10 @@ async def _stats(target: str) -> dict[str, Any]:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Show what was recorded: exchanges, trajectories, routes, models, tool calls, tokens, errors."""
+    from rich.console import Console
+
+    from exporter import report
+
     stats = asyncio.run(_stats(args.db))
     if args.json:
         print(json.dumps(stats))
@@ -263,6 +274,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_upload(args: argparse.Namespace) -> int:
     """Upload a training file (purpose fine-tune) and optionally start a fine-tuning job."""
+    from exporter.upload import upload
+
     path = Path(args.file)
     validation = Path(args.validation_file) if args.validation_file else None
     for file_path in (path, validation):

@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.api import SampleBuilder, _json_line, _may_hold_non_finite
+from exporter.building import SampleBuilder
+from exporter.building import json_line as _json_line
+from exporter.building import may_hold_non_finite as _may_hold_non_finite
 from exporter.options import ExportOptions
 
 
