@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -36,7 +36,7 @@ from exporter.samples import (
     without_tool_descriptions,
 )
 from exporter.tokens import TokenCounter, encoding_name
-from proxy.core.fastjson import loads
+from proxy.core.fastjson import loads, loads_checked
 
 __all__ = ["Built", "SampleBuilder", "ToolsCache", "json_line", "line_key"]
 
@@ -88,12 +88,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def may_hold_non_finite(*texts: str | None) -> bool:
-    """Whether stored JSON texts may hold NaN or an infinity (the standard library reads the
-    `NaN` / `Infinity` literals; orjson would write them back as null)."""
-    return any(t is not None and ("NaN" in t or "Infinity" in t) for t in texts)
-
-
 def line_key(line: str) -> int:
     """The duplicate check's key of a JSON line: its 64-bit BLAKE2b hash, as an int."""
     return int.from_bytes(hashlib.blake2b(line.encode(), digest_size=8).digest(), "big")
@@ -123,13 +117,11 @@ def _line_with_tools(
 
 @dataclass(frozen=True)
 class _Tools:
-    """One distinct tool list in training form: `normalized` (`messages.normalize_tools`),
-    `final` (descriptions stripped when the options say so, else `normalized`) and `final`'s
-    compact JSON (None when empty)."""
+    """One distinct tool list in training form: `tools` (`messages.normalize_tools`, descriptions
+    stripped when the options say so) and their compact JSON (None when empty)."""
 
-    normalized: list[dict[str, Any]]
-    final: list[dict[str, Any]]
-    final_json: str | None
+    tools: list[dict[str, Any]]
+    tools_json: str | None
 
 
 class ToolsCache:
@@ -160,8 +152,8 @@ class ToolsCache:
                 normalized = normalize_tools(request)
             except Rejected:
                 return None
-            final = without_tool_descriptions(normalized) if self.strip_descriptions else normalized
-            entry = _Tools(normalized, final, json_line(final) if final else None)
+            tools = without_tool_descriptions(normalized) if self.strip_descriptions else normalized
+            entry = _Tools(tools, json_line(tools) if tools else None)
             if len(self._entries) >= self.capacity:
                 self._entries.clear()
             self._entries[key] = entry
@@ -210,18 +202,22 @@ class SampleBuilder:
         options = self.options
         if row.get("rejected"):  # a Responses row with no faithful chat form (exporter.reader)
             raise Rejected(*row["rejected"])
+        # fast: every stored text is strict JSON (no NaN or infinity in the values), so lines
+        # may be written by orjson (`json_line`).
         try:
-            request = loads(row["request_json"])
-            response = loads(row["response_json"]) if row.get("response_json") else None
-            shadow = loads(row["shadow_response_json"]) if row.get("shadow_response_json") else None
+            request, fast = loads_checked(row["request_json"])
+            response = shadow = None
+            if row.get("response_json"):
+                response, strict = loads_checked(row["response_json"])
+                fast = fast and strict
+            if row.get("shadow_response_json"):
+                shadow, strict = loads_checked(row["shadow_response_json"])
+                fast = fast and strict
             tags = loads(row["trajectory_tags_json"]) if row.get("trajectory_tags_json") else []
         except (ValueError, TypeError):
             raise Rejected("unreadable", "stored JSON does not decode") from None
         if not isinstance(request, dict):
             raise Rejected("unreadable", "the request is not a JSON object")
-        fast = not may_hold_non_finite(
-            row["request_json"], row.get("response_json"), row.get("shadow_response_json")
-        )
         if options.tags and not (isinstance(tags, list) and all(t in tags for t in options.tags)):
             raise Rejected("missing_tag", "the trajectory lacks a --tag")
         if options.preference:
@@ -254,7 +250,7 @@ class SampleBuilder:
             response,
             require_final_answer=not options.include_incomplete,
             outcome=row.get("outcome") or "ok",
-            tools=cached.normalized if cached is not None else None,
+            tools=cached.tools if cached is not None else None,
         )
         if conversation.tool_call_count < options.min_tool_calls:
             raise Rejected("below_min_tool_calls", f"{conversation.tool_call_count} tool calls")
@@ -265,10 +261,7 @@ class SampleBuilder:
             drop_system=options.drop_system,
             strip_tool_descriptions=options.strip_tool_descriptions and cached is None,
         )
-        tools_json = None
-        if cached is not None:
-            conversation = replace(conversation, tools=cached.final)
-            tools_json = cached.final_json
+        tools_json = cached.tools_json if cached is not None else None
         assert self._render is not None
         line, tools_json = _line_with_tools(
             self._render(conversation), conversation.tools, fast, tools_json

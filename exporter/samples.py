@@ -176,8 +176,9 @@ def build_conversation(
     an answer cut short (length, content filter) or without text is left out and named in
     `Conversation.cut`, and the conversation ends at its last assistant message (trailing user
     and tool messages are left out). Raises Rejected for anything the training format cannot
-    hold (see the module docstring). tools: `normalize_tools(request)` when the caller has it
-    already (the exporter keeps it per distinct tool list; never mutated here).
+    hold (see the module docstring). tools: the request's tools in training form when the caller
+    has them already (`normalize_tools(request)`, descriptions possibly stripped: the exporter
+    keeps them per distinct tool list); never mutated.
     """
     raw_messages = request.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
