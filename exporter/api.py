@@ -24,7 +24,14 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from exporter.building import Built, SampleBuilder, build_in_worker, init_worker
+from exporter.building import (
+    Built,
+    SampleBuilder,
+    build_in_worker,
+    init_worker,
+    slim_row,
+    worker_ready,
+)
 from exporter.options import ExportOptions, ExportSummary, trainer_notes
 from exporter.reader import read_batches
 from exporter.tokens import encoding_name
@@ -145,26 +152,37 @@ async def write_export(
             initializer=init_worker,
             initargs=(options,),
         )
+        # Every worker starts now (one per submit) and loads its tokenizer while the first
+        # batches are read, instead of after the first batch.
+        for _ in range(options.workers):
+            executor.submit(worker_ready)
         build: Callable[[list[dict[str, Any]]], list[Built]] = build_in_worker
+        ahead = 3 * options.workers
     else:
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         build = SampleBuilder(options).build
+        ahead = 2
     in_flight: collections.deque[tuple[list[dict[str, Any]], asyncio.Future[list[Built]]]]
     in_flight = collections.deque()
 
     def write(rows: list[dict[str, Any]], built: list[Built]) -> None:
-        for to_valid, line in collector.collect(rows, built):
-            target = valid if to_valid and valid is not None else train
-            target.write(line)
-            target.write("\n")
+        lines = collector.collect(rows, built)
+        if valid is None:
+            if lines:
+                train.write("".join([f"{line}\n" for _, line in lines]))
+        else:
+            for to_valid, line in lines:
+                (valid if to_valid else train).write(f"{line}\n")
         if on_progress is not None:
             on_progress(len(rows))
 
     try:
-        # Batches are built ahead (two per worker) while the next ones are read.
+        # Batches are built ahead (`ahead` of them) while the next ones are read; a process
+        # gets only the columns it builds from (`BUILD_KEYS`), which pickle faster.
         async for rows in read_batches(db, options):
-            in_flight.append((rows, loop.run_in_executor(executor, build, rows)))
-            if len(in_flight) > 2 * max(options.workers, 1):
+            work = rows if options.workers <= 1 else [slim_row(row) for row in rows]
+            in_flight.append((rows, loop.run_in_executor(executor, build, work)))
+            if len(in_flight) > ahead:
                 done_rows, future = in_flight.popleft()
                 write(done_rows, await future)
                 if collector.full:
@@ -183,14 +201,14 @@ async def write_export(
 
 
 class _Lines:
-    """A minimal text sink that keeps each written line (for `export_samples`)."""
+    """A minimal text sink that keeps each written line (for `export_samples`): texts of whole
+    lines, each ending with `\\n` (JSON lines hold no raw newline)."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
 
     def write(self, text: str) -> int:
-        if text != "\n":
-            self.lines.append(text)
+        self.lines.extend(text.split("\n")[:-1])
         return len(text)
 
 

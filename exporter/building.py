@@ -38,7 +38,15 @@ from exporter.samples import (
 from exporter.tokens import TokenCounter, encoding_name
 from proxy.core.fastjson import loads, loads_checked
 
-__all__ = ["Built", "SampleBuilder", "ToolsCache", "json_line", "line_key"]
+__all__ = [
+    "BUILD_KEYS",
+    "Built",
+    "SampleBuilder",
+    "ToolsCache",
+    "json_line",
+    "line_key",
+    "slim_row",
+]
 
 # Every digit mapped to 0: orjson's output may hold a float where a digit is followed by a
 # point or an exponent (its text can differ from Python's: 1e-05 vs 0.00001). A translation
@@ -269,6 +277,23 @@ class SampleBuilder:
         return line, conversation.messages, tools_json, conversation.cut
 
 
+BUILD_KEYS: Final = (
+    "id",
+    "rejected",
+    "request_json",
+    "response_json",
+    "shadow_response_json",
+    "trajectory_tags_json",
+    "outcome",
+)
+"""The row keys `SampleBuilder.build` reads."""
+
+
+def slim_row(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with only the keys `SampleBuilder.build` reads (what a worker process is sent)."""
+    return {key: row[key] for key in BUILD_KEYS if key in row}
+
+
 _worker_builder: SampleBuilder | None = None
 
 
@@ -276,6 +301,11 @@ def init_worker(options: ExportOptions) -> None:
     """Process-pool initializer: this process's `SampleBuilder`."""
     global _worker_builder
     _worker_builder = SampleBuilder(options)
+
+
+def worker_ready() -> None:
+    """A no-op task: submitting one per worker starts the pool's processes (and their
+    `init_worker`) at once."""
 
 
 def build_in_worker(rows: list[dict[str, Any]]) -> list[Built]:
