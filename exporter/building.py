@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -49,16 +50,16 @@ __all__ = [
 ]
 
 # Every digit mapped to 0: orjson's output may hold a float where a digit is followed by a
-# point or an exponent (its text can differ from Python's: 1e-05 vs 0.00001). A translation
-# and three substring searches are several times cheaper than a regular expression.
+# point or an exponent (its text can differ from Python's: 1e-05 vs 0.00001). A translation and
+# a search for a literal-led pattern are several times cheaper than searching `[0-9][.eE]`.
 _DIGITS_AS_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
+_ZERO_THEN_POINT: Final = re.compile(rb"0[.eE]")
 
 
 def _may_hold_float(data: bytes) -> bool:
     """Whether orjson's output `data` has a digit followed by `.`, `e` or `E` (a float, or
     such text inside a string: then the standard library writes the line, as for a float)."""
-    zeroed = data.translate(_DIGITS_AS_ZERO)
-    return b"0." in zeroed or b"0e" in zeroed or b"0E" in zeroed
+    return _ZERO_THEN_POINT.search(data.translate(_DIGITS_AS_ZERO)) is not None
 
 
 def json_line(record: Any, fast: bool = True) -> str:
