@@ -4,8 +4,8 @@
     lines, summary = await export_samples(db, options)                  # in memory, one list
 
 Per row: decode -> filter -> build the sample (`exporter.samples`, or `formats.dpo.build_pair`)
--> render in the chosen format -> count tokens (`SampleBuilder`, in a worker) -> drop duplicates
--> drop samples over the limit -> assign train/valid by a hash of the trajectory id
+-> render in the chosen format -> count tokens (`exporter.building.SampleBuilder`, in a worker)
+-> drop duplicates -> drop samples over the limit -> assign train/valid by a hash of the trajectory id
 (`SampleCollector`, in order). Rows are read in batches through a server-side cursor; batches are
 built in a worker thread (or `options.workers` processes) a few ahead of the writer, so memory
 stays constant (except the duplicate check: 8 bytes of hash per written sample, ~70 bytes with
