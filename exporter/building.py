@@ -15,6 +15,7 @@ prompt counted once (`exporter.tokens.TokenCounter`).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -302,6 +303,7 @@ def init_worker(options: ExportOptions) -> None:
     """Process-pool initializer: this process's `SampleBuilder`."""
     global _worker_builder
     _worker_builder = SampleBuilder(options)
+    gc.freeze()  # the tokenizer's tables live as long as the process: no collector pass scans them
 
 
 def worker_ready() -> None:
