@@ -8,8 +8,9 @@ a shared system prompt and 5 tools, a user question, two tool-calling steps (a t
 two parallel calls) and a final answer, so 3 exchanges per trajectory and one leaf each. Then it
 times `python -m exporter export` (the real CLI, as a subprocess, tokens counted, duplicates
 checked) and `validate` on the output, and prints one JSON line with the numbers: wall-clock
-rate beside issue 13's floor (20,000 samples/s), and the export's own CPU time (process and
-workers), the steadier figure on a shared machine.
+rate beside issue 13's floor (20,000 samples/s), the export's own CPU time (process and
+workers), the steadier figure on a shared machine, and its largest resident set; then one line
+for people: the rate, PASS or MISS against the floor, the load average.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import random
 import resource
 import subprocess
@@ -205,6 +207,11 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _children_max_rss_mb() -> float:
+    """The largest resident set of any finished child so far (Linux: ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
 def timed(*args: str) -> tuple[float, float, subprocess.CompletedProcess[str]]:
     """(wall seconds, CPU seconds of the exporter process and its workers, the result)."""
     cpu = _children_cpu_s()
@@ -232,7 +239,9 @@ def main() -> None:
     if result.returncode != 0:
         sys.exit(f"export failed: {result.stderr.strip()}")
     summary = json.loads(result.stdout)
+    export_rss_mb = _children_max_rss_mb()  # the export and its workers (validate runs next)
     validate_s, _, checked = timed("validate", str(out), "--json")
+    rate = summary["written"] / export_s
     print(
         json.dumps(
             {
@@ -242,10 +251,11 @@ def main() -> None:
                 "export_s": round(export_s, 2),
                 "export_pipeline_s": summary["seconds"],
                 "export_cpu_s": round(export_cpu_s, 2),
-                "samples_per_s": round(summary["written"] / export_s),
+                "export_max_rss_mb": round(export_rss_mb, 1),
+                "samples_per_s": round(rate),
                 "samples_per_cpu_s": round(summary["written"] / export_cpu_s),
                 "target_samples_per_s": TARGET_SAMPLES_PER_S,
-                "pass": summary["written"] / export_s >= TARGET_SAMPLES_PER_S,
+                "pass": rate >= TARGET_SAMPLES_PER_S,
                 "written": summary["written"],
                 "dropped": summary["dropped"],
                 "tokens": summary["tokens"],
@@ -254,6 +264,12 @@ def main() -> None:
                 "valid": json.loads(checked.stdout)["valid"] if checked.stdout else False,
             }
         )
+    )
+    print(
+        f"export: {summary['written']:,} samples in {export_s:.2f} s = {rate:,.0f} samples/s "
+        f"({summary['written'] / export_cpu_s:,.0f} per CPU second), "
+        f"{'PASS' if rate >= TARGET_SAMPLES_PER_S else 'MISS'} against {TARGET_SAMPLES_PER_S:,}/s; "
+        f"max RSS {export_rss_mb:.0f} MB; load average {os.getloadavg()[0]:.1f}"
     )
 
 

@@ -11,6 +11,8 @@ import json
 import re
 from typing import Any
 
+import orjson
+
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 """Function and message names OpenAI accepts."""
 
@@ -109,9 +111,12 @@ def arguments_string(arguments: Any, where: str) -> str:
     if not isinstance(arguments, str):
         raise Rejected("invalid_arguments", f"{where} arguments are a {type(arguments).__name__}")
     try:
-        parsed = json.loads(arguments)
-    except ValueError:
-        raise Rejected("invalid_arguments", f"{where} arguments are not valid JSON") from None
+        parsed = orjson.loads(arguments)  # what orjson reads, the standard library reads alike
+    except orjson.JSONDecodeError:
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            raise Rejected("invalid_arguments", f"{where} arguments are not valid JSON") from None
     if not isinstance(parsed, dict):
         raise Rejected("invalid_arguments", f"{where} arguments are not a JSON object")
     return arguments

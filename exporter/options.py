@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter.formats import FORMATS, PREFERENCE_FORMATS, TRAIN_ON_SUPPORT
 from exporter.samples import TRAIN_ON_CHOICES
 from exporter.tokens import token_limit, training_price
-from proxy.storage.filters import TrajectoryFilter
+
+if TYPE_CHECKING:  # an annotation only: sample-building processes need not load the storage
+    from proxy.storage.filters import TrajectoryFilter
 
 LEAVES_CHOICES = ("all", "longest")
 ROUTE_CHOICES = ("any", "student", "teacher")

@@ -162,6 +162,7 @@ def build_conversation(
     *,
     require_final_answer: bool = True,
     outcome: str = "ok",
+    tools: list[dict[str, Any]] | None = None,
 ) -> Conversation:
     """The training conversation of one leaf: its request messages plus its response message.
 
@@ -175,7 +176,9 @@ def build_conversation(
     an answer cut short (length, content filter) or without text is left out and named in
     `Conversation.cut`, and the conversation ends at its last assistant message (trailing user
     and tool messages are left out). Raises Rejected for anything the training format cannot
-    hold (see the module docstring).
+    hold (see the module docstring). tools: the request's tools in training form when the caller
+    has them already (`normalize_tools(request)`, descriptions possibly stripped: the exporter
+    keeps them per distinct tool list); never mutated.
     """
     raw_messages = request.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
@@ -204,7 +207,8 @@ def build_conversation(
             cut or "no_assistant_message", "the conversation has no assistant message to train"
         )
     pair_and_renumber(messages)
-    tools = normalize_tools(request)
+    if tools is None:
+        tools = normalize_tools(request)
     declared = {t["function"]["name"] for t in tools}
     for message in messages:
         for call in message.get("tool_calls") or ():

@@ -7,6 +7,35 @@ with confidence intervals, latency, tokens and cost. Modules: `compare` and `met
 `selection` (which steps), `replay` (the resumable run), `command` (the CLI), `report` (rich).
 """
 
-from exporter.evaluation.replay import EvalConfig, EvalError, EvalResult, run_evaluation
+from __future__ import annotations
 
-__all__ = ["EvalConfig", "EvalError", "EvalResult", "run_evaluation"]
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from exporter.evaluation.replay import EvalConfig, EvalError, EvalResult, run_evaluation
+
+__all__ = [
+    "REFERENCE_CHOICES",
+    "SPLIT_CHOICES",
+    "EvalConfig",
+    "EvalError",
+    "EvalResult",
+    "run_evaluation",
+]
+
+SPLIT_CHOICES = ("valid", "all")
+"""`--split`: the export's validation trajectories, or every trajectory the filters select."""
+REFERENCE_CHOICES = ("teacher", "student", "any")
+"""`--reference`: which recorded answers the candidate's are compared with."""
+
+_REPLAY_NAMES = frozenset({"EvalConfig", "EvalError", "EvalResult", "run_evaluation"})
+
+
+def __getattr__(name: str) -> Any:
+    """The replay API, imported on first use: it loads the openai SDK, which `understudy-export`
+    needs only for `eval` (the CLI imports this package to build its parser)."""
+    if name in _REPLAY_NAMES:
+        from exporter.evaluation import replay
+
+        return getattr(replay, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,14 +17,10 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Any
 
 from exporter.commands import CliError, one_line
-from exporter.evaluation.replay import EvalConfig, EvalError, run_evaluation
-from exporter.evaluation.report import eval_progress, per_tool_table, summary_table
-from exporter.evaluation.selection import REFERENCE_CHOICES, SPLIT_CHOICES
+from exporter.evaluation import REFERENCE_CHOICES, SPLIT_CHOICES
 from exporter.options import (
     DEFAULT_LABELS,
     LABEL_CHOICES,
@@ -33,6 +29,11 @@ from exporter.options import (
     ExportOptions,
     OptionsError,
 )
+
+if TYPE_CHECKING:  # the replay (openai SDK) and rich load when `eval` runs, not with the CLI
+    from rich.console import Console
+
+    from exporter.evaluation.replay import EvalConfig
 
 IntType = Callable[[str], int]
 
@@ -126,6 +127,8 @@ def add_eval_parser(
 
 
 def _config(args: argparse.Namespace) -> EvalConfig:
+    from exporter.evaluation.replay import EvalConfig
+
     options = ExportOptions(
         leaves=args.leaves,
         route=args.route,
@@ -164,6 +167,8 @@ def _config(args: argparse.Namespace) -> EvalConfig:
 
 
 async def _run(args: argparse.Namespace, config: EvalConfig, console: Console) -> dict[str, Any]:
+    from exporter.evaluation.replay import EvalError, run_evaluation
+    from exporter.evaluation.report import eval_progress
     from proxy.storage import Database, DatabaseError
 
     try:
@@ -189,6 +194,10 @@ async def _run(args: argparse.Namespace, config: EvalConfig, console: Console) -
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Replay held-out trajectories against a candidate model; tool-call agreement with the reference."""
+    from rich.console import Console
+
+    from exporter.evaluation.report import per_tool_table, summary_table
+
     try:
         config = _config(args)
     except OptionsError as exc:

@@ -19,14 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from exporter.api import SampleBuilder, in_validation
+from exporter.evaluation import REFERENCE_CHOICES, SPLIT_CHOICES
 from exporter.options import ExportOptions
 from exporter.reader import read_batches
 from proxy.core.canonical import response_message
 from proxy.storage import Database
 from proxy.storage.evaluations import steps_of
-
-SPLIT_CHOICES = ("valid", "all")
-REFERENCE_CHOICES = ("teacher", "student", "any")
 
 # Request fields never replayed: the candidate answers once, in one JSON body, and nothing of
 # the recording (metadata with the trajectory id, stored completions) leaks into its call.

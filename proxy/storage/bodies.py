@@ -9,8 +9,8 @@ references in `request_refs_json` and, when its items start with its parent's, t
 Reading (`rebuild_requests`, the one entry point every reader goes through): rows that carry
 `request_json`, `request_base_id` and `request_refs_json` (`REQUEST_COLUMNS`) get the whole body
 back in `request_json`, JSON-equal to what the client sent. One recursive query fetches the
-reference lists of every base exchange the rows need and one query per 2,000 hashes fetches the
-parts: never a query per message. Rows written before migration 003 and not yet converted
+reference lists of every base exchange the rows need and one query fetches the parts (ids and
+hashes bound as one JSON array each): never a query per message. Rows written before migration 003 and not yet converted
 (`request_refs_json` NULL) and rows with nothing cut (`{}`) already hold the whole body.
 
 Texts are made safe for both databases here too (`nul_safe_row`): PostgreSQL refuses the NUL
@@ -21,6 +21,7 @@ instead: the exact value stays in the body.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -28,7 +29,18 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
-from sqlalchemy import Boolean, ColumnElement, bindparam, literal, select
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    ColumnElement,
+    Select,
+    String,
+    bindparam,
+    cast,
+    func,
+    literal,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.compiler import compiles
 
@@ -52,8 +64,8 @@ REQUEST_COLUMNS: Final = (
 )
 """The columns a query must select for `rebuild_requests` to give the whole body back."""
 
-LOOKUP_CHUNK: Final = 2000
-"""Most ids or hashes sent in one lookup statement."""
+LOOKUP_CHUNK: Final = 10_000
+"""Most ids or hashes sent in one lookup statement (as one JSON array parameter)."""
 
 WHOLE: Final = "{}"
 """`request_refs_json` of a row whose `request_json` is the whole body (nothing was cut)."""
@@ -194,26 +206,58 @@ def _refs_of(text: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and value else None
 
 
+def _json_array_values(name: str, dialect: str) -> Select[Any]:
+    """`SELECT value` of the strings in the JSON array text bound as `name`: one parameter
+    however many strings, so the statement is compiled once and cached (an expanding IN list
+    renders one placeholder per value at every execution). `json_each` on SQLite,
+    `json_array_elements_text` on PostgreSQL."""
+    param = bindparam(name, type_=String())
+    if dialect == "postgresql":
+        values = (
+            func.json_array_elements_text(cast(param, JSON)).table_valued("value").render_derived()
+        )
+    else:
+        values = func.json_each(param).table_valued("value")
+    return select(values.c.value)
+
+
+@functools.cache
+def _lookups(dialect: str) -> tuple[Select[Any], Select[Any]]:
+    """The two read statements of `rebuild_requests` for a dialect, built once: (the recursive
+    chain of base exchanges of the ids bound as `ids`: `(id, request_base_id,
+    request_refs_json)` rows; the parts of the hashes bound as `hashes`: `(hash, body_json)`)."""
+    e = exchanges.c
+    seed = select(e.id, e.request_base_id, e.request_refs_json).where(
+        e.id.in_(_json_array_values("ids", dialect))
+    )
+    chain = seed.cte("chain", recursive=True)
+    ancestor = exchanges.alias("ancestor")
+    chain = chain.union(
+        select(ancestor.c.id, ancestor.c.request_base_id, ancestor.c.request_refs_json).where(
+            ancestor.c.id == chain.c.request_base_id
+        )
+    )
+    parts = select(blobs.c.hash, blobs.c.body_json).where(
+        blobs.c.hash.in_(_json_array_values("hashes", dialect))
+    )
+    return select(chain), parts
+
+
+def _json_array(values: list[str]) -> str:
+    return orjson.dumps(values).decode()
+
+
 async def _ancestors(
     conn: AsyncConnection, base_ids: Sequence[str]
 ) -> dict[str, tuple[str | None, dict[str, Any] | None]]:
     """id -> (request_base_id, refs) of `base_ids` and of every exchange their chains name (one
     recursive query per LOOKUP_CHUNK ids)."""
-    e = exchanges.c
+    query = _lookups(conn.dialect.name)[0]
     found: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
     for part in _chunks(base_ids):
-        seed = select(e.id, e.request_base_id, e.request_refs_json).where(
-            e.id.in_(bindparam("ids", expanding=True))
-        )
-        chain = seed.cte("chain", recursive=True)
-        ancestor = exchanges.alias("ancestor")
-        chain = chain.union(
-            select(ancestor.c.id, ancestor.c.request_base_id, ancestor.c.request_refs_json).where(
-                ancestor.c.id == chain.c.request_base_id
-            )
-        )
         # .all(): one fetchall, not a fetchone per row through the async adapter
-        for exchange_id, base_id, refs in (await conn.execute(select(chain), {"ids": part})).all():
+        result = await conn.execute(query, {"ids": _json_array(part)})
+        for exchange_id, base_id, refs in result.all():
             found[exchange_id] = (base_id, _refs_of(refs))
     return found
 
@@ -249,14 +293,10 @@ def item_lists(
 
 
 async def _blob_texts(conn: AsyncConnection, hashes: Iterable[str]) -> dict[str, str]:
-    wanted = sorted(set(hashes))
+    query = _lookups(conn.dialect.name)[1]
     found: dict[str, str] = {}
-    query = select(blobs.c.hash, blobs.c.body_json).where(
-        blobs.c.hash.in_(bindparam("hashes", expanding=True))
-    )
-    for part in _chunks(wanted):
-        for blob_hash, text in (await conn.execute(query, {"hashes": part})).all():
-            found[blob_hash] = text
+    for part in _chunks(sorted(set(hashes))):
+        found.update((await conn.execute(query, {"hashes": _json_array(part)})).all())
     return found
 
 
@@ -267,10 +307,12 @@ async def rebuild_requests(
     `request_json`, in place; drop the `request_base_id` and `request_refs_json` keys. Returns
     `rows`.
 
-    A body whose parts are missing (a damaged database) keeps its options (the array and tools
-    `null`) and is logged; nothing raises for one bad row.
+    Two kinds of statements per call, whatever the number of rows (one per LOOKUP_CHUNK ids or
+    hashes): the chains of base exchanges, then the parts. A body whose parts are missing (a
+    damaged database) keeps its options (the array and tools `null`) and is logged; nothing
+    raises for one bad row.
     """
-    cut: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    cut: list[tuple[dict[str, Any], dict[str, Any], str | None]] = []
     for row in rows:
         refs_text = row.pop("request_refs_json", None)
         base_id = row.pop("request_base_id", None)
@@ -280,26 +322,25 @@ async def rebuild_requests(
             log.warning("exchange %s: unreadable request references", row.get("id"))
             continue
         if refs is not None:
-            cut.append((row, {**refs, "_base": base_id}))
+            cut.append((row, refs, base_id))
     if not cut:
         return rows
-    bases = sorted({refs["_base"] for _, refs in cut if refs["_base"] is not None})
-    chains = await _ancestors(conn, bases) if bases else {}
-    lists = item_lists(chains)
+    bases = sorted({base_id for _, _, base_id in cut if base_id is not None})
+    lists = item_lists(await _ancestors(conn, bases)) if bases else {}
     wanted: set[str] = set()
     items_of: list[list[str] | None] = []
-    for _row, refs in cut:
+    for _row, refs, base_id in cut:
         items: list[str] | None = None
         if "items" in refs:
-            base = refs["_base"]
-            prefix = lists.get(base) if base is not None else []
-            items = None if prefix is None else prefix + list(refs["items"])
-            wanted.update(items or ())
+            prefix = lists.get(base_id) if base_id is not None else []
+            items = None if prefix is None else [*prefix, *refs["items"]]
+            if items:
+                wanted.update(items)
         if "tools" in refs:
             wanted.add(refs["tools"])
         items_of.append(items)
     texts = await _blob_texts(conn, wanted)
-    for (row, refs), items in zip(cut, items_of, strict=True):
+    for (row, refs, _base_id), items in zip(cut, items_of, strict=True):
         try:
             item_texts = [texts[h] for h in items] if items is not None else None
             tools_text = texts.get(refs["tools"]) if "tools" in refs else None

@@ -257,8 +257,9 @@ class Database(RequestPathStates, RecorderWrites):
         on a second connection, so the cursor's own stays in its portal)."""
         async with self.engine.connect() as conn:
             result = await conn.stream(query.execution_options(yield_per=batch))
-            async for partition in result.mappings().partitions(batch):
-                rows = [dict(row) for row in partition]
+            keys = list(map(str, result.keys()))  # plain str: rows pickle without SQLAlchemy
+            async for partition in result.partitions(batch):
+                rows = [dict(zip(keys, row, strict=True)) for row in partition]
                 if rows and "request_refs_json" in rows[0]:
                     async with self.engine.connect() as lookup:
                         await rebuild_requests(lookup, rows)
