@@ -138,6 +138,16 @@ migrations_table = Table(
     Column("applied_utc", Text, nullable=False),
 )
 
+# Rewrites of old rows that run after a migration, batch by batch (migration 008): where each got
+# to (`after_id`: the last exchange id done, in id order) and when it finished.
+conversions = Table(
+    "understudy_conversions",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("after_id", Text),
+    Column("finished_utc", Text),
+)
+
 # Replay evaluation runs (`understudy-export eval`): one row per run; never the candidate's key.
 eval_runs = Table(
     "eval_runs",
