@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 
 from proxy.core.canonical import chain_hash, prefix_hashes
-from proxy.core.packing import PACKED_V1, pack_text, unpack_text
+from proxy.core.packing import PACKED_HEX, PACKED_V1, pack_text, unpack_text
 from proxy.recording.recorder import ExchangeRecord
 from proxy.storage import Database, new_id
-from proxy.storage.bodies import PACKED_COLUMNS, BodyWriter
+from proxy.storage.bodies import PACKED_COLUMNS, USAGE_OF_RESPONSE, BodyWriter
 from proxy.storage.browse import TrajectoryFilter, chart_rows, list_trajectories
 from proxy.storage.engine import create_engines, database_url
 from proxy.storage.migrations import MIGRATIONS
@@ -173,13 +173,22 @@ def test_a_packed_text_unpacks_to_exactly_the_text() -> None:
         json.dumps(json.loads(pretty)),
         json.dumps({"text": "é" * 500, "n": 1e-7, "big": 10**30}, ensure_ascii=False),
         "not json at all, but long enough to be packed: " * 3,
-        "12345678901234567890123456789012345678901234567890",
+        "12345678901234567890123456789012345678901234567890 digits, then words",
     ]
     for sample in samples:
         packed = pack_text(sample)
         assert isinstance(packed, bytes) and packed[0] == PACKED_V1
         assert unpack_text(packed) == sample
     assert len(pack_text(pretty)) < len(pretty) / 4  # the envelope is in the dictionary
+
+
+def test_a_hash_is_stored_as_the_bytes_its_hex_spells() -> None:
+    digest = chain_hash("", {"role": "user", "content": "hi"})
+    packed = pack_text(digest)
+    assert packed == bytes((PACKED_HEX,)) + bytes.fromhex(digest) and len(packed) == 33
+    assert unpack_text(packed) == digest
+    upper = digest.upper()  # would not come back as it was: not this form
+    assert unpack_text(pack_text(upper)) == upper and pack_text(upper)[:1] != bytes((PACKED_HEX,))
 
 
 def test_short_texts_and_texts_utf8_cannot_carry_stay_as_they_are() -> None:
@@ -202,6 +211,10 @@ def test_a_value_that_is_not_a_packed_text_raises_value_error() -> None:
 
 async def test_every_json_text_is_read_back_byte_for_byte(db: Database) -> None:
     rows = conversation("packed", 3, "Your order A1 ships on Monday.") + [failed("refused")]
+    # a usage the answer does not carry (estimated for a stream without include_usage)
+    rows[0]["usage_json"] = json.dumps(
+        {"prompt_tokens": 7, "completion_tokens": 1, "estimated": True}
+    )
     await write(db, rows[:2])
     await write(db, rows[2:])
     await db.write_exchanges(
@@ -229,7 +242,9 @@ async def test_every_json_text_is_read_back_byte_for_byte(db: Database) -> None:
     if db.dialect == "sqlite":
         assert isinstance(answer["response_json"], bytes)
         assert len(answer["response_json"]) < len(rows[2]["response_json"]) / 4
-        assert isinstance(answer["usage_json"], bytes)
+        assert answer["usage_json"] == USAGE_OF_RESPONSE  # the answer's usage, not twice
+        assert raw[rows[0]["id"]]["usage_json"] != USAGE_OF_RESPONSE
+        assert len(answer["request_hash"]) == 33
         assert isinstance(raw[rows[3]["id"]]["error_json"], bytes)
         assert isinstance(raw[rows[1]["id"]]["shadow_response_json"], bytes)
     else:  # PostgreSQL compresses large values itself: texts stay texts
@@ -333,23 +348,34 @@ async def test_a_new_database_has_nothing_to_pack(db: Database) -> None:
 
 
 async def test_looking_a_response_id_up_uses_its_partial_index(db: Database) -> None:
-    query = select(exchanges.c.id).where(exchanges.c.response_id == "resp_1")
+    """`find_response` (the stitcher's lookup of `previous_response_id`) searches
+    `ix_exchanges_response_id`, which holds only the rows that have a response id."""
+    await write(db, conversation("chat", 2, "Done."))  # chat rows: no response id
+    engine = db._request_engine or db.engine  # the stitcher's own pool on PostgreSQL
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        seen.append((statement, parameters))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        assert await db.find_response("resp_1") is None
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+    ((statement, parameters),) = seen
+    async with engine.connect() as conn:
+        if db.dialect == "sqlite":
+            result = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            plan = " ".join(str(r[-1]) for r in result)
+        else:
+            await conn.exec_driver_sql("SET enable_seqscan = off")
+            result = await conn.exec_driver_sql(f"EXPLAIN {statement}", parameters)
+            plan = " ".join(str(r[0]) for r in result)
+    assert "ix_exchanges_response_id" in plan, plan
     async with db.engine.connect() as conn:
         if db.dialect == "sqlite":
-            plan = " ".join(
-                str(r[-1])
-                for r in await conn.execute(
-                    text(
-                        f"EXPLAIN QUERY PLAN {query.compile(compile_kwargs={'literal_binds': True})}"
-                    )
-                )
-            )
+            query = "SELECT sql FROM sqlite_master WHERE name = 'ix_exchanges_response_id'"
         else:
-            await conn.execute(text("SET enable_seqscan = off"))
-            plan = " ".join(
-                str(r[0])
-                for r in await conn.execute(
-                    text(f"EXPLAIN {query.compile(compile_kwargs={'literal_binds': True})}")
-                )
-            )
-    assert "ix_exchanges_response_id" in plan
+            query = "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_exchanges_response_id'"
+        (definition,) = (await conn.exec_driver_sql(query)).one()
+    assert "response_id IS NOT NULL" in definition

@@ -6,18 +6,22 @@ options. zstd primed with a dictionary of those shapes stores a 1.2 KB answer in
 and gives back exactly the text that went in (byte for byte, whitespace included).
 
 Form of a packed value: `bytes`, one version byte (`PACKED_V1`, the dictionary it was packed
-against) then a magicless zstd frame that records its content size. A `str` is a text that was
-not packed. `pack_text` packs only when that is smaller; `unpack_text` is the one way back and
+against) then a magicless zstd frame that records its content size; or `PACKED_HEX` then the
+bytes a lowercase hex text (a hash) spells. A `str` is a text that was not packed. `pack_text` packs only when that is smaller; `unpack_text` is the one way back and
 accepts either form. `DICTIONARY_V1` must never change: packed rows name it by its version byte
 (a new dictionary takes a new version byte, and the old one stays for reading).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Final
 
 import zstandard
+
+PACKED_HEX: Final = 0
+"""The version byte of a lowercase hex text (a hash) stored as the bytes it spells: half the size."""
 
 PACKED_V1: Final = 1
 """The version byte of texts packed against `DICTIONARY_V1`."""
@@ -27,6 +31,11 @@ PACK_LEVEL: Final = 9
 
 MIN_PACK_CHARS: Final = 48
 """Texts shorter than this stay as they are (a frame has a few bytes of overhead)."""
+
+MIN_HEX_CHARS: Final = 32
+"""Lowercase hex texts from this length on (hashes) are stored as their bytes (`PACKED_HEX`)."""
+
+_HEX: Final = re.compile(r"(?:[0-9a-f]{2})+")
 
 # Raw-content dictionary: texts shaped like what rows hold (nothing from any benchmark's data).
 # zstd finds matches anywhere in it, closer ones (near the end) cost fewer bits: the most common
@@ -176,6 +185,8 @@ _MAGIC_LENGTH: Final = 4  # the zstd frame magic number, left out of a packed va
 def pack_text(text: str) -> str | bytes:
     """`text` packed (bytes, see the module docstring) when that is smaller than its UTF-8
     bytes, else `text` itself. A text that UTF-8 cannot carry (a lone surrogate) stays as is."""
+    if len(text) >= MIN_HEX_CHARS and _HEX.fullmatch(text):
+        return bytes((PACKED_HEX,)) + bytes.fromhex(text)
     if len(text) < MIN_PACK_CHARS:
         return text
     try:
@@ -196,6 +207,8 @@ def unpack_text(value: str | bytes | None) -> str | None:
         return value
     if not value:
         raise ValueError("empty packed text")
+    if value[0] == PACKED_HEX:
+        return bytes(value[1:]).hex()
     try:
         raw = _codecs.decompressor(value[0]).decompress(bytes(value[1:]))
         return raw.decode("utf-8")

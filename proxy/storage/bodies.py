@@ -39,6 +39,7 @@ from sqlalchemy import Boolean, ColumnElement, Text, bindparam, literal, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.compiler import compiles
 
+from proxy.core import fastjson
 from proxy.core.bodies import (
     RecentItems,
     Remembered,
@@ -77,11 +78,18 @@ PACKED_COLUMNS: Final = (
     "injected_logit_bias_json",
     "shadow_response_json",
     "shadow_error_json",
+    "request_hash",
 )
 """The `exchanges` columns stored packed on SQLite (`proxy.core.packing`, migration 008), as is
 `blobs.body_json`: JSON texts that SQL reads only through `stored_text` (the dashboard search,
-`RequestItemsLike`). `request_json` only once cut (`request_refs_json` set: the 003 conversion
-reads unconverted bodies as text)."""
+`RequestItemsLike`), and `request_hash` (no query reads it; `state_hash`, looked up by value,
+stays text). `request_json` only once cut (`request_refs_json` set: the 003 conversion reads
+unconverted bodies as text). `usage_json` equal to the answer's `usage` is stored as
+`USAGE_OF_RESPONSE` (`pack_row`)."""
+
+USAGE_OF_RESPONSE: Final = b"\xff"
+"""A packed `usage_json` meaning: `json.dumps` of the `usage` object of the row's `response_json`
+(what the recorder writes for an answer that reports usage), derived by `unpack_row`."""
 
 # -- NUL -----------------------------------------------------------------------------------------
 
@@ -112,8 +120,12 @@ def nul_safe_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def pack_row(row: dict[str, Any]) -> dict[str, Any]:
     """`row` (a copy) with each of its `PACKED_COLUMNS` text packed where that is smaller
-    (`proxy.core.packing.pack_text`); `request_json` only when `request_refs_json` is set."""
+    (`proxy.core.packing.pack_text`); `request_json` only when `request_refs_json` is set; a
+    `usage_json` that repeats the answer's usage as `USAGE_OF_RESPONSE`."""
     out = dict(row)
+    usage = out.get("usage_json")
+    if isinstance(usage, str) and usage == _usage_of(out.get("response_json")):
+        out["usage_json"] = USAGE_OF_RESPONSE
     for column in PACKED_COLUMNS:
         value = out.get(column)
         if isinstance(value, str) and (
@@ -123,18 +135,34 @@ def pack_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _usage_of(response_json: Any) -> str | None:
+    """`json.dumps` of the `usage` object of an answer's JSON text (as `rows.exchange_row`
+    writes `usage_json`), None when it has none."""
+    if not isinstance(response_json, str):
+        return None
+    try:
+        usage = fastjson.loads(response_json).get("usage")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    return json.dumps(usage) if isinstance(usage, dict) else None
+
+
 def unpack_row(row: dict[str, Any]) -> dict[str, Any]:
     """Unpack the packed values of `row`'s `PACKED_COLUMNS` in place (the one way a reader gets
     their text back; texts and NULL stay as they are); returns `row`. A value that cannot be
-    unpacked (a damaged file) becomes None and is logged; nothing raises for one bad row."""
+    unpacked (a damaged file) becomes None and is logged; nothing raises for one bad row.
+    `USAGE_OF_RESPONSE` needs the row's `response_json` (select both, as `select(exchanges)`
+    does); without it the usage reads as None."""
     for column in PACKED_COLUMNS:
         value = row.get(column)
-        if isinstance(value, bytes | bytearray | memoryview):
+        if isinstance(value, bytes | bytearray | memoryview) and value != USAGE_OF_RESPONSE:
             try:
                 row[column] = unpack_text(bytes(value))
             except ValueError as exc:
                 log.warning("exchange %s: %s cannot be read (%s)", row.get("id"), column, exc)
                 row[column] = None
+    if row.get("usage_json") == USAGE_OF_RESPONSE:
+        row["usage_json"] = _usage_of(row.get("response_json"))
     return row
 
 
