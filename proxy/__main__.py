@@ -162,7 +162,9 @@ async def _open_and_migrate(target: str, *, report: bool) -> None:
         if converted:
             print(f"converted {converted} exchanges to content-addressed request storage")
         if packed:
-            print(f"packed the JSON texts of {packed} exchanges written before 008")
+            print(
+                f"packed the JSON texts of {packed} rows (exchanges, request parts) written before 008"
+            )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@ the in-place, resumable packing of rows written before 008."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from proxy.storage.packing import pack_batch, packing_finished
 from proxy.storage.rows import exchange_row, trajectory_meta, trajectory_rows
 from proxy.storage.schema import blobs, exchanges, trajectories
 
+ROOT = Path(__file__).resolve().parent.parent
 TOOLS = [
     {
         "type": "function",
@@ -379,3 +384,29 @@ async def test_looking_a_response_id_up_uses_its_partial_index(db: Database) -> 
             query = "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_exchanges_response_id'"
         (definition,) = (await conn.exec_driver_sql(query)).one()
     assert "response_id IS NOT NULL" in definition
+
+
+def test_the_migrate_command_packs_old_rows_and_says_so(tmp_path: Path) -> None:
+    import asyncio
+
+    path = tmp_path / "old.db"
+    asyncio.run(database_at_007(str(path), conversation("cli", 3, "Old answer.")))
+
+    def migrate() -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "migrate", "--db", str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    first = migrate()
+    assert "applied: 008_packed_texts" in first
+    assert "packed the JSON texts of 8 rows" in first  # 3 exchanges, 5 request parts
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        kinds = conn.execute("SELECT DISTINCT typeof(response_json) FROM exchanges").fetchall()
+    assert kinds == [("blob",)]
+    assert "packed" not in migrate()

@@ -111,7 +111,7 @@ async def convert_requests(
     (lets the recorder's writes in on SQLite). Cancelling between or inside batches loses
     nothing: a batch is committed whole or not at all.
     """
-    writer = BodyWriter()
+    writer = BodyWriter(pack=db.bodies.pack)  # SQLite: packed as the recorder writes (008)
     has_kind = await _has_kind(db)
     total = 0
     while True:
@@ -158,5 +158,5 @@ async def run_in_background(db: Database) -> int:
         log.exception("converting exchanges stopped; the next start resumes it")
         return 0
     if packed:
-        log.info("packed the JSON texts of %d exchanges written before migration 008", packed)
+        log.info("packed the JSON texts of %d rows written before migration 008", packed)
     return total

@@ -198,7 +198,7 @@ class Database(RequestPathStates, RecorderWrites):
 
     async def pack_old_rows(self, *, batch: int = 500, pause_s: float = 0.0) -> int:
         """Pack the JSON texts of rows written before migration 008 (SQLite); return how many
-        rows were looked at (see `proxy.storage.packing.pack_old_rows`)."""
+        rows (exchanges and request parts) it packed (see `proxy.storage.packing.pack_old_rows`)."""
         from proxy.storage.packing import pack_old_rows
 
         return await pack_old_rows(self, batch=batch, pause_s=pause_s)

@@ -54,7 +54,8 @@ _TABLES: Final = (
 def _packed(stage: _Table, row: dict[str, Any]) -> dict[str, Any]:
     if stage.table is exchanges:
         return pack_row(row)
-    return {**row, "body_json": pack_text(row["body_json"])}
+    text = row["body_json"]
+    return {**row, "body_json": pack_text(text)} if isinstance(text, str) else row
 
 
 async def packing_finished(db: Database) -> bool:
@@ -125,7 +126,7 @@ async def pack_batch(db: Database, batch: int) -> tuple[int, int]:
 
 
 async def pack_old_rows(db: Database, *, batch: int = 500, pause_s: float = 0.0) -> int:
-    """Run the pass to its end; return how many rows it packed. Cancelling loses nothing (a
+    """Run the pass to its end; return how many rows (exchanges and `blobs`) it packed. Cancelling loses nothing (a
     batch commits whole or not at all; the next run resumes after the last one)."""
     total = 0
     while True:
