@@ -414,7 +414,11 @@ def main() -> None:
         figures["export_bytes"] = len(exports["stored"])
         figures["whole_ratio"] = round(figures["whole_db_bytes"] / figures["export_bytes"], 2)
         figures["stored_ratio"] = round(figures["stored_db_bytes"] / figures["export_bytes"], 2)
-        figures["stored_tables"] = table_bytes(directory / f"stored-{steps}.db")
+        figures["stored_tables"] = {  # past one page: the empty tables left out
+            name: size
+            for name, size in table_bytes(directory / f"stored-{steps}.db").items()
+            if size > 4096
+        }
         results.append(figures)
         print(json.dumps(figures), flush=True)
     print()
