@@ -1,28 +1,40 @@
 """Benchmark: database bytes against the OpenAI export's bytes as conversations get longer (issue 13).
 
-    python -m bench.bench_storage [--conversations 100] [--steps 3,10,30] [--keep DIR]
+    python -m bench.bench_storage [--conversations 100] [--steps 3,10,30,60] [--keep DIR]
 
 Replays BFCL-shaped traffic, synthetic but realistic: 20 tools with JSON-schema parameters (nested
 objects, enums, arrays), a system prompt, a user question, then tool-calling steps (a third of
 them with two parallel calls) whose results are JSON documents, then a final answer; every
-request re-sends the whole history and the tool list, as agents do. For each trajectory length it
-writes the same rows twice through `Database.write_exchanges` (the recorder's write path) into
-fresh SQLite files:
+request re-sends the whole history and the tool list, as agents do.
 
-- **before**: today's shape until migration 003, every exchange holding its whole request body
-  (the rows are passed in already marked whole, so nothing is cut: the baseline is measured in
-  the same run, nothing checked out);
-- **after**: content-addressed parts (`proxy.storage.bodies`).
+The rows are what the recorder writes for an openai SDK call that is not streamed: built by the
+recorder's own `ExchangeRecord` -> `proxy.storage.rows.exchange_row`, with the request body as
+the SDK sends it (compact JSON; the previous answer re-sent as the SDK serializes
+`choices[0].message`), the answer as the API sends it (pretty-printed, every field: `usage` with
+its token details, `service_tier`, `system_fingerprint`), the real stitching hashes, and no
+`X-Understudy-*` header (the SDK sends none; no other header is stored). For each trajectory
+length it writes them through `Database.write_exchanges` (the recorder's write path, batches of
+one step of every conversation) into fresh SQLite files, twice:
+
+- **whole**: every exchange holding its whole request body (the shape before migration 003; the
+  rows are passed in already marked whole, so nothing is cut), the reference the exports are
+  compared with;
+- **stored**: the shape the recorder stores today (content-addressed request parts, 003; packed
+  JSON texts, 008).
 
 Then it runs the real exporter (`python -m exporter export`, OpenAI format) on both, checks the two
 exports are byte-identical, and prints database bytes (file size after a WAL checkpoint and
-VACUUM), export bytes and their ratio. Target: after <= 2x the export, flat as steps grow.
+VACUUM), export bytes, their ratio, the bytes per exchange of each table and index of the longest
+run (SQLite's `dbstat`), and the ratio of what one more step adds (database bytes per exchange
+over export bytes per step, between the two longest runs: where the ratio heads as conversations
+grow). Target: stored <= 2x the export at every length, flat as steps grow.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import sqlite3
@@ -33,8 +45,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from proxy.core.canonical import chain_hash, prefix_hashes
+from proxy.recording.recorder import ExchangeRecord
 from proxy.storage import Database, new_id
-from proxy.storage.bodies import WHOLE  # noqa: E402
+from proxy.storage.bodies import WHOLE
+from proxy.storage.rows import exchange_row, trajectory_meta
+from proxy.storage.rows import trajectory_rows as trajectory_rows_of
 from proxy.testing.servers import REPOSITORY_ROOT as ROOT
 from proxy.testing.servers import child_env
 
@@ -127,8 +143,37 @@ def _result(rng: random.Random, call_id: str) -> dict[str, Any]:
     return {"role": "tool", "tool_call_id": call_id, "content": json.dumps({"records": records})}
 
 
+def _assistant_resent(message: dict[str, Any]) -> dict[str, Any]:
+    """The answer's message as the openai SDK sends it back when the agent appends
+    `completion.choices[0].message` to its history (pydantic `model_dump(exclude_unset=True)`:
+    the model's field order, every field the response carried)."""
+    out: dict[str, Any] = {
+        "content": message["content"],
+        "refusal": None,
+        "role": "assistant",
+        "annotations": [],
+    }
+    if message.get("tool_calls"):
+        out["tool_calls"] = [
+            {
+                "id": call["id"],
+                "function": {
+                    "arguments": call["function"]["arguments"],
+                    "name": call["function"]["name"],
+                },
+                "type": "function",
+            }
+            for call in message["tool_calls"]
+        ]
+    return out
+
+
 def conversation(rng: random.Random, steps: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(request body, answer message) per step: steps-1 tool-calling steps, then the answer."""
+    """(request body, answer message) per step: steps-1 tool-calling steps, then the answer.
+
+    The answer message is in the order the API sends it (`role`, `content`, `tool_calls`,
+    `refusal`, `annotations`); the next request re-sends it as the SDK does (`_assistant_resent`).
+    """
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": _sentence(rng, rng.randint(12, 40))},
@@ -137,115 +182,142 @@ def conversation(rng: random.Random, steps: int) -> list[tuple[dict[str, Any], d
     answer: dict[str, Any]
     for step in range(steps):
         request: dict[str, Any] = {
-            "model": "gpt-4.1-mini",
             "messages": list(messages),
+            "model": "gpt-4.1-mini",
+            "parallel_tool_calls": True,
             "tools": TOOLS,
         }
-        request["parallel_tool_calls"] = True
         if step == steps - 1:
             answer = {
                 "role": "assistant",
                 "content": _sentence(rng, rng.randint(30, 80)),
+                "refusal": None,
+                "annotations": [],
             }
             out.append((request, answer))
             break
         calls: list[dict[str, Any]] = [
             {
-                "id": f"call_{new_id()[:24]}",
+                "id": f"call_{_random_token(rng, 24)}",
                 "type": "function",
                 "function": {
                     "name": rng.choice(_NAMES),
                     "arguments": json.dumps(
-                        {"query": _sentence(rng, 4), "limit": rng.randint(1, 10)}
+                        {"query": _sentence(rng, 4), "limit": rng.randint(1, 10)},
+                        separators=(",", ":"),
                     ),
                 },
             }
             for _ in range(2 if rng.random() < 0.33 else 1)
         ]
-        answer = {"role": "assistant", "content": None, "tool_calls": calls}
+        answer = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": calls,
+            "refusal": None,
+            "annotations": [],
+        }
         out.append((request, answer))
-        messages.append(answer)
+        messages.append(_assistant_resent(answer))
         messages += [_result(rng, call["id"]) for call in calls]
     return out
+
+
+_TOKEN_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _random_token(rng: random.Random, length: int) -> str:
+    return "".join(rng.choice(_TOKEN_ALPHABET) for _ in range(length))
+
+
+def completion(
+    rng: random.Random, answer: dict[str, Any], prompt_tokens: int, created: int
+) -> dict[str, Any]:
+    """A `chat.completion` as the OpenAI API answers it (every field it sends, usage details)."""
+    completion_tokens = 20 + 15 * len(answer.get("tool_calls") or []) + rng.randint(0, 60)
+    cached = prompt_tokens // 1024 * 1024 if prompt_tokens >= 1024 else 0
+    return {
+        "id": f"chatcmpl-{_random_token(rng, 29)}",
+        "object": "chat.completion",
+        "created": created,
+        "model": "gpt-4.1-mini-2025-04-14",
+        "choices": [
+            {
+                "index": 0,
+                "message": answer,
+                "logprobs": None,
+                "finish_reason": "tool_calls" if answer.get("tool_calls") else "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        },
+        "service_tier": "default",
+        "system_fingerprint": "fp_6f2eabb9a5",
+    }
 
 
 def rows_for(
     rng: random.Random, conversations: int, steps: int, started: list[int]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Exchange rows (as the recorder builds them) and trajectory rows for `conversations`."""
+    """Exchange rows and trajectory rows for `conversations`, built by the recorder's own code
+    (`ExchangeRecord` -> `proxy.storage.rows.exchange_row`), as for an openai SDK call that is
+    not streamed: the request body as the SDK sends it (compact JSON, UTF-8), the answer stored
+    as the API sent it (pretty-printed, 2-space indent), the real stitching hashes
+    (`proxy.core.canonical`), no `X-Understudy-*` header (the SDK sends none; the recorder
+    stores no other header)."""
     exchange_rows: list[dict[str, Any]] = []
     trajectory_rows: list[dict[str, Any]] = []
     for _ in range(conversations):
         trajectory_id = new_id()
         parent = None
         first = None
+        entries = []
         for step, (request, answer) in enumerate(conversation(rng, steps)):
             started[0] += 1
             at = f"2026-11-21T{started[0] // 3600 % 24:02d}:{started[0] // 60 % 60:02d}:{started[0] % 60:02d}.000+00:00"
             exchange_id = new_id()
-            response: dict[str, Any] = {
-                "id": f"chatcmpl-{exchange_id[:20]}",
-                "object": "chat.completion",
-                "created": 1_790_000_000 + started[0],
-                "model": "gpt-4.1-mini-2025-04-14",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {**answer, "refusal": None, "annotations": []},
-                        "finish_reason": "tool_calls" if answer.get("tool_calls") else "stop",
-                        "logprobs": None,
-                    }
-                ],
-                "usage": {"prompt_tokens": 900 + 300 * step, "completion_tokens": 40},
-            }
-            exchange_rows.append(
-                {
-                    "id": exchange_id,
-                    "trajectory_id": trajectory_id,
-                    "parent_id": parent,
-                    "step": step,
-                    "started_utc": at,
-                    "duration_ms": rng.uniform(300, 3000),
-                    "ttft_ms": None,
-                    "path": "/v1/chat/completions",
-                    "stream": False,
-                    "status_code": 200,
-                    "outcome": "ok",
-                    "route": "student",
-                    "model_requested": "gpt-4.1-mini",
-                    "model_answered": "gpt-4.1-mini-2025-04-14",
-                    # as the SDKs send it (httpx >= 0.28 and JSON.stringify: compact, UTF-8)
-                    "request_json": json.dumps(request, ensure_ascii=False, separators=(",", ":")),
-                    # as the recorder stores an assembled stream (json.dumps)
-                    "response_json": json.dumps(response),
-                    "upstream_request_id": f"req_{exchange_id}",
-                    "prompt_tokens": response["usage"]["prompt_tokens"],
-                    "completion_tokens": 40,
-                    "total_tokens": response["usage"]["prompt_tokens"] + 40,
-                    "usage_json": json.dumps(response["usage"]),
-                    "finish_reason": response["choices"][0]["finish_reason"],
-                    "tool_call_count": len(answer.get("tool_calls") or []),
-                    "request_hash": new_id() + new_id(),
-                    "state_hash": new_id() + new_id(),
-                }
+            request_text = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
+            hashes = prefix_hashes(request["messages"])
+            response = completion(rng, answer, len(request_text) // 4, 1_790_000_000 + started[0])
+            record = ExchangeRecord(
+                id=exchange_id,
+                trajectory_id=trajectory_id,
+                parent_id=parent,
+                step=step,
+                new_trajectory=step == 0,
+                id_source="hash",
+                route="student",
+                shadow=False,
+                started_utc=at,
+                path="/v1/chat/completions",
+                stream=False,
+                request=request,
+                request_text=request_text,
+                request_hash=hashes[-1],
+                status_code=200,
+                outcome="ok",
+                response=response,
+                response_text=json.dumps(response, indent=2),
+                state_hash=chain_hash(hashes[-1], answer),
+                duration_ms=rng.uniform(300, 3000),
+                upstream_request_id=f"req_{_random_token(rng, 32).lower()}",
             )
+            row = exchange_row(record)
+            exchange_rows.append(row)
+            entries.append((row, trajectory_meta(record)))
             first = first or at
             parent = exchange_id
-        trajectory_rows.append(
-            {
-                "id": trajectory_id,
-                "created_utc": first,
-                "updated_utc": at,
-                "id_source": "hash",
-                "route": "student",
-                "shadow": False,
-                "exchange_count": steps,
-                "error_count": 0,
-                "tool_call_count": sum(r["tool_call_count"] for r in exchange_rows[-steps:]),
-                "prompt_tokens": 0,
-                "completion_tokens": 0,
-            }
-        )
+        trajectory_rows.extend(trajectory_rows_of(entries))
     return exchange_rows, trajectory_rows
 
 
@@ -256,7 +328,7 @@ async def write(
     *,
     whole: bool,
 ) -> float:
-    """Write the rows in recorder-sized batches (one step of every conversation per batch, so
+    """Write the rows (`whole`: request bodies marked whole, not cut) in recorder-sized batches (one step of every conversation per batch, so
     parents are written in an earlier batch, as in production); return seconds spent."""
     db = await Database.open(str(path))
     started = time.perf_counter()
@@ -265,12 +337,15 @@ async def write(
         for row in exchange_rows:
             row = {**row, "request_refs_json": WHOLE} if whole else row
             by_step.setdefault(row["step"], []).append(row)
-        trajectories = {row["id"]: row for row in trajectory_rows}
+        meta = {
+            row["id"]: {"id_source": row["id_source"], "route": row["route"], "shadow": False}
+            for row in trajectory_rows
+        }
         for step in sorted(by_step):
             rows = by_step[step]
             for start in range(0, len(rows), 500):
                 part = rows[start : start + 500]
-                touched = [{**trajectories[r["trajectory_id"]], "exchange_count": 1} for r in part]
+                touched = trajectory_rows_of([(r, meta[r["trajectory_id"]]) for r in part])
                 await db.write_exchanges(part, touched)
     finally:
         elapsed = time.perf_counter() - started
@@ -300,10 +375,20 @@ def export(path: Path, out: Path) -> bytes:
     return out.read_bytes()
 
 
+def table_bytes(path: Path) -> dict[str, int]:
+    """Bytes of each table and index of the SQLite file at `path` (pages, `dbstat`), largest
+    first."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute(
+            "SELECT name, SUM(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC"
+        ).fetchall()
+    return {name: int(size) for name, size in rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--conversations", type=int, default=100)
-    parser.add_argument("--steps", default="3,10,30", help="trajectory lengths, comma-separated")
+    parser.add_argument("--steps", default="3,10,30,60", help="trajectory lengths, comma-separated")
     parser.add_argument("--keep", type=Path, help="keep the databases in this directory")
     args = parser.parse_args()
     directory = args.keep or Path(tempfile.mkdtemp(prefix="bench-storage-"))
@@ -315,38 +400,65 @@ def main() -> None:
         exchange_rows, trajectory_rows = rows_for(rng, args.conversations, steps, started)
         figures: dict[str, Any] = {"steps": steps, "conversations": args.conversations}
         exports = {}
-        for shape in ("before", "after"):
+        for shape in ("whole", "stored"):
             path = directory / f"{shape}-{steps}.db"
             path.unlink(missing_ok=True)
             seconds = asyncio.run(
-                write(path, exchange_rows, trajectory_rows, whole=shape == "before")
+                write(path, exchange_rows, trajectory_rows, whole=shape == "whole")
             )
             exports[shape] = export(path, directory / f"{shape}-{steps}.jsonl")
             figures[f"{shape}_db_bytes"] = db_bytes(path)
             figures[f"{shape}_write_s"] = round(seconds, 2)
-        if exports["before"] != exports["after"]:
+        if exports["whole"] != exports["stored"]:
             raise SystemExit(f"{steps} steps: the exports differ between the two shapes")
-        figures["export_bytes"] = len(exports["after"])
-        figures["before_ratio"] = round(figures["before_db_bytes"] / figures["export_bytes"], 2)
-        figures["after_ratio"] = round(figures["after_db_bytes"] / figures["export_bytes"], 2)
+        figures["export_bytes"] = len(exports["stored"])
+        figures["whole_ratio"] = round(figures["whole_db_bytes"] / figures["export_bytes"], 2)
+        figures["stored_ratio"] = round(figures["stored_db_bytes"] / figures["export_bytes"], 2)
+        figures["stored_tables"] = {  # past one page: the empty tables left out
+            name: size
+            for name, size in table_bytes(directory / f"stored-{steps}.db").items()
+            if size > 4096
+        }
         results.append(figures)
         print(json.dumps(figures), flush=True)
     print()
-    print(
-        "| steps | conversations | export MB | before: DB MB (x export) | after: DB MB (x export) |"
-    )
-    print("|---|---|---|---|---|")
+    print("| steps | conversations | export MB | DB MB (x export) | DB bytes per exchange | "
+          "whole bodies: DB MB (x export) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for r in results:
+        exchanges = r["steps"] * r["conversations"]
         print(
             f"| {r['steps']} | {r['conversations']} | {r['export_bytes'] / 1e6:.2f} | "
-            f"{r['before_db_bytes'] / 1e6:.2f} ({r['before_ratio']}x) | "
-            f"{r['after_db_bytes'] / 1e6:.2f} ({r['after_ratio']}x) |"
+            f"{r['stored_db_bytes'] / 1e6:.2f} ({r['stored_ratio']}x) | "
+            f"{r['stored_db_bytes'] / exchanges:.0f} | "
+            f"{r['whole_db_bytes'] / 1e6:.2f} ({r['whole_ratio']}x) |"
         )
-    worst = max(r["after_ratio"] for r in results)
-    spread = worst - min(r["after_ratio"] for r in results)
+    longest = results[-1]
+    exchanges = longest["steps"] * longest["conversations"]
     print()
-    print(f"- {'PASS' if worst <= 2 else 'FAIL'}: after <= 2x the export (worst {worst}x)")
-    print(f"- flat as conversations lengthen: after ratios spread {spread:.2f}")
+    print(f"Bytes per exchange by table and index ({longest['steps']} steps, stored):")
+    print()
+    print("| table or index | bytes per exchange |")
+    print("|---|---|")
+    for name, size in longest["stored_tables"].items():
+        if size / exchanges >= 1:
+            print(f"| {name} | {size / exchanges:.0f} |")
+    worst = max(r["stored_ratio"] for r in results)
+    spread = worst - min(r["stored_ratio"] for r in results)
+    print()
+    print(f"- {'PASS' if worst <= 2 else 'MISS'}: stored <= 2x the export (worst {worst}x)")
+    print(f"- flat as conversations lengthen: stored ratios spread {spread:.2f}")
+    if len(results) >= 2:
+        a, b = sorted(results, key=lambda r: r["steps"])[-2:]
+        added = (b["steps"] - a["steps"]) * b["conversations"]
+        db_step = (b["stored_db_bytes"] - a["stored_db_bytes"]) / added
+        export_step = (b["export_bytes"] - a["export_bytes"]) / added
+        print(
+            f"- {'PASS' if db_step <= 2 * export_step else 'MISS'}: one more step adds "
+            f"{db_step:.0f} database bytes per exchange for {export_step:.0f} export bytes "
+            f"({db_step / export_step:.2f}x, {a['steps']} -> {b['steps']} steps): the ratio "
+            "longer conversations tend to"
+        )
 
 
 if __name__ == "__main__":

@@ -153,6 +153,7 @@ async def _open_and_migrate(target: str, *, report: bool) -> None:
     db = await Database.open(target)
     try:
         converted = await db.convert_requests(batch=1000) if report else 0
+        packed = await db.pack_old_rows(batch=1000) if report else 0
     finally:
         await db.close()
     if report:
@@ -160,6 +161,10 @@ async def _open_and_migrate(target: str, *, report: bool) -> None:
         print(f"database {display_target(target)} is at the latest schema (applied: {applied})")
         if converted:
             print(f"converted {converted} exchanges to content-addressed request storage")
+        if packed:
+            print(
+                f"packed the JSON texts of {packed} rows (exchanges, request parts) written before 008"
+            )
 
 
 if __name__ == "__main__":

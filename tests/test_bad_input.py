@@ -30,6 +30,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from proxy.core.packing import unpack_text
 from tests.support.bodies import whole_requests
 from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
 from tests.support.records import db_rows, recorded_ids
@@ -738,9 +739,12 @@ def test_a_stored_nan_does_not_break_the_trajectory_api(
     trajectory_id = response.headers["x-understudy-trajectory-id"]
     wait_recorded(proxy, {exchange_id})
     with sqlite3.connect(proxy.db, timeout=30) as conn:
-        conn.execute(
-            "UPDATE exchanges SET request_json = replace(request_json, '0.25', 'NaN') WHERE id = ?",
-            (exchange_id,),
+        (stored,) = conn.execute(
+            "SELECT request_json FROM exchanges WHERE id = ?", (exchange_id,)
+        ).fetchone()
+        conn.execute(  # written back as plain text: a row from before packing (008) too
+            "UPDATE exchanges SET request_json = ? WHERE id = ?",
+            ((unpack_text(stored) or "").replace("0.25", "NaN"), exchange_id),
         )
     answer = client.get(f"{proxy.root_url}/api/trajectories/{trajectory_id}")
     assert answer.status_code == 200, answer.text[:300]

@@ -39,6 +39,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.core.packing import unpack_text
 from proxy.core.redaction import (
     SECRET_MASK,
     Redactor,
@@ -48,6 +49,7 @@ from proxy.core.redaction import (
     secret_rules,
 )
 from proxy.core.sse import StreamAssembler
+from proxy.storage.bodies import PACKED_COLUMNS
 from proxy.testing.servers import child_env
 from tests.support.bodies import whole_requests
 from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
@@ -103,8 +105,27 @@ def needles() -> dict[str, bytes]:
 
 
 def files_on_disk(directory: Path) -> dict[str, bytes]:
-    """Every file under `directory` (database, -wal, -shm, journal, ...) by name."""
-    return {p.name: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file under `directory` (database, -wal, -shm, journal, ...) by name, and for each
+    SQLite database the texts it stores packed (migration 008), unpacked: a secret compressed
+    into a packed value is on disk too."""
+    files = {p.name: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    for path in sorted(directory.rglob("*.db")):
+        files[f"{path.name} (packed texts)"] = packed_texts(path)
+    return files
+
+
+def packed_texts(db: Path) -> bytes:
+    """Every packed value of `db`'s exchanges and blobs, unpacked, as UTF-8 bytes."""
+    columns = ", ".join(PACKED_COLUMNS)
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+        values = [v for row in conn.execute(f"SELECT {columns} FROM exchanges") for v in row]
+        values += [row[0] for row in conn.execute("SELECT body_json FROM blobs")]
+    texts = []
+    for value in values:
+        if isinstance(value, bytes):
+            with contextlib.suppress(ValueError):  # not a packed text (a marker, see bodies.py)
+                texts.append(unpack_text(value) or "")
+    return "\n".join(texts).encode("utf-8", "surrogatepass")
 
 
 def assert_nothing_on_disk(directory: Path, wanted: dict[str, bytes]) -> None:

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from sqlalchemy import event, func, select, text
 
+from proxy.core.packing import unpack_text
 from proxy.storage import Database, new_id
-from proxy.storage.bodies import BodyWriter
+from proxy.storage.bodies import BodyWriter, stored_text
 from proxy.storage.browse import (
     TrajectoryFilter,
     get_trajectory,
@@ -227,12 +228,13 @@ async def test_references_grow_linearly_and_each_part_is_stored_once(db: Databas
                 select(func.count())
                 .select_from(blobs)
                 .where(
-                    blobs.c.body_json.like("%iVBOR%") | blobs.c.body_json.like(f"%{IMAGE[30:60]}%")
+                    stored_text(blobs.c.body_json).like("%iVBOR%")
+                    | stored_text(blobs.c.body_json).like(f"%{IMAGE[30:60]}%")
                 )
             )
         ).scalar_one()
     for step, row in enumerate(rows):
-        refs = json.loads(stored[row["id"]].request_refs_json)
+        refs = json.loads(unpack_text(stored[row["id"]].request_refs_json) or "")
         if step == 0:
             assert stored[row["id"]].request_base_id is None and len(refs["items"]) == 2
         else:  # only the tool call and its result are new
@@ -268,7 +270,7 @@ async def test_a_parent_this_process_did_not_write_gives_a_full_reference_list(
                     )
                 )
             ).one()
-        assert base is None and len(json.loads(refs)["items"]) == 6
+        assert base is None and len(json.loads(unpack_text(refs) or "")["items"]) == 6
         assert [sent(r) for r in await second.exchanges_of("restart")] == [sent(r) for r in rows]
     finally:
         await second.close()
@@ -406,7 +408,7 @@ async def test_old_rows_are_read_whole_then_converted_in_place_resumably(db_targ
                 assert sent(after[row["id"]]) == sent(row)
         async with db.engine.connect() as conn:
             refs = {
-                r.id: (r.request_base_id, r.request_refs_json)
+                r.id: (r.request_base_id, unpack_text(r.request_refs_json))
                 for r in await conn.execute(
                     select(
                         exchanges.c.id, exchanges.c.request_base_id, exchanges.c.request_refs_json
@@ -518,7 +520,7 @@ async def test_nul_text_and_a_big_image_are_recorded_through_the_proxy(
                 await conn.execute(
                     select(func.count())
                     .select_from(blobs)
-                    .where(blobs.c.body_json.like("%base64,%"))
+                    .where(stored_text(blobs.c.body_json).like("%base64,%"))
                 )
             ).scalar_one()
             options = (

@@ -13,6 +13,13 @@ reference lists of every base exchange the rows need and one query fetches the p
 hashes bound as one JSON array each): never a query per message. Rows written before migration 003 and not yet converted
 (`request_refs_json` NULL) and rows with nothing cut (`{}`) already hold the whole body.
 
+Packing (SQLite, migration 008): the row's other JSON texts (`PACKED_COLUMNS`: options, answer,
+usage, errors, shadow answer) are stored as zstd frames against a built-in dictionary
+(`proxy.core.packing`) where that is smaller, which gives back the exact text. `unpack_row` is the
+one way back, and `rebuild_requests` calls it for every row it is given; SQL that must look into
+them (the dashboard search) goes through `stored_text`. PostgreSQL stores them as text (it
+compresses large values itself, and searches them in SQL).
+
 Texts are made safe for both databases here too (`nul_safe_row`): PostgreSQL refuses the NUL
 character in TEXT. JSON texts never hold a raw NUL (JSON escapes it as `\\u0000`, losslessly);
 plain text columns copied out of the body (`end_user`, models, `finish_reason`) get U+FFFD
@@ -35,6 +42,7 @@ from sqlalchemy import (
     ColumnElement,
     Select,
     String,
+    Text,
     bindparam,
     cast,
     func,
@@ -44,6 +52,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.compiler import compiles
 
+from proxy.core import fastjson
 from proxy.core.bodies import (
     RecentItems,
     Remembered,
@@ -53,6 +62,7 @@ from proxy.core.bodies import (
     splice_request,
     split_request,
 )
+from proxy.core.packing import STORED_TEXT_FUNCTION, pack_text, unpack_text
 from proxy.storage.schema import blobs, exchanges
 
 log = logging.getLogger("understudy.storage")
@@ -69,6 +79,30 @@ LOOKUP_CHUNK: Final = 10_000
 
 WHOLE: Final = "{}"
 """`request_refs_json` of a row whose `request_json` is the whole body (nothing was cut)."""
+
+PACKED_COLUMNS: Final = (
+    "request_json",
+    "request_refs_json",
+    "response_json",
+    "error_json",
+    "request_headers_json",
+    "metadata_json",
+    "usage_json",
+    "injected_logit_bias_json",
+    "shadow_response_json",
+    "shadow_error_json",
+    "request_hash",
+)
+"""The `exchanges` columns stored packed on SQLite (`proxy.core.packing`, migration 008), as is
+`blobs.body_json`: JSON texts that SQL reads only through `stored_text` (the dashboard search,
+`RequestItemsLike`), and `request_hash` (no query reads it; `state_hash`, looked up by value,
+stays text). `request_json` only once cut (`request_refs_json` set: the 003 conversion reads
+unconverted bodies as text). `usage_json` equal to the answer's `usage` is stored as
+`USAGE_OF_RESPONSE` (`pack_row`)."""
+
+USAGE_OF_RESPONSE: Final = b"\xff"
+"""A packed `usage_json` meaning: `json.dumps` of the `usage` object of the row's `response_json`
+(what the recorder writes for an answer that reports usage), derived by `unpack_row`."""
 
 # -- NUL -----------------------------------------------------------------------------------------
 
@@ -94,6 +128,57 @@ def nul_safe_row(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, **changed} if changed else row
 
 
+# -- packing -------------------------------------------------------------------------------------
+
+
+def pack_row(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` (a copy) with each of its `PACKED_COLUMNS` text packed where that is smaller
+    (`proxy.core.packing.pack_text`); `request_json` only when `request_refs_json` is set; a
+    `usage_json` that repeats the answer's usage as `USAGE_OF_RESPONSE`."""
+    out = dict(row)
+    usage = out.get("usage_json")
+    if isinstance(usage, str) and usage == _usage_of(out.get("response_json")):
+        out["usage_json"] = USAGE_OF_RESPONSE
+    for column in PACKED_COLUMNS:
+        value = out.get(column)
+        if isinstance(value, str) and (
+            column != "request_json" or out.get("request_refs_json") is not None
+        ):
+            out[column] = pack_text(value)
+    return out
+
+
+def _usage_of(response_json: Any) -> str | None:
+    """`json.dumps` of the `usage` object of an answer's JSON text (as `rows.exchange_row`
+    writes `usage_json`), None when it has none."""
+    if not isinstance(response_json, str):
+        return None
+    try:
+        usage = fastjson.loads(response_json).get("usage")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    return json.dumps(usage) if isinstance(usage, dict) else None
+
+
+def unpack_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Unpack the packed values of `row`'s `PACKED_COLUMNS` in place (the one way a reader gets
+    their text back; texts and NULL stay as they are); returns `row`. A value that cannot be
+    unpacked (a damaged file) becomes None and is logged; nothing raises for one bad row.
+    `USAGE_OF_RESPONSE` needs the row's `response_json` (select both, as `select(exchanges)`
+    does); without it the usage reads as None."""
+    for column in PACKED_COLUMNS:
+        value = row.get(column)
+        if isinstance(value, bytes | bytearray | memoryview) and value != USAGE_OF_RESPONSE:
+            try:
+                row[column] = unpack_text(bytes(value))
+            except ValueError as exc:
+                log.warning("exchange %s: %s cannot be read (%s)", row.get("id"), column, exc)
+                row[column] = None
+    if row.get("usage_json") == USAGE_OF_RESPONSE:
+        row["usage_json"] = _usage_of(row.get("response_json"))
+    return row
+
+
 # -- writing -------------------------------------------------------------------------------------
 
 
@@ -104,7 +189,7 @@ class PreparedBatch:
     transaction has committed (`remember`, `blob_hashes`)."""
 
     rows: list[dict[str, Any]]
-    blob_rows: list[dict[str, str]]
+    blob_rows: list[dict[str, str | bytes]]
     remember: list[tuple[str, Remembered]] = field(default_factory=list)
     blob_hashes: list[str] = field(default_factory=list)
 
@@ -140,14 +225,18 @@ class BodyWriter:
     this process restarted) stores its full list of references.
     """
 
-    def __init__(self, recent_capacity: int = 20_000, known_capacity: int = 50_000) -> None:
+    def __init__(
+        self, recent_capacity: int = 20_000, known_capacity: int = 50_000, *, pack: bool = False
+    ) -> None:
         self.recent = RecentItems(recent_capacity)
         self.known = KnownBlobs(known_capacity)
+        self.pack = pack
 
     def prepare(self, rows: Sequence[dict[str, Any]]) -> PreparedBatch:
         """Cut each row's `request_json` (whole body text) by its `kind` (absent: chat). A row
         that already carries `request_refs_json` is taken as already cut. Rows earlier in the
-        batch count as remembered for later ones (same transaction). Input rows are not changed."""
+        batch count as remembered for later ones (same transaction). With `pack` (SQLite), the
+        `PACKED_COLUMNS` are packed (`pack_row`). Input rows are not changed."""
         out = PreparedBatch([], [])
         pending: dict[str, Remembered] = {}
         blob_texts: dict[str, str] = {}
@@ -178,9 +267,14 @@ class BodyWriter:
             for blob_hash, text in split.blobs.items():
                 if blob_hash not in self.known:
                     blob_texts[blob_hash] = text
+        if self.pack:
+            out.rows = [pack_row(row) for row in out.rows]
         out.remember = list(pending.items())
         out.blob_hashes = sorted(blob_texts)
-        out.blob_rows = [{"hash": h, "body_json": blob_texts[h]} for h in out.blob_hashes]
+        out.blob_rows = [
+            {"hash": h, "body_json": pack_text(blob_texts[h]) if self.pack else blob_texts[h]}
+            for h in out.blob_hashes
+        ]
         return out
 
     def committed(self, batch: PreparedBatch) -> None:
@@ -200,6 +294,7 @@ def _chunks(values: Sequence[str]) -> Iterable[list[str]]:
 
 def _refs_of(text: Any) -> dict[str, Any] | None:
     """The parsed references of a row, None when its `request_json` is the whole body."""
+    text = unpack_text(text)  # packed on SQLite (008)
     if text is None or text == WHOLE:
         return None
     value = orjson.loads(text)  # our own compact JSON of hash strings: orjson reads it exactly
@@ -293,10 +388,15 @@ def item_lists(
 
 
 async def _blob_texts(conn: AsyncConnection, hashes: Iterable[str]) -> dict[str, str]:
+    """hash -> text of the stored parts among `hashes` (unpacked; a damaged one is left out)."""
     query = _lookups(conn.dialect.name)[1]
     found: dict[str, str] = {}
     for part in _chunks(sorted(set(hashes))):
-        found.update((await conn.execute(query, {"hashes": _json_array(part)})).all())
+        for blob_hash, text in (await conn.execute(query, {"hashes": _json_array(part)})).all():
+            try:
+                found[blob_hash] = text if isinstance(text, str) else unpack_text(text) or ""
+            except ValueError as exc:
+                log.warning("request part %s cannot be read (%s)", blob_hash, exc)
     return found
 
 
@@ -310,10 +410,12 @@ async def rebuild_requests(
     Two kinds of statements per call, whatever the number of rows (one per LOOKUP_CHUNK ids or
     hashes): the chains of base exchanges, then the parts. A body whose parts are missing (a
     damaged database) keeps its options (the array and tools `null`) and is logged; nothing
-    raises for one bad row.
+    raises for one bad row. Packed texts (`PACKED_COLUMNS`, on SQLite) are unpacked first
+    (`unpack_row`), whichever columns the rows carry.
     """
     cut: list[tuple[dict[str, Any], dict[str, Any], str | None]] = []
     for row in rows:
+        unpack_row(row)
         refs_text = row.pop("request_refs_json", None)
         base_id = row.pop("request_base_id", None)
         try:
@@ -353,6 +455,32 @@ async def rebuild_requests(
 # -- searching -----------------------------------------------------------------------------------
 
 
+class StoredText(ColumnElement[str]):
+    """SQL expression: the text of a `PACKED_COLUMNS` column, packed or not. SQLite:
+    `understudy_text(column)`; PostgreSQL (never packed): the column itself."""
+
+    inherit_cache = True
+    type = Text()
+
+    def __init__(self, column: ColumnElement[Any]) -> None:
+        self.column = column
+
+
+@compiles(StoredText)
+def _stored_text_default(element: StoredText, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.column, **kw))
+
+
+@compiles(StoredText, "sqlite")
+def _stored_text_sqlite(element: StoredText, compiler: Any, **kw: Any) -> str:
+    return f"{STORED_TEXT_FUNCTION}({compiler.process(element.column, **kw)})"
+
+
+def stored_text(column: ColumnElement[Any]) -> StoredText:
+    """The text of a `PACKED_COLUMNS` column for SQL conditions (`LIKE`, `ILIKE`)."""
+    return StoredText(column)
+
+
 class RequestItemsLike(ColumnElement[bool]):
     """SQL condition: one of the items an exchange's request added (`request_refs_json`'s
     `items`: the new ones, or all when it has no base) has a JSON text containing `pattern`, case
@@ -375,10 +503,11 @@ def _items_like_sqlite(element: RequestItemsLike, compiler: Any, **kw: Any) -> s
     refs = compiler.process(element.refs, **kw)
     pattern = compiler.process(element.pattern, **kw)
     escape = compiler.process(element.escape, **kw)
-    return (
-        f"EXISTS (SELECT 1 FROM json_each({refs}, '$.items') AS request_item "
-        "JOIN blobs ON blobs.hash = request_item.value "
-        f"WHERE lower(blobs.body_json) LIKE lower({pattern}) ESCAPE {escape})"
+    return (  # references and parts may be packed (008): read through the stored-text function
+        f"EXISTS (SELECT 1 FROM json_each({STORED_TEXT_FUNCTION}({refs}), '$.items') "
+        "AS request_item JOIN blobs ON blobs.hash = request_item.value "
+        f"WHERE lower({STORED_TEXT_FUNCTION}(blobs.body_json)) LIKE lower({pattern}) "
+        f"ESCAPE {escape})"
     )
 
 

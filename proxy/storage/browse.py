@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 
 from proxy.core.responses import input_items
-from proxy.storage.bodies import REQUEST_COLUMNS, nul_safe_row, rebuild_requests
+from proxy.storage.bodies import REQUEST_COLUMNS, nul_safe_row, rebuild_requests, unpack_row
 from proxy.storage.database import Database, utc_now
 from proxy.storage.filters import LABELS, TrajectoryFilter, trajectory_where
 from proxy.storage.schema import exchanges, trajectories
@@ -442,7 +442,11 @@ async def chart_rows(
                 (r[0], int(r[1]), int(r[2]), int(r[3])) for r in await conn.execute(tokens)
             ],
             latencies=[(r[0], r[1], r[2]) for r in await conn.execute(latencies)],
-            tool_responses=[r[0] for r in await conn.execute(tools)],
+            tool_responses=[
+                text
+                for r in await conn.execute(tools)
+                if (text := unpack_row(dict(r._mapping))["response_json"]) is not None
+            ],
             totals={},
         )
     rows.totals = await db.counts()

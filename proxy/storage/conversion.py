@@ -111,7 +111,7 @@ async def convert_requests(
     (lets the recorder's writes in on SQLite). Cancelling between or inside batches loses
     nothing: a batch is committed whole or not at all.
     """
-    writer = BodyWriter()
+    writer = BodyWriter(pack=db.bodies.pack)  # SQLite: packed as the recorder writes (008)
     has_kind = await _has_kind(db)
     total = 0
     while True:
@@ -126,8 +126,11 @@ async def convert_requests(
 
 
 async def run_in_background(db: Database) -> int:
-    """`convert_requests` for the proxy's background task, logging progress; errors are logged
+    """`convert_requests`, then the 008 packing (`proxy.storage.packing`), for the proxy's
+    background task, logging progress; return how many rows 003 converted. Errors are logged
     (the next start resumes), never raised into the proxy."""
+    from proxy.storage.packing import pack_old_rows
+
     started = time.monotonic()
     last_log = started
 
@@ -142,14 +145,18 @@ async def run_in_background(db: Database) -> int:
         total = await convert_requests(
             db, batch=BACKGROUND_BATCH, progress=report, pause_s=BACKGROUND_PAUSE_S
         )
+        if total:
+            log.info(
+                "converted %d exchanges to content-addressed request storage in %.1f s",
+                total,
+                time.monotonic() - started,
+            )
+        packed = await pack_old_rows(db, batch=BACKGROUND_BATCH, pause_s=BACKGROUND_PAUSE_S)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("converting exchanges stopped; the next start resumes it")
         return 0
-    log.info(
-        "converted %d exchanges to content-addressed request storage in %.1f s",
-        total,
-        time.monotonic() - started,
-    )
+    if packed:
+        log.info("packed the JSON texts of %d rows written before migration 008", packed)
     return total

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.storage import migrations
 from proxy.storage.background import BackgroundHolds
-from proxy.storage.bodies import BodyWriter, rebuild_requests
+from proxy.storage.bodies import BodyWriter, rebuild_requests, unpack_row
 from proxy.storage.conversations import ConversationMirror, attach_conversation_contexts
 from proxy.storage.engine import (
     DatabaseError,
@@ -79,7 +79,8 @@ class Database(RequestPathStates, RecorderWrites):
         # The stitcher's statements on the request path (see `_request_path`); None: `engine`.
         self._request_engine = request_engine
         self._next_state_sweep = 0.0  # time.monotonic() of the next stale-state sweep
-        self.bodies = BodyWriter()
+        # SQLite stores the JSON texts packed (migration 008); PostgreSQL compresses them itself.
+        self.bodies = BodyWriter(pack=self.dialect == "sqlite")
         self._conversion: asyncio.Task[int] | None = None
         self.conversations = ConversationMirror(engine)  # Responses `conversation` items
         self.background = BackgroundHolds(engine)  # background responses, shared databases
@@ -98,10 +99,11 @@ class Database(RequestPathStates, RecorderWrites):
         """Open `target` (path or URL); apply pending migrations when `migrate`.
 
         `convert_in_background` (with `migrate`; the proxy at start): rows written before
-        migration 003 are converted to content-addressed storage by a background task, batch by
-        batch, while the database serves (a huge database must not hold up the start); `close()`
-        stops it, the next start resumes. `python -m proxy migrate` converts in the foreground
-        (`convert_requests`). Readers read both shapes meanwhile.
+        migration 003 are converted to content-addressed storage, then rows written before 008
+        get their JSON texts packed (SQLite), by a background task, batch by batch, while the
+        database serves (a huge database must not hold up the start); `close()` stops it, the
+        next start resumes. `python -m proxy migrate` does both in the foreground
+        (`convert_requests`, `pack_old_rows`). Readers read both shapes meanwhile.
 
         `must_exist`: for readers (the exporter), a missing SQLite file is an error instead of
         being created. `shared`: override whether several processes write this database (tests
@@ -194,9 +196,18 @@ class Database(RequestPathStates, RecorderWrites):
 
         return await convert_requests(self, batch=batch, progress=progress, pause_s=pause_s)
 
+    async def pack_old_rows(self, *, batch: int = 500, pause_s: float = 0.0) -> int:
+        """Pack the JSON texts of rows written before migration 008 (SQLite); return how many
+        rows (exchanges and request parts) it packed (see `proxy.storage.packing.pack_old_rows`)."""
+        from proxy.storage.packing import pack_old_rows
+
+        return await pack_old_rows(self, batch=batch, pause_s=pause_s)
+
     async def start_conversion(self) -> None:
-        """Start converting old rows in a background task when there are any (logged)."""
+        """Start rewriting old rows in a background task when there are any (logged): the 003
+        conversion, then the 008 packing."""
         from proxy.storage.conversion import run_in_background, unconverted_count
+        from proxy.storage.packing import packing_finished
 
         remaining = await unconverted_count(self)
         if remaining:
@@ -205,6 +216,7 @@ class Database(RequestPathStates, RecorderWrites):
                 "(resumes at the next start if stopped)",
                 remaining,
             )
+        if remaining or not await packing_finished(self):
             self._conversion = asyncio.create_task(
                 run_in_background(self), name="understudy-conversion"
             )
@@ -263,6 +275,9 @@ class Database(RequestPathStates, RecorderWrites):
                 if rows and "request_refs_json" in rows[0]:
                     async with self.engine.connect() as lookup:
                         await rebuild_requests(lookup, rows)
+                else:
+                    for row in rows:
+                        unpack_row(row)  # packed texts (008), as rebuild_requests does
                 yield rows
 
     async def exchanges_of(self, trajectory_id: str) -> list[dict[str, Any]]:

@@ -19,6 +19,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from proxy.core.packing import STORED_TEXT_FUNCTION, sqlite_stored_text
+
 POOL_SIZE: Final = 5
 POOL_OVERFLOW: Final = 5
 REQUEST_POOL_SIZE: Final = 10
@@ -89,6 +91,10 @@ def display_target(target: str) -> str:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Packed texts (migration 008) read in SQL: the dashboard search.
+    dbapi_connection.create_function(
+        STORED_TEXT_FUNCTION, 1, sqlite_stored_text, deterministic=True
+    )
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")

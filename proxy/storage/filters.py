@@ -25,7 +25,7 @@ from typing import Final
 
 from sqlalchemy import ColumnElement, and_, exists, false, func, or_, select, true
 
-from proxy.storage.bodies import RequestItemsLike
+from proxy.storage.bodies import RequestItemsLike, stored_text
 from proxy.storage.schema import exchanges, trajectories
 
 UNLABELED: Final = "unlabeled"
@@ -171,10 +171,10 @@ def trajectory_conditions(flt: TrajectoryFilter) -> list[ColumnElement[bool]]:
                 exists().where(
                     e.c.trajectory_id == t.id,
                     or_(
-                        e.c.request_json.ilike(pattern, escape=_LIKE_ESCAPE),
+                        stored_text(e.c.request_json).ilike(pattern, escape=_LIKE_ESCAPE),
                         RequestItemsLike(e.c.request_refs_json, pattern),
-                        e.c.response_json.ilike(pattern, escape=_LIKE_ESCAPE),
-                        e.c.error_json.ilike(pattern, escape=_LIKE_ESCAPE),
+                        stored_text(e.c.response_json).ilike(pattern, escape=_LIKE_ESCAPE),
+                        stored_text(e.c.error_json).ilike(pattern, escape=_LIKE_ESCAPE),
                     ),
                 ),
             )

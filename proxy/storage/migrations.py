@@ -6,8 +6,9 @@ on PostgreSQL the runner holds an advisory lock, so replicas that start at once 
 migration exactly once. To change the schema, append a migration
 (and update `schema.py` to describe the result); never edit one that has shipped.
 
-A migration that must also rewrite existing rows (003) does it apart from its DDL, batch by batch
-and resumable (`proxy.storage.conversion`): DDL is quick, rewriting a large database is not.
+A migration that must also rewrite existing rows (003, 008) does it apart from its DDL, batch by
+batch and resumable (`proxy.storage.conversion`, `proxy.storage.packing`): DDL is quick,
+rewriting a large database is not.
 """
 
 from __future__ import annotations
@@ -258,6 +259,35 @@ MIGRATIONS: tuple[Migration, ...] = (
                 record_json TEXT NOT NULL,
                 held_utc TEXT NOT NULL
             )""",
+        ),
+    ),
+    Migration(
+        name="008_packed_texts",
+        why="Once request bodies were content-addressed (003), an exchange row was mostly "
+        "boilerplate that every answer repeats: the `chat.completion` envelope as the API sends "
+        "it (pretty-printed), `usage` and its token details (twice: in the answer and in "
+        "`usage_json`), the request's options; a 30-step conversation's database was 4.5x its "
+        "export. On SQLite the row's JSON texts (`proxy.storage.bodies.PACKED_COLUMNS`) are now "
+        "stored packed: a zstd frame against a dictionary of those shapes built into the code "
+        "(`proxy.core.packing`), the exact text back, a 1.2 KB answer in about 200 bytes. "
+        "PostgreSQL keeps them as text (it compresses large values itself, and its search runs "
+        "in SQL). Rows written before are packed in place afterwards, resumably "
+        "(`proxy.storage.packing`); `understudy_conversions` keeps where such a pass got to. "
+        "The `response_id` index holds only the rows that have one (Responses exchanges): a "
+        "lookup by value never needs the others.",
+        statements=(
+            """CREATE TABLE understudy_conversions (
+                name TEXT PRIMARY KEY,
+                after_id TEXT,
+                finished_utc TEXT
+            )""",
+            # A database with no exchanges yet has nothing to pack.
+            "INSERT INTO understudy_conversions (name, after_id, finished_utc) "
+            "SELECT '008_packed_texts', NULL, CAST(CURRENT_TIMESTAMP AS TEXT) "
+            "WHERE NOT EXISTS (SELECT 1 FROM exchanges)",
+            "DROP INDEX ix_exchanges_response_id",
+            "CREATE INDEX ix_exchanges_response_id ON exchanges (response_id) "
+            "WHERE response_id IS NOT NULL",
         ),
     ),
 )

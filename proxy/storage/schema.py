@@ -4,6 +4,10 @@ The tables are created and changed only by `proxy.storage.migrations`; this modu
 result so queries are written once for SQLite and PostgreSQL. Column names carry units
 (`*_ms`, `*_utc`, `*_json`). Timestamps are ISO-8601 UTC strings with milliseconds
 (`2026-11-21T18:04:06.123+00:00`), which sort and compare as text in both dialects.
+
+On SQLite the `exchanges` JSON texts named in `proxy.storage.bodies.PACKED_COLUMNS` and
+`blobs.body_json` hold packed values (bytes, `proxy.core.packing`) since migration 008: read them
+through `proxy.storage.bodies.unpack_row` / `rebuild_requests`, and in SQL through `stored_text`.
 """
 
 from __future__ import annotations
@@ -99,7 +103,8 @@ exchanges = Table(
 )
 
 # Each distinct request item (a message, a Responses input item) and each distinct tool list, once:
-# `hash` is BLAKE2b-128 (hex) of `body_json`, the compact JSON text (`proxy.core.bodies`).
+# `hash` is BLAKE2b-128 (hex) of `body_json`, the compact JSON text (`proxy.core.bodies`; packed on
+# SQLite, the hash is still that of the text).
 blobs = Table(
     "blobs",
     metadata,
@@ -136,6 +141,16 @@ migrations_table = Table(
     metadata,
     Column("name", Text, primary_key=True),
     Column("applied_utc", Text, nullable=False),
+)
+
+# Rewrites of old rows that run after a migration, batch by batch (migration 008): where each got
+# to (`after_id`: the last exchange id done, in id order) and when it finished.
+conversions = Table(
+    "understudy_conversions",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("after_id", Text),
+    Column("finished_utc", Text),
 )
 
 # Replay evaluation runs (`understudy-export eval`): one row per run; never the candidate's key.

@@ -17,7 +17,7 @@ from sqlalchemy import bindparam, case, or_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from proxy.core.responses import response_key
-from proxy.storage.bodies import BodyWriter, PreparedBatch, nul_safe_row
+from proxy.storage.bodies import BodyWriter, PreparedBatch, nul_safe_row, pack_row
 from proxy.storage.engine import dialect_insert
 from proxy.storage.schema import (
     blobs,
@@ -84,12 +84,15 @@ class RecorderWrites:
         Each exchange's `request_json` (the whole body, as the journal keeps it) is cut into
         options and content-addressed parts (`BodyWriter.prepare`, by the row's `kind` when it
         has one): new parts go to `blobs` in one insert-or-ignore, sorted by hash. Text values
-        lose raw NUL characters (`nul_safe_row`; PostgreSQL refuses them). The rows passed in
-        are not changed.
+        lose raw NUL characters (`nul_safe_row`; PostgreSQL refuses them). On SQLite the JSON
+        texts of exchange and shadow rows are stored packed (`proxy.storage.bodies.pack_row`,
+        migration 008). The rows passed in are not changed.
         """
         t = trajectories.c
         trajectory_rows = sorted(trajectory_rows, key=lambda row: str(row["id"]))
         shadow_rows = [nul_safe_row(row) for row in shadow_rows]
+        if self.bodies.pack:
+            shadow_rows = [pack_row(row) for row in shadow_rows]
         prepared = await self._prepare(exchange_rows)
         # An exchange's later choices (`n > 1`, `rows.choice_state_rows`) go to their own table.
         choice_rows = [

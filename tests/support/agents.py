@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import openai
 
 from proxy.core.canonical import prefix_hashes
+from proxy.storage.bodies import unpack_row
 from proxy.testing.agent import SYSTEM, TOOLS, Step, run_agent, tool_result
 from tests.support.bodies import whole_requests
 from tests.support.inprocess import InProcessProxy, ThreadedProxy, run_exporter, served_proxy
@@ -80,7 +81,8 @@ def db_rows(db: Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, An
     """Rows of a query on the proxy's SQLite file (readable while the proxy runs: WAL)."""
     with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
         conn.row_factory = sqlite3.Row
-        return [dict(row) for row in conn.execute(sql, list(params))]
+        # packed JSON texts (migration 008) read as the text they hold
+        return [unpack_row(dict(row)) for row in conn.execute(sql, list(params))]
 
 
 async def wait_for_exchanges(

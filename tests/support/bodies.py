@@ -1,8 +1,9 @@
 """Reading request bodies straight from a SQLite file, as tests that open it with `sqlite3` do.
 
 Since migration 003 an exchange row holds its request's options and references, the items and
-tool lists living in `blobs` (`proxy.storage.bodies`); `whole_requests` gives such rows their
-whole body back, with the same pure functions the storage layer uses.
+tool lists living in `blobs` (`proxy.storage.bodies`), and since 008 SQLite stores those texts
+packed (`proxy.core.packing`); `whole_requests` gives such rows their whole body back, with the
+same functions the storage layer uses.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from proxy.core.bodies import splice_request
-from proxy.storage.bodies import WHOLE, item_lists
+from proxy.core.packing import unpack_text
+from proxy.storage.bodies import WHOLE, item_lists, unpack_row
 
 
 def whole_requests(db: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -24,15 +26,20 @@ def whole_requests(db: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
         try:
             chains = {
                 exchange_id: (base, json.loads(refs) if refs not in (None, WHOLE) else None)
-                for exchange_id, base, refs in conn.execute(
+                for exchange_id, base, packed in conn.execute(
                     "SELECT id, request_base_id, request_refs_json FROM exchanges"
                 )
+                for refs in [unpack_text(packed)]  # SQLite texts are packed (008)
             }
-            texts = dict(conn.execute("SELECT hash, body_json FROM blobs").fetchall())
+            texts = {
+                blob_hash: unpack_text(text)
+                for blob_hash, text in conn.execute("SELECT hash, body_json FROM blobs")
+            }
         except sqlite3.OperationalError:  # not migrated to 003: bodies are whole
             return rows
     lists = item_lists(chains)
     for row in rows:
+        unpack_row(row)
         refs_text = row.pop("request_refs_json", None)
         base = row.pop("request_base_id", None)
         if refs_text in (None, WHOLE):

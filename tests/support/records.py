@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from proxy.storage.bodies import unpack_row
 from tests.support.bodies import whole_requests
 
 _JSON_COLUMNS = {
@@ -27,7 +28,8 @@ def db_rows(db: Path, query: str, params: tuple[Any, ...] = ()) -> list[dict[str
     """Rows of `query` on the SQLite file `db`, as dicts."""
     with contextlib.closing(sqlite3.connect(db)) as conn:
         conn.row_factory = sqlite3.Row
-        return [dict(row) for row in conn.execute(query, params)]
+        # packed JSON texts (migration 008) read as the text they hold
+        return [unpack_row(dict(row)) for row in conn.execute(query, params)]
 
 
 def recorded_ids(db: Path) -> list[str]:
