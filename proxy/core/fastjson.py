@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
@@ -24,16 +25,18 @@ _LONG_NUMBER_BYTES: Final = re.compile(rb"[0-9][0-9]{18}")
 only), so such texts (rare: also ids and digits inside strings) go to the standard library."""
 
 
-def loads(text: str | bytes) -> Any:
-    """The value of the JSON document `text`, as `json.loads(text)` returns it.
+def loads(text: str | bytes, parse_constant: Callable[[str], Any] | None = None) -> Any:
+    """The value of the JSON document `text`, as `json.loads(text)` returns it (with
+    `parse_constant`, as `json.loads(text, parse_constant=parse_constant)`: orjson refuses the
+    NaN and Infinity literals, so only the standard library ever sees them).
 
     Raises `json.JSONDecodeError` (a ValueError) when the standard library would, TypeError for
     a value that is neither str nor bytes.
     """
     pattern = _LONG_NUMBER_BYTES if isinstance(text, bytes) else _LONG_NUMBER
     if pattern.search(text) is not None:  # type: ignore[arg-type]
-        return json.loads(text)
+        return json.loads(text, parse_constant=parse_constant)
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        return json.loads(text)
+        return json.loads(text, parse_constant=parse_constant)

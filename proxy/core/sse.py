@@ -11,9 +11,10 @@ and the final `usage` chunk that `stream_options.include_usage` adds. Every othe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from proxy.core import fastjson
 
 DONE = "[DONE]"
 
@@ -187,7 +188,7 @@ class StreamAssembler:
             self.done = True
             return
         try:
-            chunk = json.loads(payload)
+            chunk = fastjson.loads(payload)
         except ValueError:
             self.invalid_events += 1
             return
@@ -348,7 +349,7 @@ class ResponsesStreamAssembler:
 
     def _event(self, payload: str) -> None:
         try:
-            event = json.loads(payload)
+            event = fastjson.loads(payload)
         except ValueError:
             self.invalid_events += 1
             return
