@@ -392,6 +392,9 @@ class Redactor:
         self._steps = steps
         self._pii = bool(kinds)
         self.kinds = tuple(kinds)
+        # The rules and the pre-check's tables, built here rather than by the first call (the
+        # proxy builds its Redactor at start-up, before it freezes the start-up heap).
+        _hint_index()
 
     def __call__(self, text: str | None) -> str | None:
         """The redacted plain text (None stays None); lone surrogates become U+FFFD."""

@@ -2,8 +2,9 @@
 
 The request path only builds an `ExchangeRecord` and calls `Recorder.submit()` (never blocks,
 never raises). The writer turns records into rows (JSON encoding, usage extraction) and writes a
-batch every `flush_interval` or `batch_size` records, whichever comes first. `stop()` drains the
-queue, so a clean shutdown loses nothing.
+batch every `flush_interval` or `batch_size` records, whichever comes first (on a SQLite file,
+through a handle on a thread of its own: `proxy.recording.writer`). `stop()` drains the queue,
+so a clean shutdown loses nothing.
 """
 
 from __future__ import annotations
