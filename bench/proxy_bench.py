@@ -27,8 +27,9 @@ variant: {port}, {upstream} and {db} are filled in). Exit status 1 when the reco
 
 A database already holding N exchanges underneath (issue 13: the tail with a big database):
 `--prefill 1000000` builds one with `bench.bench_export.build` (the recorder's own row path,
-3-step tool-use conversations) into `--prefill-db PATH` (default: a file per N in the system's
-temporary directory), once: later runs reuse that file and copy it for the proxy to write into.
+3-step tool-use conversations) into `--prefill-db PATH` (default: a file per N in
+`~/.cache/understudy-bench/`), once: later runs reuse that file and copy it for the proxy to
+write into.
 The recording check then counts only the exchanges the run added.
 """
 
@@ -378,10 +379,11 @@ def prefilled(db: Path) -> tuple[int, int]:
 
 def prefill_path(args: argparse.Namespace) -> Path:
     """The cached prefilled database for `--prefill N` (`--prefill-db`, else one per N in the
-    system's temporary directory)."""
+    user's cache directory, `$XDG_CACHE_HOME` or `~/.cache`: temporary directories get swept)."""
     if args.prefill_db is not None:
         return Path(args.prefill_db)
-    return Path(tempfile.gettempdir()) / f"understudy-bench-prefill-{args.prefill}.db"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "understudy-bench" / f"prefill-{args.prefill}.db"
 
 
 def prepare_prefill(args: argparse.Namespace, console: Console) -> Path:
@@ -397,6 +399,7 @@ def prepare_prefill(args: argparse.Namespace, console: Console) -> Path:
             return path
         console.print(f"{path} holds {count:,} exchanges, fewer than {args.prefill:,}: rebuilding")
         path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".building")
     for leftover in (partial, *(partial.with_name(partial.name + x) for x in ("-wal", "-shm"))):
         leftover.unlink(missing_ok=True)
@@ -728,7 +731,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--prefill-db",
         default=None,
-        help="where the --prefill database is cached (default: one per N in the temp directory)",
+        help="where the --prefill database is cached (default: ~/.cache/understudy-bench/)",
     )
     args = parser.parse_args(argv)
     if args.quick:
