@@ -19,10 +19,38 @@ import orjson
 
 __all__ = ["loads"]
 
-_LONG_NUMBER: Final = re.compile(r"[0-9][0-9]{18}")
-_LONG_NUMBER_BYTES: Final = re.compile(rb"[0-9][0-9]{18}")
-"""19 digits in a row: an integer orjson might turn into a float (it keeps 64-bit integers
-only), so such texts (rare: also ids and digits inside strings) go to the standard library."""
+_DIGITS: Final = re.compile(r"[0-9][0-9]{18}")
+_DIGITS_BYTES: Final = re.compile(rb"[0-9][0-9]{18}")
+_DIGITS_ONLY: Final = bytes(c if 48 <= c <= 57 else 32 for c in range(256)).replace(
+    b"123456789", b"000000000"
+)
+"""`bytes.translate` table: every digit becomes `0`, every other byte a space."""
+_NUMBER_STARTS: Final = frozenset(" \t\n\r:,[-")
+_NUMBER_STARTS_BYTES: Final = frozenset(b" \t\n\r:,[-")
+"""19 digits in a row where a JSON number's integer part can start (at the start of the text, or
+after JSON whitespace, `:`, `,`, `[` or a minus sign) may be an integer orjson would turn into a
+float (it keeps 64-bit integers only): such texts go to the standard library. A run of digits
+after a letter (inside a string: ids such as `chatcmpl-...0000000000000000000`) is no number;
+after a space or colon it may be one (the text is then merely parsed more slowly). The quick
+first look (most texts have no 19 digits in a row at all) is one `bytes.translate` and one
+substring search over the UTF-8 bytes, where digits are the same bytes."""
+
+
+def _may_hold_a_long_integer(text: str | bytes) -> bool:
+    data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    if b"0000000000000000000" not in data.translate(_DIGITS_ONLY):
+        return False
+    if isinstance(text, bytes):
+        for match in _DIGITS_BYTES.finditer(text):
+            at = match.start()
+            if at == 0 or text[at - 1] in _NUMBER_STARTS_BYTES:
+                return True
+        return False
+    for found in _DIGITS.finditer(text):
+        at = found.start()
+        if at == 0 or text[at - 1] in _NUMBER_STARTS:
+            return True
+    return False
 
 
 def loads(text: str | bytes, parse_constant: Callable[[str], Any] | None = None) -> Any:
@@ -33,8 +61,7 @@ def loads(text: str | bytes, parse_constant: Callable[[str], Any] | None = None)
     Raises `json.JSONDecodeError` (a ValueError) when the standard library would, TypeError for
     a value that is neither str nor bytes.
     """
-    pattern = _LONG_NUMBER_BYTES if isinstance(text, bytes) else _LONG_NUMBER
-    if pattern.search(text) is not None:  # type: ignore[arg-type]
+    if _may_hold_a_long_integer(text):
         return json.loads(text, parse_constant=parse_constant)
     try:
         return orjson.loads(text)

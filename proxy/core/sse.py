@@ -11,10 +11,9 @@ and the final `usage` chunk that `stream_options.include_usage` adds. Every othe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
-
-from proxy.core import fastjson
 
 DONE = "[DONE]"
 
@@ -188,7 +187,7 @@ class StreamAssembler:
             self.done = True
             return
         try:
-            chunk = fastjson.loads(payload)
+            chunk = json.loads(payload)
         except ValueError:
             self.invalid_events += 1
             return
@@ -349,7 +348,7 @@ class ResponsesStreamAssembler:
 
     def _event(self, payload: str) -> None:
         try:
-            event = fastjson.loads(payload)
+            event = json.loads(payload)
         except ValueError:
             self.invalid_events += 1
             return
