@@ -24,6 +24,13 @@ Run (from the repository root, in the project's venv):
 Options: --requests N, --duration S, --connections C, --generator auto|python|wrk (auto: wrk when
 installed, else the built-in asyncio generator), --out FILE, --proxy-command "CMD ..." (measure a
 variant: {port}, {upstream} and {db} are filled in). Exit status 1 when the recording check fails.
+
+A database already holding N exchanges underneath (issue 13: the tail with a big database):
+`--prefill 1000000` builds one with `bench.bench_export.build` (the recorder's own row path,
+3-step tool-use conversations) into `--prefill-db PATH` (default: a file per N in
+`~/.cache/understudy-bench/`), once: later runs reuse that file and copy it for the proxy to
+write into.
+The recording check then counts only the exchanges the run added.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -337,13 +345,21 @@ def fidelity_check(ports: dict[str, int]) -> list[str]:
     return problems
 
 
-def count_recorded(db: Path) -> dict[str, Any]:
+def count_recorded(db: Path, after_rowid: int = 0) -> dict[str, Any]:
+    """Exchanges (by kind, stream and outcome) and trajectories written to `db` after the
+    exchange with rowid `after_rowid` (0: all; see `prefilled`)."""
     with sqlite3.connect(db) as conn:
-        total = conn.execute("SELECT count(*) FROM exchanges").fetchone()[0]
+        total = conn.execute(
+            "SELECT count(*) FROM exchanges WHERE rowid > ?", (after_rowid,)
+        ).fetchone()[0]
         by = conn.execute(
-            "SELECT kind, stream, outcome, count(*) FROM exchanges GROUP BY kind, stream, outcome"
+            "SELECT kind, stream, outcome, count(*) FROM exchanges WHERE rowid > ? "
+            "GROUP BY kind, stream, outcome",
+            (after_rowid,),
         ).fetchall()
-        trajectories = conn.execute("SELECT count(*) FROM trajectories").fetchone()[0]
+        trajectories = conn.execute(
+            "SELECT count(DISTINCT trajectory_id) FROM exchanges WHERE rowid > ?", (after_rowid,)
+        ).fetchone()[0]
     return {
         "exchanges": int(total),
         "trajectories": int(trajectories),
@@ -352,6 +368,47 @@ def count_recorded(db: Path) -> dict[str, Any]:
             for k, s, o, n in by
         },
     }
+
+
+def prefilled(db: Path) -> tuple[int, int]:
+    """(exchanges, highest exchange rowid) already in `db` before the run."""
+    with sqlite3.connect(db) as conn:
+        count, last = conn.execute("SELECT count(*), max(rowid) FROM exchanges").fetchone()
+    return int(count), int(last or 0)
+
+
+def prefill_path(args: argparse.Namespace) -> Path:
+    """The cached prefilled database for `--prefill N` (`--prefill-db`, else one per N in the
+    user's cache directory, `$XDG_CACHE_HOME` or `~/.cache`: temporary directories get swept)."""
+    if args.prefill_db is not None:
+        return Path(args.prefill_db)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "understudy-bench" / f"prefill-{args.prefill}.db"
+
+
+def prepare_prefill(args: argparse.Namespace, console: Console) -> Path:
+    """The cached database of `args.prefill` exchanges, built first when missing (into a
+    temporary name, renamed when complete, so a build cut short is never reused)."""
+    from bench.bench_export import build
+
+    path = prefill_path(args)
+    if path.exists():
+        count, _ = prefilled(path)
+        if count >= args.prefill:
+            console.print(f"prefilled database: {path} ({count:,} exchanges, reused)")
+            return path
+        console.print(f"{path} holds {count:,} exchanges, fewer than {args.prefill:,}: rebuilding")
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".building")
+    for leftover in (partial, *(partial.with_name(partial.name + x) for x in ("-wal", "-shm"))):
+        leftover.unlink(missing_ok=True)
+    trajectories = -(-args.prefill // 3)  # bench_export's conversations have 3 exchanges each
+    console.print(f"building a database of {3 * trajectories:,} exchanges in {partial} ...")
+    seconds = asyncio.run(build(partial, trajectories))
+    partial.rename(path)
+    console.print(f"  built in {seconds:.0f} s ({path.stat().st_size / 1e6:,.0f} MB)")
+    return path
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -596,7 +653,8 @@ served ~{LITELLM_RPS:.0f} requests/s on the same request.
         else ""
     }), {recording["answered_mock"]} (forwarded to the mock)
 - recorded exchanges after SIGTERM: {recording["exchanges"]} ({by_kind});
-  trajectories: {recording["trajectories"]}
+  trajectories: {recording["trajectories"]}; database underneath: {
+        recording["prefill"]:,} exchanges before the run
 - proxy shutdown (drain) took {recording["shutdown_s"]:.2f} s; recorder counters before it:
   {recording["recorder"]}
 - check: {"PASS" if recording["ok"] else "FAIL"}{"".join(f"; {p}" for p in problems)}
@@ -624,6 +682,7 @@ def print_tables(
     console.print(
         f"recording: answered {recording['answered_client']} (generator) / "
         f"{recording['answered_mock']} (mock), recorded {recording['exchanges']} "
+        f"(over {recording['prefill']:,} prefilled) "
         f"-> [{'green' if recording['ok'] else 'red'}]{'PASS' if recording['ok'] else 'FAIL'}[/]"
     )
     for problem in problems:
@@ -663,6 +722,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep-db", action="store_true", help="keep the SQLite file (its path is printed)"
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 500 requests, 3 s runs")
+    parser.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        help="exchanges already in the database underneath (built once, then reused)",
+    )
+    parser.add_argument(
+        "--prefill-db",
+        default=None,
+        help="where the --prefill database is cached (default: ~/.cache/understudy-bench/)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.warmup, args.duration, args.warmup_s = 500, 100, 3.0, 0.5
@@ -690,8 +760,13 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if "json" not in kinds:
         kinds.insert(0, "json")  # the targets are about JSON requests
+    source = prepare_prefill(args, console) if args.prefill > 0 else None
     tmp = Path(tempfile.mkdtemp(prefix="understudy-bench-"))
     db = tmp / "bench.db"
+    prefill_count = prefill_rowid = 0
+    if source is not None:
+        shutil.copyfile(source, db)
+        prefill_count, prefill_rowid = prefilled(db)
     mock_port, proxy_port = free_port(HOST), free_port(HOST)
     upstream = f"http://{HOST}:{mock_port}/v1"
     if args.proxy_command:
@@ -729,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         health = json.loads(http_get(proxy_port, "/health")[1])
         shutdown_s, output = stop_process(proxy)
         proxy = None
-        recorded = count_recorded(db)
+        recorded = count_recorded(db, prefill_rowid)
         checked = len(FIDELITY_KINDS)  # the fidelity check's requests
         answered_client = checked + sum(r.proxy_answered for r in results)
         answered_mock = checked + sum(r.mock_answered_via_proxy for r in results)
@@ -747,6 +822,7 @@ def main(argv: list[str] | None = None) -> int:
             "answered_mock": answered_mock,
             "shutdown_s": shutdown_s,
             "recorder": health.get("recorder"),
+            "prefill": prefill_count,
             "ok": ok and not problems,
         }
         print_tables(console, results, recording, problems)

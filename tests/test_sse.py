@@ -19,7 +19,14 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
-from proxy.core.sse import SSEParser, StreamAssembler
+from proxy.core.sse import (
+    CHAT_TERMINAL_MARKERS,
+    RESPONSES_TERMINAL_MARKERS,
+    DeferredAssembly,
+    ResponsesStreamAssembler,
+    SSEParser,
+    StreamAssembler,
+)
 from proxy.testing.fake_openai import _stream_chunks, plan_message
 
 
@@ -535,3 +542,107 @@ def test_matches_the_openai_sdk_accumulator(seed: int) -> None:
         for c in sdk_message.tool_calls or []
     ]
     assert (ours["choices"][0]["message"].get("tool_calls") or []) == sdk_calls
+
+
+# -- deferred assembly (one parse when the terminal event may have arrived) ----------------------
+
+
+def feed_deferred(
+    parts: list[bytes], make: Any, markers: tuple[bytes, ...]
+) -> tuple[DeferredAssembly, Any, list[bool], list[bool]]:
+    """Feed `parts` to a DeferredAssembly and to a plain assembler; (deferred, plain, `done`
+    after each part for both)."""
+    deferred, plain = DeferredAssembly(make(), markers), make()
+    done_deferred, done_plain = [], []
+    for part in parts:
+        deferred.feed(part)
+        plain.feed(part)
+        done_deferred.append(deferred.done)
+        done_plain.append(plain.done)
+    return deferred, plain, done_deferred, done_plain
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_deferred_chat_assembly_turns_done_on_the_same_chunk_with_the_same_answer(
+    seed: int,
+) -> None:
+    """Split anywhere (also inside `[DONE]`): `done` turns true on the chunk that completes
+    the terminal event, as with per-chunk feeding, and the answer is the same."""
+    rng = random.Random(7000 + seed)
+    data = sse(parallel_tool_stream(), newline=rng.choice(["\n", "\r\n"]))
+    done_at = data.index(b"[DONE]")
+    cuts = [rng.randrange(1, len(data)) for _ in range(rng.randrange(1, 40))]
+    cuts += [done_at + rng.randrange(0, 6)]  # a cut inside the marker itself
+    deferred, plain, done_deferred, done_plain = feed_deferred(
+        pieces(data, cuts), StreamAssembler, CHAT_TERMINAL_MARKERS
+    )
+    assert done_deferred == done_plain
+    assert any(done_deferred)
+    assert deferred.result() == plain.result()
+    assert deferred.chunks == plain.chunks
+
+
+def test_deferred_assembly_waits_for_the_marker_then_parses_everything() -> None:
+    """Before a marker nothing is parsed (done stays false); the result asked early parses what
+    was collected; close() flushes a stream that never ends with [DONE]."""
+    events = parallel_tool_stream()
+    head = sse(events[:-1])
+    deferred = DeferredAssembly(StreamAssembler(), CHAT_TERMINAL_MARKERS)
+    deferred.feed(head)
+    assert not deferred.done
+    assert deferred.result()["choices"][0]["message"] == EXPECTED_PARALLEL_MESSAGE
+    deferred.feed(b"data: [DO")
+    assert not deferred.done
+    deferred.feed(b"NE]\n\n")
+    assert deferred.done
+    unfinished = DeferredAssembly(StreamAssembler(), CHAT_TERMINAL_MARKERS)
+    unfinished.feed(head + b'data: {"id": "x", "choices": []}')  # no blank line, no [DONE]
+    unfinished.close()
+    assert unfinished.chunks == assemble(head + b'data: {"id": "x", "choices": []}').chunks
+
+
+def test_deferred_assembly_sees_an_error_event() -> None:
+    data = sse([{"error": {"message": "overloaded", "type": "server_error"}}])
+    deferred = DeferredAssembly(StreamAssembler(), CHAT_TERMINAL_MARKERS)
+    deferred.feed(data)
+    assert deferred.error == {"error": {"message": "overloaded", "type": "server_error"}}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_deferred_responses_assembly_matches_per_chunk_feeding(seed: int) -> None:
+    """The fake upstream's Responses stream (function call, text) split anywhere: `done` on the
+    same chunk, the same response; an escaped type still ends the stream on time."""
+    rng = random.Random(9000 + seed)
+    events = [
+        {"type": "response.created", "sequence_number": 0, "response": {"id": "r", "output": []}},
+        {
+            "type": "response.output_item.added",
+            "sequence_number": 1,
+            "output_index": 0,
+            "item": {"type": "message", "id": "m", "content": []},
+        },
+        {
+            "type": "response.output_text.delta",
+            "sequence_number": 2,
+            "output_index": 0,
+            "content_index": 0,
+            "delta": "hello é",
+        },
+        {
+            "type": "response.completed",
+            "sequence_number": 3,
+            "response": {"id": "r", "status": "completed", "output": []},
+        },
+    ]
+    text = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+    if seed % 2:  # the terminal type spelled with escapes only: no marker but `\u`
+        text = text.replace('"type": "response.completed"', '"type": "response\\u002ecompleted"')
+        text = text.replace("event: response.completed", "event: done")
+    data = text.encode()
+    cuts = [rng.randrange(1, len(data)) for _ in range(rng.randrange(1, 30))]
+    deferred, plain, done_deferred, done_plain = feed_deferred(
+        pieces(data, cuts), ResponsesStreamAssembler, RESPONSES_TERMINAL_MARKERS
+    )
+    assert done_deferred == done_plain
+    assert done_deferred[-1]
+    assert deferred.result() == plain.result()

@@ -65,6 +65,11 @@ class SSEParser:
         out = self.feed(b"\n\n") if self._buffer or self._data else []
         return out
 
+    @property
+    def partial(self) -> bool:
+        """An event has begun (a line or data lines) and not yet ended with its blank line."""
+        return bool(self._buffer or self._data)
+
 
 # Keys whose value names a thing rather than adding to it: kept once, never concatenated.
 _IDENTITY_KEYS = frozenset({"id", "type", "index", "expires_at"})
@@ -171,6 +176,11 @@ class StreamAssembler:
         """Flush an unterminated last event (streams that end without a blank line)."""
         for payload in self._parser.close():
             self._event(payload)
+
+    @property
+    def partial(self) -> bool:
+        """Bytes fed so far end inside an event (see `SSEParser.partial`)."""
+        return self._parser.partial
 
     def _event(self, payload: str) -> None:
         if payload.strip() == DONE:
@@ -331,6 +341,11 @@ class ResponsesStreamAssembler:
         for payload in self._parser.close():
             self._event(payload)
 
+    @property
+    def partial(self) -> bool:
+        """Bytes fed so far end inside an event (see `SSEParser.partial`)."""
+        return self._parser.partial
+
     def _event(self, payload: str) -> None:
         try:
             event = json.loads(payload)
@@ -433,3 +448,79 @@ class ResponsesStreamAssembler:
         if not self.done and self._response is not None:
             response["status"] = "incomplete"
         return response
+
+
+CHAT_TERMINAL_MARKERS = (b"[DONE]",)
+"""Bytes every chunk holding a chat stream's terminal event (`data: [DONE]`) contains."""
+RESPONSES_TERMINAL_MARKERS = (*(kind.encode() for kind in RESPONSES_TERMINAL), b"error", b"\\u")
+"""Bytes every chunk holding a Responses stream's terminal event contains (its type, or an
+`error` event); a `\\u` escape could spell a type in other bytes, so it counts as one too."""
+
+
+class DeferredAssembly:
+    """An assembler (`StreamAssembler`, `ResponsesStreamAssembler`: with `partial`) fed lazily: the stream's
+    decoded bytes are collected as they arrive and handed to it in one piece when a chunk may
+    hold the terminal event (one of `markers` appears in it, also across the boundary with the
+    chunk before), at `close()`, or when `error`, `chunks` or `result()` are asked for. The
+    answer is the same as feeding each chunk at once; `done` turns true on the same chunk.
+
+    For a stream of many small reads this parses once instead of once per read (the events are
+    still parsed before the chunk holding the terminal event is passed on, so the exchange can
+    be recorded first). markers: non-empty byte strings.
+    """
+
+    def __init__(self, assembler: Any, markers: tuple[bytes, ...]) -> None:
+        self._assembler = assembler
+        self._markers = markers
+        self._overlap = max(map(len, markers)) - 1
+        self._pending: list[bytes] = []
+        self._tail = b""
+        self._eager = False  # the last parse ended inside an event: parse the next chunk too
+
+    def feed(self, data: bytes) -> None:
+        """Collect raw (decoded) stream bytes; parse what was collected when `data` may end the
+        stream, or may end an event begun in what was parsed last (a marker seen before its
+        event's blank line arrived)."""
+        if not data:
+            return
+        self._pending.append(data)
+        edge = self._tail + data[: self._overlap] if self._tail else b""
+        if self._eager or any(marker in data or marker in edge for marker in self._markers):
+            self._flush()
+            self._eager = bool(self._assembler.partial)
+        if len(data) >= self._overlap:
+            self._tail = data[len(data) - self._overlap :] if self._overlap else b""
+        else:
+            self._tail = (self._tail + data)[-self._overlap :]
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending = []
+            self._assembler.feed(data)
+
+    def close(self) -> None:
+        """End of stream: parse what is collected, then flush an unterminated last event."""
+        self._flush()
+        self._assembler.close()
+
+    @property
+    def done(self) -> bool:
+        """The terminal event arrived (in a chunk already fed)."""
+        return bool(self._assembler.done)
+
+    @property
+    def error(self) -> Any:
+        self._flush()
+        return self._assembler.error
+
+    @property
+    def chunks(self) -> int:
+        self._flush()
+        return int(self._assembler.chunks)
+
+    def result(self) -> dict[str, Any]:
+        """The assembled answer of everything fed so far (see the wrapped assembler)."""
+        self._flush()
+        result: dict[str, Any] = self._assembler.result()
+        return result

@@ -4,11 +4,11 @@ API shares, nesting depth, and the client-chosen trajectory id. Errors are `Inva
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.requests import Request
 
+from proxy.core import fastjson
 from proxy.core.redaction import redact_identifier
 from proxy.http.errors import InvalidRequest
 from proxy.recording.stitching import MAX_TRAJECTORY_ID_LENGTH, TRAJECTORY_HEADER
@@ -63,7 +63,7 @@ def parse_json_object(raw: bytes) -> tuple[dict[str, Any], str]:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"request body is not UTF-8: {exc}", code="invalid_json") from exc
     try:
-        body = json.loads(text, parse_constant=_refuse_constant)
+        body = fastjson.loads(text, parse_constant=_refuse_constant)
     except ValueError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     except RecursionError as exc:

@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from proxy.core.canonical import chain_hash, response_message
 from proxy.core.promotion import promote_tool_calls
-from proxy.core.sse import StreamAssembler
+from proxy.core.sse import CHAT_TERMINAL_MARKERS, DeferredAssembly, StreamAssembler
 from proxy.http.errors import InvalidRequest
 from proxy.http.pipeline import (
     EXCHANGE_HEADER,
@@ -82,8 +82,9 @@ class ChatApi(RecordedApi):
     ) -> Link:
         return await proxy.stitcher.link(body["messages"], explicit_id, id_source)
 
-    def assembler(self) -> StreamAssembler:
-        return StreamAssembler()
+    def assembler(self) -> DeferredAssembly:
+        """A chat-completions assembler, fed in one pass when `[DONE]` may have arrived."""
+        return DeferredAssembly(StreamAssembler(), CHAT_TERMINAL_MARKERS)
 
     async def remember(self, exchange: Exchange, response: dict[str, Any]) -> None:
         """Every choice's message closes a state (`n > 1`: the app may continue any of them);

@@ -105,8 +105,6 @@ class LimitedProtocol(HttpToolsProtocol):
         if self._refused:
             return
         if self._reading_headers:
-            if not self._header_bytes:
-                self._arm(self.header_timeout_s)
             end = data.find(b"\r\n\r\n")
             self._header_bytes += len(data) if end < 0 else end + 4
             if self._header_bytes > self.max_header_bytes:
@@ -116,9 +114,16 @@ class LimitedProtocol(HttpToolsProtocol):
                     f"request headers are over {self.max_header_bytes} bytes",
                 )
                 return
-        elif self._in_body:
-            self._arm(self.body_timeout_s)
         super().data_received(data)
+        # One timer for what this read leaves awaited, armed after the parser ran: a request that
+        # arrives whole in one read (the usual case) arms none.
+        if self._refused or self.transport is None or self.transport.is_closing():
+            return
+        if self._reading_headers and self._header_bytes:
+            if self._timer is None:  # the headers' deadline runs from their first byte
+                self._arm(self.header_timeout_s)
+        elif self._in_body:
+            self._arm(self.body_timeout_s)  # a body must make progress every body_timeout_s
 
     def on_message_begin(self) -> None:
         self._header_count = 0
@@ -138,8 +143,7 @@ class LimitedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._reading_headers = False
         self._header_bytes = 0
-        self._in_body = True
-        self._arm(self.body_timeout_s)
+        self._in_body = True  # the body timer is armed once this read is parsed (data_received)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

@@ -21,13 +21,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import aiohttp
 import anyio
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from proxy.core.routing import ROUTE_HEADER, RouteHeaderError, decide_route
 from proxy.http.body import (
@@ -40,6 +40,7 @@ from proxy.http.body import (
 )
 from proxy.http.errors import InvalidRequest, error_body, error_response
 from proxy.http.paths import forward_path
+from proxy.http.relay import RelayResponse
 from proxy.http.state import ProxyState
 from proxy.http.teacher import Teacher, TeacherError
 from proxy.http.upstream import (
@@ -96,11 +97,20 @@ def client_key(headers: Any) -> str | None:
 
 class Assembler(Protocol):
     """Builds one answer from a stream's decoded bytes (`proxy.core.sse.StreamAssembler`,
-    `proxy.core.responses.ResponsesStreamAssembler`)."""
+    `proxy.core.responses.ResponsesStreamAssembler`, either behind
+    `proxy.core.sse.DeferredAssembly`)."""
 
-    done: bool  # the stream's terminal event arrived
-    error: Any  # an error object the stream carried, or None
-    chunks: int  # events that contributed to the answer
+    @property
+    def done(self) -> bool:
+        """The stream's terminal event arrived."""
+
+    @property
+    def error(self) -> Any:
+        """An error object the stream carried, or None."""
+
+    @property
+    def chunks(self) -> int:
+        """Events that contributed to the answer."""
 
     def feed(self, data: bytes) -> None: ...
 
@@ -367,13 +377,18 @@ async def _call(
         async def close() -> None:
             upstream.release()  # back to the pool; closed instead when the body was not all read
 
-        response = StreamingResponse(
+        def ended() -> bool:
+            """The exchange is recorded and the upstream body complete: no chunk can follow."""
+            return exchange.submitted.is_set() and upstream.content.at_eof()
+
+        response = RelayResponse(
             relay_stream(
                 exchange,
                 upstream.content.iter_any(),
                 BodyDecoder(upstream.headers.get("content-encoding")),
                 close,
-            )
+            ),
+            ended=ended,
         )
         response.raw_headers = [*response_headers(upstream.raw_headers), *exchange.own_headers]
         return response
@@ -422,7 +437,7 @@ async def relay_stream(
     chunks: AsyncIterator[bytes],
     decoder: BodyDecoder,
     close: Callable[[], Awaitable[None]],
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """SSE: yield each chunk as it arrives; assemble a decoded copy on the side.
 
     The new state is remembered before the chunk holding the terminal event (`[DONE]`,
@@ -482,8 +497,13 @@ async def relay_stream(
             record.error_text = json.dumps(
                 error_body("the proxy could not assemble this stream", "server_error")
             )
-        if assembler.error is not None:
-            record.error_text = json.dumps(assembler.error)
+        carried: Any = None  # an error object the stream carried
+        try:
+            carried = assembler.error
+        except Exception:
+            log.exception("%s: assembling the stream failed", exchange.api.kind)
+        if carried is not None:
+            record.error_text = json.dumps(carried)
         exchange.finish()
 
 
@@ -510,7 +530,7 @@ async def _teacher_call(
         async def close() -> None:
             await events.aclose()  # type: ignore[attr-defined]
 
-        response: Response = StreamingResponse(
+        response: Response = RelayResponse(
             relay_stream(exchange, events, BodyDecoder(None), close),
             media_type="text/event-stream",
         )

@@ -36,7 +36,11 @@ from starlette.responses import Response, StreamingResponse
 
 from proxy.core import responses as items_core
 from proxy.core.redaction import loggable_error
-from proxy.core.sse import ResponsesStreamAssembler
+from proxy.core.sse import (
+    RESPONSES_TERMINAL_MARKERS,
+    DeferredAssembly,
+    ResponsesStreamAssembler,
+)
 from proxy.http.conversations import (
     conversation_history,
     forward_whole,
@@ -126,8 +130,9 @@ class ResponsesApi(RecordedApi):
         link = await proxy.stitcher.link_responses(resent, explicit_id, id_source)
         return dataclasses.replace(link, context=tuple(history))
 
-    def assembler(self) -> ResponsesStreamAssembler:
-        return ResponsesStreamAssembler()
+    def assembler(self) -> DeferredAssembly:
+        """A Responses assembler, fed in one pass when a terminal event may have arrived."""
+        return DeferredAssembly(ResponsesStreamAssembler(), RESPONSES_TERMINAL_MARKERS)
 
     async def remember(self, exchange: Exchange, response: dict[str, Any]) -> None:
         """State: the request hash chained over the output items; and the response id, whose

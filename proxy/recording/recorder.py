@@ -2,8 +2,9 @@
 
 The request path only builds an `ExchangeRecord` and calls `Recorder.submit()` (never blocks,
 never raises). The writer turns records into rows (JSON encoding, usage extraction) and writes a
-batch every `flush_interval` or `batch_size` records, whichever comes first. `stop()` drains the
-queue, so a clean shutdown loses nothing.
+batch every `flush_interval` or `batch_size` records, whichever comes first (on a SQLite file,
+through a handle on a thread of its own: `proxy.recording.writer`). `stop()` drains the queue,
+so a clean shutdown loses nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import orjson
 
 from proxy.core.redaction import Redactor, loggable_error
 from proxy.recording.journal import Journal, Segment, WriteAhead
+from proxy.recording.writer import WriterThread, can_write_on_a_thread
 from proxy.storage import Database
 from proxy.storage.recovery import existing_exchange_ids, ping
 from proxy.storage.rows import exchange_row, trajectory_meta, trajectory_rows
@@ -197,8 +199,11 @@ class Recorder:
         buffer_bytes: int = 256 * 1024 * 1024,
         retry_interval_s: float = 1.0,
         write_ahead: bool = True,
+        write_thread: bool = True,
     ) -> None:
         self._db = db
+        self._write_thread = write_thread
+        self._writer: WriterThread | None = None
         self.journal = journal
         self._redact = redactor or Redactor()
         self._flush_interval_s = flush_interval_s
@@ -327,7 +332,16 @@ class Recorder:
 
     async def start(self) -> None:
         """Own a journal file, replay what earlier runs left (this file's, its write-ahead
-        files, and those of processes that are gone), then start the writer task."""
+        files, and those of processes that are gone), then start the writer task. With
+        `write_thread` (the default) and a SQLite file, batches are written on a thread of their
+        own (`proxy.recording.writer`); should that handle not open, through `db` itself."""
+        if self._write_thread and can_write_on_a_thread(self._db):
+            writer = WriterThread()
+            try:
+                await writer.open(self._db)
+                self._writer = writer
+            except Exception as exc:
+                log.warning("writing on the event loop: no writer thread (%s)", loggable_error(exc))
         try:
             self.journal.claim()
         except OSError:
@@ -379,6 +393,21 @@ class Recorder:
         if self.wal is not None:
             self.wal.close()
         self.journal.release()
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await writer.close()
+
+    async def _store(
+        self,
+        exchange_rows: list[dict[str, Any]],
+        trajectory_rows: list[dict[str, Any]],
+        shadow_rows: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """`Database.write_exchanges`, on the writer thread when there is one."""
+        if self._writer is not None:
+            await self._writer.write(exchange_rows, trajectory_rows, shadow_rows or ())
+        else:
+            await self._db.write_exchanges(exchange_rows, trajectory_rows, shadow_rows or ())
 
     def _take(self, limit: int) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -442,9 +471,7 @@ class Recorder:
         shadows = [p.line["shadow"] for p in batch if "shadow" in p.line]
         try:
             self._db.check_file()
-            await self._db.write_exchanges(
-                [row for row, _ in entries], trajectory_rows(entries), shadows
-            )
+            await self._store([row for row, _ in entries], trajectory_rows(entries), shadows)
         except Exception as exc:
             self.stats["failed_batches"] += 1
             if not retrying:
@@ -510,9 +537,7 @@ class Recorder:
         held = await existing_exchange_ids(self._db, [row["id"] for row, _ in entries])
         entries = [(row, meta) for row, meta in entries if row["id"] not in held]
         try:
-            await self._db.write_exchanges(
-                [row for row, _ in entries], trajectory_rows(entries), shadows
-            )
+            await self._store([row for row, _ in entries], trajectory_rows(entries), shadows)
         except Exception as exc:
             if is_transient(exc):
                 raise  # keep the journal for the next attempt
@@ -533,7 +558,7 @@ class Recorder:
         refused: list[dict[str, Any]] = []
         for row, meta in entries:
             try:
-                await self._db.write_exchanges([row], trajectory_rows([(row, meta)]))
+                await self._store([row], trajectory_rows([(row, meta)]))
                 written += 1
             except Exception as exc:
                 if is_transient(exc):
@@ -541,7 +566,7 @@ class Recorder:
                 refused.append({"exchange": row, "trajectory": meta})
         for shadow in shadows:
             try:
-                await self._db.write_exchanges([], [], [shadow])
+                await self._store([], [], [shadow])
                 written += 1
             except Exception as exc:
                 if is_transient(exc):
