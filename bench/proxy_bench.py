@@ -55,7 +55,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from rich.console import Console
 from rich.table import Table
@@ -104,12 +104,18 @@ def http_post(port: int, body: bytes, path: str = PATH) -> tuple[int, list[tuple
 
 
 def wait_ready(
-    process: subprocess.Popen[bytes], port: int, path: str, timeout: float = 60.0
+    process: subprocess.Popen[bytes],
+    port: int,
+    path: str,
+    timeout: float = 60.0,
+    log: BinaryIO | None = None,
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+            output = read_log(log) if log is not None else ""
+            if process.stdout:
+                output += process.stdout.read().decode(errors="replace")
             raise RuntimeError(f"server exited with {process.returncode}:\n{output}")
         try:
             http_get(port, path, timeout=1.0)
@@ -119,10 +125,23 @@ def wait_ready(
     raise RuntimeError(f"server on port {port} did not answer {path} within {timeout:.0f}s")
 
 
-def start(command: list[str]) -> subprocess.Popen[bytes]:
+def start(command: list[str], log: BinaryIO | None = None) -> subprocess.Popen[bytes]:
+    """Start a server; its output goes to `log` (a file: a process that logs a lot, e.g. the
+    proxy while its database is gone, must never block on a full pipe), else to a pipe."""
     return subprocess.Popen(
-        command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        command,
+        cwd=ROOT,
+        env=child_env(),
+        stdout=log if log is not None else subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
+
+
+def read_log(log: BinaryIO) -> str:
+    """Everything written to `log` so far (see `start`)."""
+    log.flush()
+    log.seek(0)
+    return log.read().decode(errors="replace")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -789,11 +808,13 @@ def main(argv: list[str] | None = None) -> int:
         ]
     console.print(f"[bold]Understudy proxy benchmark[/] ({info['cpus']}, Python {info['python']})")
     mock = start([sys.executable, "-m", "bench.mock_upstream", "--port", str(mock_port)])
+    # Anonymous (nothing in a directory to sweep); closed in the `finally` below.
+    proxy_log = tempfile.TemporaryFile()  # noqa: SIM115
     proxy: subprocess.Popen[bytes] | None = None
     try:
         wait_ready(mock, mock_port, "/v1/models")
-        proxy = start(proxy_cmd)
-        wait_ready(proxy, proxy_port, "/health")
+        proxy = start(proxy_cmd, proxy_log)
+        wait_ready(proxy, proxy_port, "/health", log=proxy_log)
         ports = {"direct": mock_port, "proxy": proxy_port}
         pids = {"proxy": proxy.pid, "mock": mock.pid}
         problems = fidelity_check(ports)
@@ -802,7 +823,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             results.append(run_loop(measure_kind(kind, ports, pids, args, console)))
         health = json.loads(http_get(proxy_port, "/health")[1])
-        shutdown_s, output = stop_process(proxy)
+        shutdown_s, _ = stop_process(proxy)
+        output = read_log(proxy_log)
         proxy = None
         recorded = count_recorded(db, prefill_rowid)
         checked = len(FIDELITY_KINDS)  # the fidelity check's requests
@@ -833,6 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         if proxy is not None:
             stop_process(proxy)
         stop_process(mock)
+        proxy_log.close()
         if args.keep_db:
             console.print(f"database kept: {db}")
         else:
