@@ -8,8 +8,11 @@ default postgresql://postgres@127.0.0.1:5432/postgres), on a fresh PostgreSQL da
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from tests.support.exporter import (
 )
 from tests.support.inprocess import in_process_proxy
 from tests.support.inprocess import run_exporter as run_cli
+from tests.support.postgres import pg_admin, with_database
 
 TOOLS = [
     {
@@ -167,21 +171,54 @@ async def build_db(path: Path | str) -> dict[str, str]:
     return ids
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database to fill: a SQLite file, or a fresh database on the PostgreSQL test server."""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def filled(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """The scenario (`build_db`) written once per dialect and module: a SQLite file, or a
+    database on the PostgreSQL test server that each test's copy is made from (`TEMPLATE`).
+    Returns its location and the trajectory ids by name."""
     if request.param == "sqlite":
-        yield str(tmp_path / "filters.db")
+        path = str(tmp_path_factory.mktemp("filters") / "filters.db")
+        yield path, asyncio.run(build_db(path))
         return
-    yield request.getfixturevalue("pg_url")
+    server = request.getfixturevalue("postgres_server")
+    name = f"understudy_filters_{secrets.token_hex(6)}"  # hex only: safe as an identifier
+    asyncio.run(pg_admin(server, f'CREATE DATABASE "{name}"'))
+    try:
+        yield with_database(server, name), asyncio.run(build_db(with_database(server, name)))
+    finally:
+        asyncio.run(pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture
-async def db(target: str) -> Any:
-    path = target
-    ids = await build_db(path)
-    database = await Database.open(str(path), migrate=False, must_exist=True)
-    yield database, ids, path
+def target(
+    filled: tuple[str, dict[str, str]], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """A test's own copy of the filled database: a copy of the SQLite file, or a new database
+    on the PostgreSQL test server made from the filled one (dropped afterwards)."""
+    source, _ = filled
+    if "://" not in source:
+        copy = tmp_path / "filters.db"
+        for suffix in ("", "-wal", "-shm"):
+            if Path(source + suffix).exists():
+                shutil.copyfile(source + suffix, str(copy) + suffix)
+        yield str(copy)
+        return
+    server, template = request.getfixturevalue("postgres_server"), source.rpartition("/")[2]
+    name = f"understudy_test_{secrets.token_hex(6)}"
+    asyncio.run(pg_admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    try:
+        yield with_database(server, name)
+    finally:
+        asyncio.run(pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def db(target: str, filled: tuple[str, dict[str, str]]) -> Any:
+    """The test's copy of the scenario, open: (database, ids by name, its location)."""
+    database = await Database.open(target, migrate=False, must_exist=True)
+    yield database, filled[1], target
     await database.close()
 
 
