@@ -346,8 +346,14 @@ async def test_list_pages_walk_the_updated_index_and_never_scan_a_table(listed_d
     assert stages == {"keyset", "label", "details"}, stages
     for stage_name, statement, parameters in executed:
         plan = query_plan(listed_db, statement, parameters)
-        scans = [step for step in plan if step.startswith("SCAN") and " USING " not in step]
-        assert scans == [], (statement, plan)  # a full table scan grows with the table
+        # A full table scan grows with the table; a scan of `json_each(?)` (the keys bound as
+        # one JSON array) walks the parameter, not stored rows.
+        scans = [
+            step
+            for step in plan
+            if step.startswith("SCAN") and " USING " not in step and "VIRTUAL TABLE" not in step
+        ]
+        assert scans == [], (statement, plan)
         if stage_name == "keyset":
             assert any("ix_trajectories_updated_utc" in step for step in plan), (statement, plan)
             # ties of updated_utc are sorted by id; never every row of the table

@@ -215,7 +215,8 @@ class Recorder:
         self._idle = True
         self._buffer_limit = buffer_bytes
         self._held: collections.deque[_Pending] = collections.deque()
-        self.held_bytes = 0
+        self._held_bytes = 0  # of the records in `_held`
+        self._retrying_bytes = 0  # of held records taken out for a write that has not returned
         self._retry_interval_s = retry_interval_s
         self._wal_enabled = write_ahead
         self.wal: WriteAhead | None = None
@@ -223,6 +224,12 @@ class Recorder:
         self._replay_failing = False
         self._next_sync = 0.0  # time.monotonic() of the next fsync of the write-ahead log
         self.stats: Counter[str] = Counter()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of records only memory holds (neither database nor journal took them),
+        including those a retry is writing right now."""
+        return self._held_bytes + self._retrying_bytes
 
     @property
     def queue_depth(self) -> int:
@@ -304,10 +311,10 @@ class Recorder:
         except OSError as exc:
             kept = 0
             for pending in batch:
-                if self.held_bytes + pending.size > self._buffer_limit:
+                if self._held_bytes + pending.size > self._buffer_limit:
                     break
                 self._held.append(pending)
-                self.held_bytes += pending.size
+                self._held_bytes += pending.size
                 kept += 1
             self.stats["held"] += kept
             if kept < len(batch):
@@ -327,7 +334,7 @@ class Recorder:
         if self._held:  # the journal takes appends again: what memory holds goes there too
             held = list(self._held)
             self._held.clear()
-            self.held_bytes = 0
+            self._held_bytes = 0
             self._fall_back(held)
 
     async def start(self) -> None:
@@ -458,9 +465,15 @@ class Recorder:
     async def _retry_held(self) -> None:
         held = list(self._held)
         self._held.clear()
-        self.held_bytes = 0
+        self._held_bytes = 0
         for start in range(0, len(held), self._batch_size):
-            await self._write(held[start : start + self._batch_size], retrying=True)
+            chunk = held[start : start + self._batch_size]
+            size = sum(pending.size for pending in chunk)
+            self._retrying_bytes += size
+            try:
+                await self._write(chunk, retrying=True)  # what fails is held again
+            finally:
+                self._retrying_bytes -= size
 
     async def _write(self, batch: list[_Pending], *, retrying: bool = False) -> None:
         if not batch:
