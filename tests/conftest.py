@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from proxy.storage import Database
 from proxy.testing.servers import REPOSITORY_ROOT, serve_in_thread
 from tests.support.inprocess import InProcessProxy, ThreadedProxy, in_process_proxy, served_proxy
 from tests.support.postgres import DEFAULT_POSTGRES_URL, POSTGRES_URL_ENV, pg_admin, with_database
@@ -151,6 +152,22 @@ def pg_url(postgres_server: str) -> Iterator[str]:
 
 
 # -- in-process proxies ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database of each dialect: a SQLite path, or a new database on the test server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "test.db")
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def db(db_target: str) -> AsyncIterator[Database]:
+    """The migrated database of `db_target`, closed after the test."""
+    database = await Database.open(db_target)
+    yield database
+    await database.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +31,7 @@ from tests.support.exporter import completion, record, write_records
 # -- both dialects ----------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database of each dialect: a SQLite path, or a new database on the test server."""
-    if request.param == "sqlite":
-        return str(tmp_path / "browse.db")
-    return str(request.getfixturevalue("pg_url"))
-
-
-@pytest.fixture
-async def db(db_target: str) -> AsyncIterator[Database]:
-    """The migrated database of `db_target`."""
-    database = await Database.open(db_target)
-    yield database
-    await database.close()
+# `db_target` and `db` (each dialect, migrated): tests/conftest.py
 
 
 # -- data --------------------------------------------------------------------------------------

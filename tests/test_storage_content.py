@@ -9,12 +9,11 @@ import random
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select, text
+from sqlalchemy import event, func, select
 
 from proxy.core.packing import unpack_text
 from proxy.storage import Database, new_id
@@ -30,6 +29,7 @@ from proxy.storage.engine import create_engines, database_url
 from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.reading import LeafFilter, leaves_query, shadow_query, stream_batches
 from proxy.storage.schema import blobs, exchanges, trajectories
+from tests.support.migrations import apply_first_migrations
 from tests.support.shapes import SHAPES, TOOLS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,19 +37,7 @@ IMAGE = "data:image/png;base64," + base64.b64encode(random.Random(3).randbytes(1
 SYSTEM = {"role": "system", "content": "You are a support agent. Use the tools."}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database of each dialect: a SQLite path, or a new database on the test server."""
-    if request.param == "sqlite":
-        return str(tmp_path / "content.db")
-    return str(request.getfixturevalue("pg_url"))
-
-
-@pytest.fixture
-async def db(db_target: str) -> AsyncIterator[Database]:
-    database = await Database.open(db_target)
-    yield database
-    await database.close()
+# `db_target` and `db` (each dialect, migrated): tests/conftest.py
 
 
 # -- rows ----------------------------------------------------------------------------------------
@@ -346,18 +334,7 @@ async def legacy_database(target: str, rows: list[dict[str, Any]]) -> None:
     engine, request_engine = create_engines(database_url(target))
     try:
         async with engine.begin() as conn:
-            await conn.execute(
-                text(
-                    "CREATE TABLE understudy_migrations (name TEXT PRIMARY KEY, applied_utc TEXT NOT NULL)"
-                )
-            )
-            for migration in MIGRATIONS[:2]:
-                for statement in migration.statements:
-                    await conn.execute(text(statement))
-                await conn.execute(
-                    text("INSERT INTO understudy_migrations VALUES (:n, 'x')"),
-                    {"n": migration.name},
-                )
+            await apply_first_migrations(conn, 2)
             by_trajectory: dict[str, list[dict[str, Any]]] = {}
             for row in rows:
                 by_trajectory.setdefault(row["trajectory_id"], []).append(row)

@@ -9,12 +9,11 @@ import json
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select, text
+from sqlalchemy import event, select
 
 from proxy.core.canonical import chain_hash, prefix_hashes
 from proxy.core.packing import PACKED_HEX, PACKED_V1, pack_text, unpack_text
@@ -23,10 +22,10 @@ from proxy.storage import Database, new_id
 from proxy.storage.bodies import PACKED_COLUMNS, USAGE_OF_RESPONSE, BodyWriter
 from proxy.storage.browse import TrajectoryFilter, chart_rows, list_trajectories
 from proxy.storage.engine import create_engines, database_url
-from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.packing import pack_batch, packing_finished
 from proxy.storage.rows import exchange_row, trajectory_meta, trajectory_rows
 from proxy.storage.schema import blobs, exchanges, trajectories
+from tests.support.migrations import apply_first_migrations
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = [
@@ -41,19 +40,7 @@ TOOLS = [
 ]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database of each dialect: a SQLite path, or a new database on the test server."""
-    if request.param == "sqlite":
-        return str(tmp_path / "packed.db")
-    return str(request.getfixturevalue("pg_url"))
-
-
-@pytest.fixture
-async def db(db_target: str) -> AsyncIterator[Database]:
-    database = await Database.open(db_target)
-    yield database
-    await database.close()
+# `db_target` and `db` (each dialect, migrated): tests/conftest.py
 
 
 # -- rows, as the recorder builds them ------------------------------------------------------------
@@ -281,18 +268,7 @@ async def database_at_007(target: str, rows: list[dict[str, Any]]) -> None:
     engine, request_engine = create_engines(database_url(target))
     try:
         async with engine.begin() as conn:
-            await conn.execute(
-                text(
-                    "CREATE TABLE understudy_migrations (name TEXT PRIMARY KEY, applied_utc TEXT NOT NULL)"
-                )
-            )
-            for migration in MIGRATIONS[:7]:
-                for statement in migration.statements:
-                    await conn.execute(text(statement))
-                await conn.execute(
-                    text("INSERT INTO understudy_migrations VALUES (:n, 'x')"),
-                    {"n": migration.name},
-                )
+            await apply_first_migrations(conn, 7)
             prepared = BodyWriter(pack=False).prepare(
                 [{k: v for k, v in row.items() if k != "_meta"} for row in rows]
             )

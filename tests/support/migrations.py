@@ -1,0 +1,24 @@
+"""Databases as an older Understudy left them, for tests of a later migration's conversion."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from proxy.storage.migrations import MIGRATIONS
+
+
+async def apply_first_migrations(conn: AsyncConnection, count: int) -> None:
+    """Create the migrations table and apply the first `count` of `MIGRATIONS` on `conn`, each
+    recorded as applied: the schema a database had when migration `count` was the newest."""
+    await conn.execute(
+        text(
+            "CREATE TABLE understudy_migrations (name TEXT PRIMARY KEY, applied_utc TEXT NOT NULL)"
+        )
+    )
+    for migration in MIGRATIONS[:count]:
+        for statement in migration.statements:
+            await conn.execute(text(statement))
+        await conn.execute(
+            text("INSERT INTO understudy_migrations VALUES (:n, 'x')"), {"n": migration.name}
+        )
