@@ -7,8 +7,6 @@ import base64
 import json
 import random
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +27,9 @@ from proxy.storage.engine import create_engines, database_url
 from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.reading import LeafFilter, leaves_query, shadow_query, stream_batches
 from proxy.storage.schema import blobs, exchanges, trajectories
-from tests.support.migrations import apply_first_migrations
+from tests.support.migrations import apply_first_migrations, run_migrate_command
 from tests.support.shapes import SHAPES, TOOLS
 
-ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "data:image/png;base64," + base64.b64encode(random.Random(3).randbytes(150_000)).decode()
 SYSTEM = {"role": "system", "content": "You are a support agent. Use the tools."}
 
@@ -406,28 +403,14 @@ def test_the_migrate_command_converts_old_rows_and_says_so(tmp_path: Path) -> No
     path = tmp_path / "old.db"
     rows = agent_loop("cli", 4)
     asyncio.run(legacy_database(str(path), rows))
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy", "migrate", "--db", str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "applied: 003_content_addressed" in done.stdout
-    assert "converted 4 exchanges" in done.stdout
+    printed = run_migrate_command(path)
+    assert "applied: 003_content_addressed" in printed
+    assert "converted 4 exchanges" in printed
     with sqlite3.connect(path) as conn:
         assert conn.execute(
             "SELECT count(*) FROM exchanges WHERE request_refs_json IS NULL"
         ).fetchone() == (0,)
-    again = subprocess.run(
-        [sys.executable, "-m", "proxy", "migrate", "--db", str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert again.returncode == 0 and "converted" not in again.stdout
+    assert "converted" not in run_migrate_command(path)
 
 
 # -- through the proxy, with the official SDK (issue 16's recording gaps) -------------------------

@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +23,8 @@ from proxy.storage.engine import create_engines, database_url
 from proxy.storage.packing import pack_batch, packing_finished
 from proxy.storage.rows import exchange_row, trajectory_meta, trajectory_rows
 from proxy.storage.schema import blobs, exchanges, trajectories
-from tests.support.migrations import apply_first_migrations
+from tests.support.migrations import apply_first_migrations, run_migrate_command
 
-ROOT = Path(__file__).resolve().parent.parent
 TOOLS = [
     {
         "type": "function",
@@ -368,21 +365,10 @@ def test_the_migrate_command_packs_old_rows_and_says_so(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     asyncio.run(database_at_007(str(path), conversation("cli", 3, "Old answer.")))
 
-    def migrate() -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "proxy", "migrate", "--db", str(path)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    first = migrate()
+    first = run_migrate_command(path)
     assert "applied: 008_packed_texts" in first
     assert "packed the JSON texts of 8 rows" in first  # 3 exchanges, 5 request parts
     with contextlib.closing(sqlite3.connect(path)) as conn:
         kinds = conn.execute("SELECT DISTINCT typeof(response_json) FROM exchanges").fetchall()
     assert kinds == [("blob",)]
-    assert "packed" not in migrate()
+    assert "packed" not in run_migrate_command(path)

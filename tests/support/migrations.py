@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from proxy.storage.migrations import MIGRATIONS
+from proxy.testing.servers import REPOSITORY_ROOT
 
 
 async def apply_first_migrations(conn: AsyncConnection, count: int) -> None:
@@ -22,3 +27,17 @@ async def apply_first_migrations(conn: AsyncConnection, count: int) -> None:
         await conn.execute(
             text("INSERT INTO understudy_migrations VALUES (:n, 'x')"), {"n": migration.name}
         )
+
+
+def run_migrate_command(db: Path) -> str:
+    """Run `python -m proxy migrate --db DB` as a user would (a process, from the repository
+    root); assert it exits 0 and return what it printed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "migrate", "--db", str(db)],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
