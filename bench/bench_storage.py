@@ -51,6 +51,7 @@ from proxy.storage import Database, new_id
 from proxy.storage.bodies import WHOLE
 from proxy.storage.rows import exchange_row, trajectory_meta
 from proxy.storage.rows import trajectory_rows as trajectory_rows_of
+from proxy.testing.openai_shapes import chat_completion, openai_usage
 from proxy.testing.servers import REPOSITORY_ROOT as ROOT
 from proxy.testing.servers import child_env
 
@@ -236,34 +237,12 @@ def completion(
     """A `chat.completion` as the OpenAI API answers it (every field it sends, usage details)."""
     completion_tokens = 20 + 15 * len(answer.get("tool_calls") or []) + rng.randint(0, 60)
     cached = prompt_tokens // 1024 * 1024 if prompt_tokens >= 1024 else 0
-    return {
-        "id": f"chatcmpl-{_random_token(rng, 29)}",
-        "object": "chat.completion",
-        "created": created,
-        "model": "gpt-4.1-mini-2025-04-14",
-        "choices": [
-            {
-                "index": 0,
-                "message": answer,
-                "logprobs": None,
-                "finish_reason": "tool_calls" if answer.get("tool_calls") else "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-            "completion_tokens_details": {
-                "reasoning_tokens": 0,
-                "audio_tokens": 0,
-                "accepted_prediction_tokens": 0,
-                "rejected_prediction_tokens": 0,
-            },
-        },
-        "service_tier": "default",
-        "system_fingerprint": "fp_6f2eabb9a5",
-    }
+    return chat_completion(
+        answer,
+        completion_id=f"chatcmpl-{_random_token(rng, 29)}",
+        created=created,
+        usage=openai_usage(prompt_tokens, completion_tokens, cached),
+    )
 
 
 def rows_for(

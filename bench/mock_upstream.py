@@ -31,21 +31,12 @@ import time
 from email.utils import formatdate
 from typing import Any, cast
 
+from proxy.testing.openai_shapes import MODEL_SNAPSHOT, chat_completion, openai_usage
+
 COMPLETION_ID = "chatcmpl-BenchMock0000000000000000000"
-MODEL = "gpt-4.1-mini-2025-04-14"
+MODEL = MODEL_SNAPSHOT
 TOOL_ARGUMENTS = json.dumps({"order_id": "A-10442", "fields": ["status", "eta", "carrier"]})
-USAGE = {
-    "prompt_tokens": 512,
-    "completion_tokens": 27,
-    "total_tokens": 539,
-    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-    "completion_tokens_details": {
-        "reasoning_tokens": 0,
-        "audio_tokens": 0,
-        "accepted_prediction_tokens": 0,
-        "rejected_prediction_tokens": 0,
-    },
-}
+USAGE = openai_usage(512, 27)
 TOOL_CALL = {
     "id": "call_Zb9lQ2mX0Tq7fJ3kR8vN1sPc",
     "type": "function",
@@ -55,29 +46,14 @@ TOOL_CALL = {
 
 def completion_body() -> bytes:
     """The JSON answer: an assistant message with one tool call, as OpenAI formats it."""
-    body = {
-        "id": COMPLETION_ID,
-        "object": "chat.completion",
-        "created": 1_750_000_000,
-        "model": MODEL,
-        "choices": [
-            {
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [TOOL_CALL],
-                    "refusal": None,
-                    "annotations": [],
-                },
-                "logprobs": None,
-                "finish_reason": "tool_calls",
-            }
-        ],
-        "usage": USAGE,
-        "service_tier": "default",
-        "system_fingerprint": "fp_6f2eabb9a5",
+    message = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [TOOL_CALL],
+        "refusal": None,
+        "annotations": [],
     }
+    body = chat_completion(message, completion_id=COMPLETION_ID, created=1_750_000_000, usage=USAGE)
     return json.dumps(body, indent=2).encode() + b"\n"
 
 

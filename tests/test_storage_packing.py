@@ -23,6 +23,7 @@ from proxy.storage.engine import create_engines, database_url
 from proxy.storage.packing import pack_batch, packing_finished
 from proxy.storage.rows import exchange_row, trajectory_meta, trajectory_rows
 from proxy.storage.schema import blobs, exchanges, trajectories
+from proxy.testing.openai_shapes import chat_completion, openai_usage
 from tests.support.migrations import apply_first_migrations, run_migrate_command
 
 TOOLS = [
@@ -45,34 +46,12 @@ TOOLS = [
 
 def completion(message: dict[str, Any], step: int) -> dict[str, Any]:
     """A `chat.completion` with every field the API sends (usage with its token details)."""
-    return {
-        "id": f"chatcmpl-{new_id()[:29]}",
-        "object": "chat.completion",
-        "created": 1_790_000_000 + step,
-        "model": "gpt-4.1-mini-2025-04-14",
-        "choices": [
-            {
-                "index": 0,
-                "message": {**message, "refusal": None, "annotations": []},
-                "logprobs": None,
-                "finish_reason": "tool_calls" if message.get("tool_calls") else "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": 100 + step,
-            "completion_tokens": 12,
-            "total_tokens": 112 + step,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {
-                "reasoning_tokens": 0,
-                "audio_tokens": 0,
-                "accepted_prediction_tokens": 0,
-                "rejected_prediction_tokens": 0,
-            },
-        },
-        "service_tier": "default",
-        "system_fingerprint": "fp_6f2eabb9a5",
-    }
+    return chat_completion(
+        {**message, "refusal": None, "annotations": []},
+        completion_id=f"chatcmpl-{new_id()[:29]}",
+        created=1_790_000_000 + step,
+        usage=openai_usage(100 + step, 12),
+    )
 
 
 def conversation(trajectory_id: str, steps: int, final: str) -> list[dict[str, Any]]:
