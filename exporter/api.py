@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from exporter.building import (
@@ -33,7 +33,7 @@ from exporter.building import (
     worker_ready,
 )
 from exporter.options import ExportOptions, ExportSummary, trainer_notes
-from exporter.reader import read_batches
+from exporter.reader import init_reading_worker, read_and_build_in_worker, read_batches, read_ids
 from exporter.tokens import encoding_name
 from proxy.storage import Database
 
@@ -89,29 +89,29 @@ class SampleCollector:
         """`options.limit` samples have been written."""
         return self.options.limit is not None and self.summary.written >= self.options.limit
 
-    def collect(self, rows: list[dict[str, Any]], built: list[Built]) -> list[tuple[bool, str]]:
-        """Lines to write for a batch: `(goes_to_validation, json_line)`, in row order."""
+    def collect(self, trajectory_ids: Sequence[str], built: list[Built]) -> list[tuple[bool, str]]:
+        """Lines to write for a batch of rows: `(goes_to_validation, json_line)`, in row order.
+
+        trajectory_ids: each row's trajectory id; built: each row's outcome (`Built`)."""
         out: list[tuple[bool, str]] = []
         summary = self.summary
         limit = summary.token_limit
-        for row, result in zip(rows, built, strict=True):
+        for trajectory_id, result in zip(trajectory_ids, built, strict=True):
             if self.full:
                 break
             summary.read += 1
             if result[0] == "drop":
-                summary.drop(result[2], row["id"])
+                summary.drop(result[2], result[1])
                 continue
             _, _, line, total, trained, cut, key = result  # type: ignore[misc]
             if key in self._seen:
-                summary.drop("duplicate", row["id"])
+                summary.drop("duplicate", result[1])
                 continue
             self._seen.add(key)
             if limit is not None and total > limit:
-                summary.drop("over_token_limit", row["id"])
+                summary.drop("over_token_limit", result[1])
                 continue
-            valid = in_validation(
-                row["trajectory_id"], self.options.val_fraction, self.options.seed
-            )
+            valid = in_validation(trajectory_id, self.options.val_fraction, self.options.seed)
             summary.written += 1
             summary.valid += valid
             summary.train += not valid
@@ -144,29 +144,37 @@ async def write_export(
     started = time.perf_counter()
     collector = SampleCollector(options)
     loop = asyncio.get_running_loop()
+    # With worker processes on a SQLite file, each worker reads the rows it builds (by id, with
+    # its own read-only connection): this process only lists the ids, collects and writes.
+    direct = options.workers > 1 and db.sqlite_file is not None
     executor: concurrent.futures.Executor
     if options.workers > 1:
         executor = concurrent.futures.ProcessPoolExecutor(
             max_workers=options.workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_worker,
-            initargs=(options,),
+            initializer=init_reading_worker if direct else init_worker,
+            initargs=(options, str(db.sqlite_file)) if direct else (options,),
         )
         # Every worker starts now (one per submit) and loads its tokenizer while the first
         # batches are read, instead of after the first batch.
         for _ in range(options.workers):
             executor.submit(worker_ready)
-        build: Callable[[list[dict[str, Any]]], list[Built]] = build_in_worker
         ahead = 3 * options.workers
     else:
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        build = SampleBuilder(options).build
         ahead = 2
-    in_flight: collections.deque[tuple[list[dict[str, Any]], asyncio.Future[list[Built]]]]
+    # Each batch in flight: its rows' trajectory ids (None: the worker reads them and returns
+    # them with its outcomes) and the future of its outcomes.
+    in_flight: collections.deque[tuple[list[str] | None, asyncio.Future[Any]]]
     in_flight = collections.deque()
 
-    def write(rows: list[dict[str, Any]], built: list[Built]) -> None:
-        lines = collector.collect(rows, built)
+    async def write_next() -> None:
+        trajectory_ids, future = in_flight.popleft()
+        if trajectory_ids is None:
+            trajectory_ids, built = await future
+        else:
+            built = await future
+        lines = collector.collect(trajectory_ids, built)
         if valid is None:
             if lines:
                 train.write("".join([f"{line}\n" for _, line in lines]))
@@ -174,22 +182,32 @@ async def write_export(
             for to_valid, line in lines:
                 (valid if to_valid else train).write(f"{line}\n")
         if on_progress is not None:
-            on_progress(len(rows))
+            on_progress(len(trajectory_ids))
+
+    async def batches() -> AsyncIterator[tuple[list[str] | None, asyncio.Future[Any]]]:
+        if direct:
+            async for ids in read_ids(db, options):
+                work = [exchange_id for exchange_id, _ in ids]
+                yield None, loop.run_in_executor(executor, read_and_build_in_worker, work)
+            return
+        build: Callable[[list[dict[str, Any]]], list[Built]]
+        build = build_in_worker if options.workers > 1 else SampleBuilder(options).build
+        async for rows in read_batches(db, options):
+            # a process gets only the columns it builds from (`BUILD_KEYS`): they pickle faster
+            rows_sent = rows if options.workers <= 1 else [slim_row(row) for row in rows]
+            trajectory_ids = [row["trajectory_id"] for row in rows]
+            yield trajectory_ids, loop.run_in_executor(executor, build, rows_sent)
 
     try:
-        # Batches are built ahead (`ahead` of them) while the next ones are read; a process
-        # gets only the columns it builds from (`BUILD_KEYS`), which pickle faster.
-        async for rows in read_batches(db, options):
-            work = rows if options.workers <= 1 else [slim_row(row) for row in rows]
-            in_flight.append((rows, loop.run_in_executor(executor, build, work)))
+        # Batches are built ahead (`ahead` of them) while the next ones are read.
+        async for entry in batches():
+            in_flight.append(entry)
             if len(in_flight) > ahead:
-                done_rows, future = in_flight.popleft()
-                write(done_rows, await future)
+                await write_next()
                 if collector.full:
                     break
         while in_flight and not collector.full:
-            done_rows, future = in_flight.popleft()
-            write(done_rows, await future)
+            await write_next()
     finally:
         for _, future in in_flight:
             future.cancel()

@@ -348,15 +348,45 @@ def test_cli_filters_dpo_and_stats(db: Any, tmp_path: Path) -> None:
     assert stats["errors"] == 1 and stats["outcomes"] == {"error": 1, "ok": 11}
 
 
-async def test_worker_processes_write_the_same_file(db: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        ExportOptions(labels=("any",)),
+        ExportOptions(labels=("any",), format="dpo"),  # shadow pairs: the other query
+        ExportOptions(labels=("any",), leaves="longest", format="hf"),
+        ExportOptions(labels=("any",), val_fraction=0.5, limit=6),
+    ],
+    ids=["leaves", "pairs", "longest", "split-limit"],
+)
+async def test_worker_processes_write_the_same_file(
+    db: Any, tmp_path: Path, options: ExportOptions
+) -> None:
+    # On SQLite the worker processes read the rows themselves (by id, read-only sqlite3).
     database, _, _ = db
-    one, two = (tmp_path / "one.jsonl").open("w"), (tmp_path / "two.jsonl").open("w")
-    with one, two:
-        first = await write_export(database, ExportOptions(labels=("any",)), one)
-        second = await write_export(database, ExportOptions(labels=("any",), workers=2), two)
-    assert (tmp_path / "one.jsonl").read_text() == (tmp_path / "two.jsonl").read_text()
+    files = [tmp_path / name for name in ("one", "one.valid", "two", "two.valid")]
+    handles = [path.open("w") for path in files]
+    try:
+        first = await write_export(database, options, handles[0], handles[1])
+        second = await write_export(
+            database, dataclasses.replace(options, workers=2), handles[2], handles[3]
+        )
+    finally:
+        for handle in handles:
+            handle.close()
+    assert files[0].read_text() == files[2].read_text()
+    assert files[1].read_text() == files[3].read_text()
     assert first.as_dict() | {"seconds": 0} == second.as_dict() | {"seconds": 0}
-    assert first.written == 10
+    assert first.written >= 1
+
+
+async def test_worker_processes_filter_a_large_selection(db: Any, tmp_path: Path) -> None:
+    database, ids, _ = db
+    chosen = (ids["teacher"], ids["gpt4o"], *(f"missing-{i}" for i in range(6000)))
+    options = ExportOptions(labels=("any",), trajectory_ids=chosen, workers=2)
+    with (tmp_path / "out.jsonl").open("w") as out:
+        summary = await write_export(database, options, out)
+    assert users((tmp_path / "out.jsonl").read_text().splitlines()) == ["q teacher", "q gpt4o"]
+    assert summary.read == 2
 
 
 async def test_selection_of_trajectory_ids_small_and_large(db: Any) -> None:

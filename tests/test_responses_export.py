@@ -238,10 +238,12 @@ async def record_responses(client: Any, text: str, *, chained: bool, stream: boo
             return
 
 
-async def samples(db: Path, fmt: str = "openai") -> tuple[list[dict[str, Any]], dict[str, int]]:
+async def samples(
+    db: Path, fmt: str = "openai", **options: Any
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     database = await Database.open(str(db))
     try:
-        lines, summary = await export_samples(database, ExportOptions(format=fmt))
+        lines, summary = await export_samples(database, ExportOptions(format=fmt, **options))
     finally:
         await database.close()
     return [json.loads(line) for line in lines], dict(summary.dropped)
@@ -284,6 +286,10 @@ async def test_export_cli_validates_and_counts_truncated(tmp_path: Path, fake_ur
         )
     _, dropped = await samples(db)
     assert dropped == {"truncated_history": 1}
+    # worker processes that read the rows themselves rebuild the chained histories alike
+    for include_truncated in (False, True):
+        in_process = await samples(db, include_truncated=include_truncated)
+        assert await samples(db, include_truncated=include_truncated, workers=2) == in_process
     out = tmp_path / "train.jsonl"
     done = run_cli("export", "--db", str(db), "--out", str(out))
     assert done.returncode == 0, done.stderr

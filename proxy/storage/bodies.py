@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -301,7 +302,7 @@ def _refs_of(text: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and value else None
 
 
-def _json_array_values(name: str, dialect: str) -> Select[Any]:
+def json_array_values(name: str, dialect: str) -> Select[Any]:
     """`SELECT value` of the strings in the JSON array text bound as `name`: one parameter
     however many strings, so the statement is compiled once and cached (an expanding IN list
     renders one placeholder per value at every execution). `json_each` on SQLite,
@@ -323,7 +324,7 @@ def _lookups(dialect: str) -> tuple[Select[Any], Select[Any]]:
     request_refs_json)` rows; the parts of the hashes bound as `hashes`: `(hash, body_json)`)."""
     e = exchanges.c
     seed = select(e.id, e.request_base_id, e.request_refs_json).where(
-        e.id.in_(_json_array_values("ids", dialect))
+        e.id.in_(json_array_values("ids", dialect))
     )
     chain = seed.cte("chain", recursive=True)
     ancestor = exchanges.alias("ancestor")
@@ -333,13 +334,31 @@ def _lookups(dialect: str) -> tuple[Select[Any], Select[Any]]:
         )
     )
     parts = select(blobs.c.hash, blobs.c.body_json).where(
-        blobs.c.hash.in_(_json_array_values("hashes", dialect))
+        blobs.c.hash.in_(json_array_values("hashes", dialect))
     )
     return select(chain), parts
 
 
 def _json_array(values: list[str]) -> str:
     return orjson.dumps(values).decode()
+
+
+def _chain_entries(
+    found_rows: Iterable[Sequence[Any]],
+) -> dict[str, tuple[str | None, dict[str, Any] | None]]:
+    """id -> (request_base_id, refs) of the `(id, request_base_id, request_refs_json)` rows of
+    the chain statement."""
+    return {exchange_id: (base_id, _refs_of(refs)) for exchange_id, base_id, refs in found_rows}
+
+
+def _blob_entries(found_rows: Iterable[Sequence[Any]], found: dict[str, str]) -> None:
+    """Add the `(hash, body_json)` rows of the parts statement to `found`, unpacked (a damaged
+    one is logged and left out)."""
+    for blob_hash, text in found_rows:
+        try:
+            found[blob_hash] = text if isinstance(text, str) else unpack_text(text) or ""
+        except ValueError as exc:
+            log.warning("request part %s cannot be read (%s)", blob_hash, exc)
 
 
 async def _ancestors(
@@ -352,8 +371,7 @@ async def _ancestors(
     for part in _chunks(base_ids):
         # .all(): one fetchall, not a fetchone per row through the async adapter
         result = await conn.execute(query, {"ids": _json_array(part)})
-        for exchange_id, base_id, refs in result.all():
-            found[exchange_id] = (base_id, _refs_of(refs))
+        found.update(_chain_entries(result.all()))
     return found
 
 
@@ -392,12 +410,62 @@ async def _blob_texts(conn: AsyncConnection, hashes: Iterable[str]) -> dict[str,
     query = _lookups(conn.dialect.name)[1]
     found: dict[str, str] = {}
     for part in _chunks(sorted(set(hashes))):
-        for blob_hash, text in (await conn.execute(query, {"hashes": _json_array(part)})).all():
-            try:
-                found[blob_hash] = text if isinstance(text, str) else unpack_text(text) or ""
-            except ValueError as exc:
-                log.warning("request part %s cannot be read (%s)", blob_hash, exc)
+        _blob_entries((await conn.execute(query, {"hashes": _json_array(part)})).all(), found)
     return found
+
+
+_Cut = tuple[dict[str, Any], dict[str, Any], str | None]
+"""A row whose body was cut: (the row, its parsed references, its `request_base_id`)."""
+
+
+def _cut_rows(rows: list[dict[str, Any]]) -> list[_Cut]:
+    """Unpack each row (`unpack_row`), pop its reference columns; the rows whose body was cut."""
+    cut: list[_Cut] = []
+    for row in rows:
+        unpack_row(row)
+        refs_text = row.pop("request_refs_json", None)
+        base_id = row.pop("request_base_id", None)
+        try:
+            refs = _refs_of(refs_text)
+        except ValueError:
+            log.warning("exchange %s: unreadable request references", row.get("id"))
+            continue
+        if refs is not None:
+            cut.append((row, refs, base_id))
+    return cut
+
+
+def _bases(cut: list[_Cut]) -> list[str]:
+    return sorted({base_id for _, _, base_id in cut if base_id is not None})
+
+
+def _wanted_parts(
+    cut: list[_Cut], lists: dict[str, list[str] | None]
+) -> tuple[list[list[str] | None], set[str]]:
+    """(the item hashes of each cut row, None when a base is missing; every part hash needed)."""
+    wanted: set[str] = set()
+    items_of: list[list[str] | None] = []
+    for _row, refs, base_id in cut:
+        items: list[str] | None = None
+        if "items" in refs:
+            prefix = lists.get(base_id) if base_id is not None else []
+            items = None if prefix is None else [*prefix, *refs["items"]]
+            if items:
+                wanted.update(items)
+        if "tools" in refs:
+            wanted.add(refs["tools"])
+        items_of.append(items)
+    return items_of, wanted
+
+
+def _splice_rows(cut: list[_Cut], items_of: list[list[str] | None], texts: dict[str, str]) -> None:
+    for (row, refs, _base_id), items in zip(cut, items_of, strict=True):
+        try:
+            item_texts = [texts[h] for h in items] if items is not None else None
+            tools_text = texts.get(refs["tools"]) if "tools" in refs else None
+            row["request_json"] = splice_request(row["request_json"], refs, item_texts, tools_text)
+        except (KeyError, ValueError) as exc:
+            log.warning("exchange %s: request body cannot be rebuilt (%s)", row.get("id"), exc)
 
 
 async def rebuild_requests(
@@ -413,42 +481,54 @@ async def rebuild_requests(
     raises for one bad row. Packed texts (`PACKED_COLUMNS`, on SQLite) are unpacked first
     (`unpack_row`), whichever columns the rows carry.
     """
-    cut: list[tuple[dict[str, Any], dict[str, Any], str | None]] = []
-    for row in rows:
-        unpack_row(row)
-        refs_text = row.pop("request_refs_json", None)
-        base_id = row.pop("request_base_id", None)
-        try:
-            refs = _refs_of(refs_text)
-        except ValueError:
-            log.warning("exchange %s: unreadable request references", row.get("id"))
-            continue
-        if refs is not None:
-            cut.append((row, refs, base_id))
+    cut = _cut_rows(rows)
     if not cut:
         return rows
-    bases = sorted({base_id for _, _, base_id in cut if base_id is not None})
+    bases = _bases(cut)
     lists = item_lists(await _ancestors(conn, bases)) if bases else {}
-    wanted: set[str] = set()
-    items_of: list[list[str] | None] = []
-    for _row, refs, base_id in cut:
-        items: list[str] | None = None
-        if "items" in refs:
-            prefix = lists.get(base_id) if base_id is not None else []
-            items = None if prefix is None else [*prefix, *refs["items"]]
-            if items:
-                wanted.update(items)
-        if "tools" in refs:
-            wanted.add(refs["tools"])
-        items_of.append(items)
-    texts = await _blob_texts(conn, wanted)
-    for (row, refs, _base_id), items in zip(cut, items_of, strict=True):
-        try:
-            item_texts = [texts[h] for h in items] if items is not None else None
-            tools_text = texts.get(refs["tools"]) if "tools" in refs else None
-            row["request_json"] = splice_request(row["request_json"], refs, item_texts, tools_text)
-        except (KeyError, ValueError) as exc:
-            log.warning("exchange %s: request body cannot be rebuilt (%s)", row.get("id"), exc)
+    items_of, wanted = _wanted_parts(cut, lists)
+    _splice_rows(cut, items_of, await _blob_texts(conn, wanted))
+    return rows
+
+
+@functools.cache
+def _sqlite_lookups() -> tuple[str, str]:
+    """`_lookups('sqlite')` as SQL text for the standard library's sqlite3 (one `?` each: the
+    JSON array of ids, then of hashes)."""
+    chain, parts = _lookups("sqlite")
+    return sqlite_sql(chain), sqlite_sql(parts)
+
+
+def sqlite_sql(statement: Select[Any]) -> str:
+    """The SQL text of `statement` for the standard library's sqlite3, whose only parameter is
+    bound as `?` (raises ValueError for a statement with any other number of parameters)."""
+    from sqlalchemy.dialects import sqlite
+
+    compiled = statement.compile(
+        dialect=sqlite.dialect(), compile_kwargs={"render_postcompile": True}
+    )
+    if len(compiled.positiontup or ()) != 1:
+        raise ValueError("a direct SQLite statement takes exactly one parameter")
+    return str(compiled)
+
+
+def rebuild_requests_sqlite(
+    conn: sqlite3.Connection, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`rebuild_requests` on a standard-library sqlite3 connection to a SQLite database (the
+    export's worker processes read with it): same statements, same result, same logging."""
+    cut = _cut_rows(rows)
+    if not cut:
+        return rows
+    chain_sql, parts_sql = _sqlite_lookups()
+    chains: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
+    for part in _chunks(_bases(cut)):
+        chains.update(_chain_entries(conn.execute(chain_sql, (_json_array(part),)).fetchall()))
+    items_of, wanted = _wanted_parts(cut, item_lists(chains) if chains else {})
+    texts: dict[str, str] = {}
+    for part in _chunks(sorted(wanted)):
+        _blob_entries(conn.execute(parts_sql, (_json_array(part),)).fetchall(), texts)
+    _splice_rows(cut, items_of, texts)
     return rows
 
 

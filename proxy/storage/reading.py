@@ -10,13 +10,21 @@ plus its response message are the whole conversation. A trajectory that forked h
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import ColumnElement, Select, and_, case, exists, func, or_, select
 
-from proxy.storage.bodies import REQUEST_COLUMNS
+from proxy.storage.bodies import (
+    REQUEST_COLUMNS,
+    json_array_values,
+    rebuild_requests_sqlite,
+    sqlite_sql,
+)
 from proxy.storage.database import Database
 from proxy.storage.filters import MAX_SQL_IDS, UNLABELED, TrajectoryFilter, trajectory_where
 from proxy.storage.schema import exchanges, trajectories
@@ -25,8 +33,10 @@ __all__ = [
     "MAX_SQL_IDS",
     "UNLABELED",
     "LeafFilter",
+    "SqliteRows",
     "TrajectoryFilter",
     "count_rows",
+    "id_batches",
     "leaves_query",
     "shadow_query",
     "statistics",
@@ -165,6 +175,61 @@ async def stream_batches(
     request bodies whole (`Database.stream_batches`: one rebuild per batch, no query per row)."""
     async for rows in db.stream_batches(query, batch):
         yield rows
+
+
+async def id_batches(
+    db: Database, query: Select[Any], batch: int = 1000
+) -> AsyncIterator[list[tuple[str, str]]]:
+    """The `(id, trajectory_id)` of the rows `query` (`leaves_query` or `shadow_query`) selects,
+    in its order, as lists of up to `batch` pairs: same filter, no other column read. Workers
+    then read the rows themselves (`SqliteRows`)."""
+    columns = query.selected_columns
+    ids = query.with_only_columns(
+        columns["id"], columns["trajectory_id"], maintain_column_froms=True
+    )
+    async with db.engine.connect() as conn:
+        result = await conn.stream(ids.execution_options(yield_per=batch))
+        async for partition in result.partitions(batch):
+            yield [(str(row[0]), str(row[1])) for row in partition]
+
+
+def rows_by_id_query(preference: bool) -> Select[Any]:
+    """The columns of `shadow_query` (`preference`) or `leaves_query` of the exchanges whose ids
+    are bound as one JSON array text `ids`, in no particular order."""
+    return (
+        select(*(_SHADOW_COLUMNS if preference else _LEAF_COLUMNS))
+        .select_from(exchanges.join(trajectories, trajectories.c.id == exchanges.c.trajectory_id))
+        .where(exchanges.c.id.in_(json_array_values("ids", "sqlite")))
+    )
+
+
+class SqliteRows:
+    """Export rows read by id straight from a SQLite file, with the standard library's sqlite3
+    on a read-only connection (an export worker process: no event loop, no SQLAlchemy engine).
+
+    `read(ids)` gives what `stream_batches` gives for `leaves_query` (or `shadow_query` with
+    `preference`): dicts keyed by the same column names, request bodies whole
+    (`rebuild_requests_sqlite`), packed texts unpacked; in the order of `ids`, an id no longer
+    stored left out. Raises sqlite3.Error when the file cannot be opened or read.
+    """
+
+    def __init__(self, path: str | Path, *, preference: bool = False) -> None:
+        uri = Path(path).resolve().as_uri() + "?mode=ro"
+        self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._sql = sqlite_sql(rows_by_id_query(preference))
+
+    def read(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The rows of `ids` (see the class docstring)."""
+        cursor = self._conn.execute(self._sql, (orjson.dumps(list(ids)).decode(),))
+        keys = [str(column[0]) for column in cursor.description]
+        at = keys.index("id")
+        by_id = {row[at]: dict(zip(keys, row, strict=True)) for row in cursor.fetchall()}
+        rows = [by_id[exchange_id] for exchange_id in ids if exchange_id in by_id]
+        return rebuild_requests_sqlite(self._conn, rows)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
 
 
 async def count_rows(db: Database, query: Select[Any]) -> int:
