@@ -32,10 +32,12 @@ from exporter.building import (
     slim_row,
     worker_ready,
 )
+from exporter.direct import init_reading_worker, read_and_build_in_worker
 from exporter.options import ExportOptions, ExportSummary, trainer_notes
-from exporter.reader import init_reading_worker, read_and_build_in_worker, read_batches, read_ids
+from exporter.reader import read_batches, read_ids
 from exporter.tokens import encoding_name
 from proxy.storage import Database
+from proxy.storage.reading import sqlite_row_statements
 
 __all__ = [
     "ExportOptions",
@@ -149,11 +151,19 @@ async def write_export(
     direct = options.workers > 1 and db.sqlite_file is not None
     executor: concurrent.futures.Executor
     if options.workers > 1:
+        setup: tuple[Callable[..., None], tuple[Any, ...]] = (
+            (
+                init_reading_worker,
+                (options, str(db.sqlite_file), sqlite_row_statements(options.preference)),
+            )
+            if direct
+            else (init_worker, (options,))
+        )
         executor = concurrent.futures.ProcessPoolExecutor(
             max_workers=options.workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_reading_worker if direct else init_worker,
-            initargs=(options, str(db.sqlite_file)) if direct else (options,),
+            initializer=setup[0],
+            initargs=setup[1],
         )
         # Every worker starts now (one per submit) and loads its tokenizer while the first
         # batches are read, instead of after the first batch.

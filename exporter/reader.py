@@ -7,16 +7,12 @@ The SQL lives in `proxy.storage.reading`; this module only translates `ExportOpt
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import json
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 from sqlalchemy import Select
 
-from exporter.building import Built, SampleBuilder
 from exporter.messages import Rejected
 from exporter.options import ExportOptions, parse_utc
 from exporter.responses import as_chat, chat_completion
@@ -25,7 +21,6 @@ from proxy.storage import Database
 from proxy.storage.reading import (
     MAX_SQL_IDS,
     LeafFilter,
-    SqliteRows,
     TrajectoryFilter,
     id_batches,
     leaves_query,
@@ -35,7 +30,7 @@ from proxy.storage.reading import (
 
 BATCH_ROWS = 500
 WORKER_BATCH_ROWS = 1000
-"""Rows per task when worker processes read the SQLite file themselves (`read_ids`)."""
+"""Rows per task when worker processes read the SQLite file themselves (`exporter.direct`)."""
 
 
 def trajectory_filter(options: ExportOptions) -> TrajectoryFilter:
@@ -95,8 +90,8 @@ async def read_ids(
     db: Database, options: ExportOptions, batch: int = WORKER_BATCH_ROWS
 ) -> AsyncIterator[list[tuple[str, str]]]:
     """`(id, trajectory_id)` of the rows `read_batches` would yield, in the same order and
-    lists of up to `batch` (empty lists are skipped): for workers that read the rows themselves
-    (`DirectReader`)."""
+    lists of up to `batch` (empty lists are skipped): for worker processes that read the rows
+    themselves (`exporter.direct`)."""
     selected = set(options.trajectory_ids) if options.trajectory_ids is not None else None
     in_sql = _sql_ids(options) is not None
     async for ids in id_batches(db, query_for(options), batch):
@@ -104,55 +99,6 @@ async def read_ids(
             ids = [pair for pair in ids if pair[1] in selected]
         if ids:
             yield ids
-
-
-class DirectReader:
-    """The rows of `read_batches` by id, read straight from a SQLite file (`SqliteRows`: the
-    standard library's sqlite3, read-only) in an export worker process.
-
-    `responses` rows are converted to chat form as `read_batches` converts them
-    (`as_chat_rows`); only a batch that holds some opens the database the usual way, for the
-    histories a `previous_response_id` needs. Raises sqlite3.Error when the file cannot be read.
-    """
-
-    def __init__(self, path: str | Path, options: ExportOptions) -> None:
-        self.path = Path(path)
-        self.options = options
-        self._rows = SqliteRows(self.path, preference=options.preference)
-
-    def read(self, ids: Sequence[str]) -> list[dict[str, Any]]:
-        """The rows of `ids`, in that order (an id no longer stored is left out)."""
-        rows = self._rows.read(ids)
-        if any(row.get("kind") == "responses" for row in rows):
-            rows = asyncio.run(self._as_chat(rows))
-        return rows
-
-    async def _as_chat(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        db = await Database.open(str(self.path), migrate=False, must_exist=True)
-        try:
-            return await as_chat_rows(db, rows, include_truncated=self.options.include_truncated)
-        finally:
-            await db.close()
-
-
-_worker: tuple[DirectReader, SampleBuilder] | None = None
-
-
-def init_reading_worker(options: ExportOptions, path: str) -> None:
-    """Process-pool initializer: this process's `DirectReader` of the SQLite file at `path` and
-    its `SampleBuilder`."""
-    global _worker
-    _worker = (DirectReader(path, options), SampleBuilder(options))
-    gc.freeze()  # the tokenizer's tables live as long as the process: no collector pass scans them
-
-
-def read_and_build_in_worker(ids: list[str]) -> tuple[list[str], list[Built]]:
-    """Read the rows of `ids` and build them, in a pool process set up by `init_reading_worker`:
-    (the trajectory id of each row read, `SampleBuilder.build` of the rows), in `ids` order."""
-    assert _worker is not None
-    reader, builder = _worker
-    rows = reader.read(ids)
-    return [row["trajectory_id"] for row in rows], builder.build(rows)
 
 
 async def as_chat_rows(

@@ -207,11 +207,14 @@ def unpack_text(value: str | bytes | None) -> str | None:
         return value
     if not value:
         raise ValueError("empty packed text")
-    if value[0] == PACKED_HEX:
+    version = value[0]
+    if version == PACKED_HEX:
         return bytes(value[1:]).hex()
+    # the common case in one step: this thread's decompressor of the version (readers unpack
+    # several texts per row, so the lookup is kept short)
+    decompressor = _codecs.decompressors.get(version) or _codecs.decompressor(version)
     try:
-        raw = _codecs.decompressor(value[0]).decompress(bytes(value[1:]))
-        return raw.decode("utf-8")
+        return decompressor.decompress(value[1:]).decode("utf-8")
     except (zstandard.ZstdError, UnicodeDecodeError) as exc:
         raise ValueError(f"damaged packed text: {exc}") from exc
 

@@ -31,12 +31,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import orjson
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -53,18 +51,55 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.compiler import compiles
 
-from proxy.core import fastjson
 from proxy.core.bodies import (
     RecentItems,
     Remembered,
     compact_json,
     refs_for,
     remembered,
-    splice_request,
     split_request,
 )
-from proxy.core.packing import STORED_TEXT_FUNCTION, pack_text, unpack_text
+from proxy.core.packing import STORED_TEXT_FUNCTION, pack_text
+from proxy.storage.rebuild import (
+    LOOKUP_CHUNK,
+    PACKED_COLUMNS,
+    USAGE_OF_RESPONSE,
+    WHOLE,
+    _bases,
+    _blob_entries,
+    _chain_entries,
+    _chunks,
+    _cut_rows,
+    _json_array,
+    _splice_rows,
+    _usage_of,
+    _wanted_parts,
+    item_lists,
+    unpack_row,
+)
 from proxy.storage.schema import blobs, exchanges
+
+__all__ = [  # the read half's names live in proxy.storage.rebuild; they are imported from here too
+    "LOOKUP_CHUNK",
+    "PACKED_COLUMNS",
+    "REQUEST_COLUMNS",
+    "USAGE_OF_RESPONSE",
+    "WHOLE",
+    "BodyWriter",
+    "KnownBlobs",
+    "PreparedBatch",
+    "RequestItemsLike",
+    "StoredText",
+    "item_lists",
+    "json_array_values",
+    "nul_safe_row",
+    "pack_row",
+    "rebuild_requests",
+    "sqlite_lookups",
+    "sqlite_sql",
+    "stored_text",
+    "unpack_row",
+]
 
 log = logging.getLogger("understudy.storage")
 
@@ -75,35 +110,6 @@ REQUEST_COLUMNS: Final = (
 )
 """The columns a query must select for `rebuild_requests` to give the whole body back."""
 
-LOOKUP_CHUNK: Final = 10_000
-"""Most ids or hashes sent in one lookup statement (as one JSON array parameter)."""
-
-WHOLE: Final = "{}"
-"""`request_refs_json` of a row whose `request_json` is the whole body (nothing was cut)."""
-
-PACKED_COLUMNS: Final = (
-    "request_json",
-    "request_refs_json",
-    "response_json",
-    "error_json",
-    "request_headers_json",
-    "metadata_json",
-    "usage_json",
-    "injected_logit_bias_json",
-    "shadow_response_json",
-    "shadow_error_json",
-    "request_hash",
-)
-"""The `exchanges` columns stored packed on SQLite (`proxy.core.packing`, migration 008), as is
-`blobs.body_json`: JSON texts that SQL reads only through `stored_text` (the dashboard search,
-`RequestItemsLike`), and `request_hash` (no query reads it; `state_hash`, looked up by value,
-stays text). `request_json` only once cut (`request_refs_json` set: the 003 conversion reads
-unconverted bodies as text). `usage_json` equal to the answer's `usage` is stored as
-`USAGE_OF_RESPONSE` (`pack_row`)."""
-
-USAGE_OF_RESPONSE: Final = b"\xff"
-"""A packed `usage_json` meaning: `json.dumps` of the `usage` object of the row's `response_json`
-(what the recorder writes for an answer that reports usage), derived by `unpack_row`."""
 
 # -- NUL -----------------------------------------------------------------------------------------
 
@@ -147,37 +153,6 @@ def pack_row(row: dict[str, Any]) -> dict[str, Any]:
         ):
             out[column] = pack_text(value)
     return out
-
-
-def _usage_of(response_json: Any) -> str | None:
-    """`json.dumps` of the `usage` object of an answer's JSON text (as `rows.exchange_row`
-    writes `usage_json`), None when it has none."""
-    if not isinstance(response_json, str):
-        return None
-    try:
-        usage = fastjson.loads(response_json).get("usage")
-    except (ValueError, RecursionError, AttributeError):
-        return None
-    return json.dumps(usage) if isinstance(usage, dict) else None
-
-
-def unpack_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Unpack the packed values of `row`'s `PACKED_COLUMNS` in place (the one way a reader gets
-    their text back; texts and NULL stay as they are); returns `row`. A value that cannot be
-    unpacked (a damaged file) becomes None and is logged; nothing raises for one bad row.
-    `USAGE_OF_RESPONSE` needs the row's `response_json` (select both, as `select(exchanges)`
-    does); without it the usage reads as None."""
-    for column in PACKED_COLUMNS:
-        value = row.get(column)
-        if isinstance(value, bytes | bytearray | memoryview) and value != USAGE_OF_RESPONSE:
-            try:
-                row[column] = unpack_text(bytes(value))
-            except ValueError as exc:
-                log.warning("exchange %s: %s cannot be read (%s)", row.get("id"), column, exc)
-                row[column] = None
-    if row.get("usage_json") == USAGE_OF_RESPONSE:
-        row["usage_json"] = _usage_of(row.get("response_json"))
-    return row
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -288,20 +263,6 @@ class BodyWriter:
 # -- reading -------------------------------------------------------------------------------------
 
 
-def _chunks(values: Sequence[str]) -> Iterable[list[str]]:
-    for start in range(0, len(values), LOOKUP_CHUNK):
-        yield list(values[start : start + LOOKUP_CHUNK])
-
-
-def _refs_of(text: Any) -> dict[str, Any] | None:
-    """The parsed references of a row, None when its `request_json` is the whole body."""
-    text = unpack_text(text)  # packed on SQLite (008)
-    if text is None or text == WHOLE:
-        return None
-    value = orjson.loads(text)  # our own compact JSON of hash strings: orjson reads it exactly
-    return value if isinstance(value, dict) and value else None
-
-
 def json_array_values(name: str, dialect: str) -> Select[Any]:
     """`SELECT value` of the strings in the JSON array text bound as `name`: one parameter
     however many strings, so the statement is compiled once and cached (an expanding IN list
@@ -339,28 +300,6 @@ def _lookups(dialect: str) -> tuple[Select[Any], Select[Any]]:
     return select(chain), parts
 
 
-def _json_array(values: list[str]) -> str:
-    return orjson.dumps(values).decode()
-
-
-def _chain_entries(
-    found_rows: Iterable[Sequence[Any]],
-) -> dict[str, tuple[str | None, dict[str, Any] | None]]:
-    """id -> (request_base_id, refs) of the `(id, request_base_id, request_refs_json)` rows of
-    the chain statement."""
-    return {exchange_id: (base_id, _refs_of(refs)) for exchange_id, base_id, refs in found_rows}
-
-
-def _blob_entries(found_rows: Iterable[Sequence[Any]], found: dict[str, str]) -> None:
-    """Add the `(hash, body_json)` rows of the parts statement to `found`, unpacked (a damaged
-    one is logged and left out)."""
-    for blob_hash, text in found_rows:
-        try:
-            found[blob_hash] = text if isinstance(text, str) else unpack_text(text) or ""
-        except ValueError as exc:
-            log.warning("request part %s cannot be read (%s)", blob_hash, exc)
-
-
 async def _ancestors(
     conn: AsyncConnection, base_ids: Sequence[str]
 ) -> dict[str, tuple[str | None, dict[str, Any] | None]]:
@@ -375,36 +314,6 @@ async def _ancestors(
     return found
 
 
-def item_lists(
-    chains: dict[str, tuple[str | None, dict[str, Any] | None]],
-) -> dict[str, list[str] | None]:
-    """id -> the full list of item hashes of each exchange in `chains` (None: a base is missing)."""
-    resolved: dict[str, list[str] | None] = {}
-    for start in chains:
-        path: list[str] = []
-        current: str | None = start
-        while current is not None and current not in resolved:
-            if current not in chains or current in path:
-                break
-            path.append(current)
-            current = chains[current][0]
-        prefix: list[str] | None
-        if current is None:
-            prefix = []
-        elif current in resolved:
-            prefix = resolved[current]
-        else:  # a base that is not stored (or a cycle): these bodies cannot be rebuilt
-            prefix = None
-        for exchange_id in reversed(path):
-            refs = chains[exchange_id][1] or {}
-            if prefix is None or "items" not in refs:
-                prefix = None if prefix is None else list(refs.get("items", []))
-            else:
-                prefix = prefix + list(refs["items"])
-            resolved[exchange_id] = prefix
-    return resolved
-
-
 async def _blob_texts(conn: AsyncConnection, hashes: Iterable[str]) -> dict[str, str]:
     """hash -> text of the stored parts among `hashes` (unpacked; a damaged one is left out)."""
     query = _lookups(conn.dialect.name)[1]
@@ -412,60 +321,6 @@ async def _blob_texts(conn: AsyncConnection, hashes: Iterable[str]) -> dict[str,
     for part in _chunks(sorted(set(hashes))):
         _blob_entries((await conn.execute(query, {"hashes": _json_array(part)})).all(), found)
     return found
-
-
-_Cut = tuple[dict[str, Any], dict[str, Any], str | None]
-"""A row whose body was cut: (the row, its parsed references, its `request_base_id`)."""
-
-
-def _cut_rows(rows: list[dict[str, Any]]) -> list[_Cut]:
-    """Unpack each row (`unpack_row`), pop its reference columns; the rows whose body was cut."""
-    cut: list[_Cut] = []
-    for row in rows:
-        unpack_row(row)
-        refs_text = row.pop("request_refs_json", None)
-        base_id = row.pop("request_base_id", None)
-        try:
-            refs = _refs_of(refs_text)
-        except ValueError:
-            log.warning("exchange %s: unreadable request references", row.get("id"))
-            continue
-        if refs is not None:
-            cut.append((row, refs, base_id))
-    return cut
-
-
-def _bases(cut: list[_Cut]) -> list[str]:
-    return sorted({base_id for _, _, base_id in cut if base_id is not None})
-
-
-def _wanted_parts(
-    cut: list[_Cut], lists: dict[str, list[str] | None]
-) -> tuple[list[list[str] | None], set[str]]:
-    """(the item hashes of each cut row, None when a base is missing; every part hash needed)."""
-    wanted: set[str] = set()
-    items_of: list[list[str] | None] = []
-    for _row, refs, base_id in cut:
-        items: list[str] | None = None
-        if "items" in refs:
-            prefix = lists.get(base_id) if base_id is not None else []
-            items = None if prefix is None else [*prefix, *refs["items"]]
-            if items:
-                wanted.update(items)
-        if "tools" in refs:
-            wanted.add(refs["tools"])
-        items_of.append(items)
-    return items_of, wanted
-
-
-def _splice_rows(cut: list[_Cut], items_of: list[list[str] | None], texts: dict[str, str]) -> None:
-    for (row, refs, _base_id), items in zip(cut, items_of, strict=True):
-        try:
-            item_texts = [texts[h] for h in items] if items is not None else None
-            tools_text = texts.get(refs["tools"]) if "tools" in refs else None
-            row["request_json"] = splice_request(row["request_json"], refs, item_texts, tools_text)
-        except (KeyError, ValueError) as exc:
-            log.warning("exchange %s: request body cannot be rebuilt (%s)", row.get("id"), exc)
 
 
 async def rebuild_requests(
@@ -491,10 +346,10 @@ async def rebuild_requests(
     return rows
 
 
-@functools.cache
-def _sqlite_lookups() -> tuple[str, str]:
-    """`_lookups('sqlite')` as SQL text for the standard library's sqlite3 (one `?` each: the
-    JSON array of ids, then of hashes)."""
+def sqlite_lookups() -> tuple[str, str]:
+    """The two statements of `rebuild_requests` as SQL text for the standard library's sqlite3
+    (one `?` each: the JSON array of ids, then of hashes): `SqliteStatements.chains` and
+    `.parts`."""
     chain, parts = _lookups("sqlite")
     return sqlite_sql(chain), sqlite_sql(parts)
 
@@ -510,26 +365,6 @@ def sqlite_sql(statement: Select[Any]) -> str:
     if len(compiled.positiontup or ()) != 1:
         raise ValueError("a direct SQLite statement takes exactly one parameter")
     return str(compiled)
-
-
-def rebuild_requests_sqlite(
-    conn: sqlite3.Connection, rows: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """`rebuild_requests` on a standard-library sqlite3 connection to a SQLite database (the
-    export's worker processes read with it): same statements, same result, same logging."""
-    cut = _cut_rows(rows)
-    if not cut:
-        return rows
-    chain_sql, parts_sql = _sqlite_lookups()
-    chains: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
-    for part in _chunks(_bases(cut)):
-        chains.update(_chain_entries(conn.execute(chain_sql, (_json_array(part),)).fetchall()))
-    items_of, wanted = _wanted_parts(cut, item_lists(chains) if chains else {})
-    texts: dict[str, str] = {}
-    for part in _chunks(sorted(wanted)):
-        _blob_entries(conn.execute(parts_sql, (_json_array(part),)).fetchall(), texts)
-    _splice_rows(cut, items_of, texts)
-    return rows
 
 
 # -- searching -----------------------------------------------------------------------------------

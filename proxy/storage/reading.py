@@ -10,35 +10,29 @@ plus its response message are the whole conversation. A trajectory that forked h
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import orjson
 from sqlalchemy import ColumnElement, Select, and_, case, exists, func, or_, select
 
-from proxy.storage.bodies import (
-    REQUEST_COLUMNS,
-    json_array_values,
-    rebuild_requests_sqlite,
-    sqlite_sql,
-)
+from proxy.storage.bodies import REQUEST_COLUMNS, json_array_values, sqlite_lookups, sqlite_sql
 from proxy.storage.database import Database
 from proxy.storage.filters import MAX_SQL_IDS, UNLABELED, TrajectoryFilter, trajectory_where
+from proxy.storage.rebuild import SqliteStatements
 from proxy.storage.schema import exchanges, trajectories
 
 __all__ = [
     "MAX_SQL_IDS",
     "UNLABELED",
     "LeafFilter",
-    "SqliteRows",
     "TrajectoryFilter",
     "count_rows",
     "id_batches",
     "leaves_query",
+    "rows_by_id_query",
     "shadow_query",
+    "sqlite_row_statements",
     "statistics",
     "stream_batches",
 ]
@@ -182,7 +176,7 @@ async def id_batches(
 ) -> AsyncIterator[list[tuple[str, str]]]:
     """The `(id, trajectory_id)` of the rows `query` (`leaves_query` or `shadow_query`) selects,
     in its order, as lists of up to `batch` pairs: same filter, no other column read. Workers
-    then read the rows themselves (`SqliteRows`)."""
+    then read the rows themselves (`proxy.storage.rebuild.SqliteRows`)."""
     columns = query.selected_columns
     ids = query.with_only_columns(
         columns["id"], columns["trajectory_id"], maintain_column_froms=True
@@ -203,33 +197,13 @@ def rows_by_id_query(preference: bool) -> Select[Any]:
     )
 
 
-class SqliteRows:
-    """Export rows read by id straight from a SQLite file, with the standard library's sqlite3
-    on a read-only connection (an export worker process: no event loop, no SQLAlchemy engine).
-
-    `read(ids)` gives what `stream_batches` gives for `leaves_query` (or `shadow_query` with
-    `preference`): dicts keyed by the same column names, request bodies whole
-    (`rebuild_requests_sqlite`), packed texts unpacked; in the order of `ids`, an id no longer
-    stored left out. Raises sqlite3.Error when the file cannot be opened or read.
-    """
-
-    def __init__(self, path: str | Path, *, preference: bool = False) -> None:
-        uri = Path(path).resolve().as_uri() + "?mode=ro"
-        self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        self._sql = sqlite_sql(rows_by_id_query(preference))
-
-    def read(self, ids: Sequence[str]) -> list[dict[str, Any]]:
-        """The rows of `ids` (see the class docstring)."""
-        cursor = self._conn.execute(self._sql, (orjson.dumps(list(ids)).decode(),))
-        keys = [str(column[0]) for column in cursor.description]
-        at = keys.index("id")
-        by_id = {row[at]: dict(zip(keys, row, strict=True)) for row in cursor.fetchall()}
-        rows = [by_id[exchange_id] for exchange_id in ids if exchange_id in by_id]
-        return rebuild_requests_sqlite(self._conn, rows)
-
-    def close(self) -> None:
-        """Close the connection."""
-        self._conn.close()
+def sqlite_row_statements(preference: bool) -> SqliteStatements:
+    """The statements a worker process's `proxy.storage.rebuild.SqliteRows` runs to read the
+    rows of `shadow_query` (`preference`) or `leaves_query` by id, as SQLite SQL text."""
+    chains, parts = sqlite_lookups()
+    return SqliteStatements(
+        rows=sqlite_sql(rows_by_id_query(preference)), chains=chains, parts=parts
+    )
 
 
 async def count_rows(db: Database, query: Select[Any]) -> int:

@@ -1,0 +1,272 @@
+"""Request bodies read back whole: the half of `proxy.storage.bodies` that needs no SQLAlchemy.
+
+`proxy.storage.bodies.rebuild_requests` (every reader, through the async engine) and
+`SqliteRows` (an export worker process, through the standard library's sqlite3 on a read-only
+connection) share what is here: unpacking a row's packed texts (`unpack_row`), parsing its
+references, resolving the chains of base exchanges (`item_lists`) and splicing the parts back
+(`proxy.core.bodies.splice_request`). Only the standard library, orjson and `proxy.core` are
+imported (and `proxy.storage` imports its engine lazily), so a worker process that reads with
+`SqliteRows` starts without SQLAlchemy. The SQL it runs is compiled by the caller from the
+statements in `proxy.storage.bodies` / `proxy.storage.reading` (`SqliteStatements`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from proxy.core import fastjson
+from proxy.core.bodies import splice_request
+from proxy.core.packing import unpack_text
+
+log = logging.getLogger("understudy.storage")
+
+LOOKUP_CHUNK: Final = 10_000
+"""Most ids or hashes sent in one lookup statement (as one JSON array parameter)."""
+
+WHOLE: Final = "{}"
+"""`request_refs_json` of a row whose `request_json` is the whole body (nothing was cut)."""
+
+PACKED_COLUMNS: Final = (
+    "request_json",
+    "request_refs_json",
+    "response_json",
+    "error_json",
+    "request_headers_json",
+    "metadata_json",
+    "usage_json",
+    "injected_logit_bias_json",
+    "shadow_response_json",
+    "shadow_error_json",
+    "request_hash",
+)
+"""The `exchanges` columns stored packed on SQLite (`proxy.core.packing`, migration 008), as is
+`blobs.body_json`: JSON texts that SQL reads only through `stored_text` (the dashboard search,
+`RequestItemsLike`), and `request_hash` (no query reads it; `state_hash`, looked up by value,
+stays text). `request_json` only once cut (`request_refs_json` set: the 003 conversion reads
+unconverted bodies as text). `usage_json` equal to the answer's `usage` is stored as
+`USAGE_OF_RESPONSE` (`pack_row`)."""
+
+USAGE_OF_RESPONSE: Final = b"\xff"
+"""A packed `usage_json` meaning: `json.dumps` of the `usage` object of the row's `response_json`
+(what the recorder writes for an answer that reports usage), derived by `unpack_row`."""
+
+
+def _usage_of(response_json: Any) -> str | None:
+    """`json.dumps` of the `usage` object of an answer's JSON text (as `rows.exchange_row`
+    writes `usage_json`), None when it has none."""
+    if not isinstance(response_json, str):
+        return None
+    try:
+        usage = fastjson.loads(response_json).get("usage")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    return json.dumps(usage) if isinstance(usage, dict) else None
+
+
+def unpack_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Unpack the packed values of `row`'s `PACKED_COLUMNS` in place (the one way a reader gets
+    their text back; texts and NULL stay as they are); returns `row`. A value that cannot be
+    unpacked (a damaged file) becomes None and is logged; nothing raises for one bad row.
+    `USAGE_OF_RESPONSE` needs the row's `response_json` (select both, as `select(exchanges)`
+    does); without it the usage reads as None."""
+    for column in PACKED_COLUMNS:
+        value = row.get(column)
+        if isinstance(value, bytes | bytearray | memoryview) and value != USAGE_OF_RESPONSE:
+            try:
+                row[column] = unpack_text(bytes(value))
+            except ValueError as exc:
+                log.warning("exchange %s: %s cannot be read (%s)", row.get("id"), column, exc)
+                row[column] = None
+    if row.get("usage_json") == USAGE_OF_RESPONSE:
+        row["usage_json"] = _usage_of(row.get("response_json"))
+    return row
+
+
+def _chunks(values: Sequence[str]) -> Iterable[list[str]]:
+    for start in range(0, len(values), LOOKUP_CHUNK):
+        yield list(values[start : start + LOOKUP_CHUNK])
+
+
+def _refs_of(text: Any) -> dict[str, Any] | None:
+    """The parsed references of a row, None when its `request_json` is the whole body."""
+    text = unpack_text(text)  # packed on SQLite (008)
+    if text is None or text == WHOLE:
+        return None
+    value = orjson.loads(text)  # our own compact JSON of hash strings: orjson reads it exactly
+    return value if isinstance(value, dict) and value else None
+
+
+def _json_array(values: list[str]) -> str:
+    return orjson.dumps(values).decode()
+
+
+def _chain_entries(
+    found_rows: Iterable[Sequence[Any]],
+) -> dict[str, tuple[str | None, dict[str, Any] | None]]:
+    """id -> (request_base_id, refs) of the `(id, request_base_id, request_refs_json)` rows of
+    the chain statement."""
+    return {exchange_id: (base_id, _refs_of(refs)) for exchange_id, base_id, refs in found_rows}
+
+
+def _blob_entries(found_rows: Iterable[Sequence[Any]], found: dict[str, str]) -> None:
+    """Add the `(hash, body_json)` rows of the parts statement to `found`, unpacked (a damaged
+    one is logged and left out)."""
+    for blob_hash, text in found_rows:
+        try:
+            found[blob_hash] = text if isinstance(text, str) else unpack_text(text) or ""
+        except ValueError as exc:
+            log.warning("request part %s cannot be read (%s)", blob_hash, exc)
+
+
+def item_lists(
+    chains: dict[str, tuple[str | None, dict[str, Any] | None]],
+) -> dict[str, list[str] | None]:
+    """id -> the full list of item hashes of each exchange in `chains` (None: a base is missing)."""
+    resolved: dict[str, list[str] | None] = {}
+    for start in chains:
+        path: list[str] = []
+        current: str | None = start
+        while current is not None and current not in resolved:
+            if current not in chains or current in path:
+                break
+            path.append(current)
+            current = chains[current][0]
+        prefix: list[str] | None
+        if current is None:
+            prefix = []
+        elif current in resolved:
+            prefix = resolved[current]
+        else:  # a base that is not stored (or a cycle): these bodies cannot be rebuilt
+            prefix = None
+        for exchange_id in reversed(path):
+            refs = chains[exchange_id][1] or {}
+            if prefix is None or "items" not in refs:
+                prefix = None if prefix is None else list(refs.get("items", []))
+            else:
+                prefix = prefix + list(refs["items"])
+            resolved[exchange_id] = prefix
+    return resolved
+
+
+_Cut = tuple[dict[str, Any], dict[str, Any], str | None]
+"""A row whose body was cut: (the row, its parsed references, its `request_base_id`)."""
+
+
+def _cut_rows(rows: list[dict[str, Any]]) -> list[_Cut]:
+    """Unpack each row (`unpack_row`), pop its reference columns; the rows whose body was cut."""
+    cut: list[_Cut] = []
+    for row in rows:
+        unpack_row(row)
+        refs_text = row.pop("request_refs_json", None)
+        base_id = row.pop("request_base_id", None)
+        try:
+            refs = _refs_of(refs_text)
+        except ValueError:
+            log.warning("exchange %s: unreadable request references", row.get("id"))
+            continue
+        if refs is not None:
+            cut.append((row, refs, base_id))
+    return cut
+
+
+def _bases(cut: list[_Cut]) -> list[str]:
+    return sorted({base_id for _, _, base_id in cut if base_id is not None})
+
+
+def _wanted_parts(
+    cut: list[_Cut], lists: dict[str, list[str] | None]
+) -> tuple[list[list[str] | None], set[str]]:
+    """(the item hashes of each cut row, None when a base is missing; every part hash needed)."""
+    wanted: set[str] = set()
+    items_of: list[list[str] | None] = []
+    for _row, refs, base_id in cut:
+        items: list[str] | None = None
+        if "items" in refs:
+            prefix = lists.get(base_id) if base_id is not None else []
+            items = None if prefix is None else [*prefix, *refs["items"]]
+            if items:
+                wanted.update(items)
+        if "tools" in refs:
+            wanted.add(refs["tools"])
+        items_of.append(items)
+    return items_of, wanted
+
+
+def _splice_rows(cut: list[_Cut], items_of: list[list[str] | None], texts: dict[str, str]) -> None:
+    for (row, refs, _base_id), items in zip(cut, items_of, strict=True):
+        try:
+            item_texts = [texts[h] for h in items] if items is not None else None
+            tools_text = texts.get(refs["tools"]) if "tools" in refs else None
+            row["request_json"] = splice_request(row["request_json"], refs, item_texts, tools_text)
+        except (KeyError, ValueError) as exc:
+            log.warning("exchange %s: request body cannot be rebuilt (%s)", row.get("id"), exc)
+
+
+@dataclass(frozen=True)
+class SqliteStatements:
+    """The SQL texts `SqliteRows` runs, each with one `?` parameter bound to a JSON array text:
+    `rows` (the export's columns of the exchanges whose ids are given,
+    `proxy.storage.reading.sqlite_row_statements`), `chains` (`(id, request_base_id,
+    request_refs_json)` of those ids and of every base exchange their chains name) and `parts`
+    (`(hash, body_json)` of the part hashes given)."""
+
+    rows: str
+    chains: str
+    parts: str
+
+
+def rebuild_requests_sqlite(
+    conn: sqlite3.Connection, rows: list[dict[str, Any]], statements: SqliteStatements
+) -> list[dict[str, Any]]:
+    """`proxy.storage.bodies.rebuild_requests` on a standard-library sqlite3 connection: the
+    same statements (`statements.chains`, `statements.parts`), the same result and logging."""
+    cut = _cut_rows(rows)
+    if not cut:
+        return rows
+    chains: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
+    for part in _chunks(_bases(cut)):
+        found = conn.execute(statements.chains, (_json_array(part),)).fetchall()
+        chains.update(_chain_entries(found))
+    items_of, wanted = _wanted_parts(cut, item_lists(chains) if chains else {})
+    texts: dict[str, str] = {}
+    for part in _chunks(sorted(wanted)):
+        _blob_entries(conn.execute(statements.parts, (_json_array(part),)).fetchall(), texts)
+    _splice_rows(cut, items_of, texts)
+    return rows
+
+
+class SqliteRows:
+    """Export rows read by id straight from a SQLite file, with the standard library's sqlite3
+    on a read-only connection (an export worker process: no event loop, no SQLAlchemy).
+
+    `read(ids)` gives what `proxy.storage.reading.stream_batches` gives for the query
+    `statements` were compiled from: dicts keyed by the same column names, request bodies whole,
+    packed texts unpacked; in the order of `ids`, an id no longer stored left out. Raises
+    sqlite3.Error when the file cannot be opened or read.
+    """
+
+    def __init__(self, path: str | Path, statements: SqliteStatements) -> None:
+        uri = Path(path).resolve().as_uri() + "?mode=ro"
+        self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._statements = statements
+
+    def read(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The rows of `ids` (see the class docstring)."""
+        cursor = self._conn.execute(self._statements.rows, (_json_array(list(ids)),))
+        keys = [str(column[0]) for column in cursor.description]
+        at = keys.index("id")
+        by_id = {row[at]: dict(zip(keys, row, strict=True)) for row in cursor.fetchall()}
+        rows = [by_id[exchange_id] for exchange_id in ids if exchange_id in by_id]
+        return rebuild_requests_sqlite(self._conn, rows, self._statements)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
