@@ -45,6 +45,7 @@ __all__ = [
     "Built",
     "SampleBuilder",
     "ToolsCache",
+    "json_bytes",
     "json_line",
     "line_key",
     "slim_row",
@@ -72,14 +73,27 @@ def json_line(record: Any, fast: bool = True) -> str:
     NaN). orjson's output is kept only when it holds no float at all (strings, integers,
     booleans and null are written identically by both); anything else, and what orjson refuses
     (lone surrogates, integers beyond 64 bits, non-string keys), goes to the standard library."""
-    if fast:
-        try:
-            data = orjson.dumps(record)
-        except TypeError:  # orjson.JSONEncodeError is a TypeError
-            pass
-        else:
-            if not _may_hold_float(data):
-                return data.decode()
+    data = _orjson_line(record) if fast else None
+    return data.decode() if data is not None else _stdlib_line(record)
+
+
+def json_bytes(record: Any, fast: bool = True) -> bytes:
+    """`json_line(record, fast)` encoded as UTF-8 (what the export writes), without decoding
+    orjson's output. Raises UnicodeEncodeError for a text holding a lone surrogate."""
+    data = _orjson_line(record) if fast else None
+    return data if data is not None else _stdlib_line(record).encode()
+
+
+def _orjson_line(record: Any) -> bytes | None:
+    """orjson's compact JSON of `record` when it is what the standard library writes too."""
+    try:
+        data = orjson.dumps(record)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return None
+    return None if _may_hold_float(data) else data
+
+
+def _stdlib_line(record: Any) -> str:
     try:
         return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except ValueError:  # NaN or an infinity stored by an older version: not JSON, so null
@@ -98,31 +112,37 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def line_key(line: str) -> int:
-    """The duplicate check's key of a JSON line: its 64-bit BLAKE2b hash, as an int."""
-    return int.from_bytes(hashlib.blake2b(line.encode(), digest_size=8).digest(), "big")
+def line_key(line: str | bytes) -> int:
+    """The duplicate check's key of a JSON line (text or its UTF-8 bytes): its 64-bit BLAKE2b
+    hash, as an int."""
+    data = line if isinstance(line, bytes) else line.encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
 def _line_with_tools(
     record: dict[str, Any],
     tools: list[dict[str, Any]],
     fast: bool = True,
-    tools_json: str | None = None,
-) -> tuple[str, str | None]:
-    """(JSON line of `record`, compact JSON of `tools`), dumping the tools at most once.
+    cached: _Tools | None = None,
+) -> tuple[bytes, str | None]:
+    """(JSON line of `record` as UTF-8 bytes, compact JSON of `tools`), dumping the tools at
+    most once.
 
     When the record holds `tools` itself at the top level (openai, hf, axolotl), its line is
-    spliced from the rest of the record and the tools' JSON (`tools_json` when the caller has
+    spliced from the rest of the record and the tools' JSON (`cached`'s when the caller has
     it already), which the token count reuses. fast: as `json_line`.
     """
     if not tools:
-        return json_line(record, fast), None
-    if tools_json is None:
-        tools_json = json_line(tools, fast)
+        return json_bytes(record, fast), None
+    if cached is not None and cached.tools_bytes is not None:
+        tools_bytes, tools_json = cached.tools_bytes, cached.tools_json
+    else:
+        tools_bytes = json_bytes(tools, fast)
+        tools_json = tools_bytes.decode()
     if record.get("tools") is tools:
-        rest = {k: v for k, v in record.items() if k != "tools"}
-        return f'{json_line(rest, fast)[:-1]},"tools":{tools_json}}}', tools_json
-    return json_line(record, fast), tools_json
+        rest = json_bytes({k: v for k, v in record.items() if k != "tools"}, fast)
+        return b"".join((rest[:-1], b',"tools":', tools_bytes, b"}")), tools_json
+    return json_bytes(record, fast), tools_json
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,7 @@ class _Tools:
 
     tools: list[dict[str, Any]]
     tools_json: str | None
+    tools_bytes: bytes | None
 
 
 class ToolsCache:
@@ -163,15 +184,17 @@ class ToolsCache:
             except Rejected:
                 return None
             tools = without_tool_descriptions(normalized) if self.strip_descriptions else normalized
-            entry = _Tools(tools, json_line(tools) if tools else None)
+            data = json_bytes(tools) if tools else None
+            entry = _Tools(tools, data.decode() if data is not None else None, data)
             if len(self._entries) >= self.capacity:
                 self._entries.clear()
             self._entries[key] = entry
         return entry
 
 
-Built = tuple[str, str, str, int, int, str | None, int] | tuple[str, str, str]
-"""One row's outcome: `("ok", exchange_id, json_line, total_tokens, trained_tokens, cut, key)`
+Built = tuple[str, str, bytes, int, int, str | None, int] | tuple[str, str, str]
+"""One row's outcome: `("ok", exchange_id, line, total_tokens, trained_tokens, cut, key)` (line:
+the JSON line as UTF-8 bytes, without its newline)
 (cut: why the leaf's own answer was left out, see `Conversation.cut`, or None; key: `line_key`
 of the line) or `("drop", exchange_id, reason)`."""
 
@@ -205,7 +228,7 @@ class SampleBuilder:
 
     def _sample(
         self, row: dict[str, Any]
-    ) -> tuple[str, list[dict[str, Any]], str | None, str | None]:
+    ) -> tuple[bytes, list[dict[str, Any]], str | None, str | None]:
         """(line, messages to count, compact JSON of the tools or None, cut) for one row.
 
         Raises Rejected."""
@@ -248,7 +271,7 @@ class SampleBuilder:
                 raise Rejected("below_min_tool_calls", f"{calls} tool calls")
             tools = data.get("tools")
             return (
-                json_line(render_pair(record) if options.format == "hf-dpo" else record, fast),
+                json_bytes(render_pair(record) if options.format == "hf-dpo" else record, fast),
                 [*data["messages"], *record["preferred_output"]],
                 json_line(tools, fast) if tools else None,
                 None,
@@ -271,10 +294,9 @@ class SampleBuilder:
             drop_system=options.drop_system,
             strip_tool_descriptions=options.strip_tool_descriptions and cached is None,
         )
-        tools_json = cached.tools_json if cached is not None else None
         assert self._render is not None
         line, tools_json = _line_with_tools(
-            self._render(conversation), conversation.tools, fast, tools_json
+            self._render(conversation), conversation.tools, fast, cached
         )
         return line, conversation.messages, tools_json, conversation.cut
 

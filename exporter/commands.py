@@ -27,6 +27,10 @@ AUTO_WORKERS_FROM = 20_000
 """Without --workers, exports of this many trajectories or more use one process per core (<= 4)."""
 
 
+WRITE_BUFFER_BYTES = 1 << 20
+"""Buffer of an output file: lines are written in large blocks, not one system call each."""
+
+
 class CliError(Exception):
     """A failure to report as one line and exit 1."""
 
@@ -138,7 +142,8 @@ async def _run_export(args: argparse.Namespace, options: ExportOptions, console:
                     raise CliError(f"cannot write {path}: directory {path.parent} does not exist")
                 temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
                 temps.append(temp)
-                files.append(temp.open("w", encoding="utf-8", newline="\n"))
+                # binary: the workers' UTF-8 lines are written as they come (`api.line_writer`)
+                files.append(temp.open("wb", buffering=WRITE_BUFFER_BYTES))
             train = files[0]
         valid = files[1] if len(files) > 1 else None
         show_bar = not args.quiet and console.is_terminal and not to_stdout

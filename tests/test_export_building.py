@@ -104,6 +104,7 @@ def test_tool_schemas_with_floats_and_nan_are_written_by_the_standard_library() 
     (line,), (nan_line,) = (
         SampleBuilder(ExportOptions()).build([r])[0][2:3] for r in (row, nan_row)
     )
+    line, nan_line = line.decode(), nan_line.decode()  # lines are UTF-8 bytes
     assert '"minimum":1e-05' in line
     assert '"minimum":null' in nan_line  # a stored NaN is written as null: strict JSON
 
