@@ -4,13 +4,14 @@
 processes): decode the stored texts, build the sample (`exporter.samples`, or
 `formats.dpo.build_pair`), render it in the chosen format, write its JSON line and count its
 tokens. It holds no export state (duplicates, limits and the split are `SampleCollector`'s, in
-`exporter.api`), and this module imports neither the storage nor SQLAlchemy, so a worker process
-starts in a fraction of a second.
+`exporter.api`), and this module imports neither the storage's engine nor SQLAlchemy, so a
+worker process starts in a fraction of a second.
 
 Lines are byte for byte what `json.dumps(record, ensure_ascii=False, separators=(",", ":"))`
-writes (`json_line`). What repeats across samples is done once per distinct value: a request's
-tool list is normalized, written and counted once per distinct list (`ToolsCache`), a system
-prompt counted once (`exporter.tokens.TokenCounter`).
+writes (`json_bytes`, `json_line`). What repeats across samples is done once per distinct value:
+a request's tool list is normalized, written and counted once per distinct list (`ToolsCache`),
+and parsed once per stored part when the rows come from `exporter.direct` (`DEFERRED_TOOLS`), a
+system prompt counted once (`exporter.tokens.TokenCounter`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from exporter.samples import (
 )
 from exporter.tokens import TokenCounter, encoding_name
 from proxy.core.fastjson import loads, loads_checked
+from proxy.storage.rebuild import DEFERRED_TOOLS
 
 __all__ = [
     "BUILD_KEYS",
@@ -166,17 +168,23 @@ class ToolsCache:
         self.capacity = capacity
         self._entries: dict[bytes, _Tools] = {}
 
-    def get(self, request: dict[str, Any]) -> _Tools | None:
+    def get(self, request: dict[str, Any], stored_as: str | None = None) -> _Tools | None:
         """The entry of `request`'s tools (`tools`, or legacy `functions`), or None when it
-        cannot be cached (the caller then normalizes as usual, raising what that raises)."""
+        cannot be cached (the caller then normalizes as usual, raising what that raises).
+
+        stored_as: the hash of the stored part `request["tools"]` was parsed from (the same
+        hash, the same list): it keys the entry instead of the list's JSON."""
         raw = request.get("tools")
         legacy = not raw and isinstance(request.get("functions"), list)
-        try:
-            key = orjson.dumps(request["functions"] if legacy else raw)
-        except TypeError:  # beyond orjson (integers past 64 bits): not cached
-            return None
-        if legacy:
-            key = b"functions:" + key
+        if stored_as is not None and raw and not legacy:
+            key = b"part:" + stored_as.encode()
+        else:
+            try:
+                key = orjson.dumps(request["functions"] if legacy else raw)
+            except TypeError:  # beyond orjson (integers past 64 bits): not cached
+                return None
+            if legacy:
+                key = b"functions:" + key
         entry = self._entries.get(key)
         if entry is None:
             try:
@@ -212,6 +220,18 @@ class SampleBuilder:
         self.counter = TokenCounter(encoding_name(options.model_for_tokens))
         self._render = RENDERERS.get(options.format)
         self._tools = ToolsCache(options.strip_tool_descriptions)
+        self._parsed_tools: dict[str, tuple[Any, bool]] = {}
+
+    def _stored_tools(self, part_hash: str, text: str) -> tuple[Any, bool]:
+        """`loads_checked(text)` of a stored tool list, once per part (at most 256 kept).
+        Raises ValueError as `loads_checked`."""
+        found = self._parsed_tools.get(part_hash)
+        if found is None:
+            found = loads_checked(text)
+            if len(self._parsed_tools) >= 256:
+                self._parsed_tools.clear()
+            self._parsed_tools[part_hash] = found
+        return found
 
     def build(self, rows: list[dict[str, Any]]) -> list[Built]:
         """The outcome of each row, in row order (see `Built`)."""
@@ -237,8 +257,14 @@ class SampleBuilder:
             raise Rejected(*row["rejected"])
         # fast: every stored text is strict JSON (no NaN or infinity in the values), so lines
         # may be written by orjson (`json_line`).
+        stored_tools = row.get(DEFERRED_TOOLS)
         try:
             request, fast = loads_checked(row["request_json"])
+            if stored_tools is not None and isinstance(request, dict):
+                # the tool list left out of the text (`SqliteRows(defer_tools=True)`): parsed
+                # once per stored part, shared by the rows (never mutated)
+                request["tools"], strict = self._stored_tools(*stored_tools)
+                fast = fast and strict
             response = shadow = None
             if row.get("response_json"):
                 response, strict = loads_checked(row["response_json"])
@@ -277,7 +303,11 @@ class SampleBuilder:
                 None,
             )
         # A stored NaN (fast False) takes the uncached path, as every row did before the cache.
-        cached = self._tools.get(request) if fast else None
+        cached = (
+            self._tools.get(request, stored_tools[0] if stored_tools is not None else None)
+            if fast
+            else None
+        )
         conversation: Conversation = build_conversation(
             request,
             response,
@@ -305,6 +335,7 @@ BUILD_KEYS: Final = (
     "id",
     "rejected",
     "request_json",
+    DEFERRED_TOOLS,
     "response_json",
     "shadow_response_json",
     "trajectory_tags_json",

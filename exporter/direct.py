@@ -37,7 +37,8 @@ class DirectReader:
     def __init__(self, path: str | Path, statements: SqliteStatements, options: ExportOptions):
         self.path = Path(path)
         self.options = options
-        self._rows = SqliteRows(self.path, statements)
+        # chat rows keep their tool list apart: the builder parses each distinct list once
+        self._rows = SqliteRows(self.path, statements, defer_tools=not options.preference)
 
     def read(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """The rows of `ids`, in that order (an id no longer stored is left out)."""

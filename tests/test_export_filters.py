@@ -21,11 +21,13 @@ import pytest
 
 from exporter.api import ExportOptions, export_samples, write_export
 from exporter.options import OptionsError
-from exporter.reader import read_batches
+from exporter.reader import query_for, read_batches
 from proxy.dashboard.export import export_options
 from proxy.dashboard.params import parse_list_query
 from proxy.storage import Database, new_id
 from proxy.storage.browse import MAX_PAGE_SIZE, list_trajectories
+from proxy.storage.reading import sqlite_row_statements, stream_batches
+from proxy.storage.rebuild import DEFERRED_TOOLS, SqliteRows
 from tests.support.exporter import (
     completion,
     read_jsonl,
@@ -377,6 +379,39 @@ async def test_worker_processes_write_the_same_file(
     assert files[1].read_text() == files[3].read_text()
     assert first.as_dict() | {"seconds": 0} == second.as_dict() | {"seconds": 0}
     assert first.written >= 1
+
+
+@pytest.mark.parametrize("preference", [False, True], ids=["leaves", "pairs"])
+async def test_sqlite_rows_are_the_streamed_rows(db: Any, preference: bool) -> None:
+    database, _, _ = db
+    if database.sqlite_file is None:
+        pytest.skip("worker processes read SQLite files themselves; PostgreSQL streams")
+    query = query_for(ExportOptions(labels=("any",), format="dpo" if preference else "openai"))
+    streamed = [row async for rows in stream_batches(database, query) for row in rows]
+    ids = [row["id"] for row in streamed]
+    statements = sqlite_row_statements(preference)
+    whole = SqliteRows(database.sqlite_file, statements)
+    deferred = SqliteRows(database.sqlite_file, statements, defer_tools=True)
+    try:
+        assert whole.read([*reversed(ids), "no-such-id"]) == streamed[::-1]
+        apart = deferred.read(ids)
+    finally:
+        whole.close()
+        deferred.close()
+    assert any(DEFERRED_TOOLS in row for row in apart)
+    for row, expected in zip(apart, streamed, strict=True):
+        if DEFERRED_TOOLS in row:  # `tools` left null in the text; the list given beside it
+            _, tools_text = row.pop(DEFERRED_TOOLS)
+            request = json.loads(row["request_json"])
+            assert request["tools"] is None
+            request["tools"] = json.loads(tools_text)
+            row["request_json"] = json.dumps(request)
+            assert list(request) == list(json.loads(expected["request_json"]))  # same key order
+            expected = {
+                **expected,
+                "request_json": json.dumps(json.loads(expected["request_json"])),
+            }
+        assert row == expected
 
 
 async def test_worker_processes_filter_a_large_selection(db: Any, tmp_path: Path) -> None:

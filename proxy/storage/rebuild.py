@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -200,14 +201,52 @@ def _wanted_parts(
     return items_of, wanted
 
 
-def _splice_rows(cut: list[_Cut], items_of: list[list[str] | None], texts: dict[str, str]) -> None:
+DEFERRED_TOOLS: Final = "request_tools"
+"""The key `SqliteRows(defer_tools=True)` adds to a chat row whose tool list it left out of
+`request_json`: `(hash, text)` of the list, whose value belongs at the request's `tools`."""
+
+_TOOLS_MEMBER: Final = re.compile(r'"tools"[ \t\n\r]*:[ \t\n\r]*\Z')
+"""The text right before the `null` that stands for a cut tool list (as the client spaced it)."""
+
+
+def _splice_rows(
+    cut: list[_Cut],
+    items_of: list[list[str] | None],
+    texts: dict[str, str],
+    defer_tools: bool = False,
+) -> None:
     for (row, refs, _base_id), items in zip(cut, items_of, strict=True):
         try:
             item_texts = [texts[h] for h in items] if items is not None else None
             tools_text = texts.get(refs["tools"]) if "tools" in refs else None
-            row["request_json"] = splice_request(row["request_json"], refs, item_texts, tools_text)
+            options_json = row["request_json"]
+            if (
+                defer_tools
+                and tools_text is not None
+                and row.get("kind") != "responses"
+                and _tools_placeholder(options_json, refs)
+            ):
+                # `tools` stays null in the text: the reader parses the list once per hash
+                refs = {key: value for key, value in refs.items() if key != "tools_at"}
+                row[DEFERRED_TOOLS] = (refs["tools"], tools_text)
+                tools_text = None
+            row["request_json"] = splice_request(options_json, refs, item_texts, tools_text)
         except (KeyError, ValueError) as exc:
+            row.pop(DEFERRED_TOOLS, None)
             log.warning("exchange %s: request body cannot be rebuilt (%s)", row.get("id"), exc)
+
+
+def _tools_placeholder(options_json: Any, refs: dict[str, Any]) -> bool:
+    """Whether the tool list was cut from the body's top-level `tools` member (its `null` at
+    `tools_at` right after the key), so that the value parsed from the rest holds `tools: None`
+    in the list's place."""
+    at = refs.get("tools_at")
+    return (
+        isinstance(at, int)
+        and isinstance(options_json, str)
+        and options_json.startswith("null", at)
+        and _TOOLS_MEMBER.search(options_json, max(0, at - 64), at) is not None
+    )
 
 
 @dataclass(frozen=True)
@@ -224,10 +263,18 @@ class SqliteStatements:
 
 
 def rebuild_requests_sqlite(
-    conn: sqlite3.Connection, rows: list[dict[str, Any]], statements: SqliteStatements
+    conn: sqlite3.Connection,
+    rows: list[dict[str, Any]],
+    statements: SqliteStatements,
+    *,
+    defer_tools: bool = False,
 ) -> list[dict[str, Any]]:
     """`proxy.storage.bodies.rebuild_requests` on a standard-library sqlite3 connection: the
-    same statements (`statements.chains`, `statements.parts`), the same result and logging."""
+    same statements (`statements.chains`, `statements.parts`), the same result and logging.
+
+    defer_tools: a chat row's tool list, when it was stored as a part, is not spliced in: its
+    `request_json` keeps `"tools":null` and the row gets `DEFERRED_TOOLS` = (hash, text) of the
+    list instead (a reader that sees the same list in every row parses it once)."""
     cut = _cut_rows(rows)
     if not cut:
         return rows
@@ -239,7 +286,7 @@ def rebuild_requests_sqlite(
     texts: dict[str, str] = {}
     for part in _chunks(sorted(wanted)):
         _blob_entries(conn.execute(statements.parts, (_json_array(part),)).fetchall(), texts)
-    _splice_rows(cut, items_of, texts)
+    _splice_rows(cut, items_of, texts, defer_tools)
     return rows
 
 
@@ -249,14 +296,19 @@ class SqliteRows:
 
     `read(ids)` gives what `proxy.storage.reading.stream_batches` gives for the query
     `statements` were compiled from: dicts keyed by the same column names, request bodies whole,
-    packed texts unpacked; in the order of `ids`, an id no longer stored left out. Raises
-    sqlite3.Error when the file cannot be opened or read.
+    packed texts unpacked; in the order of `ids`, an id no longer stored left out. With
+    `defer_tools`, chat rows' tool lists are left out of `request_json` as
+    `rebuild_requests_sqlite` describes. Raises sqlite3.Error when the file cannot be opened or
+    read.
     """
 
-    def __init__(self, path: str | Path, statements: SqliteStatements) -> None:
+    def __init__(
+        self, path: str | Path, statements: SqliteStatements, *, defer_tools: bool = False
+    ) -> None:
         uri = Path(path).resolve().as_uri() + "?mode=ro"
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
         self._statements = statements
+        self._defer_tools = defer_tools
 
     def read(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """The rows of `ids` (see the class docstring)."""
@@ -265,7 +317,9 @@ class SqliteRows:
         at = keys.index("id")
         by_id = {row[at]: dict(zip(keys, row, strict=True)) for row in cursor.fetchall()}
         rows = [by_id[exchange_id] for exchange_id in ids if exchange_id in by_id]
-        return rebuild_requests_sqlite(self._conn, rows, self._statements)
+        return rebuild_requests_sqlite(
+            self._conn, rows, self._statements, defer_tools=self._defer_tools
+        )
 
     def close(self) -> None:
         """Close the connection."""
