@@ -392,12 +392,18 @@ async def test_sqlite_rows_are_the_streamed_rows(db: Any, preference: bool) -> N
     statements = sqlite_row_statements(preference)
     whole = SqliteRows(database.sqlite_file, statements)
     deferred = SqliteRows(database.sqlite_file, statements, defer_tools=True)
+    # bases outside the rows' trajectories are looked up by id: here, every base
+    nowhere = "SELECT id, request_base_id, request_refs_json FROM exchanges WHERE ? IS NULL"
+    by_id = SqliteRows(
+        database.sqlite_file, dataclasses.replace(statements, trajectory_chains=nowhere)
+    )
     try:
         assert whole.read([*reversed(ids), "no-such-id"]) == streamed[::-1]
+        assert by_id.read(ids) == streamed
         apart = deferred.read(ids)
     finally:
-        whole.close()
-        deferred.close()
+        for reader in (whole, deferred, by_id):
+            reader.close()
     assert any(DEFERRED_TOOLS in row for row in apart)
     for row, expected in zip(apart, streamed, strict=True):
         if DEFERRED_TOOLS in row:  # `tools` left null in the text; the list given beside it

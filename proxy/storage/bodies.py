@@ -346,12 +346,18 @@ async def rebuild_requests(
     return rows
 
 
-def sqlite_lookups() -> tuple[str, str]:
-    """The two statements of `rebuild_requests` as SQL text for the standard library's sqlite3
-    (one `?` each: the JSON array of ids, then of hashes): `SqliteStatements.chains` and
-    `.parts`."""
+def sqlite_lookups() -> tuple[str, str, str]:
+    """The statements of `rebuild_requests_sqlite` as SQL text for the standard library's
+    sqlite3, one `?` each: `SqliteStatements.chains` and `.parts` (`rebuild_requests`' two:
+    the JSON array of ids, then of hashes), and `.trajectory_chains` (`(id, request_base_id,
+    request_refs_json)` of every exchange of the trajectories whose ids are given, through the
+    `(trajectory_id, step)` index)."""
     chain, parts = _lookups("sqlite")
-    return sqlite_sql(chain), sqlite_sql(parts)
+    e = exchanges.c
+    of_trajectories = select(e.id, e.request_base_id, e.request_refs_json).where(
+        e.trajectory_id.in_(json_array_values("ids", "sqlite"))
+    )
+    return sqlite_sql(chain), sqlite_sql(parts), sqlite_sql(of_trajectories)
 
 
 def sqlite_sql(statement: Select[Any]) -> str:

@@ -254,12 +254,14 @@ class SqliteStatements:
     """The SQL texts `SqliteRows` runs, each with one `?` parameter bound to a JSON array text:
     `rows` (the export's columns of the exchanges whose ids are given,
     `proxy.storage.reading.sqlite_row_statements`), `chains` (`(id, request_base_id,
-    request_refs_json)` of those ids and of every base exchange their chains name) and `parts`
-    (`(hash, body_json)` of the part hashes given)."""
+    request_refs_json)` of those ids and of every base exchange their chains name), `parts`
+    (`(hash, body_json)` of the part hashes given) and `trajectory_chains` (`(id,
+    request_base_id, request_refs_json)` of every exchange of the trajectories given)."""
 
     rows: str
     chains: str
     parts: str
+    trajectory_chains: str
 
 
 def rebuild_requests_sqlite(
@@ -270,7 +272,12 @@ def rebuild_requests_sqlite(
     defer_tools: bool = False,
 ) -> list[dict[str, Any]]:
     """`proxy.storage.bodies.rebuild_requests` on a standard-library sqlite3 connection: the
-    same statements (`statements.chains`, `statements.parts`), the same result and logging.
+    same result and logging.
+
+    The base exchanges are looked up in the rows' own trajectories first
+    (`statements.trajectory_chains`: one index range per trajectory, its exchanges stored side
+    by side), then, for any base found elsewhere, as `rebuild_requests` does
+    (`statements.chains`); the parts as `rebuild_requests` does (`statements.parts`).
 
     defer_tools: a chat row's tool list, when it was stored as a part, is not spliced in: its
     `request_json` keeps `"tools":null` and the row gets `DEFERRED_TOOLS` = (hash, text) of the
@@ -279,7 +286,8 @@ def rebuild_requests_sqlite(
     if not cut:
         return rows
     chains: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
-    for part in _chunks(_bases(cut)):
+    elsewhere = _bases_in_trajectories(conn, cut, statements.trajectory_chains, chains)
+    for part in _chunks(elsewhere):
         found = conn.execute(statements.chains, (_json_array(part),)).fetchall()
         chains.update(_chain_entries(found))
     items_of, wanted = _wanted_parts(cut, item_lists(chains) if chains else {})
@@ -288,6 +296,39 @@ def rebuild_requests_sqlite(
         _blob_entries(conn.execute(statements.parts, (_json_array(part),)).fetchall(), texts)
     _splice_rows(cut, items_of, texts, defer_tools)
     return rows
+
+
+def _bases_in_trajectories(
+    conn: sqlite3.Connection,
+    cut: list[_Cut],
+    statement: str,
+    chains: dict[str, tuple[str | None, dict[str, Any] | None]],
+) -> list[str]:
+    """Fill `chains` with the chains of the cut rows' bases found among the exchanges of the
+    rows' trajectories; return the ids (sorted) where a chain leaves them: those are looked up
+    by id."""
+    trajectories: list[str] = sorted(
+        {
+            trajectory_id
+            for row, _, base_id in cut
+            if base_id is not None and isinstance(trajectory_id := row.get("trajectory_id"), str)
+        }
+    )  # a row without the column: its bases are looked up by id
+    stored: dict[str, tuple[str | None, Any]] = {}
+    for part in _chunks(trajectories):
+        for exchange_id, base_id, refs in conn.execute(statement, (_json_array(part),)):
+            stored[exchange_id] = (base_id, refs)
+    elsewhere: set[str] = set()
+    for start in _bases(cut):
+        current: str | None = start
+        while current is not None and current not in chains:
+            if current not in stored:
+                elsewhere.add(current)
+                break
+            base_id, refs = stored[current]
+            chains[current] = (base_id, _refs_of(refs))
+            current = base_id
+    return sorted(elsewhere)
 
 
 class SqliteRows:
