@@ -115,10 +115,11 @@ def _finite(value: Any) -> Any:
 
 
 def line_key(line: str | bytes) -> int:
-    """The duplicate check's key of a JSON line (text or its UTF-8 bytes): its 64-bit BLAKE2b
-    hash, as an int."""
+    """The duplicate check's key of a JSON line (text or its UTF-8 bytes): the first 64 bits of
+    its SHA-256 hash, as an int (SHA-256 runs on the CPU's SHA instructions where there are:
+    faster than BLAKE2b on a 3 KB line)."""
     data = line if isinstance(line, bytes) else line.encode()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
 
 
 def _line_with_tools(
