@@ -331,4 +331,6 @@ def apply_options(
         if strip_tool_descriptions
         else conversation.tools
     )
+    if messages is conversation.messages and tools is conversation.tools:
+        return conversation  # no option changed anything (frozen: nothing to copy)
     return replace(conversation, messages=messages, tools=tools)
