@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -24,7 +25,7 @@ import itertools
 import multiprocessing
 import operator
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, BinaryIO, Protocol, cast
 
 from exporter.building import (
@@ -227,7 +228,7 @@ async def write_export(
         if on_progress is not None:
             on_progress(len(trajectory_ids))
 
-    async def batches() -> AsyncIterator[tuple[list[str] | None, asyncio.Future[Any]]]:
+    async def batches() -> AsyncGenerator[tuple[list[str] | None, asyncio.Future[Any]], None]:
         if direct:
             async for ids in read_ids(db, options):
                 work = [exchange_id for exchange_id, _ in ids]
@@ -243,12 +244,13 @@ async def write_export(
 
     try:
         # Batches are built ahead (`ahead` of them) while the next ones are read.
-        async for entry in batches():
-            in_flight.append(entry)
-            if len(in_flight) > ahead:
-                await write_next()
-                if collector.full:
-                    break
+        async with contextlib.aclosing(batches()) as source:
+            async for entry in source:
+                in_flight.append(entry)
+                if len(in_flight) > ahead:
+                    await write_next()
+                    if collector.full:
+                        break
         while in_flight and not collector.full:
             await write_next()
     finally:
