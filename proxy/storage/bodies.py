@@ -65,17 +65,17 @@ from proxy.storage.rebuild import (
     PACKED_COLUMNS,
     USAGE_OF_RESPONSE,
     WHOLE,
-    _bases,
-    _blob_entries,
-    _chain_entries,
-    _chunks,
-    _cut_rows,
-    _json_array,
-    _splice_rows,
-    _usage_of,
-    _wanted_parts,
+    bases_of,
+    blob_entries,
+    chain_entries,
+    chunks,
+    cut_rows,
     item_lists,
+    json_array,
+    splice_rows,
     unpack_row,
+    usage_of,
+    wanted_parts,
 )
 from proxy.storage.schema import blobs, exchanges
 
@@ -144,7 +144,7 @@ def pack_row(row: dict[str, Any]) -> dict[str, Any]:
     `usage_json` that repeats the answer's usage as `USAGE_OF_RESPONSE`."""
     out = dict(row)
     usage = out.get("usage_json")
-    if isinstance(usage, str) and usage == _usage_of(out.get("response_json")):
+    if isinstance(usage, str) and usage == usage_of(out.get("response_json")):
         out["usage_json"] = USAGE_OF_RESPONSE
     for column in PACKED_COLUMNS:
         value = out.get(column)
@@ -307,10 +307,10 @@ async def _ancestors(
     recursive query per LOOKUP_CHUNK ids)."""
     query = _lookups(conn.dialect.name)[0]
     found: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
-    for part in _chunks(base_ids):
+    for part in chunks(base_ids):
         # .all(): one fetchall, not a fetchone per row through the async adapter
-        result = await conn.execute(query, {"ids": _json_array(part)})
-        found.update(_chain_entries(result.all()))
+        result = await conn.execute(query, {"ids": json_array(part)})
+        found.update(chain_entries(result.all()))
     return found
 
 
@@ -318,8 +318,8 @@ async def _blob_texts(conn: AsyncConnection, hashes: Iterable[str]) -> dict[str,
     """hash -> text of the stored parts among `hashes` (unpacked; a damaged one is left out)."""
     query = _lookups(conn.dialect.name)[1]
     found: dict[str, str] = {}
-    for part in _chunks(sorted(set(hashes))):
-        _blob_entries((await conn.execute(query, {"hashes": _json_array(part)})).all(), found)
+    for part in chunks(sorted(set(hashes))):
+        blob_entries((await conn.execute(query, {"hashes": json_array(part)})).all(), found)
     return found
 
 
@@ -336,13 +336,13 @@ async def rebuild_requests(
     raises for one bad row. Packed texts (`PACKED_COLUMNS`, on SQLite) are unpacked first
     (`unpack_row`), whichever columns the rows carry.
     """
-    cut = _cut_rows(rows)
+    cut = cut_rows(rows)
     if not cut:
         return rows
-    bases = _bases(cut)
+    bases = bases_of(cut)
     lists = item_lists(await _ancestors(conn, bases)) if bases else {}
-    items_of, wanted = _wanted_parts(cut, lists)
-    _splice_rows(cut, items_of, await _blob_texts(conn, wanted))
+    items_of, wanted = wanted_parts(cut, lists)
+    splice_rows(cut, items_of, await _blob_texts(conn, wanted))
     return rows
 
 

@@ -27,6 +27,29 @@ from proxy.core import fastjson
 from proxy.core.bodies import splice_request
 from proxy.core.packing import unpack_text
 
+__all__ = [
+    "DEFERRED_TOOLS",
+    "LOOKUP_CHUNK",
+    "PACKED_COLUMNS",
+    "USAGE_OF_RESPONSE",
+    "WHOLE",
+    "CutRow",
+    "SqliteRows",
+    "SqliteStatements",
+    "bases_of",
+    "blob_entries",
+    "chain_entries",
+    "chunks",
+    "cut_rows",
+    "item_lists",
+    "json_array",
+    "rebuild_requests_sqlite",
+    "splice_rows",
+    "unpack_row",
+    "usage_of",
+    "wanted_parts",
+]
+
 log = logging.getLogger("understudy.storage")
 
 LOOKUP_CHUNK: Final = 10_000
@@ -60,7 +83,7 @@ USAGE_OF_RESPONSE: Final = b"\xff"
 (what the recorder writes for an answer that reports usage), derived by `unpack_row`."""
 
 
-def _usage_of(response_json: Any) -> str | None:
+def usage_of(response_json: Any) -> str | None:
     """`json.dumps` of the `usage` object of an answer's JSON text (as `rows.exchange_row`
     writes `usage_json`), None when it has none."""
     if not isinstance(response_json, str):
@@ -87,11 +110,12 @@ def unpack_row(row: dict[str, Any]) -> dict[str, Any]:
                 log.warning("exchange %s: %s cannot be read (%s)", row.get("id"), column, exc)
                 row[column] = None
     if row.get("usage_json") == USAGE_OF_RESPONSE:
-        row["usage_json"] = _usage_of(row.get("response_json"))
+        row["usage_json"] = usage_of(row.get("response_json"))
     return row
 
 
-def _chunks(values: Sequence[str]) -> Iterable[list[str]]:
+def chunks(values: Sequence[str]) -> Iterable[list[str]]:
+    """`values` in lists of at most `LOOKUP_CHUNK` (one lookup statement each)."""
     for start in range(0, len(values), LOOKUP_CHUNK):
         yield list(values[start : start + LOOKUP_CHUNK])
 
@@ -105,11 +129,12 @@ def _refs_of(text: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and value else None
 
 
-def _json_array(values: list[str]) -> str:
+def json_array(values: list[str]) -> str:
+    """`values` as one JSON array text (the single parameter of a lookup statement)."""
     return orjson.dumps(values).decode()
 
 
-def _chain_entries(
+def chain_entries(
     found_rows: Iterable[Sequence[Any]],
 ) -> dict[str, tuple[str | None, dict[str, Any] | None]]:
     """id -> (request_base_id, refs) of the `(id, request_base_id, request_refs_json)` rows of
@@ -117,7 +142,7 @@ def _chain_entries(
     return {exchange_id: (base_id, _refs_of(refs)) for exchange_id, base_id, refs in found_rows}
 
 
-def _blob_entries(found_rows: Iterable[Sequence[Any]], found: dict[str, str]) -> None:
+def blob_entries(found_rows: Iterable[Sequence[Any]], found: dict[str, str]) -> None:
     """Add the `(hash, body_json)` rows of the parts statement to `found`, unpacked (a damaged
     one is logged and left out)."""
     for blob_hash, text in found_rows:
@@ -157,13 +182,13 @@ def item_lists(
     return resolved
 
 
-_Cut = tuple[dict[str, Any], dict[str, Any], str | None]
+CutRow = tuple[dict[str, Any], dict[str, Any], str | None]
 """A row whose body was cut: (the row, its parsed references, its `request_base_id`)."""
 
 
-def _cut_rows(rows: list[dict[str, Any]]) -> list[_Cut]:
+def cut_rows(rows: list[dict[str, Any]]) -> list[CutRow]:
     """Unpack each row (`unpack_row`), pop its reference columns; the rows whose body was cut."""
-    cut: list[_Cut] = []
+    cut: list[CutRow] = []
     for row in rows:
         unpack_row(row)
         refs_text = row.pop("request_refs_json", None)
@@ -178,12 +203,13 @@ def _cut_rows(rows: list[dict[str, Any]]) -> list[_Cut]:
     return cut
 
 
-def _bases(cut: list[_Cut]) -> list[str]:
+def bases_of(cut: list[CutRow]) -> list[str]:
+    """The distinct base exchange ids of the cut rows, sorted."""
     return sorted({base_id for _, _, base_id in cut if base_id is not None})
 
 
-def _wanted_parts(
-    cut: list[_Cut], lists: dict[str, list[str] | None]
+def wanted_parts(
+    cut: list[CutRow], lists: dict[str, list[str] | None]
 ) -> tuple[list[list[str] | None], set[str]]:
     """(the item hashes of each cut row, None when a base is missing; every part hash needed)."""
     wanted: set[str] = set()
@@ -209,12 +235,16 @@ _TOOLS_MEMBER: Final = re.compile(r'"tools"[ \t\n\r]*:[ \t\n\r]*\Z')
 """The text right before the `null` that stands for a cut tool list (as the client spaced it)."""
 
 
-def _splice_rows(
-    cut: list[_Cut],
+def splice_rows(
+    cut: list[CutRow],
     items_of: list[list[str] | None],
     texts: dict[str, str],
     defer_tools: bool = False,
 ) -> None:
+    """Put each cut row's whole body in its `request_json` (`proxy.core.bodies.splice_request`)
+    from its item hashes (`items_of`, None: a base is missing) and the part texts by hash; a
+    body that cannot be rebuilt keeps its options and is logged. defer_tools: see
+    `rebuild_requests_sqlite`."""
     for (row, refs, _base_id), items in zip(cut, items_of, strict=True):
         try:
             item_texts = [texts[h] for h in items] if items is not None else None
@@ -282,25 +312,25 @@ def rebuild_requests_sqlite(
     defer_tools: a chat row's tool list, when it was stored as a part, is not spliced in: its
     `request_json` keeps `"tools":null` and the row gets `DEFERRED_TOOLS` = (hash, text) of the
     list instead (a reader that sees the same list in every row parses it once)."""
-    cut = _cut_rows(rows)
+    cut = cut_rows(rows)
     if not cut:
         return rows
     chains: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
     elsewhere = _bases_in_trajectories(conn, cut, statements.trajectory_chains, chains)
-    for part in _chunks(elsewhere):
-        found = conn.execute(statements.chains, (_json_array(part),)).fetchall()
-        chains.update(_chain_entries(found))
-    items_of, wanted = _wanted_parts(cut, item_lists(chains) if chains else {})
+    for part in chunks(elsewhere):
+        found = conn.execute(statements.chains, (json_array(part),)).fetchall()
+        chains.update(chain_entries(found))
+    items_of, wanted = wanted_parts(cut, item_lists(chains) if chains else {})
     texts: dict[str, str] = {}
-    for part in _chunks(sorted(wanted)):
-        _blob_entries(conn.execute(statements.parts, (_json_array(part),)).fetchall(), texts)
-    _splice_rows(cut, items_of, texts, defer_tools)
+    for part in chunks(sorted(wanted)):
+        blob_entries(conn.execute(statements.parts, (json_array(part),)).fetchall(), texts)
+    splice_rows(cut, items_of, texts, defer_tools)
     return rows
 
 
 def _bases_in_trajectories(
     conn: sqlite3.Connection,
-    cut: list[_Cut],
+    cut: list[CutRow],
     statement: str,
     chains: dict[str, tuple[str | None, dict[str, Any] | None]],
 ) -> list[str]:
@@ -315,11 +345,11 @@ def _bases_in_trajectories(
         }
     )  # a row without the column: its bases are looked up by id
     stored: dict[str, tuple[str | None, Any]] = {}
-    for part in _chunks(trajectories):
-        for exchange_id, base_id, refs in conn.execute(statement, (_json_array(part),)):
+    for part in chunks(trajectories):
+        for exchange_id, base_id, refs in conn.execute(statement, (json_array(part),)):
             stored[exchange_id] = (base_id, refs)
     elsewhere: set[str] = set()
-    for start in _bases(cut):
+    for start in bases_of(cut):
         current: str | None = start
         while current is not None and current not in chains:
             if current not in stored:
@@ -353,7 +383,7 @@ class SqliteRows:
 
     def read(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """The rows of `ids` (see the class docstring)."""
-        cursor = self._conn.execute(self._statements.rows, (_json_array(list(ids)),))
+        cursor = self._conn.execute(self._statements.rows, (json_array(list(ids)),))
         keys = [str(column[0]) for column in cursor.description]
         at = keys.index("id")
         by_id = {row[at]: dict(zip(keys, row, strict=True)) for row in cursor.fetchall()}
