@@ -9,7 +9,8 @@ two parallel calls) and a final answer, so 3 exchanges per trajectory and one le
 times `python -m exporter export` (the real CLI, as a subprocess, tokens counted, duplicates
 checked) and `validate` on the output, and prints one JSON line with the numbers: wall-clock
 rate beside issue 13's floor (20,000 samples/s), the export's own CPU time (process and
-workers), the steadier figure on a shared machine, and its largest resident set; then one line
+workers, and each apart: the steadier figures on a shared machine), and its largest resident
+set; then one line
 for people: the rate, PASS or MISS against the floor, the load average.
 """
 
@@ -212,14 +213,36 @@ def _children_max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
+# `python -m exporter ARGS` that also reports, as the last line on stderr, the CPU seconds of its
+# own process and of its worker processes (getrusage SELF and CHILDREN as it exits).
+_SPLIT_RUNNER = """
+import json, resource, sys
+from exporter.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"main_cpu_s": own.ru_utime + own.ru_stime,
+                      "workers_cpu_s": workers.ru_utime + workers.ru_stime}), file=sys.stderr)
+"""
+
+
 def timed(*args: str) -> tuple[float, float, subprocess.CompletedProcess[str]]:
     """(wall seconds, CPU seconds of the exporter process and its workers, the result)."""
     cpu = _children_cpu_s()
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "exporter", *args], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-c", _SPLIT_RUNNER, *args], cwd=ROOT, capture_output=True, text=True
     )
     return time.perf_counter() - started, _children_cpu_s() - cpu, result
+
+
+def cpu_split(result: subprocess.CompletedProcess[str]) -> dict[str, float]:
+    """`{"main_cpu_s", "workers_cpu_s"}` of a `timed` run (its last stderr line), rounded."""
+    lines = result.stderr.strip().splitlines()
+    split = json.loads(lines[-1]) if lines else {}
+    return {key: round(value, 2) for key, value in split.items()}
 
 
 def main() -> None:
@@ -251,6 +274,7 @@ def main() -> None:
                 "export_s": round(export_s, 2),
                 "export_pipeline_s": summary["seconds"],
                 "export_cpu_s": round(export_cpu_s, 2),
+                **{f"export_{key}": value for key, value in cpu_split(result).items()},
                 "export_max_rss_mb": round(export_rss_mb, 1),
                 "samples_per_s": round(rate),
                 "samples_per_cpu_s": round(summary["written"] / export_cpu_s),
