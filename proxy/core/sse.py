@@ -11,7 +11,6 @@ and the final `usage` chunk that `stream_options.include_usage` adds. Every othe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
