@@ -5,6 +5,7 @@ tested, as a real `python -m proxy` where the process group and its signals matt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,21 +22,23 @@ from sqlalchemy.exc import IntegrityError
 
 from proxy.recording.recorder import (
     ExchangeRecord,
+    _line_bytes,
     is_transient,
     trajectory_meta,
     trajectory_rows,
 )
 from proxy.recording.writer import WriteFailed, WriterGone, WriterProcess
 from proxy.storage import Database, new_id, utc_now
+from proxy.storage.rows import batch_rows
 from proxy.testing.servers import child_env, free_port, wait_for_http
 from tests.support.inprocess import in_process_proxy
 from tests.support.processes import FakeUpstream
-from tests.support.records import recorded_ids
+from tests.support.records import db_rows, recorded_ids
 from tests.support.waiting import poll_async
 
 
 def _record(text: str) -> ExchangeRecord:
-    body = {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": text}]}
+    body = {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": text}], "user": text}
     return ExchangeRecord(
         id=new_id(),
         trajectory_id=new_id(),
@@ -50,7 +53,7 @@ def _record(text: str) -> ExchangeRecord:
         stream=False,
         request=body,
         request_text=json.dumps(body),
-        request_hash="h-" + text,
+        request_hash=hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
         status_code=200,
     )
 
@@ -138,6 +141,46 @@ async def test_a_refused_batch_raises_the_database_error_itself(tmp_path: Path) 
     assert recorded_ids(tmp_path / "u.db") == [record.id]
     with pytest.raises(WriterGone):
         await writer.write(rows, trajectory_rows(entries))
+
+
+async def test_lines_sent_to_the_child_store_what_the_loop_stores(tmp_path: Path) -> None:
+    """The recorder sends the child its write-ahead lines (already encoded) rather than rows:
+    the stored rows are those the event loop writes from the same records, tricky text
+    included (non-ASCII, a lone surrogate, an integer beyond 64 bits, a NUL, a newline)."""
+    texts = [
+        "plain",
+        "caf\u00e9 \u2603 \U0001f600",
+        "lone \ud800 surrogate",
+        "nul \x00 and \n line",
+    ]
+    records = [_record(text) for text in texts]
+    records[0].request_text = '{"model":"m","messages":[],"seed":123456789012345678901234567890}'
+    lines = [
+        _line_bytes({"exchange": record.to_row(), "trajectory": trajectory_meta(record)})
+        for record in records
+    ]
+    by_child, on_loop = tmp_path / "child.db", tmp_path / "loop.db"
+    db = await Database.open(str(by_child))
+    writer = WriterProcess()
+    await writer.open(db)
+    try:
+        await writer.write_lines(lines)
+    finally:
+        await writer.close()
+        await db.close()
+    db = await Database.open(str(on_loop))
+    try:
+        entries = [
+            {"exchange": record.to_row(), "trajectory": trajectory_meta(record)}
+            for record in records
+        ]
+        await db.write_exchanges(*batch_rows(entries))
+    finally:
+        await db.close()
+    for table in ("exchanges", "trajectories", "blobs"):
+        query = f"SELECT * FROM {table} ORDER BY 1"
+        assert db_rows(by_child, query) == db_rows(on_loop, query), table
+    assert len(db_rows(by_child, "SELECT id FROM exchanges")) == len(texts)
 
 
 def test_an_error_that_does_not_pickle_keeps_its_text_and_judgement() -> None:

@@ -32,7 +32,7 @@ from proxy.recording.writer import (
 )
 from proxy.storage import Database
 from proxy.storage.recovery import existing_exchange_ids, ping
-from proxy.storage.rows import exchange_row, trajectory_meta, trajectory_rows
+from proxy.storage.rows import batch_rows, exchange_row, trajectory_meta, trajectory_rows
 
 log = logging.getLogger("understudy.recorder")
 
@@ -139,9 +139,13 @@ class _Pending:
     in bytes, and the write-ahead segment holding it (None when that append failed)."""
 
     line: dict[str, Any]
-    size: int
+    data: bytes  # the line as written to the write-ahead log: what the writer process is sent
     queued_at: float
     segment: Segment | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
 
 def _line_bytes(line: dict[str, Any]) -> bytes:
@@ -283,7 +287,7 @@ class Recorder:
             self.stats["lost"] += 1
             log.exception("could not prepare a record for storage; it is lost")
             return
-        pending = _Pending(line, len(data), time.monotonic())
+        pending = _Pending(line, data, time.monotonic())
         if self.wal is not None:
             try:
                 pending.segment = self.wal.append(data)
@@ -430,20 +434,26 @@ class Recorder:
         exchange_rows: list[dict[str, Any]],
         trajectory_rows: list[dict[str, Any]],
         shadow_rows: list[dict[str, Any]] | None = None,
+        *,
+        lines: list[bytes] | None = None,
     ) -> None:
-        """`Database.write_exchanges`, in the writer process when there is one. Should that
+        """`Database.write_exchanges`, in the writer process when there is one (sent the
+        records' journal `lines` when given: the same rows, already encoded). Should that
         process be gone, this batch fails (`WriterGone`, transient: it is journaled and
         replayed) and later ones are written on the event loop."""
         if self._writer is not None:
             try:
-                await self._writer.write(exchange_rows, trajectory_rows, shadow_rows or ())
+                if lines is not None:
+                    await self._writer.write_lines(lines)
+                else:
+                    await self._writer.write(exchange_rows, trajectory_rows, shadow_rows or ())
+                return
             except WriterGone as exc:
                 log.warning("writing on the event loop from now on: %s", exc)
                 writer, self._writer = self._writer, None
                 await writer.close()
                 raise
-        else:
-            await self._db.write_exchanges(exchange_rows, trajectory_rows, shadow_rows or ())
+        await self._db.write_exchanges(exchange_rows, trajectory_rows, shadow_rows or ())
 
     def _take(self, limit: int) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -507,13 +517,12 @@ class Recorder:
     async def _write(self, batch: list[_Pending], *, retrying: bool = False) -> None:
         if not batch:
             return
-        entries = [
-            (p.line["exchange"], p.line["trajectory"]) for p in batch if "exchange" in p.line
-        ]
-        shadows = [p.line["shadow"] for p in batch if "shadow" in p.line]
         try:
             self._db.check_file()
-            await self._store([row for row, _ in entries], trajectory_rows(entries), shadows)
+            if self._writer is not None:  # the rows are built there, from the lines
+                await self._store([], [], lines=[p.data for p in batch])
+            else:
+                await self._store(*batch_rows([p.line for p in batch]))
         except Exception as exc:
             self.stats["failed_batches"] += 1
             if not retrying:

@@ -12,8 +12,9 @@ interpreter (`python -m proxy.recording.writer`) with its own handle on the same
 batch onto a pipe and reads one short reply.
 
 The pipe carries frames: an 8-byte big-endian length, then a pickle. The parent sends
-`("open", (target, shared))` once, then `("write", (exchange_rows, trajectory_rows,
-shadow_rows))` per batch; the child answers each frame in order with `("ok", None)` or
+`("open", (target, shared))` once, then per batch `("lines", bytes)`: the records' write-ahead
+lines, which the serving loop already encoded (the recorder's batches), or `("write",
+(exchange_rows, trajectory_rows, shadow_rows))` (journal replay); the child answers each frame in order with `("ok", None)` or
 `("error", exception)` (the exception itself when it pickles, so `is_transient` judges it as it
 would on the loop; else `WriteFailed` carrying its text and that judgement). Both ends are this
 package's own code: the pipe never carries anything from a client but the rows being written.
@@ -131,7 +132,14 @@ class WriterProcess:
         """`Database.write_exchanges` in the child (same arguments, same errors)."""
         await self._call("write", (list(exchange_rows), list(trajectory_rows), list(shadow_rows)))
 
-    async def _call(self, op: str, args: tuple[Any, ...]) -> None:
+    async def write_lines(self, lines: Sequence[bytes]) -> None:
+        """The records of `lines` (journal lines, `{"exchange": row, "trajectory": meta}` or
+        `{"shadow": row}` as JSON ending in a newline) written in the child as `write` writes
+        their rows: the serving loop only joins bytes it already has; the child parses them and
+        builds the batch (`proxy.storage.rows.batch_rows`)."""
+        await self._call("lines", b"".join(lines))
+
+    async def _call(self, op: str, args: Any) -> None:
         if self._gone is not None or self._process is None or self._process.stdin is None:
             raise WriterGone(f"the writer process is gone ({self._gone or 'not started'})")
         payload = pickle.dumps((op, args), protocol=pickle.HIGHEST_PROTOCOL)
@@ -219,7 +227,9 @@ def _reply(exc: BaseException | None) -> bytes:
 def serve_writes(source: BinaryIO, sink: BinaryIO) -> None:
     """The child's loop: answer each frame of `source` on `sink` until `source` ends, then close
     the database handle. Runs `Database.open` / `write_exchanges` on an event loop of its own."""
+    from proxy.core.fastjson import loads
     from proxy.storage import Database
+    from proxy.storage.rows import batch_rows
 
     loop = asyncio.new_event_loop()
     db: Database | None = None
@@ -235,6 +245,9 @@ def serve_writes(source: BinaryIO, sink: BinaryIO) -> None:
                     )
                 elif db is None:
                     raise RuntimeError(f"{op!r} before 'open'")
+                elif op == "lines":
+                    entries = [loads(line) for line in args.split(b"\n") if line]
+                    loop.run_until_complete(db.write_exchanges(*batch_rows(entries)))
                 else:
                     loop.run_until_complete(db.write_exchanges(*args))
             except Exception as exc:
