@@ -666,8 +666,8 @@ as JSON or as an SSE stream of {len(mock_upstream.EVENTS)} events.
 
 CPU is % of one core during the proxied run ({os.cpu_count()} cores shared by generator, mock and
 proxy; "other" is every other process on the machine, which skews the numbers when it is not ~0).
-"proxy CPU ms per request" is the proxy's own CPU time (all its threads, recording included)
-divided by the requests it answered: 1000 / it is the most one proxy process can serve.
+"proxy CPU ms per request" is the proxy's own CPU time (all its threads and its writer process)
+divided by the requests it answered.
 
 ## Targets
 
