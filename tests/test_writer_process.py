@@ -183,6 +183,30 @@ async def test_lines_sent_to_the_child_store_what_the_loop_stores(tmp_path: Path
     assert len(db_rows(by_child, "SELECT id FROM exchanges")) == len(texts)
 
 
+async def test_the_child_imports_the_parents_proxy_whatever_the_working_directory_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started from a directory that holds another `proxy` package (and no PYTHONPATH), the
+    child still runs this code."""
+    impostor = tmp_path / "cwd" / "proxy"
+    impostor.mkdir(parents=True)
+    (impostor / "__init__.py").write_text('raise ImportError("the working directory\'s proxy")\n')
+    monkeypatch.chdir(impostor.parent)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    db = await Database.open(str(tmp_path / "u.db"))
+    writer = WriterProcess()
+    try:
+        await writer.open(db)
+        record = _record("from the right package")
+        await writer.write_lines(
+            [_line_bytes({"exchange": record.to_row(), "trajectory": trajectory_meta(record)})]
+        )
+    finally:
+        await writer.close()
+        await db.close()
+    assert recorded_ids(tmp_path / "u.db") == [record.id]
+
+
 def test_an_error_that_does_not_pickle_keeps_its_text_and_judgement() -> None:
     failed = pickle.loads(pickle.dumps(WriteFailed("OperationalError: disk I/O error", True)))
     assert isinstance(failed, WriteFailed)

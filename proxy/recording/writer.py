@@ -7,9 +7,10 @@ in flight for milliseconds per batch. On a thread of the same process it still s
 each time the event loop gave the GIL up (any socket call) the writer could take it for up to a
 switch interval, which put 1-3 ms on one call in ten (added p99 3.3 ms at one connection,
 `bench/proxy_bench.py`, 2026-11-29). `WriterProcess` runs `Database.write_exchanges` in a child
-interpreter (`python -m proxy.recording.writer`) with its own handle on the same SQLite file
-(WAL: the serving handle keeps reading meanwhile), so the serving interpreter only pickles a
-batch onto a pipe and reads one short reply.
+interpreter (`main`: the parent's Python, importing the parent's `proxy` package whatever the
+working directory holds) with its own handle on the same SQLite file (WAL: the serving handle
+keeps reading meanwhile), so the serving interpreter only writes a batch's lines onto a pipe and
+reads one short reply.
 
 The pipe carries frames: an 8-byte big-endian length, then a pickle. The parent sends
 `("open", (target, shared))` once, then per batch `("lines", bytes)`: the records' write-ahead
@@ -44,6 +45,13 @@ __all__ = ["WriteFailed", "WriterGone", "WriterProcess", "can_write_in_a_process
 log = logging.getLogger("understudy.recorder")
 
 _HEADER: Final = struct.Struct(">Q")
+_CHILD: Final = (
+    "import sys; root = sys.argv[1]; "
+    # The working directory (sys.path[0]) gives way to the parent's own `proxy`: its directory
+    # when that is not on the path already (a checkout), else nothing (an installed package).
+    "sys.path[0:1] = [] if root in sys.path[1:] else [root]; "
+    "from proxy.recording.writer import main; main()"
+)
 OPEN_TIMEOUT_S: Final = 60.0
 """How long the child may take to start and open the database (imports included; seconds on a
 loaded machine) before the recorder writes on the event loop instead."""
@@ -105,16 +113,13 @@ class WriterProcess:
         """Start the child and open its handle on `db`'s target (same `shared` mode). Raises
         what `Database.open` raises there, `WriterGone` if the child does not start, or
         TimeoutError after `OPEN_TIMEOUT_S`; the child is ended again in each case."""
-        root = str(Path(__file__).resolve().parents[2])  # the directory holding `proxy`
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self._process = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "proxy.recording.writer",
+            "-c",
+            _CHILD,
+            str(Path(__file__).resolve().parents[2]),  # the directory holding this `proxy`
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env=env,
         )
         self._reader = asyncio.create_task(self._read_replies(), name="understudy-writer-replies")
         try:
@@ -262,7 +267,7 @@ def serve_writes(source: BinaryIO, sink: BinaryIO) -> None:
 
 
 def main() -> None:
-    """`python -m proxy.recording.writer`: the writer process (started by `WriterProcess`)."""
+    """The writer process (started by `WriterProcess`): serve frames from standard input."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
@@ -275,11 +280,3 @@ def main() -> None:
     gc.set_threshold(50_000, 20, 100)  # as `serve`: batches allocate many short-lived objects
     with sink:
         serve_writes(sys.stdin.buffer, sink)
-
-
-if __name__ == "__main__":
-    # Run as this module's own name, not as `__main__`: the classes pickled back (`WriteFailed`)
-    # must be the ones the parent imports.
-    from proxy.recording.writer import main as _main
-
-    _main()
