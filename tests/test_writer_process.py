@@ -5,8 +5,6 @@ tested, as a real `python -m proxy` where the process group and its signals matt
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import pickle
@@ -21,41 +19,19 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from proxy.recording.recorder import (
-    ExchangeRecord,
     _line_bytes,
     is_transient,
     trajectory_meta,
     trajectory_rows,
 )
 from proxy.recording.writer import WriteFailed, WriterGone, WriterProcess
-from proxy.storage import Database, new_id, utc_now
+from proxy.storage import Database
 from proxy.storage.rows import batch_rows
 from proxy.testing.servers import child_env, free_port, wait_for_http
 from tests.support.inprocess import in_process_proxy
 from tests.support.processes import FakeUpstream
-from tests.support.records import db_rows, recorded_ids
+from tests.support.records import db_rows, recorded_ids, user_record
 from tests.support.waiting import poll_async
-
-
-def _record(text: str) -> ExchangeRecord:
-    body = {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": text}], "user": text}
-    return ExchangeRecord(
-        id=new_id(),
-        trajectory_id=new_id(),
-        parent_id=None,
-        step=0,
-        new_trajectory=True,
-        id_source="hash",
-        route="student",
-        shadow=False,
-        started_utc=utc_now(),
-        path="/v1/chat/completions",
-        stream=False,
-        request=body,
-        request_text=json.dumps(body),
-        request_hash=hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
-        status_code=200,
-    )
 
 
 def _alive(pid: int) -> bool:
@@ -128,7 +104,7 @@ async def test_a_refused_batch_raises_the_database_error_itself(tmp_path: Path) 
     writer = WriterProcess()
     await writer.open(db)
     try:
-        record = _record("once only")
+        record = user_record("once only")
         entries = [(record.to_row(), trajectory_meta(record))]
         rows = [row for row, _ in entries]
         await writer.write(rows, trajectory_rows(entries))
@@ -153,7 +129,7 @@ async def test_lines_sent_to_the_child_store_what_the_loop_stores(tmp_path: Path
         "lone \ud800 surrogate",
         "nul \x00 and \n line",
     ]
-    records = [_record(text) for text in texts]
+    records = [user_record(text) for text in texts]
     records[0].request_text = '{"model":"m","messages":[],"seed":123456789012345678901234567890}'
     lines = [
         _line_bytes({"exchange": record.to_row(), "trajectory": trajectory_meta(record)})
@@ -197,7 +173,7 @@ async def test_the_child_imports_the_parents_proxy_whatever_the_working_director
     writer = WriterProcess()
     try:
         await writer.open(db)
-        record = _record("from the right package")
+        record = user_record("from the right package")
         await writer.write_lines(
             [_line_bytes({"exchange": record.to_row(), "trajectory": trajectory_meta(record)})]
         )
