@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from proxy.core.packing import STORED_TEXT_FUNCTION, sqlite_stored_text
+from proxy.core.packing import KEY_FUNCTION, STORED_TEXT_FUNCTION, sqlite_stored_text, stored_key
 
 POOL_SIZE: Final = 5
 POOL_OVERFLOW: Final = 5
@@ -95,6 +95,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.create_function(
         STORED_TEXT_FUNCTION, 1, sqlite_stored_text, deterministic=True
     )
+    # Hash keys as their bytes (migration 009): its conversion, and keys bound as a JSON array.
+    dbapi_connection.create_function(KEY_FUNCTION, 1, stored_key, deterministic=True)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
