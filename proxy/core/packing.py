@@ -347,8 +347,13 @@ def stored_key(value: object) -> object:
     `choice_states.state_hash`, `blobs.hash`): a lowercase hex text of at least `MIN_HEX_CHARS`
     characters (a BLAKE2b or SHA-256 digest) as the bytes it spells, half the size; any other
     value as it is (a key of another shape stays text, and is found as text)."""
-    if isinstance(value, str) and len(value) >= MIN_HEX_CHARS and _HEX.fullmatch(value):
-        return bytes.fromhex(value)
+    if isinstance(value, str) and len(value) >= MIN_HEX_CHARS:
+        try:
+            key = bytes.fromhex(value)
+        except ValueError:
+            return value
+        if key.hex() == value:  # lowercase, no spaces: the text comes back exactly
+            return key
     return value
 
 

@@ -12,6 +12,7 @@ through `proxy.storage.bodies.unpack_row` / `rebuild_requests`, and in SQL throu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Column, Float, Integer, MetaData, Table, Text
@@ -31,11 +32,13 @@ class HashKey(TypeDecorator[str]):
     impl = Text
     cache_ok = True
 
-    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
-        return stored_key(value) if dialect.name == "sqlite" else value
+    # The processors themselves, not process_bind_param: no wrapper call per value (the
+    # recorder binds a few keys per exchange), nothing at all on PostgreSQL.
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        return stored_key if dialect.name == "sqlite" else None
 
-    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
-        return key_text(value)
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
+        return key_text if dialect.name == "sqlite" else None
 
 
 metadata = MetaData()
@@ -130,8 +133,8 @@ exchanges = Table(
 
 # Each distinct request item (a message, a Responses input item) and each distinct tool list, once:
 # `hash` is BLAKE2b-128 (hex) of `body_json`, the compact JSON text (`proxy.core.bodies`; packed on
-# SQLite, the hash is still that of the text). On SQLite since 009 a WITHOUT ROWID table keyed by
-# the hash's 16 bytes (`HashKey`): the key is stored once, in the table itself, no separate index.
+# SQLite, the hash is still that of the text). On SQLite since 009 the hash is stored as its 16
+# bytes (`HashKey`), in the row and in the key's index.
 blobs = Table(
     "blobs",
     metadata,
