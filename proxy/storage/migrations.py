@@ -304,10 +304,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "32, in the row and in the index (a WITHOUT ROWID `blobs`, storing its key once, was "
         "measured and dropped: each part's insert took twice the time). Rows written since "
         "also store their request references in binary (`proxy.core.packing.pack_refs`) and "
-        "a base that is the parent as '' (`proxy.storage.bodies.BASE_ID`); older rows read as "
-        "they are. Existing keys are converted here, before the proxy serves (stitching must "
-        "find every state), in one transaction: interrupted, it is rolled back and runs "
-        "again. PostgreSQL keeps its texts.",
+        "a base that is the parent as '' (`proxy.storage.bodies.BASE_ID`; old rows' bases are "
+        "rewritten so here, their references read as they are). Existing keys are converted "
+        "here, before the proxy serves (stitching must find every state), in one "
+        "transaction: interrupted, it is rolled back and runs again. The file keeps its size "
+        "(the pages freed are reused; VACUUM returns them). PostgreSQL keeps its texts.",
         statements=(),
         sqlite_statements=(
             # A write first: the driver opens the transaction at the first write, so every
@@ -316,8 +317,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             "WHERE typeof(state_hash) = 'text'",
             # The index rebuilt once rather than updated row by row.
             "DROP INDEX ix_exchanges_state_hash",
-            "UPDATE exchanges SET state_hash = understudy_key(state_hash) "
-            "WHERE typeof(state_hash) = 'text'",
+            # Every row is rewritten once: its base, when it is the parent, as '' too.
+            "UPDATE exchanges SET state_hash = understudy_key(state_hash), "
+            "request_base_id = CASE WHEN request_base_id = parent_id THEN '' "
+            "ELSE request_base_id END",
             "CREATE INDEX ix_exchanges_state_hash ON exchanges (state_hash)",
             """CREATE TABLE blobs_009 (
                 hash BLOB PRIMARY KEY,
