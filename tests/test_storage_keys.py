@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 
 from proxy.core.canonical import chain_hash, prefix_hashes
 from proxy.core.packing import PACKED_REFS, PACKED_V1, pack_text, unpack_text
@@ -159,6 +159,35 @@ async def test_keys_are_stored_as_bytes_on_sqlite_and_found_by_their_hex(db: Dat
     else:  # PostgreSQL keeps its texts
         assert {r.state_hash for r in stored} == {r["state_hash"] for r in rows}
         assert choice.state_hash == later_choice and len(part.hash) == 32
+
+
+async def test_looking_states_up_by_their_bytes_uses_the_indexes(db: Database) -> None:
+    """`find_states` (one statement per request on the stitcher's path) searches both state
+    indexes with the bound keys converted (`HashKey`): no scan."""
+    await write(db, conversation("plan", 2, choices=2))
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        seen.append((statement, parameters))
+
+    engine = db._request_engine or db.engine  # the stitcher's own pool on PostgreSQL
+    event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        assert await db.find_states(["a" * 64, "b" * 64]) == {}
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+    ((statement, parameters),) = seen
+    if db.dialect == "sqlite":
+        assert all(isinstance(p, bytes) for p in parameters)
+    async with engine.connect() as conn:
+        if db.dialect == "sqlite":
+            result = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            plan = " ".join(str(r[-1]) for r in result)
+        else:
+            await conn.exec_driver_sql("SET enable_seqscan = off")
+            result = await conn.exec_driver_sql(f"EXPLAIN {statement}", parameters)
+            plan = " ".join(str(r[0]) for r in result)
+    assert "ix_exchanges_state_hash" in plan and "ix_choice_states_state_hash" in plan, plan
 
 
 async def test_a_parent_id_written_before_009_is_still_read_as_the_base(db: Database) -> None:
