@@ -265,11 +265,12 @@ class BodyWriter:
             ):
                 out.rows.append({"request_base_id": None, "request_refs_json": None, **row})
                 continue
-            split = split_request(row["request_json"], row.get("kind"))
             parent_id = row.get("parent_id")
             parent = pending.get(parent_id) if parent_id else None
             if parent is None:
                 parent = self.recent.get(parent_id)
+            # The parent's items are not parsed again when the body starts with their text.
+            split = split_request(row["request_json"], row.get("kind"), parent)
             uses_base, refs = refs_for(split, parent)
             out.rows.append(
                 {
