@@ -10,6 +10,7 @@ import pytest
 
 from proxy.core.bodies import (
     RecentItems,
+    ToolLists,
     blob_hash,
     refs_for,
     remembered,
@@ -127,12 +128,17 @@ def split_both_ways(text: str, parent: Any, kind: str | None = None) -> Any:
     """`split_request` of `text` against `parent` (its base) and whole; assert both give the
     same references, options and `remembered` entry; return the one against the base."""
     whole = split_request(text, kind)
-    against = split_request(text, kind, parent)
+    against = split_request(text, kind, parent, TOOL_LISTS)
     assert refs_for(against, parent) == refs_for(whole, parent)
     assert against.options_json == whole.options_json
     assert remembered(against) == remembered(whole)
     assert set(against.blobs) <= set(whole.blobs)
+    if whole.tools_hash is not None:  # the tool list found as text or parsed: the same part
+        assert against.blobs[whole.tools_hash] == whole.blobs[whole.tools_hash]
     return against
+
+
+TOOL_LISTS = ToolLists(capacity=4)
 
 
 @pytest.mark.parametrize("kind", ["chat", "responses"])
@@ -196,6 +202,27 @@ def test_splitting_against_a_base_agrees_with_splitting_whole_on_random_conversa
             resumed[split.base is not None] += 1
             parent = remembered(split)
     assert min(resumed.values()) > 200  # both paths taken many times
+
+
+def test_a_tool_list_sent_before_is_found_as_text_and_only_that_one() -> None:
+    tool_lists = ToolLists(capacity=2)
+    lists = [json.dumps(TOOLS), "[1]", "[]", '[{"type": "function"}]']
+    for tools in lists:
+        body = '{"model": "m", "tools": ' + tools + ', "messages": [{"role": "user"}]}'
+        first = split_request(body, None, None, tool_lists)
+        assert tool_lists.find(body, body.index("[")) == (tools, first.tools_hash)
+        again = split_request(body, None, None, tool_lists)
+        assert again == first and again.blobs[again.tools_hash] == tools
+    assert tool_lists.find(json.dumps(TOOLS), 0) is None  # forgotten: capacity 2
+    # A value that merely starts like a known list is another list: parsed. Text after a known
+    # list that is not JSON: the body is kept whole, as without the list known.
+    tool_lists = ToolLists()
+    tool_lists.add("[1]", blob_hash("[1]"))
+    for other, known in (("[1, 2]", False), ("[ 1]", False), ("[1]]", True)):
+        text = '{"tools": ' + other + "}"
+        assert (tool_lists.find(text, 10) is not None) is known
+        with_list = split_request(text, None, None, tool_lists)
+        assert with_list == split_request(text)
 
 
 def test_splicing_refuses_options_that_do_not_match_their_references() -> None:

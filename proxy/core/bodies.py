@@ -106,7 +106,10 @@ class SplitRequest:
 
 
 def split_request(
-    request_json: str, kind: str | None = None, base: Remembered | None = None
+    request_json: str,
+    kind: str | None = None,
+    base: Remembered | None = None,
+    tool_lists: ToolLists | None = None,
 ) -> SplitRequest:
     """Cut `request_json` (the stored body text) into options and parts for an exchange of `kind`
     ('chat' | 'responses'; None or unknown: chat). Never raises: text that is not a JSON object
@@ -116,6 +119,8 @@ def split_request(
     array's text starts with the base's items text byte for byte (`Remembered.prefix_chars`
     characters of the same SHA-256), those items are not parsed or hashed again (`SplitRequest.base`):
     an agent's step costs its new items, not its whole history. Otherwise it is split whole.
+    tool_lists: recent tool list texts (`ToolLists`); a `tools` value that is one of them is
+    neither parsed nor hashed again, and one that is not is added.
 
     Items and the tool list are the exact spans of `request_json` (one pass of the C JSON
     scanner, nothing re-encoded), so options and parts are byte-for-byte what was sent; only the
@@ -129,7 +134,7 @@ def split_request(
         except UnicodeEncodeError:
             return _split_parsed(request_json, array_field)
     try:
-        return _split_spans(request_json, array_field, base)
+        return _split_spans(request_json, array_field, base, tool_lists)
     except (ValueError, StopIteration, RecursionError):
         return SplitRequest(request_json)
 
@@ -144,7 +149,12 @@ def _skip(text: str, index: int) -> int:
     return match.end() if match else index
 
 
-def _split_spans(text: str, array_field: str, base: Remembered | None = None) -> SplitRequest:
+def _split_spans(
+    text: str,
+    array_field: str,
+    base: Remembered | None = None,
+    tool_lists: ToolLists | None = None,
+) -> SplitRequest:
     """`split_request` on the text itself; raises ValueError/StopIteration when it is not one
     JSON object (or names the array field or `tools` twice: then the body is kept whole)."""
     index = _skip(text, 0)
@@ -172,13 +182,21 @@ def _split_spans(text: str, array_field: str, base: Remembered | None = None) ->
                 index = _cut_items(text, index, out, base if same else None)
                 out.array_field = array_field
                 cuts.append((start, index, "items"))
-            else:
-                _, index = _scan(text, index)
-                if key == "tools" and text[start] == "[":
+            elif key == "tools" and text[start] == "[":
+                known = tool_lists.find(text, start) if tool_lists is not None else None
+                if known is not None:  # the same text as a recent request's: not parsed again
+                    tools, out.tools_hash = known
+                    index = start + len(tools)
+                else:
+                    _, index = _scan(text, index)
                     tools = text[start:index]
                     out.tools_hash = blob_hash(tools)
-                    out.blobs[out.tools_hash] = tools
-                    cuts.append((start, index, "tools"))
+                    if tool_lists is not None:
+                        tool_lists.add(tools, out.tools_hash)
+                out.blobs[out.tools_hash] = tools
+                cuts.append((start, index, "tools"))
+            else:
+                _, index = _scan(text, index)
             index = _skip(text, index)
             separator = text[index : index + 1]
             if separator == ",":
@@ -363,6 +381,36 @@ class RecentItems:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class ToolLists:
+    """The most recent distinct tool list texts and their `blob_hash` (at most `capacity`, each
+    at most `max_chars` characters): most requests of an app send one of a few tool lists, so a
+    writer finds the `tools` value by comparing text (`find`) instead of parsing and hashing it.
+    """
+
+    def __init__(self, capacity: int = 16, max_chars: int = 256 * 1024) -> None:
+        self.capacity = capacity
+        self.max_chars = max_chars
+        self._hashes: OrderedDict[str, str] = OrderedDict()
+
+    def find(self, text: str, start: int) -> tuple[str, str] | None:
+        """(tool list text, its hash) of a known list that `text` holds at `start`, or None.
+        A JSON array ends at its own `]`, so the value there is exactly that list."""
+        for tools in reversed(self._hashes):
+            if text.startswith(tools, start):
+                self._hashes.move_to_end(tools)
+                return tools, self._hashes[tools]
+        return None
+
+    def add(self, tools: str, tools_hash: str) -> None:
+        """Remember `tools` (a JSON array's text) and its hash, the oldest forgotten beyond
+        capacity."""
+        if len(tools) <= self.max_chars:
+            self._hashes[tools] = tools_hash
+            self._hashes.move_to_end(tools)
+            while len(self._hashes) > self.capacity:
+                self._hashes.popitem(last=False)
 
 
 def remembered(split: SplitRequest) -> Remembered | None:

@@ -59,6 +59,7 @@ from proxy.core import fastjson
 from proxy.core.bodies import (
     RecentItems,
     Remembered,
+    ToolLists,
     compact_json,
     refs_for,
     remembered,
@@ -248,6 +249,7 @@ class BodyWriter:
     ) -> None:
         self.recent = RecentItems(recent_capacity)
         self.known = KnownBlobs(known_capacity)
+        self.tool_lists = ToolLists()
         self.pack = pack
 
     def prepare(self, rows: Sequence[dict[str, Any]]) -> PreparedBatch:
@@ -270,7 +272,7 @@ class BodyWriter:
             if parent is None:
                 parent = self.recent.get(parent_id)
             # The parent's items are not parsed again when the body starts with their text.
-            split = split_request(row["request_json"], row.get("kind"), parent)
+            split = split_request(row["request_json"], row.get("kind"), parent, self.tool_lists)
             uses_base, refs = refs_for(split, parent)
             out.rows.append(
                 {
