@@ -276,7 +276,7 @@ async def test_a_database_written_before_009_is_converted_before_serving(db_targ
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         stored = [dict(r) for r in conn.execute("SELECT * FROM exchanges ORDER BY step")]
     assert [tuple(r) for r in kinds] == [("blob",)] and "hash BLOB" in blobs_sql[0]
-    assert {"ix_exchanges_state_hash", "ix_choice_states_state_hash"} <= indexes
+    assert {"ix_exchanges_state_hash", "ix_choice_states_state_hash", "ix_blobs_hash"} <= indexes
     assert {r["request_base_id"] for r in stored} == {None, ""}  # old bases rewritten too
     # Read straight from the file (old bases named by id, new ones '', keys as bytes).
     assert [sent(r) for r in whole_requests(Path(db_target), stored)] == [

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Final
+from typing import Any, Final
 
 import orjson
 import zstandard
@@ -225,6 +225,9 @@ def _varint(number: int) -> bytes:
 
 
 def _read_varint(value: bytes, at: int) -> tuple[int, int]:
+    number = value[at]
+    if number < 0x80:  # offsets and counts under 128: one byte, the usual case
+        return number, at + 1
     number = shift = 0
     while True:
         byte = value[at]
@@ -274,33 +277,39 @@ def pack_refs(text: str) -> bytes | None:
 
 def unpack_refs(value: bytes) -> str:
     """The exact text `pack_refs` packed. Raises ValueError for bytes that are not its form."""
+    return orjson.dumps(refs_of_packed(value)).decode()  # compact, keys in order: that text
+
+
+def refs_of_packed(value: bytes) -> dict[str, Any]:
+    """The references `pack_refs` packed, as the dict their text parses to (`{"at", "items",
+    "tools_at", "tools"}`, either part optional), without making the text. Raises ValueError for
+    bytes that are not its form."""
+    refs: dict[str, Any] = {}
     try:
         flags = value[1]
         at = 2
-        parts = []
         if flags & _HAS_ITEMS:
             offset, at = _read_varint(value, at)
             count, at = _read_varint(value, at)
             end = at + 16 * count
             if end > len(value):
                 raise ValueError("truncated request references")
-            # One hex text with a comma between hashes (C speed), then each hash quoted.
-            hashes = value[at:end].hex(",", 16).replace(",", '","')
-            parts.append(
-                f'"at":{offset},"items":["{hashes}"]' if count else f'"at":{offset},"items":[]'
-            )
+            refs["at"] = offset
+            # One hex text with a comma between hashes (C speed), split.
+            refs["items"] = value[at:end].hex(",", 16).split(",") if count else []
             at = end
         if flags & _HAS_TOOLS:
             offset, at = _read_varint(value, at)
             if at + 16 > len(value):
                 raise ValueError("truncated request references")
-            parts.append(f'"tools_at":{offset},"tools":"{value[at : at + 16].hex()}"')
+            refs["tools_at"] = offset
+            refs["tools"] = value[at : at + 16].hex()
             at += 16
     except IndexError as exc:
         raise ValueError("truncated request references") from exc
     if at != len(value) or not flags or flags & ~(_HAS_ITEMS | _HAS_TOOLS):
         raise ValueError("damaged request references")
-    return "{" + ",".join(parts) + "}"
+    return refs
 
 
 def unpack_text(value: str | bytes | None) -> str | None:

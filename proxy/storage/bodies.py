@@ -66,7 +66,14 @@ from proxy.core.bodies import (
     splice_request,
     split_request,
 )
-from proxy.core.packing import KEY_FUNCTION, STORED_TEXT_FUNCTION, pack_text, unpack_text
+from proxy.core.packing import (
+    KEY_FUNCTION,
+    PACKED_REFS,
+    STORED_TEXT_FUNCTION,
+    pack_text,
+    refs_of_packed,
+    unpack_text,
+)
 from proxy.storage.schema import blobs, exchanges
 
 log = logging.getLogger("understudy.storage")
@@ -95,6 +102,8 @@ as `BASE_ID`, labelled `request_base_id`). A row selected whole (`select(exchang
 
 LOOKUP_CHUNK: Final = 10_000
 """Most ids or hashes sent in one lookup statement (as one JSON array parameter)."""
+
+_PACKED_REFS: Final = bytes((PACKED_REFS,))
 
 WHOLE: Final = "{}"
 """`request_refs_json` of a row whose `request_json` is the whole body (nothing was cut)."""
@@ -315,6 +324,8 @@ def _chunks(values: Sequence[str]) -> Iterable[list[str]]:
 
 def _refs_of(text: Any) -> dict[str, Any] | None:
     """The parsed references of a row, None when its `request_json` is the whole body."""
+    if isinstance(text, bytes) and text[:1] == _PACKED_REFS:  # binary (009): no text made
+        return refs_of_packed(text) or None
     text = unpack_text(text)  # packed on SQLite (008)
     if text is None or text == WHOLE:
         return None

@@ -301,8 +301,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ratio passed 2x near 250 steps. On SQLite the hashes looked up by value are now stored "
         "as the bytes their hex spells (`schema.HashKey`): `exchanges.state_hash` and "
         "`choice_states.state_hash` in 32 bytes instead of 64, `blobs.hash` in 16 instead of "
-        "32, in the row and in the index (a WITHOUT ROWID `blobs`, storing its key once, was "
-        "measured and dropped: each part's insert took twice the time). Rows written since "
+        "32, in the row and in the index (`blobs` keeps the order its parts were written in, "
+        "its key a unique index; a WITHOUT ROWID `blobs`, storing its key once, was measured "
+        "and dropped: each part's insert took twice the time). Rows written since "
         "also store their request references in binary (`proxy.core.packing.pack_refs`) and "
         "a base that is the parent as '' (`proxy.storage.bodies.BASE_ID`; old rows' bases are "
         "rewritten so here, their references read as they are). Existing keys are converted "
@@ -322,16 +323,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             "request_base_id = CASE WHEN request_base_id = parent_id THEN '' "
             "ELSE request_base_id END",
             "CREATE INDEX ix_exchanges_state_hash ON exchanges (state_hash)",
+            # A copy in the order the parts were written (those of one conversation stay near
+            # each other, as readers want them), then the key's unique index built by one sort
+            # (its pages full), rather than an UPDATE of every key in place.
             """CREATE TABLE blobs_009 (
-                hash BLOB PRIMARY KEY,
+                hash BLOB NOT NULL,
                 body_json TEXT NOT NULL
             )""",
-            # A copy rather than an UPDATE: the keys' index is built in key order (hex order is
-            # byte order), its pages filled as they are appended.
             "INSERT INTO blobs_009 (hash, body_json) "
-            "SELECT understudy_key(hash), body_json FROM blobs ORDER BY hash",
+            "SELECT understudy_key(hash), body_json FROM blobs ORDER BY rowid",
             "DROP TABLE blobs",
             "ALTER TABLE blobs_009 RENAME TO blobs",
+            "CREATE UNIQUE INDEX ix_blobs_hash ON blobs (hash)",
         ),
     ),
 )

@@ -134,7 +134,8 @@ exchanges = Table(
 # Each distinct request item (a message, a Responses input item) and each distinct tool list, once:
 # `hash` is BLAKE2b-128 (hex) of `body_json`, the compact JSON text (`proxy.core.bodies`; packed on
 # SQLite, the hash is still that of the text). On SQLite since 009 the hash is stored as its 16
-# bytes (`HashKey`), in the row and in the key's index.
+# bytes (`HashKey`), in the row and in its unique index `ix_blobs_hash` (the key, as the primary
+# key is on PostgreSQL; inserts of a known part are ignored through either).
 blobs = Table(
     "blobs",
     metadata,
