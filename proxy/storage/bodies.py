@@ -3,8 +3,10 @@
 Writing (`BodyWriter`, used by `write_exchanges` and the 003 conversion): each exchange row's
 `request_json` is cut by `proxy.core.bodies.split_request`; its items and tool list go to `blobs`
 (insert-or-ignore, one statement per batch), the row keeps its options in `request_json`, its
-references in `request_refs_json` and, when its items start with its parent's, the parent's id in
-`request_base_id` (then `request_refs_json` lists only the new items).
+references in `request_refs_json` and, when its items start with its parent's, `PARENT_BASE` in
+`request_base_id` (the base is the parent; rows before 009 name its id): then `request_refs_json`
+lists only the new items. On SQLite the references are packed in binary and part hashes are keys
+of 16 bytes (009, `proxy.core.packing.pack_refs`, `schema.HashKey`).
 
 Reading (`rebuild_requests`, the one entry point every reader goes through): rows that carry
 `request_json`, `request_base_id` and `request_refs_json` (`REQUEST_COLUMNS`) get the whole body
@@ -44,6 +46,7 @@ from sqlalchemy import (
     String,
     Text,
     bindparam,
+    case,
     cast,
     func,
     literal,
@@ -56,26 +59,51 @@ from proxy.core import fastjson
 from proxy.core.bodies import (
     RecentItems,
     Remembered,
+    ToolLists,
     compact_json,
     refs_for,
     remembered,
     splice_request,
     split_request,
 )
-from proxy.core.packing import STORED_TEXT_FUNCTION, pack_text, unpack_text
+from proxy.core.packing import (
+    KEY_FUNCTION,
+    PACKED_REFS,
+    STORED_TEXT_FUNCTION,
+    pack_text,
+    refs_of_packed,
+    unpack_text,
+)
 from proxy.storage.schema import blobs, exchanges
 
 log = logging.getLogger("understudy.storage")
 
+PARENT_BASE: Final = ""
+"""`request_base_id` of a row whose base is its parent (`parent_id`), as the writer stores it
+since migration 009 (32 bytes less per row than the id again); `BASE_ID` reads either form."""
+
+
+def _base_id(table: Any) -> ColumnElement[Any]:
+    c = table.c
+    return case((c.request_base_id == PARENT_BASE, c.parent_id), else_=c.request_base_id)
+
+
+BASE_ID: Final = _base_id(exchanges).label("request_base_id")
+"""SQL: the id of an exchange's base (`request_base_id`, with `PARENT_BASE` read as `parent_id`)."""
+
 REQUEST_COLUMNS: Final = (
     exchanges.c.request_json,
-    exchanges.c.request_base_id,
+    BASE_ID,
     exchanges.c.request_refs_json,
 )
-"""The columns a query must select for `rebuild_requests` to give the whole body back."""
+"""The columns a query must select for `rebuild_requests` to give the whole body back (the base
+as `BASE_ID`, labelled `request_base_id`). A row selected whole (`select(exchanges)`) works too:
+`rebuild_requests` reads `PARENT_BASE` as its `parent_id`."""
 
 LOOKUP_CHUNK: Final = 10_000
 """Most ids or hashes sent in one lookup statement (as one JSON array parameter)."""
+
+_PACKED_REFS: Final = bytes((PACKED_REFS,))
 
 WHOLE: Final = "{}"
 """`request_refs_json` of a row whose `request_json` is the whole body (nothing was cut)."""
@@ -230,6 +258,7 @@ class BodyWriter:
     ) -> None:
         self.recent = RecentItems(recent_capacity)
         self.known = KnownBlobs(known_capacity)
+        self.tool_lists = ToolLists()
         self.pack = pack
 
     def prepare(self, rows: Sequence[dict[str, Any]]) -> PreparedBatch:
@@ -247,17 +276,18 @@ class BodyWriter:
             ):
                 out.rows.append({"request_base_id": None, "request_refs_json": None, **row})
                 continue
-            split = split_request(row["request_json"], row.get("kind"))
             parent_id = row.get("parent_id")
             parent = pending.get(parent_id) if parent_id else None
             if parent is None:
                 parent = self.recent.get(parent_id)
+            # The parent's items are not parsed again when the body starts with their text.
+            split = split_request(row["request_json"], row.get("kind"), parent, self.tool_lists)
             uses_base, refs = refs_for(split, parent)
             out.rows.append(
                 {
                     **row,
                     "request_json": split.options_json,
-                    "request_base_id": parent_id if uses_base else None,
+                    "request_base_id": PARENT_BASE if uses_base else None,
                     "request_refs_json": compact_json(refs) if refs else WHOLE,
                 }
             )
@@ -294,6 +324,8 @@ def _chunks(values: Sequence[str]) -> Iterable[list[str]]:
 
 def _refs_of(text: Any) -> dict[str, Any] | None:
     """The parsed references of a row, None when its `request_json` is the whole body."""
+    if isinstance(text, bytes) and text[:1] == _PACKED_REFS:  # binary (009): no text made
+        return refs_of_packed(text) or None
     text = unpack_text(text)  # packed on SQLite (008)
     if text is None or text == WHOLE:
         return None
@@ -322,19 +354,22 @@ def _lookups(dialect: str) -> tuple[Select[Any], Select[Any]]:
     chain of base exchanges of the ids bound as `ids`: `(id, request_base_id,
     request_refs_json)` rows; the parts of the hashes bound as `hashes`: `(hash, body_json)`)."""
     e = exchanges.c
-    seed = select(e.id, e.request_base_id, e.request_refs_json).where(
+    seed = select(e.id, BASE_ID, e.request_refs_json).where(
         e.id.in_(_json_array_values("ids", dialect))
     )
     chain = seed.cte("chain", recursive=True)
     ancestor = exchanges.alias("ancestor")
     chain = chain.union(
-        select(ancestor.c.id, ancestor.c.request_base_id, ancestor.c.request_refs_json).where(
-            ancestor.c.id == chain.c.request_base_id
-        )
+        select(
+            ancestor.c.id,
+            _base_id(ancestor).label("request_base_id"),
+            ancestor.c.request_refs_json,
+        ).where(ancestor.c.id == chain.c.request_base_id)
     )
-    parts = select(blobs.c.hash, blobs.c.body_json).where(
-        blobs.c.hash.in_(_json_array_values("hashes", dialect))
-    )
+    hashes = _json_array_values("hashes", dialect)
+    if dialect == "sqlite":  # keys stored as their bytes (009): converted in SQL
+        hashes = select(getattr(func, KEY_FUNCTION)(hashes.selected_columns[0]))
+    parts = select(blobs.c.hash, blobs.c.body_json).where(blobs.c.hash.in_(hashes))
     return select(chain), parts
 
 
@@ -418,6 +453,8 @@ async def rebuild_requests(
         unpack_row(row)
         refs_text = row.pop("request_refs_json", None)
         base_id = row.pop("request_base_id", None)
+        if base_id == PARENT_BASE:  # a row selected whole, not through BASE_ID
+            base_id = row.get("parent_id")
         try:
             refs = _refs_of(refs_text)
         except ValueError:
@@ -505,7 +542,7 @@ def _items_like_sqlite(element: RequestItemsLike, compiler: Any, **kw: Any) -> s
     escape = compiler.process(element.escape, **kw)
     return (  # references and parts may be packed (008): read through the stored-text function
         f"EXISTS (SELECT 1 FROM json_each({STORED_TEXT_FUNCTION}({refs}), '$.items') "
-        "AS request_item JOIN blobs ON blobs.hash = request_item.value "
+        f"AS request_item JOIN blobs ON blobs.hash = {KEY_FUNCTION}(request_item.value) "
         f"WHERE lower({STORED_TEXT_FUNCTION}(blobs.body_json)) LIKE lower({pattern}) "
         f"ESCAPE {escape})"
     )

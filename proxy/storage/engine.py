@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from proxy.core.packing import STORED_TEXT_FUNCTION, sqlite_stored_text
+from proxy.core.packing import KEY_FUNCTION, STORED_TEXT_FUNCTION, sqlite_stored_text, stored_key
 
 POOL_SIZE: Final = 5
 POOL_OVERFLOW: Final = 5
@@ -90,11 +90,19 @@ def display_target(target: str) -> str:
         return target.split("://", 1)[0] + "://..."
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def register_sqlite_functions(dbapi_connection: Any) -> None:
+    """Register the SQL functions our statements use on a SQLite DB-API connection (every
+    engine connection gets them; a test reading the file with `sqlite3` may call this too)."""
     # Packed texts (migration 008) read in SQL: the dashboard search.
     dbapi_connection.create_function(
         STORED_TEXT_FUNCTION, 1, sqlite_stored_text, deterministic=True
     )
+    # Hash keys as their bytes (migration 009): its conversion, and keys bound as a JSON array.
+    dbapi_connection.create_function(KEY_FUNCTION, 1, stored_key, deterministic=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    register_sqlite_functions(dbapi_connection)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
