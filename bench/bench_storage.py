@@ -20,14 +20,16 @@ one step of every conversation) into fresh SQLite files, twice:
   rows are passed in already marked whole, so nothing is cut), the reference the exports are
   compared with;
 - **stored**: the shape the recorder stores today (content-addressed request parts, 003; packed
-  JSON texts, 008).
+  JSON texts, 008; hash keys as bytes and binary request references, 009).
 
 Then it runs the real exporter (`python -m exporter export`, OpenAI format) on both, checks the two
 exports are byte-identical, and prints database bytes (file size after a WAL checkpoint and
-VACUUM), export bytes, their ratio, the bytes per exchange of each table and index of the longest
-run (SQLite's `dbstat`), and the ratio of what one more step adds (database bytes per exchange
-over export bytes per step, between the two longest runs: where the ratio heads as conversations
-grow). Target: stored <= 2x the export at every length, flat as steps grow.
+VACUUM), export bytes, their ratio, the CPU time per exchange of the stored write (the process's:
+`Database.write_exchanges` and its driver thread; compare trees on the same rows), the bytes per
+exchange of each table and index of the longest run (SQLite's `dbstat`), and the ratio of what
+one more step adds (database bytes per exchange over export bytes per step, between the two
+longest runs: where the ratio heads as conversations grow). Target: stored <= 2x the export at
+every length, flat as steps grow.
 """
 
 from __future__ import annotations
@@ -306,11 +308,14 @@ async def write(
     trajectory_rows: list[dict[str, Any]],
     *,
     whole: bool,
-) -> float:
-    """Write the rows (`whole`: request bodies marked whole, not cut) in recorder-sized batches (one step of every conversation per batch, so
-    parents are written in an earlier batch, as in production); return seconds spent."""
+) -> tuple[float, float]:
+    """Write the rows (`whole`: request bodies marked whole, not cut) in recorder-sized batches
+    (one step of every conversation per batch, so parents are written in an earlier batch, as in
+    production); return (seconds spent, CPU seconds the process spent in
+    `Database.write_exchanges`, its driver thread included)."""
     db = await Database.open(str(path))
     started = time.perf_counter()
+    cpu_started = time.process_time()
     try:
         by_step: dict[int, list[dict[str, Any]]] = {}
         for row in exchange_rows:
@@ -320,16 +325,22 @@ async def write(
             row["id"]: {"id_source": row["id_source"], "route": row["route"], "shadow": False}
             for row in trajectory_rows
         }
+        batches = []
         for step in sorted(by_step):
             rows = by_step[step]
             for start in range(0, len(rows), 500):
                 part = rows[start : start + 500]
-                touched = trajectory_rows_of([(r, meta[r["trajectory_id"]]) for r in part])
-                await db.write_exchanges(part, touched)
+                batches.append(
+                    (part, trajectory_rows_of([(r, meta[r["trajectory_id"]]) for r in part]))
+                )
+        cpu_started = time.process_time()
+        for part, touched in batches:
+            await db.write_exchanges(part, touched)
     finally:
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
         await db.close()
-    return elapsed
+    return elapsed, cpu
 
 
 def db_bytes(path: Path) -> int:
@@ -382,12 +393,13 @@ def main() -> None:
         for shape in ("whole", "stored"):
             path = directory / f"{shape}-{steps}.db"
             path.unlink(missing_ok=True)
-            seconds = asyncio.run(
+            seconds, cpu_seconds = asyncio.run(
                 write(path, exchange_rows, trajectory_rows, whole=shape == "whole")
             )
             exports[shape] = export(path, directory / f"{shape}-{steps}.jsonl")
             figures[f"{shape}_db_bytes"] = db_bytes(path)
             figures[f"{shape}_write_s"] = round(seconds, 2)
+            figures[f"{shape}_write_cpu_us"] = round(cpu_seconds / len(exchange_rows) * 1e6)
         if exports["whole"] != exports["stored"]:
             raise SystemExit(f"{steps} steps: the exports differ between the two shapes")
         figures["export_bytes"] = len(exports["stored"])
@@ -402,14 +414,14 @@ def main() -> None:
         print(json.dumps(figures), flush=True)
     print()
     print("| steps | conversations | export MB | DB MB (x export) | DB bytes per exchange | "
-          "whole bodies: DB MB (x export) |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          "write CPU per exchange | whole bodies: DB MB (x export) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         exchanges = r["steps"] * r["conversations"]
         print(
             f"| {r['steps']} | {r['conversations']} | {r['export_bytes'] / 1e6:.2f} | "
             f"{r['stored_db_bytes'] / 1e6:.2f} ({r['stored_ratio']}x) | "
-            f"{r['stored_db_bytes'] / exchanges:.0f} | "
+            f"{r['stored_db_bytes'] / exchanges:.0f} | {r['stored_write_cpu_us']} us | "
             f"{r['whole_db_bytes'] / 1e6:.2f} ({r['whole_ratio']}x) |"
         )
     longest = results[-1]

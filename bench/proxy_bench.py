@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import http.client
@@ -145,12 +146,24 @@ def read_log(log: BinaryIO) -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all threads (Linux /proc; 0 elsewhere)."""
+    """User + system CPU seconds of a process, all threads, and of its running children (the
+    proxy's writer process) (Linux /proc; 0 elsewhere)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for child in _children(pid):
+        total += cpu_seconds(child)
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return children
 
 
 def machine_busy_seconds() -> float:
@@ -653,8 +666,8 @@ as JSON or as an SSE stream of {len(mock_upstream.EVENTS)} events.
 
 CPU is % of one core during the proxied run ({os.cpu_count()} cores shared by generator, mock and
 proxy; "other" is every other process on the machine, which skews the numbers when it is not ~0).
-"proxy CPU ms per request" is the proxy's own CPU time (all its threads, recording included)
-divided by the requests it answered: 1000 / it is the most one proxy process can serve.
+"proxy CPU ms per request" is the proxy's own CPU time (all its threads and its writer process)
+divided by the requests it answered.
 
 ## Targets
 

@@ -130,12 +130,6 @@ def serve(settings: Settings, logging_config: dict[str, Any]) -> None:
     # flight survive into older generations that are then scanned again and again. Collect
     # less often (measured in bench/: -15 to -25% CPU per call, far fewer long pauses).
     gc.set_threshold(50_000, 20, 100)
-    # The recorder writes its batches on a thread of its own (proxy.recording.writer): hand the
-    # GIL back to the event loop after 1 ms instead of 5 ms (the trade-off: SWITCH_INTERVAL_S).
-    from proxy.recording.writer import SWITCH_INTERVAL_S
-
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-
     from proxy.app import FastPath, create_app
     from proxy.http.limits import BodyBudget, limited_protocol
 

@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             queue_size=settings.record_queue_size,
             buffer_bytes=settings.record_buffer_bytes,
             write_ahead=settings.write_ahead,
+            writer=settings.record_writer,
         )
         await recorder.start()
         client = create_client(settings)
@@ -178,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "journal_rejected_bytes": proxy.recorder.journal.rejected_bytes,
                 "record_buffer_bytes": proxy.recorder.held_bytes,
                 "recording_impaired": proxy.recorder.impaired,
+                "record_writer": proxy.recorder.writer,
                 "recorder": dict(proxy.recorder.stats),
             }
         )

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         "refused): 'serve' calls anyway, or 'refuse' them with 503 and Retry-After, for teams "
         "that would rather fail calls than lose data.",
     )
+    record_writer: Literal["process", "loop"] = Field(
+        "process",
+        description="Where a SQLite database's batches are written: 'process' (a child "
+        "interpreter, so writing never holds up the calls being served) or 'loop' (the serving "
+        "event loop: one process, for embedding the app in another program or its tests).",
+    )
     write_ahead: bool = Field(
         True,
         description="Append each finished exchange to a write-ahead file before its last "

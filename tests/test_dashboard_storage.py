@@ -25,6 +25,7 @@ from proxy.storage.browse import (
     recent_models,
     trajectory_details,
 )
+from proxy.storage.engine import register_sqlite_functions
 from proxy.storage.schema import exchanges, trajectories
 from tests.support.exporter import completion, record, write_records
 
@@ -292,6 +293,7 @@ def query_plan(db: Path, statement: str, parameters: Any) -> list[str]:
     """The steps of SQLite's plan for `statement` (`EXPLAIN QUERY PLAN`), e.g. `SEARCH
     trajectories USING INDEX ix_trajectories_updated_utc (updated_utc<?)`."""
     with contextlib.closing(sqlite3.connect(db)) as conn:
+        register_sqlite_functions(conn)  # understudy_key: request parts looked up (009)
         return [str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)]
 
 

@@ -9,30 +9,9 @@ import os
 from pathlib import Path
 
 from proxy.recording.journal import Journal, WriteAhead
-from proxy.recording.recorder import ExchangeRecord, Recorder, trajectory_meta
-from proxy.storage import Database, new_id, utc_now
-from tests.support.records import recorded_ids
-
-
-def _record(text: str) -> ExchangeRecord:
-    body = {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": text}]}
-    return ExchangeRecord(
-        id=new_id(),
-        trajectory_id=new_id(),
-        parent_id=None,
-        step=0,
-        new_trajectory=True,
-        id_source="hash",
-        route="student",
-        shadow=False,
-        started_utc=utc_now(),
-        path="/v1/chat/completions",
-        stream=False,
-        request=body,
-        request_text=json.dumps(body),
-        request_hash="h-" + text,
-        status_code=200,
-    )
+from proxy.recording.recorder import Recorder, trajectory_meta
+from proxy.storage import Database
+from tests.support.records import recorded_ids, user_record
 
 
 def test_a_second_live_process_gets_its_own_file(tmp_path: Path) -> None:
@@ -52,7 +31,7 @@ async def test_journals_of_gone_processes_are_replayed_at_start(tmp_path: Path) 
     base = tmp_path / "u.db.journal.jsonl"
     # Two processes journaled records while the database was unavailable, then went away.
     gone = [Journal(base), Journal(base)]
-    records = [_record("first process"), _record("second process")]
+    records = [user_record("first process"), user_record("second process")]
     for journal, record in zip(gone, records, strict=True):
         journal.claim()
         journal.append([{"exchange": record.to_row(), "trajectory": trajectory_meta(record)}])
@@ -78,7 +57,7 @@ async def test_a_live_process_journal_is_left_alone(tmp_path: Path) -> None:
     base = tmp_path / "u.db.journal.jsonl"
     live = Journal(base)
     live.claim()
-    record = _record("still running")
+    record = user_record("still running")
     live.append([{"exchange": record.to_row(), "trajectory": trajectory_meta(record)}])
 
     recorder = Recorder(db, journal=Journal(base))
@@ -136,7 +115,7 @@ async def test_write_ahead_leftovers_of_a_killed_process_are_replayed_once(tmp_p
     try:
         killed = Recorder(db, journal=Journal(base))
         await killed.start()
-        records = [_record(f"wal {n}") for n in range(4)]
+        records = [user_record(f"wal {n}") for n in range(4)]
         for record in records[:2]:
             killed.submit(record)
         await killed._write(killed._take(2))  # these two reached the database

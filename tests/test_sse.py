@@ -646,3 +646,18 @@ def test_deferred_responses_assembly_matches_per_chunk_feeding(seed: int) -> Non
     assert done_deferred == done_plain
     assert done_deferred[-1]
     assert deferred.result() == plain.result()
+
+
+def test_a_payload_that_is_not_utf8_reads_as_its_text_with_replacements() -> None:
+    """Invalid UTF-8 inside a chunk's JSON string: the record holds U+FFFD where the bad byte
+    was (the payload decoded with replacement, then parsed), as before the assemblers parsed
+    payload bytes directly; valid payloads around it are unaffected."""
+    good = json.dumps(chunk({"content": "fine "})).encode()
+    bad = json.dumps(chunk({"content": "caf\u00e9"})).encode().replace(b"\\u00e9", b"\xe9")
+    stream = b"data: " + good + b"\r\n\r\ndata: " + bad + b"\n\ndata: [DONE]\n\n"
+    assembler = StreamAssembler()
+    for part in pieces(stream, [7, 40, len(good) + 9]):
+        assembler.feed(part)
+    assembler.close()
+    assert assembler.done and assembler.invalid_events == 0
+    assert assembler.result()["choices"][0]["message"]["content"] == "fine caf\ufffd"

@@ -10,6 +10,7 @@ import pytest
 
 from proxy.core.bodies import (
     RecentItems,
+    ToolLists,
     blob_hash,
     refs_for,
     remembered,
@@ -121,6 +122,107 @@ def test_a_continuing_request_references_only_its_new_items() -> None:
     assert refs_for(short, remembered(parent))[0] is False
     empty = split_request(json.dumps({"model": "m", "messages": []}))
     assert refs_for(child, remembered(empty))[0] is False
+
+
+def split_both_ways(text: str, parent: Any, kind: str | None = None) -> Any:
+    """`split_request` of `text` against `parent` (its base) and whole; assert both give the
+    same references, options and `remembered` entry; return the one against the base."""
+    whole = split_request(text, kind)
+    against = split_request(text, kind, parent, TOOL_LISTS)
+    assert refs_for(against, parent) == refs_for(whole, parent)
+    assert against.options_json == whole.options_json
+    assert remembered(against) == remembered(whole)
+    assert set(against.blobs) <= set(whole.blobs)
+    if whole.tools_hash is not None:  # the tool list found as text or parsed: the same part
+        assert against.blobs[whole.tools_hash] == whole.blobs[whole.tools_hash]
+    return against
+
+
+TOOL_LISTS = ToolLists(capacity=4)
+
+
+@pytest.mark.parametrize("kind", ["chat", "responses"])
+def test_a_step_that_starts_with_its_parents_items_text_parses_only_its_new_items(
+    kind: str,
+) -> None:
+    field = "messages" if kind == "chat" else "input"
+    history: list[Any] = [
+        {"role": "system", "content": "sys é 😀"},
+        {"role": "user", "content": "q"},
+    ]
+    parent = remembered(split_request(json.dumps({"model": "m", field: history}), kind))
+    steps = [
+        [{"role": "assistant", "content": None}, {"role": "tool", "content": "42"}],
+        [{"role": "assistant", "content": "done"}],
+        [],  # a retry: the same items
+    ]
+    for new in steps:
+        history = [*history, *new]
+        body = {"model": "m", field: history, "tools": TOOLS}
+        child = split_both_ways(json.dumps(body), parent, kind)
+        assert child.base is parent  # its items were not parsed again
+        assert [child.blobs[h] for h in child.item_hashes] == [json.dumps(m) for m in new]
+        uses_base, refs = refs_for(child, parent)
+        assert uses_base and len(refs["items"]) == len(new)
+        parent = remembered(child)
+    # The same history re-sent with other whitespace: parsed whole, still continues its parent.
+    spaced = f'{{"model": "m", "{field}": [' + ",\n  ".join(map(json.dumps, history)) + "]}"
+    child = split_both_ways(spaced, parent, kind)
+    assert child.base is None and refs_for(child, parent)[0] is True
+
+
+def test_a_step_whose_history_differs_from_its_parents_is_split_whole() -> None:
+    parent = remembered(split_request('{"messages": [{"role": "user", "content": "a"}, 1]}'))
+    for text in (
+        '{"messages": [{"role": "user", "content": "b"}, 1]}',  # edited
+        '{"messages": [{"role": "user", "content": "a"}, 12]}',  # a number that goes on
+        '{"messages": [{"role": "user", "content": "a"}, 1 ]}',  # the same items, a space
+        '{"messages": [{"role": "user", "content": "a"}]}',  # shorter
+        '{"input": [{"role": "user", "content": "a"}, 1]}',  # another field
+        '{"messages": [{"role": "user", "content": "a"}, 1, }',  # broken after the prefix
+    ):
+        child = split_both_ways(text, parent)
+        assert child.base is None or text.endswith("1 ]}"), text
+
+
+def test_splitting_against_a_base_agrees_with_splitting_whole_on_random_conversations() -> None:
+    rng = random.Random(13)
+    values: list[Any] = [1, 12, -0.5, "x", "1", True, None, [], {}, {"role": "user"}, [1, [2]]]
+    resumed = {True: 0, False: 0}
+    for _ in range(300):
+        items: list[Any] = []
+        parent = None
+        for _step in range(6):
+            items = items + [rng.choice(values) for _ in range(rng.randint(0, 3))]
+            if rng.random() < 0.2 and items:  # an edit, a number that grows, a swap
+                items[rng.randrange(len(items))] = rng.choice(values)
+            gap = rng.choice([",", ", ", " ,\n"])
+            text = '{"model": "m", "messages": [' + gap.join(map(json.dumps, items)) + "]}"
+            split = split_both_ways(text, parent)
+            resumed[split.base is not None] += 1
+            parent = remembered(split)
+    assert min(resumed.values()) > 200  # both paths taken many times
+
+
+def test_a_tool_list_sent_before_is_found_as_text_and_only_that_one() -> None:
+    tool_lists = ToolLists(capacity=2)
+    lists = [json.dumps(TOOLS), "[1]", "[]", '[{"type": "function"}]']
+    for tools in lists:
+        body = '{"model": "m", "tools": ' + tools + ', "messages": [{"role": "user"}]}'
+        first = split_request(body, None, None, tool_lists)
+        assert tool_lists.find(body, body.index("[")) == (tools, first.tools_hash)
+        again = split_request(body, None, None, tool_lists)
+        assert again == first and again.blobs[again.tools_hash] == tools
+    assert tool_lists.find(json.dumps(TOOLS), 0) is None  # forgotten: capacity 2
+    # A value that merely starts like a known list is another list: parsed. Text after a known
+    # list that is not JSON: the body is kept whole, as without the list known.
+    tool_lists = ToolLists()
+    tool_lists.add("[1]", blob_hash("[1]"))
+    for other, known in (("[1, 2]", False), ("[ 1]", False), ("[1]]", True)):
+        text = '{"tools": ' + other + "}"
+        assert (tool_lists.find(text, 10) is not None) is known
+        with_list = split_request(text, None, None, tool_lists)
+        assert with_list == split_request(text)
 
 
 def test_splicing_refuses_options_that_do_not_match_their_references() -> None:

@@ -15,7 +15,7 @@ from sqlalchemy import event, func, select
 
 from proxy.core.packing import unpack_text
 from proxy.storage import Database, new_id
-from proxy.storage.bodies import BodyWriter, stored_text
+from proxy.storage.bodies import BASE_ID, PARENT_BASE, BodyWriter, stored_text
 from proxy.storage.browse import (
     TrajectoryFilter,
     get_trajectory,
@@ -197,7 +197,8 @@ async def test_references_grow_linearly_and_each_part_is_stored_once(db: Databas
             for r in await conn.execute(
                 select(
                     exchanges.c.id,
-                    exchanges.c.request_base_id,
+                    BASE_ID,
+                    exchanges.c.request_base_id.label("stored_base"),
                     exchanges.c.request_refs_json,
                     func.length(exchanges.c.request_json).label("options"),
                 )
@@ -224,6 +225,7 @@ async def test_references_grow_linearly_and_each_part_is_stored_once(db: Databas
             assert stored[row["id"]].request_base_id is None and len(refs["items"]) == 2
         else:  # only the tool call and its result are new
             assert stored[row["id"]].request_base_id == rows[step - 1]["id"]
+            assert stored[row["id"]].stored_base == PARENT_BASE  # not the id again (009)
             assert len(refs["items"]) == 2
         assert stored[row["id"]].options < 120  # model, null, null: no history
     # system, user (with the image), 29 calls + 29 results: each once; one tool list.
@@ -384,9 +386,7 @@ async def test_old_rows_are_read_whole_then_converted_in_place_resumably(db_targ
             refs = {
                 r.id: (r.request_base_id, unpack_text(r.request_refs_json))
                 for r in await conn.execute(
-                    select(
-                        exchanges.c.id, exchanges.c.request_base_id, exchanges.c.request_refs_json
-                    )
+                    select(exchanges.c.id, BASE_ID, exchanges.c.request_refs_json)
                 )
             }
         # Converted in order: later steps of the resumed conversation reference their parent.

@@ -16,7 +16,9 @@ options as they are.
 
 References grow linearly with the conversation: `chain_digest` folds item hashes one by one, so a
 writer that remembers `(field, count, digest)` of a parent exchange can tell in O(1) memory that
-the child's items start with the parent's, and store only the new ones (`refs_for`).
+the child's items start with the parent's, and store only the new ones (`refs_for`). So does the
+work: the writer also remembers the SHA-256 of the parent's array text, and a child whose array
+starts with that very text is split from there on (`split_request`'s `base`), not re-parsed.
 """
 
 from __future__ import annotations
@@ -71,7 +73,11 @@ class SplitRequest:
     when nothing was cut). items_at / tools_at: offsets of those `null`s in options_json (None:
     not cut). item_hashes: the hash of each item, in order. tools_hash: the tool list's hash.
     blobs: hash -> JSON text of every part. array_field: the array field cut (None: no list there).
-    digest: `chain_digest` over all item hashes.
+    digest: `chain_digest` over all item hashes. base: the `Remembered` exchange whose items this
+    array starts with, byte for byte, when `split_request` was given it and they matched: then
+    `item_hashes`, `digests` and `blobs` hold only the items after them (the base's are stored).
+    prefix_digest / prefix_chars: SHA-256 and length of the array's text from `[` to the end of
+    its last item (None / 0 without items), what `Remembered` keeps for the next step.
     """
 
     options_json: str
@@ -82,17 +88,39 @@ class SplitRequest:
     tools_hash: str | None = None
     blobs: dict[str, str] = dataclass_field(default_factory=dict)
     digests: list[str] = dataclass_field(default_factory=list)
+    base: Remembered | None = None
+    prefix_digest: bytes | None = None
+    prefix_chars: int = 0
 
     @property
     def digest(self) -> str:
         """`chain_digest` over every item hash ('' for no items)."""
-        return self.digests[-1] if self.digests else ""
+        if self.digests:
+            return self.digests[-1]
+        return self.base.digest if self.base is not None else ""
+
+    @property
+    def count(self) -> int:
+        """How many items the array holds (the base's, not hashed again, included)."""
+        return len(self.item_hashes) + (self.base.count if self.base is not None else 0)
 
 
-def split_request(request_json: str, kind: str | None = None) -> SplitRequest:
+def split_request(
+    request_json: str,
+    kind: str | None = None,
+    base: Remembered | None = None,
+    tool_lists: ToolLists | None = None,
+) -> SplitRequest:
     """Cut `request_json` (the stored body text) into options and parts for an exchange of `kind`
     ('chat' | 'responses'; None or unknown: chat). Never raises: text that is not a JSON object
     comes back whole as the options.
+
+    base: a recent exchange (its parent) whose items this one's likely start with. When the
+    array's text starts with the base's items text byte for byte (`Remembered.prefix_chars`
+    characters of the same SHA-256), those items are not parsed or hashed again (`SplitRequest.base`):
+    an agent's step costs its new items, not its whole history. Otherwise it is split whole.
+    tool_lists: recent tool list texts (`ToolLists`); a `tools` value that is one of them is
+    neither parsed nor hashed again, and one that is not is added.
 
     Items and the tool list are the exact spans of `request_json` (one pass of the C JSON
     scanner, nothing re-encoded), so options and parts are byte-for-byte what was sent; only the
@@ -106,7 +134,7 @@ def split_request(request_json: str, kind: str | None = None) -> SplitRequest:
         except UnicodeEncodeError:
             return _split_parsed(request_json, array_field)
     try:
-        return _split_spans(request_json, array_field)
+        return _split_spans(request_json, array_field, base, tool_lists)
     except (ValueError, StopIteration, RecursionError):
         return SplitRequest(request_json)
 
@@ -121,7 +149,12 @@ def _skip(text: str, index: int) -> int:
     return match.end() if match else index
 
 
-def _split_spans(text: str, array_field: str) -> SplitRequest:
+def _split_spans(
+    text: str,
+    array_field: str,
+    base: Remembered | None = None,
+    tool_lists: ToolLists | None = None,
+) -> SplitRequest:
     """`split_request` on the text itself; raises ValueError/StopIteration when it is not one
     JSON object (or names the array field or `tools` twice: then the body is kept whole)."""
     index = _skip(text, 0)
@@ -145,16 +178,25 @@ def _split_spans(text: str, array_field: str) -> SplitRequest:
                     raise ValueError("key given twice")
                 seen.add(key)
             if key == array_field and text[index : index + 1] == "[":
-                index = _cut_items(text, index, out)
+                same = base is not None and base.field == array_field
+                index = _cut_items(text, index, out, base if same else None)
                 out.array_field = array_field
                 cuts.append((start, index, "items"))
-            else:
-                _, index = _scan(text, index)
-                if key == "tools" and text[start] == "[":
+            elif key == "tools" and text[start] == "[":
+                known = tool_lists.find(text, start) if tool_lists is not None else None
+                if known is not None:  # the same text as a recent request's: not parsed again
+                    tools, out.tools_hash = known
+                    index = start + len(tools)
+                else:
+                    _, index = _scan(text, index)
                     tools = text[start:index]
                     out.tools_hash = blob_hash(tools)
-                    out.blobs[out.tools_hash] = tools
-                    cuts.append((start, index, "tools"))
+                    if tool_lists is not None:
+                        tool_lists.add(tools, out.tools_hash)
+                out.blobs[out.tools_hash] = tools
+                cuts.append((start, index, "tools"))
+            else:
+                _, index = _scan(text, index)
             index = _skip(text, index)
             separator = text[index : index + 1]
             if separator == ",":
@@ -187,13 +229,25 @@ def _split_spans(text: str, array_field: str) -> SplitRequest:
     return out
 
 
-def _cut_items(text: str, index: int, out: SplitRequest) -> int:
-    """Record each element of the array starting at `text[index]` ('['); return its end."""
-    index = _skip(text, index + 1)
-    if text[index : index + 1] == "]":
-        return index + 1
-    digest = ""
-    while True:
+def _cut_items(text: str, index: int, out: SplitRequest, base: Remembered | None = None) -> int:
+    """Record each element of the array starting at `text[index]` ('['); return its end. With a
+    `base` whose items text this array starts with, only the elements after them (`_after_base`).
+    Sets `out.prefix_digest` / `out.prefix_chars` (the array's text from `[` to its last item's
+    end) for the next step's `base`."""
+    array_start = index
+    resumed = _after_base(text, index, base) if base is not None else None
+    if resumed is not None and base is not None:
+        out.base = base
+        prefix, hashed_to, index = resumed  # index: the `,` or `]` after the base's items
+        digest = base.digest
+        end_of_items: int | None = hashed_to
+        more = text[index] == ","
+        index = _skip(text, index + 1) if more else index
+    else:
+        prefix, hashed_to, digest, end_of_items = hashlib.sha256(), index, "", None
+        index = _skip(text, index + 1)
+        more = text[index : index + 1] != "]"
+    while more:
         start = index
         _, index = _scan(text, index)
         item = text[start:index]
@@ -202,14 +256,40 @@ def _cut_items(text: str, index: int, out: SplitRequest) -> int:
         out.item_hashes.append(item_hash)
         digest = chain_digest(digest, item_hash)
         out.digests.append(digest)
+        end_of_items = index
         index = _skip(text, index)
         separator = text[index : index + 1]
         if separator == ",":
             index = _skip(text, index + 1)
-            continue
-        if separator == "]":
-            return index + 1
-        raise ValueError("expected , or ]")
+        elif separator == "]":
+            more = False
+        else:
+            raise ValueError("expected , or ]")
+    if end_of_items is not None:
+        prefix.update(_utf8(text[hashed_to:end_of_items]))
+        out.prefix_digest = prefix.digest()
+        out.prefix_chars = end_of_items - array_start
+    return index + 1
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _after_base(text: str, index: int, base: Remembered) -> tuple[Any, int, int] | None:
+    """When the array at `text[index]` ('[') starts with `base`'s items text (the same SHA-256
+    over its `prefix_chars` characters, then `,` or `]` after optional whitespace): (the running
+    SHA-256 over that text, where that text ends, the index of the `,` or `]`). Else None."""
+    if base.prefix_digest is None:
+        return None
+    end = index + base.prefix_chars
+    prefix = hashlib.sha256(_utf8(text[index:end]))
+    if prefix.digest() != base.prefix_digest:
+        return None
+    after = _skip(text, end)
+    if text[after : after + 1] not in (",", "]"):
+        return None  # e.g. a number item that goes on: not an item boundary here
+    return prefix, end, after
 
 
 def _split_parsed(request_json: str, array_field: str) -> SplitRequest:
@@ -264,11 +344,16 @@ def _split(body: dict[str, Any], array_field: str | None, cut_tools: bool) -> Sp
 
 @dataclass(frozen=True)
 class Remembered:
-    """What a writer keeps of a recent exchange to see whether a child continues its items."""
+    """What a writer keeps of a recent exchange to see whether a child continues its items:
+    which array, how many items, their `chain_digest`, and the SHA-256 and length in characters
+    of the array's text up to the end of its last item (`split_request`'s `base`; None: not
+    known, the child is split whole)."""
 
     field: str
     count: int
     digest: str
+    prefix_digest: bytes | None = None
+    prefix_chars: int = 0
 
 
 class RecentItems:
@@ -298,18 +383,51 @@ class RecentItems:
         return len(self._entries)
 
 
+class ToolLists:
+    """The most recent distinct tool list texts and their `blob_hash` (at most `capacity`, each
+    at most `max_chars` characters): most requests of an app send one of a few tool lists, so a
+    writer finds the `tools` value by comparing text (`find`) instead of parsing and hashing it.
+    """
+
+    def __init__(self, capacity: int = 16, max_chars: int = 256 * 1024) -> None:
+        self.capacity = capacity
+        self.max_chars = max_chars
+        self._hashes: OrderedDict[str, str] = OrderedDict()
+
+    def find(self, text: str, start: int) -> tuple[str, str] | None:
+        """(tool list text, its hash) of a known list that `text` holds at `start`, or None.
+        A JSON array ends at its own `]`, so the value there is exactly that list."""
+        for tools in reversed(self._hashes):
+            if text.startswith(tools, start):
+                self._hashes.move_to_end(tools)
+                return tools, self._hashes[tools]
+        return None
+
+    def add(self, tools: str, tools_hash: str) -> None:
+        """Remember `tools` (a JSON array's text) and its hash, the oldest forgotten beyond
+        capacity."""
+        if len(tools) <= self.max_chars:
+            self._hashes[tools] = tools_hash
+            self._hashes.move_to_end(tools)
+            while len(self._hashes) > self.capacity:
+                self._hashes.popitem(last=False)
+
+
 def remembered(split: SplitRequest) -> Remembered | None:
     """The `RecentItems` entry for an exchange split as `split` (None when it has no item list)."""
     if split.array_field is None:
         return None
-    return Remembered(split.array_field, len(split.item_hashes), split.digest)
+    return Remembered(
+        split.array_field, split.count, split.digest, split.prefix_digest, split.prefix_chars
+    )
 
 
 def refs_for(split: SplitRequest, parent: Remembered | None) -> tuple[bool, dict[str, Any]]:
     """`(uses_base, refs)`: the references to store for `split`.
 
     uses_base: the items start with `parent`'s (same field, digest equal at the parent's count,
-    at least one item), so `refs["items"]` holds only the items after them. refs: `{"at",
+    at least one item; or `split` was made against `parent` as its base and matched), so
+    `refs["items"]` holds only the items after them. refs: `{"at",
     "items"}` when the array was cut, `{"tools_at", "tools"}` when the tool list was; `{}` when
     nothing was cut (the options are the whole body).
     """
@@ -317,7 +435,9 @@ def refs_for(split: SplitRequest, parent: Remembered | None) -> tuple[bool, dict
     uses_base = False
     if split.array_field is not None and split.items_at is not None:
         items = split.item_hashes
-        if (
+        if split.base is not None:  # split after its base's items (they were a prefix)
+            uses_base = True
+        elif (
             parent is not None
             and parent.field == split.array_field
             and 0 < parent.count <= len(items)

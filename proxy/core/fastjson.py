@@ -11,7 +11,6 @@ I/O.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -19,7 +18,7 @@ import orjson
 
 __all__ = ["loads", "loads_checked"]
 
-_LONG_DIGITS: Final = re.compile(rb"[0-9][0-9]{18}")
+_NINETEEN_DIGITS: Final = b"0" * 19
 _DIGITS_AS_ZERO: Final = bytes(c if 48 <= c <= 57 else 32 for c in range(256)).replace(
     b"123456789", b"000000000"
 )
@@ -31,16 +30,22 @@ float (it keeps 64-bit integers only): such texts go to the standard library. A 
 after a letter (inside a string: ids such as `chatcmpl-...0000000000000000000`) is no number;
 after a space or colon it may be one (the text is then merely parsed more slowly). The quick
 first look (most texts have no 19 digits in a row at all) is one `bytes.translate` and one
-substring search over the UTF-8 bytes: several times cheaper than a regular expression."""
+substring search over the UTF-8 bytes: several times cheaper than a regular expression (and a
+text that has such runs inside strings, such as a stream's chunk ids, is checked by a few more
+searches, one per run)."""
 
 
 def _may_hold_a_long_integer(data: bytes) -> bool:
-    if b"0000000000000000000" not in data.translate(_DIGITS_AS_ZERO):
-        return False
-    for match in _LONG_DIGITS.finditer(data):
-        at = match.start()
+    digits = data.translate(_DIGITS_AS_ZERO)
+    at = digits.find(_NINETEEN_DIGITS)
+    while at >= 0:
         if at == 0 or data[at - 1] in _NUMBER_STARTS:
             return True
+        # Inside this run of digits every later window follows a digit: skip to its end.
+        end = digits.find(b" ", at)
+        if end < 0:
+            return False
+        at = digits.find(_NINETEEN_DIGITS, end)
     return False
 
 

@@ -7,7 +7,9 @@ and gives back exactly the text that went in (byte for byte, whitespace included
 
 Form of a packed value: `bytes`, one version byte (`PACKED_V1`, the dictionary it was packed
 against) then a magicless zstd frame that records its content size; or `PACKED_HEX` then the
-bytes a lowercase hex text (a hash) spells. A `str` is a text that was not packed. `pack_text` packs only when that is smaller; `unpack_text` is the one way back and
+bytes a lowercase hex text (a hash) spells; or `PACKED_REFS` then an exchange's request
+references (`request_refs_json`: offsets and 16-byte part hashes, `pack_refs`). A `str` is a text
+that was not packed. `pack_text` packs only when that is smaller; `unpack_text` is the one way back and
 accepts either form. `DICTIONARY_V1` must never change: packed rows name it by its version byte
 (a new dictionary takes a new version byte, and the old one stays for reading).
 """
@@ -16,8 +18,9 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Final
+from typing import Any, Final
 
+import orjson
 import zstandard
 
 PACKED_HEX: Final = 0
@@ -25,6 +28,9 @@ PACKED_HEX: Final = 0
 
 PACKED_V1: Final = 1
 """The version byte of texts packed against `DICTIONARY_V1`."""
+
+PACKED_REFS: Final = 2
+"""The version byte of request references in binary (`pack_refs`, migration 009)."""
 
 PACK_LEVEL: Final = 9
 """zstd level: texts are short; higher levels find little more and cost more time."""
@@ -184,9 +190,14 @@ _MAGIC_LENGTH: Final = 4  # the zstd frame magic number, left out of a packed va
 
 def pack_text(text: str) -> str | bytes:
     """`text` packed (bytes, see the module docstring) when that is smaller than its UTF-8
-    bytes, else `text` itself. A text that UTF-8 cannot carry (a lone surrogate) stays as is."""
+    bytes, else `text` itself. A text that UTF-8 cannot carry (a lone surrogate) stays as is.
+    Hashes and request references take their binary forms (`PACKED_HEX`, `pack_refs`)."""
     if len(text) >= MIN_HEX_CHARS and _HEX.fullmatch(text):
         return bytes((PACKED_HEX,)) + bytes.fromhex(text)
+    if text.startswith(_REFS_START):
+        refs = pack_refs(text)
+        if refs is not None:
+            return refs
     if len(text) < MIN_PACK_CHARS:
         return text
     try:
@@ -196,6 +207,109 @@ def pack_text(text: str) -> str | bytes:
     frame = _codecs.compressor.compress(raw)
     packed = bytes((PACKED_V1,)) + frame[_MAGIC_LENGTH:]
     return packed if len(packed) < len(raw) else text
+
+
+_HAS_ITEMS: Final = 1
+_HAS_TOOLS: Final = 2
+_REFS_START: Final = ('{"at":', '{"tools_at":')
+_HASH_HEX: Final = re.compile(r"[0-9a-f]{32}")
+
+
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while number > 0x7F:
+        out.append(number & 0x7F | 0x80)
+        number >>= 7
+    out.append(number)
+    return bytes(out)
+
+
+def _read_varint(value: bytes, at: int) -> tuple[int, int]:
+    number = value[at]
+    if number < 0x80:  # offsets and counts under 128: one byte, the usual case
+        return number, at + 1
+    number = shift = 0
+    while True:
+        byte = value[at]
+        number |= (byte & 0x7F) << shift
+        at += 1
+        if byte < 0x80:
+            return number, at
+        shift += 7
+
+
+def pack_refs(text: str) -> bytes | None:
+    """Request references (`{"at":N,"items":["<32 hex>",...],"tools_at":N,"tools":"<32 hex>"}`,
+    compact, either part optional: `request_refs_json` as `proxy.storage.bodies` writes it) as
+    bytes: `PACKED_REFS`, a flags byte, varint offsets and count, each hash as its 16 bytes (a
+    60-step conversation's row: ~60 bytes, ~95 zstd-packed). None when `text` is not exactly that
+    shape (`unpack_refs` would not give it back byte for byte): it is then packed as any text."""
+    if not text.startswith(_REFS_START):
+        return None
+    try:
+        refs = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(refs, dict):
+        return None
+    flags = 0
+    out = bytearray((PACKED_REFS, 0))
+    try:
+        if "items" in refs:
+            flags |= _HAS_ITEMS
+            hashes = refs["items"]
+            out += _varint(refs["at"]) + _varint(len(hashes))
+            for item_hash in hashes:
+                if not _HASH_HEX.fullmatch(item_hash):
+                    return None
+                out += bytes.fromhex(item_hash)
+        if "tools" in refs:
+            flags |= _HAS_TOOLS
+            if not _HASH_HEX.fullmatch(refs["tools"]):
+                return None
+            out += _varint(refs["tools_at"]) + bytes.fromhex(refs["tools"])
+    except (KeyError, TypeError, ValueError):  # a key missing, a value of another type
+        return None
+    out[1] = flags
+    packed = bytes(out)
+    return packed if flags and unpack_refs(packed) == text else None
+
+
+def unpack_refs(value: bytes) -> str:
+    """The exact text `pack_refs` packed. Raises ValueError for bytes that are not its form."""
+    return orjson.dumps(refs_of_packed(value)).decode()  # compact, keys in order: that text
+
+
+def refs_of_packed(value: bytes) -> dict[str, Any]:
+    """The references `pack_refs` packed, as the dict their text parses to (`{"at", "items",
+    "tools_at", "tools"}`, either part optional), without making the text. Raises ValueError for
+    bytes that are not its form."""
+    refs: dict[str, Any] = {}
+    try:
+        flags = value[1]
+        at = 2
+        if flags & _HAS_ITEMS:
+            offset, at = _read_varint(value, at)
+            count, at = _read_varint(value, at)
+            end = at + 16 * count
+            if end > len(value):
+                raise ValueError("truncated request references")
+            refs["at"] = offset
+            # One hex text with a comma between hashes (C speed), split.
+            refs["items"] = value[at:end].hex(",", 16).split(",") if count else []
+            at = end
+        if flags & _HAS_TOOLS:
+            offset, at = _read_varint(value, at)
+            if at + 16 > len(value):
+                raise ValueError("truncated request references")
+            refs["tools_at"] = offset
+            refs["tools"] = value[at : at + 16].hex()
+            at += 16
+    except IndexError as exc:
+        raise ValueError("truncated request references") from exc
+    if at != len(value) or not flags or flags & ~(_HAS_ITEMS | _HAS_TOOLS):
+        raise ValueError("damaged request references")
+    return refs
 
 
 def unpack_text(value: str | bytes | None) -> str | None:
@@ -210,6 +324,8 @@ def unpack_text(value: str | bytes | None) -> str | None:
     version = value[0]
     if version == PACKED_HEX:
         return bytes(value[1:]).hex()
+    if version == PACKED_REFS:
+        return unpack_refs(bytes(value))
     # the common case in one step: this thread's decompressor of the version (readers unpack
     # several texts per row, so the lookup is kept short)
     decompressor = _codecs.decompressors.get(version) or _codecs.decompressor(version)
@@ -233,3 +349,45 @@ def sqlite_stored_text(value: object) -> object:
         except ValueError:
             return None
     return value
+
+
+KEY_FUNCTION: Final = "understudy_key"
+"""The SQL function registered on every SQLite connection (`proxy.storage.engine`) that gives the
+stored form of a hash key (`stored_key`): migration 009's conversion, and lookups by hashes bound
+as one JSON array (`proxy.storage.bodies`)."""
+
+
+def stored_key(value: object) -> object:
+    """A hash key as SQLite stores it since migration 009 (`exchanges.state_hash`,
+    `choice_states.state_hash`, `blobs.hash`): a lowercase hex text of at least `MIN_HEX_CHARS`
+    characters (a BLAKE2b or SHA-256 digest) as the bytes it spells, half the size; any other
+    value as it is (a key of another shape stays text, and is found as text)."""
+    if isinstance(value, str) and len(value) >= MIN_HEX_CHARS:
+        try:
+            key = bytes.fromhex(value)
+        except ValueError:
+            return value
+        if key.hex() == value:  # lowercase, no spaces: the text comes back exactly
+            return key
+    return value
+
+
+def key_text(value: object) -> object:
+    """The hex text of a key `stored_key` turned into bytes; any other value as it is."""
+    if type(value) is bytes:  # what the driver returns: the quick test first
+        return value.hex()
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value).hex()
+    return value
+
+
+def register_sqlite_functions(dbapi_connection: Any) -> None:
+    """Register the SQL functions our statements use on a SQLite DB-API connection: every engine
+    connection gets them (`proxy.storage.engine`), and so does a reader with the standard
+    library's sqlite3 (`proxy.storage.rebuild.SqliteRows`, a test reading the file)."""
+    # Packed texts (migration 008) read in SQL: the dashboard search.
+    dbapi_connection.create_function(
+        STORED_TEXT_FUNCTION, 1, sqlite_stored_text, deterministic=True
+    )
+    # Hash keys as their bytes (migration 009): its conversion, and keys bound as a JSON array.
+    dbapi_connection.create_function(KEY_FUNCTION, 1, stored_key, deterministic=True)

@@ -11,27 +11,32 @@ and the final `usage` chunk that `stream_options.include_usage` adds. Every othe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.core.fastjson import loads
+
 DONE = "[DONE]"
+_DONE_BYTES = DONE.encode()
 
 
 class SSEParser:
     """Splits a byte stream into SSE events; yields each event's `data` (lines joined by "\\n").
 
     Handles events split across reads, CRLF line ends and comment lines (`: keep-alive`).
-    Events without a data field are skipped.
+    Events without a data field are skipped. `feed_raw` / `close_raw` give each payload as the
+    stream's bytes (what the assemblers parse: no decoding, no re-encoding for the JSON parser);
+    `feed` / `close` as text (UTF-8, invalid bytes replaced).
     """
 
     def __init__(self) -> None:
         self._buffer = b""
-        self._data: list[str] = []
+        self._data: list[bytes] = []
         self.event_names: list[str] = []
 
-    def feed(self, chunk: bytes) -> list[str]:
-        """Parse `chunk`; return the data payloads of the events it completed, in order.
+    def feed_raw(self, chunk: bytes) -> list[bytes]:
+        """Parse `chunk`; return the data payloads of the events it completed, in order, as
+        bytes.
 
         Linear in the size of `chunk`: a large read holding many events is split once, not
         re-copied per line.
@@ -41,34 +46,59 @@ class SSEParser:
             return []
         lines = (self._buffer + chunk).split(b"\n")
         self._buffer = lines.pop()  # the unterminated rest, b"" when chunk ended a line
-        out: list[str] = []
-        for raw in lines:
-            line = raw.rstrip(b"\r").decode("utf-8", errors="replace")
+        out: list[bytes] = []
+        data = self._data
+        for line in lines:
+            if line[:5] == b"data:":  # the usual line first: one slice, one comparison
+                value = line[5:].rstrip(b"\r")
+                data.append(value[1:] if value[:1] == b" " else value)
+                continue
+            line = line.rstrip(b"\r")
             if not line:
-                if self._data:
-                    out.append("\n".join(self._data))
-                    self._data = []
+                if data:
+                    out.append(data[0] if len(data) == 1 else b"\n".join(data))
+                    data = self._data = []
                 continue
-            if line.startswith(":"):
+            if line[:1] == b":":
                 continue
-            name, _, value = line.partition(":")
-            if value.startswith(" "):
+            name, _, value = line.partition(b":")
+            if value[:1] == b" ":
                 value = value[1:]
-            if name == "data":
-                self._data.append(value)
-            elif name == "event":
-                self.event_names.append(value)
+            if name == b"data":
+                data.append(value)
+            elif name == b"event":
+                self.event_names.append(value.decode("utf-8", errors="replace"))
         return out
 
-    def close(self) -> list[str]:
+    def close_raw(self) -> list[bytes]:
         """End of stream: return a last event that was not followed by a blank line."""
-        out = self.feed(b"\n\n") if self._buffer or self._data else []
-        return out
+        return self.feed_raw(b"\n\n") if self._buffer or self._data else []
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """`feed_raw` with each payload decoded (UTF-8, invalid bytes replaced)."""
+        return [payload.decode("utf-8", errors="replace") for payload in self.feed_raw(chunk)]
+
+    def close(self) -> list[str]:
+        """`close_raw` with the payload decoded."""
+        return [payload.decode("utf-8", errors="replace") for payload in self.close_raw()]
 
     @property
     def partial(self) -> bool:
         """An event has begun (a line or data lines) and not yet ended with its blank line."""
         return bool(self._buffer or self._data)
+
+
+def _event_json(payload: bytes) -> Any:
+    """The JSON value of an event's data, as `json.loads` gives it for the payload decoded
+    with invalid UTF-8 replaced (`fastjson.loads` on the bytes; the decoded text when they are
+    not UTF-8). Raises ValueError when it is not JSON."""
+    try:
+        return loads(payload)
+    except ValueError:
+        text = payload.decode("utf-8", errors="replace")
+        if text.encode() == payload:
+            raise
+        return loads(text)
 
 
 # Keys whose value names a thing rather than adding to it: kept once, never concatenated.
@@ -169,12 +199,12 @@ class StreamAssembler:
 
     def feed(self, data: bytes) -> None:
         """Consume raw (decoded) stream bytes."""
-        for payload in self._parser.feed(data):
+        for payload in self._parser.feed_raw(data):
             self._event(payload)
 
     def close(self) -> None:
         """Flush an unterminated last event (streams that end without a blank line)."""
-        for payload in self._parser.close():
+        for payload in self._parser.close_raw():
             self._event(payload)
 
     @property
@@ -182,12 +212,12 @@ class StreamAssembler:
         """Bytes fed so far end inside an event (see `SSEParser.partial`)."""
         return self._parser.partial
 
-    def _event(self, payload: str) -> None:
-        if payload.strip() == DONE:
+    def _event(self, payload: bytes) -> None:
+        if payload.strip() == _DONE_BYTES:
             self.done = True
             return
         try:
-            chunk = json.loads(payload)
+            chunk = _event_json(payload)
         except ValueError:
             self.invalid_events += 1
             return
@@ -333,12 +363,12 @@ class ResponsesStreamAssembler:
 
     def feed(self, data: bytes) -> None:
         """Consume raw (decoded) stream bytes."""
-        for payload in self._parser.feed(data):
+        for payload in self._parser.feed_raw(data):
             self._event(payload)
 
     def close(self) -> None:
         """Flush an unterminated last event (streams that end without a blank line)."""
-        for payload in self._parser.close():
+        for payload in self._parser.close_raw():
             self._event(payload)
 
     @property
@@ -346,9 +376,9 @@ class ResponsesStreamAssembler:
         """Bytes fed so far end inside an event (see `SSEParser.partial`)."""
         return self._parser.partial
 
-    def _event(self, payload: str) -> None:
+    def _event(self, payload: bytes) -> None:
         try:
-            event = json.loads(payload)
+            event = _event_json(payload)
         except ValueError:
             self.invalid_events += 1
             return

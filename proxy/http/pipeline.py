@@ -374,7 +374,7 @@ async def _call(
     content_type = upstream.headers.get("content-type", "")
     if upstream.status == 200 and content_type.startswith("text/event-stream"):
 
-        async def close() -> None:
+        def close() -> None:
             upstream.release()  # back to the pool; closed instead when the body was not all read
 
         def ended() -> bool:
@@ -436,9 +436,11 @@ async def relay_stream(
     exchange: Exchange,
     chunks: AsyncIterator[bytes],
     decoder: BodyDecoder,
-    close: Callable[[], Awaitable[None]],
+    close: Callable[[], Awaitable[None] | None],
 ) -> AsyncGenerator[bytes, None]:
-    """SSE: yield each chunk as it arrives; assemble a decoded copy on the side.
+    """SSE: yield each chunk as it arrives; assemble a decoded copy on the side. `close` ends
+    the source when the stream ends however it ends: a plain function, or one returning an
+    awaitable, which is awaited shielded from cancellation (a client that went away).
 
     The new state is remembered before the chunk holding the terminal event (`[DONE]`,
     `response.completed`, ...) is passed on. A client that goes away leaves the exchange recorded
@@ -485,8 +487,10 @@ async def relay_stream(
         if decoder.identity:  # end the stream with an error event the SDKs raise on
             yield b"data: " + record.error_text.encode() + b"\n\n"
     finally:
-        with anyio.CancelScope(shield=True):
-            await close()
+        closing = close()
+        if closing is not None:
+            with anyio.CancelScope(shield=True):
+                await closing
         if not answered:
             try:
                 record.response = assembler.result() if assembler.chunks else None

@@ -3,7 +3,7 @@
 The request path only builds an `ExchangeRecord` and calls `Recorder.submit()` (never blocks,
 never raises). The writer turns records into rows (JSON encoding, usage extraction) and writes a
 batch every `flush_interval` or `batch_size` records, whichever comes first (on a SQLite file,
-through a handle on a thread of its own: `proxy.recording.writer`). `stop()` drains the queue,
+in a process of its own: `proxy.recording.writer`). `stop()` drains the queue,
 so a clean shutdown loses nothing.
 """
 
@@ -18,16 +18,21 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
 from proxy.core.redaction import Redactor, loggable_error
 from proxy.recording.journal import Journal, Segment, WriteAhead
-from proxy.recording.writer import WriterThread, can_write_on_a_thread
+from proxy.recording.writer import (
+    WriteFailed,
+    WriterGone,
+    WriterProcess,
+    can_write_in_a_process,
+)
 from proxy.storage import Database
 from proxy.storage.recovery import existing_exchange_ids, ping
-from proxy.storage.rows import exchange_row, trajectory_meta, trajectory_rows
+from proxy.storage.rows import batch_rows, exchange_row, trajectory_meta, trajectory_rows
 
 log = logging.getLogger("understudy.recorder")
 
@@ -134,9 +139,13 @@ class _Pending:
     in bytes, and the write-ahead segment holding it (None when that append failed)."""
 
     line: dict[str, Any]
-    size: int
+    data: bytes  # the line as written to the write-ahead log: what the writer process is sent
     queued_at: float
     segment: Segment | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
 
 def _line_bytes(line: dict[str, Any]) -> bytes:
@@ -162,6 +171,8 @@ def is_transient(exc: BaseException) -> bool:
 
     if isinstance(exc, OperationalError | InterfaceError | DisconnectionError | OSError):
         return True
+    if isinstance(exc, WriteFailed):  # judged in the writer process, where it was raised
+        return exc.transient
     if isinstance(exc, DatabaseError) and not hasattr(exc, "orig"):
         return True  # our own: the SQLite file was removed or replaced
     orig = getattr(exc, "orig", None)
@@ -199,11 +210,11 @@ class Recorder:
         buffer_bytes: int = 256 * 1024 * 1024,
         retry_interval_s: float = 1.0,
         write_ahead: bool = True,
-        write_thread: bool = True,
+        writer: Literal["process", "loop"] = "process",
     ) -> None:
         self._db = db
-        self._write_thread = write_thread
-        self._writer: WriterThread | None = None
+        self._writer_kind = writer
+        self._writer: WriterProcess | None = None
         self.journal = journal
         self._redact = redactor or Redactor()
         self._flush_interval_s = flush_interval_s
@@ -230,6 +241,17 @@ class Recorder:
         """Bytes of records only memory holds (neither database nor journal took them),
         including those a retry is writing right now."""
         return self._held_bytes + self._retrying_bytes
+
+    @property
+    def writer(self) -> Literal["process", "loop"]:
+        """Where batches are written now: by the writer process, or on the event loop (asked
+        for, a PostgreSQL database, or the process could not start or ended)."""
+        return "process" if self._writer is not None else "loop"
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's id; None while batches are written on the event loop."""
+        return self._writer.pid if self._writer is not None else None
 
     @property
     def queue_depth(self) -> int:
@@ -265,7 +287,7 @@ class Recorder:
             self.stats["lost"] += 1
             log.exception("could not prepare a record for storage; it is lost")
             return
-        pending = _Pending(line, len(data), time.monotonic())
+        pending = _Pending(line, data, time.monotonic())
         if self.wal is not None:
             try:
                 pending.segment = self.wal.append(data)
@@ -340,15 +362,18 @@ class Recorder:
     async def start(self) -> None:
         """Own a journal file, replay what earlier runs left (this file's, its write-ahead
         files, and those of processes that are gone), then start the writer task. With
-        `write_thread` (the default) and a SQLite file, batches are written on a thread of their
-        own (`proxy.recording.writer`); should that handle not open, through `db` itself."""
-        if self._write_thread and can_write_on_a_thread(self._db):
-            writer = WriterThread()
+        `writer="process"` (the default) and a SQLite file, batches are written by a process of
+        their own (`proxy.recording.writer`); should it not start, and with `writer="loop"`,
+        through `db` itself, on the event loop."""
+        if self._writer_kind == "process" and can_write_in_a_process(self._db):
+            writer = WriterProcess()
             try:
                 await writer.open(self._db)
                 self._writer = writer
             except Exception as exc:
-                log.warning("writing on the event loop: no writer thread (%s)", loggable_error(exc))
+                log.warning(
+                    "writing on the event loop: no writer process (%s)", loggable_error(exc)
+                )
         try:
             self.journal.claim()
         except OSError:
@@ -409,12 +434,26 @@ class Recorder:
         exchange_rows: list[dict[str, Any]],
         trajectory_rows: list[dict[str, Any]],
         shadow_rows: list[dict[str, Any]] | None = None,
+        *,
+        lines: list[bytes] | None = None,
     ) -> None:
-        """`Database.write_exchanges`, on the writer thread when there is one."""
+        """`Database.write_exchanges`, in the writer process when there is one (sent the
+        records' journal `lines` when given: the same rows, already encoded). Should that
+        process be gone, this batch fails (`WriterGone`, transient: it is journaled and
+        replayed) and later ones are written on the event loop."""
         if self._writer is not None:
-            await self._writer.write(exchange_rows, trajectory_rows, shadow_rows or ())
-        else:
-            await self._db.write_exchanges(exchange_rows, trajectory_rows, shadow_rows or ())
+            try:
+                if lines is not None:
+                    await self._writer.write_lines(lines)
+                else:
+                    await self._writer.write(exchange_rows, trajectory_rows, shadow_rows or ())
+                return
+            except WriterGone as exc:
+                log.warning("writing on the event loop from now on: %s", exc)
+                writer, self._writer = self._writer, None
+                await writer.close()
+                raise
+        await self._db.write_exchanges(exchange_rows, trajectory_rows, shadow_rows or ())
 
     def _take(self, limit: int) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -478,13 +517,12 @@ class Recorder:
     async def _write(self, batch: list[_Pending], *, retrying: bool = False) -> None:
         if not batch:
             return
-        entries = [
-            (p.line["exchange"], p.line["trajectory"]) for p in batch if "exchange" in p.line
-        ]
-        shadows = [p.line["shadow"] for p in batch if "shadow" in p.line]
         try:
             self._db.check_file()
-            await self._store([row for row, _ in entries], trajectory_rows(entries), shadows)
+            if self._writer is not None:  # the rows are built there, from the lines
+                await self._store([], [], lines=[p.data for p in batch])
+            else:
+                await self._store(*batch_rows([p.line for p in batch]))
         except Exception as exc:
             self.stats["failed_batches"] += 1
             if not retrying:

@@ -1,66 +1,129 @@
-"""The recorder's database writes on a thread of their own, off the event loop that serves calls.
+"""The recorder's database writes in a process of their own, off the interpreter that serves calls.
 
 A batch's CPU work grows with the batch and the database: cutting request bodies into
-content-addressed parts (parsing, hashing), SQLAlchemy's statement and parameter processing for
-every row, the driver's bookkeeping. On the serving event loop it stalled every call in flight
-for milliseconds per batch (the added p99 latency; bench/proxy_bench.py). `WriterThread` runs an
-event loop on its own thread with its own `Database` handle on the same SQLite file (WAL: the
-serving handle keeps reading meanwhile); the recorder awaits each batch there. The thread still
-shares the GIL, which `python -m proxy` hands over every `SWITCH_INTERVAL_S` (see `serve`), so a
-long batch delays a call by a slice at most, not by the whole batch.
+content-addressed parts (parsing, hashing, packing), SQLAlchemy's statement and parameter
+processing for every row, the driver's hand-offs. On the serving event loop it stalled every call
+in flight for milliseconds per batch. On a thread of the same process it still shared the GIL:
+each time the event loop gave the GIL up (any socket call) the writer could take it for up to a
+switch interval, which put 1-3 ms on one call in ten (added p99 3.3 ms at one connection,
+`bench/proxy_bench.py`, 2026-11-29). `WriterProcess` runs `Database.write_exchanges` in a child
+interpreter (`main`: the parent's Python, importing the parent's `proxy` package whatever the
+working directory holds) with its own handle on the same SQLite file (WAL: the serving handle
+keeps reading meanwhile), so the serving interpreter only writes a batch's lines onto a pipe and
+reads one short reply.
+
+The pipe carries frames: an 8-byte big-endian length, then a pickle. The parent sends
+`("open", (target, shared))` once, then per batch `("lines", bytes)`: the records' write-ahead
+lines, which the serving loop already encoded (the recorder's batches), or `("write",
+(exchange_rows, trajectory_rows, shadow_rows))` (journal replay); the child answers each frame in order with `("ok", None)` or
+`("error", exception)` (the exception itself when it pickles, so `is_transient` judges it as it
+would on the loop; else `WriteFailed` carrying its text and that judgement). Both ends are this
+package's own code: the pipe never carries anything from a client but the rows being written.
+
+The child ignores SIGINT and SIGTERM (Ctrl-C and systemd signal the whole process group; the
+parent drains the recorder through it first), and ends when its standard input closes: when the
+parent closes it, or dies.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+import collections
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import struct
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, Final
 
-from proxy.storage import Database
+__all__ = ["WriteFailed", "WriterGone", "WriterProcess", "can_write_in_a_process"]
 
-__all__ = ["SWITCH_INTERVAL_S", "WriterThread", "can_write_on_a_thread"]
+log = logging.getLogger("understudy.recorder")
 
-T = TypeVar("T")
+_HEADER: Final = struct.Struct(">Q")
+_CHILD: Final = (
+    "import sys; root = sys.argv[1]; "
+    # The working directory (sys.path[0]) gives way to the parent's own `proxy`: its directory
+    # when that is not on the path already (a checkout), else nothing (an installed package).
+    "sys.path[0:1] = [] if root in sys.path[1:] else [root]; "
+    "from proxy.recording.writer import main; main()"
+)
+OPEN_TIMEOUT_S: Final = 60.0
+"""How long the child may take to start and open the database (imports included; seconds on a
+loaded machine) before the recorder writes on the event loop instead."""
+CLOSE_TIMEOUT_S: Final = 30.0
+"""How long `close` waits for the child to finish its last batch and exit before killing it."""
 
-SWITCH_INTERVAL_S = 0.001
-"""How long a thread holding the GIL may keep it while another waits (`sys.setswitchinterval`;
-Python's default is 5 ms): what a batch on the writer thread can delay the event loop by.
-Measured (`proxy_bench --kinds json --quick`, idle 2-core machine, 2026-11-29): 0.5 ms gave
-added p50 0.54 ms at one connection but 1,547 requests/s at 32 connections; 5 ms, 0.78 ms and
-2,009/s; 1 ms, 0.54 ms and 1,695/s (the switches themselves cost CPU under load)."""
+
+class WriterGone(OSError):
+    """The writer process ended (or its pipe broke) before it answered: whether the batch was
+    written is unknown. An OSError, so the recorder treats it as transient: the batch goes to the
+    journal, whose replay skips the exchanges the database already holds."""
 
 
-def can_write_on_a_thread(db: Database) -> bool:
-    """Whether a second handle on `db` reaches the same data: a SQLite file (an in-memory
-    database is private to its connection). PostgreSQL keeps writing through its own pool."""
-    return db.dialect == "sqlite" and db.sqlite_file is not None
+class WriteFailed(Exception):
+    """A write failed in the writer process with an exception that could not be pickled back:
+    its type and text, and whether `is_transient` judged it transient there."""
+
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message, transient)  # both in `args`: the exception pickles
+        self.transient = transient
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
-class WriterThread:
-    """An event loop on a daemon thread named `understudy-writer`, holding a second `Database`
-    handle on the same target (opened by `open`, without migrating: the serving handle did).
-    `write` runs `Database.write_exchanges` there and returns (or raises) what it did;
-    `close` closes the handle and ends the thread."""
+def can_write_in_a_process(db: Any) -> bool:
+    """Whether a second handle on `db` (a `proxy.storage.Database`) reaches the same data: a
+    SQLite file (an in-memory database is private to its connection). PostgreSQL keeps writing
+    through its own pool, whose driver does its work off the event loop already."""
+    return bool(db.dialect == "sqlite" and db.sqlite_file is not None)
+
+
+class WriterProcess:
+    """A child interpreter that writes the recorder's batches (see the module docstring).
+
+    `open(db)` starts it and opens its handle on `db`'s target (without migrating: the serving
+    handle did); `write` runs `Database.write_exchanges` there and returns or raises what it did
+    (`WriterGone` if the child ended first); `close` lets it finish and waits for it to exit.
+    Calls are answered in the order they were sent; the recorder sends one batch at a time.
+    """
 
     def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._serve, name="understudy-writer", daemon=True)
-        self.db: Database | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._replies: collections.deque[asyncio.Future[tuple[str, Any]]] = collections.deque()
+        self._reader: asyncio.Task[None] | None = None
+        self._gone: str | None = None
 
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_forever()
+    @property
+    def pid(self) -> int | None:
+        """The child's process id, once started."""
+        return self._process.pid if self._process is not None else None
 
-    async def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+    @property
+    def alive(self) -> bool:
+        """Whether the child is running and its pipe open."""
+        return self._process is not None and self._gone is None
 
-    async def open(self, db: Database) -> None:
-        """Start the thread and open its handle on `db`'s target (same `shared` mode). Raises
-        what `Database.open` raises (the thread is ended again)."""
-        self._thread.start()
+    async def open(self, db: Any) -> None:
+        """Start the child and open its handle on `db`'s target (same `shared` mode). Raises
+        what `Database.open` raises there, `WriterGone` if the child does not start, or
+        TimeoutError after `OPEN_TIMEOUT_S`; the child is ended again in each case."""
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _CHILD,
+            str(Path(__file__).resolve().parents[2]),  # the directory holding this `proxy`
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._read_replies(), name="understudy-writer-replies")
         try:
-            self.db = await self._run(Database.open(db.target, migrate=False, shared=db.shared))
+            await asyncio.wait_for(self._call("open", (db.target, db.shared)), OPEN_TIMEOUT_S)
         except BaseException:
             await self.close()
             raise
@@ -71,16 +134,149 @@ class WriterThread:
         trajectory_rows: Sequence[dict[str, Any]],
         shadow_rows: Sequence[dict[str, Any]] = (),
     ) -> None:
-        """`Database.write_exchanges` on the writer thread (same arguments, same errors)."""
-        assert self.db is not None, "open() first"
-        await self._run(self.db.write_exchanges(exchange_rows, trajectory_rows, shadow_rows))
+        """`Database.write_exchanges` in the child (same arguments, same errors)."""
+        await self._call("write", (list(exchange_rows), list(trajectory_rows), list(shadow_rows)))
+
+    async def write_lines(self, lines: Sequence[bytes]) -> None:
+        """The records of `lines` (journal lines, `{"exchange": row, "trajectory": meta}` or
+        `{"shadow": row}` as JSON ending in a newline) written in the child as `write` writes
+        their rows: the serving loop only joins bytes it already has; the child parses them and
+        builds the batch (`proxy.storage.rows.batch_rows`)."""
+        await self._call("lines", b"".join(lines))
+
+    async def _call(self, op: str, args: Any) -> None:
+        if self._gone is not None or self._process is None or self._process.stdin is None:
+            raise WriterGone(f"the writer process is gone ({self._gone or 'not started'})")
+        payload = pickle.dumps((op, args), protocol=pickle.HIGHEST_PROTOCOL)
+        reply: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies.append(reply)
+        try:
+            self._process.stdin.writelines((_HEADER.pack(len(payload)), payload))
+            await self._process.stdin.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            self._lost(f"its pipe broke: {exc}")
+        status, value = await reply
+        if status == "error":
+            raise value
+
+    async def _read_replies(self) -> None:
+        process = self._process
+        assert process is not None and process.stdout is not None
+        try:
+            while True:
+                (size,) = _HEADER.unpack(await process.stdout.readexactly(_HEADER.size))
+                reply = pickle.loads(await process.stdout.readexactly(size))
+                if self._replies:
+                    waiting = self._replies.popleft()
+                    if not waiting.done():
+                        waiting.set_result(reply)
+        except asyncio.IncompleteReadError:
+            self._lost(f"exit code {await process.wait()}")
+        except ConnectionError as exc:
+            self._lost(str(exc))
+
+    def _lost(self, why: str) -> None:
+        if self._gone is None:
+            self._gone = why
+        while self._replies:
+            waiting = self._replies.popleft()
+            if not waiting.done():
+                waiting.set_exception(WriterGone(f"the writer process is gone ({why})"))
 
     async def close(self) -> None:
-        """Close the handle, stop the loop and join the thread."""
-        if self.db is not None:
-            db, self.db = self.db, None
-            await self._run(db.close())
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            await asyncio.to_thread(self._thread.join)
-        self._loop.close()
+        """Close the child's input (it finishes what it was sent, closes its handle and
+        exits) and wait for it; after `CLOSE_TIMEOUT_S` it is killed."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("the writer process did not exit in %.0f s: killed", CLOSE_TIMEOUT_S)
+            process.kill()
+            await process.wait()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self._lost("closed")
+
+
+# -- the child -------------------------------------------------------------------------------------
+
+
+def _read_frame(source: BinaryIO) -> bytes | None:
+    header = source.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(header)
+    body = source.read(size)
+    return body if len(body) == size else None
+
+
+def _reply(exc: BaseException | None) -> bytes:
+    if exc is None:
+        return pickle.dumps(("ok", None))
+    try:
+        data = pickle.dumps(("error", exc))
+        pickle.loads(data)  # some exceptions pickle but do not unpickle
+        return data
+    except Exception:
+        from proxy.recording.recorder import is_transient
+
+        failed = WriteFailed(f"{type(exc).__name__}: {exc}", is_transient(exc))
+        return pickle.dumps(("error", failed))
+
+
+def serve_writes(source: BinaryIO, sink: BinaryIO) -> None:
+    """The child's loop: answer each frame of `source` on `sink` until `source` ends, then close
+    the database handle. Runs `Database.open` / `write_exchanges` on an event loop of its own."""
+    from proxy.core.fastjson import loads
+    from proxy.storage import Database
+    from proxy.storage.rows import batch_rows
+
+    loop = asyncio.new_event_loop()
+    db: Database | None = None
+    try:
+        while (frame := _read_frame(source)) is not None:
+            op, args = pickle.loads(frame)
+            error: BaseException | None = None
+            try:
+                if op == "open":
+                    target, shared = args
+                    db = loop.run_until_complete(
+                        Database.open(target, migrate=False, shared=shared)
+                    )
+                elif db is None:
+                    raise RuntimeError(f"{op!r} before 'open'")
+                elif op == "lines":
+                    entries = [loads(line) for line in args.split(b"\n") if line]
+                    loop.run_until_complete(db.write_exchanges(*batch_rows(entries)))
+                else:
+                    loop.run_until_complete(db.write_exchanges(*args))
+            except Exception as exc:
+                error = exc
+            reply = _reply(error)
+            sink.write(_HEADER.pack(len(reply)) + reply)
+            sink.flush()
+    finally:
+        if db is not None:
+            loop.run_until_complete(db.close())
+        loop.close()
+
+
+def main() -> None:
+    """The writer process (started by `WriterProcess`): serve frames from standard input."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        level=logging.WARNING, format="understudy writer: %(levelname)s %(message)s"
+    )
+    sink = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a stray print goes to standard error, never into the replies
+    import gc
+
+    gc.set_threshold(50_000, 20, 100)  # as `serve`: batches allocate many short-lived objects
+    with sink:
+        serve_writes(sys.stdin.buffer, sink)

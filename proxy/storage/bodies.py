@@ -3,8 +3,10 @@
 Writing (`BodyWriter`, used by `write_exchanges` and the 003 conversion): each exchange row's
 `request_json` is cut by `proxy.core.bodies.split_request`; its items and tool list go to `blobs`
 (insert-or-ignore, one statement per batch), the row keeps its options in `request_json`, its
-references in `request_refs_json` and, when its items start with its parent's, the parent's id in
-`request_base_id` (then `request_refs_json` lists only the new items).
+references in `request_refs_json` and, when its items start with its parent's, `PARENT_BASE` in
+`request_base_id` (the base is the parent; rows before 009 name its id): then `request_refs_json`
+lists only the new items. On SQLite the references are packed in binary and part hashes are keys
+of 16 bytes (009, `proxy.core.packing.pack_refs`, `schema.HashKey`).
 
 Reading (`rebuild_requests`, the one entry point every reader goes through): rows that carry
 `request_json`, `request_base_id` and `request_refs_json` (`REQUEST_COLUMNS`) get the whole body
@@ -43,9 +45,11 @@ from sqlalchemy import (
     String,
     Text,
     bindparam,
+    case,
     cast,
     func,
     literal,
+    literal_column,
     select,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -54,15 +58,17 @@ from sqlalchemy.ext.compiler import compiles
 from proxy.core.bodies import (
     RecentItems,
     Remembered,
+    ToolLists,
     compact_json,
     refs_for,
     remembered,
     split_request,
 )
-from proxy.core.packing import STORED_TEXT_FUNCTION, pack_text
+from proxy.core.packing import KEY_FUNCTION, STORED_TEXT_FUNCTION, pack_text
 from proxy.storage.rebuild import (
     LOOKUP_CHUNK,
     PACKED_COLUMNS,
+    PARENT_BASE,
     USAGE_OF_RESPONSE,
     WHOLE,
     bases_of,
@@ -81,7 +87,9 @@ from proxy.storage.schema import blobs, exchanges
 
 __all__ = [  # the read half's names live in proxy.storage.rebuild; they are imported from here too
     "LOOKUP_CHUNK",
+    "BASE_ID",
     "PACKED_COLUMNS",
+    "PARENT_BASE",
     "REQUEST_COLUMNS",
     "USAGE_OF_RESPONSE",
     "WHOLE",
@@ -103,12 +111,25 @@ __all__ = [  # the read half's names live in proxy.storage.rebuild; they are imp
 
 log = logging.getLogger("understudy.storage")
 
+
+def _base_id(table: Any) -> ColumnElement[Any]:
+    c = table.c
+    # the constant written in the SQL, not bound: `sqlite_sql` statements bind one value only
+    parent = literal_column("'" + PARENT_BASE.replace("'", "''") + "'", String())
+    return case((c.request_base_id == parent, c.parent_id), else_=c.request_base_id)
+
+
+BASE_ID: Final = _base_id(exchanges).label("request_base_id")
+"""SQL: the id of an exchange's base (`request_base_id`, with `PARENT_BASE` read as `parent_id`)."""
+
 REQUEST_COLUMNS: Final = (
     exchanges.c.request_json,
-    exchanges.c.request_base_id,
+    BASE_ID,
     exchanges.c.request_refs_json,
 )
-"""The columns a query must select for `rebuild_requests` to give the whole body back."""
+"""The columns a query must select for `rebuild_requests` to give the whole body back (the base
+as `BASE_ID`, labelled `request_base_id`). A row selected whole (`select(exchanges)`) works too:
+`rebuild_requests` reads `PARENT_BASE` as its `parent_id`."""
 
 
 # -- NUL -----------------------------------------------------------------------------------------
@@ -206,6 +227,7 @@ class BodyWriter:
     ) -> None:
         self.recent = RecentItems(recent_capacity)
         self.known = KnownBlobs(known_capacity)
+        self.tool_lists = ToolLists()
         self.pack = pack
 
     def prepare(self, rows: Sequence[dict[str, Any]]) -> PreparedBatch:
@@ -223,17 +245,18 @@ class BodyWriter:
             ):
                 out.rows.append({"request_base_id": None, "request_refs_json": None, **row})
                 continue
-            split = split_request(row["request_json"], row.get("kind"))
             parent_id = row.get("parent_id")
             parent = pending.get(parent_id) if parent_id else None
             if parent is None:
                 parent = self.recent.get(parent_id)
+            # The parent's items are not parsed again when the body starts with their text.
+            split = split_request(row["request_json"], row.get("kind"), parent, self.tool_lists)
             uses_base, refs = refs_for(split, parent)
             out.rows.append(
                 {
                     **row,
                     "request_json": split.options_json,
-                    "request_base_id": parent_id if uses_base else None,
+                    "request_base_id": PARENT_BASE if uses_base else None,
                     "request_refs_json": compact_json(refs) if refs else WHOLE,
                 }
             )
@@ -284,19 +307,22 @@ def _lookups(dialect: str) -> tuple[Select[Any], Select[Any]]:
     chain of base exchanges of the ids bound as `ids`: `(id, request_base_id,
     request_refs_json)` rows; the parts of the hashes bound as `hashes`: `(hash, body_json)`)."""
     e = exchanges.c
-    seed = select(e.id, e.request_base_id, e.request_refs_json).where(
+    seed = select(e.id, BASE_ID, e.request_refs_json).where(
         e.id.in_(json_array_values("ids", dialect))
     )
     chain = seed.cte("chain", recursive=True)
     ancestor = exchanges.alias("ancestor")
     chain = chain.union(
-        select(ancestor.c.id, ancestor.c.request_base_id, ancestor.c.request_refs_json).where(
-            ancestor.c.id == chain.c.request_base_id
-        )
+        select(
+            ancestor.c.id,
+            _base_id(ancestor).label("request_base_id"),
+            ancestor.c.request_refs_json,
+        ).where(ancestor.c.id == chain.c.request_base_id)
     )
-    parts = select(blobs.c.hash, blobs.c.body_json).where(
-        blobs.c.hash.in_(json_array_values("hashes", dialect))
-    )
+    hashes = json_array_values("hashes", dialect)
+    if dialect == "sqlite":  # keys stored as their bytes (009): converted in SQL
+        hashes = select(getattr(func, KEY_FUNCTION)(hashes.selected_columns[0]))
+    parts = select(blobs.c.hash, blobs.c.body_json).where(blobs.c.hash.in_(hashes))
     return select(chain), parts
 
 
@@ -354,7 +380,7 @@ def sqlite_lookups() -> tuple[str, str, str]:
     `(trajectory_id, step)` index)."""
     chain, parts = _lookups("sqlite")
     e = exchanges.c
-    of_trajectories = select(e.id, e.request_base_id, e.request_refs_json).where(
+    of_trajectories = select(e.id, BASE_ID, e.request_refs_json).where(
         e.trajectory_id.in_(json_array_values("ids", "sqlite"))
     )
     return sqlite_sql(chain), sqlite_sql(parts), sqlite_sql(of_trajectories)
@@ -426,7 +452,7 @@ def _items_like_sqlite(element: RequestItemsLike, compiler: Any, **kw: Any) -> s
     escape = compiler.process(element.escape, **kw)
     return (  # references and parts may be packed (008): read through the stored-text function
         f"EXISTS (SELECT 1 FROM json_each({STORED_TEXT_FUNCTION}({refs}), '$.items') "
-        "AS request_item JOIN blobs ON blobs.hash = request_item.value "
+        f"AS request_item JOIN blobs ON blobs.hash = {KEY_FUNCTION}(request_item.value) "
         f"WHERE lower({STORED_TEXT_FUNCTION}(blobs.body_json)) LIKE lower({pattern}) "
         f"ESCAPE {escape})"
     )

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from proxy.core.packing import STORED_TEXT_FUNCTION, sqlite_stored_text
+from proxy.core.packing import register_sqlite_functions  # also imported from here
 
 POOL_SIZE: Final = 5
 POOL_OVERFLOW: Final = 5
@@ -91,10 +91,7 @@ def display_target(target: str) -> str:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # Packed texts (migration 008) read in SQL: the dashboard search.
-    dbapi_connection.create_function(
-        STORED_TEXT_FUNCTION, 1, sqlite_stored_text, deterministic=True
-    )
+    register_sqlite_functions(dbapi_connection)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")

@@ -1,7 +1,8 @@
 """Numbered schema migrations and their runner; each is applied once, in order, and never edited.
 
 Each migration is a list of DDL statements written in the SQL that SQLite and PostgreSQL share
-(`tests/test_postgres.py` applies them to both). Applied names are kept in `understudy_migrations`;
+(`tests/test_postgres.py` applies them to both), and may add statements for SQLite alone (009:
+the byte-level shape of keys, which PostgreSQL does not need). Applied names are kept in `understudy_migrations`;
 on PostgreSQL the runner holds an advisory lock, so replicas that start at once apply each
 migration exactly once. To change the schema, append a migration
 (and update `schema.py` to describe the result); never edit one that has shipped.
@@ -29,11 +30,14 @@ MIGRATION_LOCK_KEY: Final = zlib.crc32(b"understudy_migrations")
 
 @dataclass(frozen=True)
 class Migration:
-    """One schema change: `name` (`NNN_words`, the order), `why` it was made, its DDL statements."""
+    """One schema change: `name` (`NNN_words`, the order), `why` it was made, its DDL statements
+    (both dialects), then `sqlite_statements`, run on SQLite only (a byte-level shape that
+    PostgreSQL does not need), in the same transaction."""
 
     name: str
     why: str
     statements: tuple[str, ...]
+    sqlite_statements: tuple[str, ...] = ()
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -290,6 +294,49 @@ MIGRATIONS: tuple[Migration, ...] = (
             "WHERE response_id IS NOT NULL",
         ),
     ),
+    Migration(
+        name="009_compact_keys",
+        why="Once texts were packed (008) the keys were most of what each added step cost: a "
+        "60-step conversation's database grew by 2.1x what its export grew per step, so the "
+        "ratio passed 2x near 250 steps. On SQLite the hashes looked up by value are now stored "
+        "as the bytes their hex spells (`schema.HashKey`): `exchanges.state_hash` and "
+        "`choice_states.state_hash` in 32 bytes instead of 64, `blobs.hash` in 16 instead of "
+        "32, in the row and in the index (`blobs` keeps the order its parts were written in, "
+        "its key a unique index; a WITHOUT ROWID `blobs`, storing its key once, was measured "
+        "and dropped: each part's insert took twice the time). Rows written since "
+        "also store their request references in binary (`proxy.core.packing.pack_refs`) and "
+        "a base that is the parent as '' (`proxy.storage.bodies.BASE_ID`; old rows' bases are "
+        "rewritten so here, their references read as they are). Existing keys are converted "
+        "here, before the proxy serves (stitching must find every state), in one "
+        "transaction: interrupted, it is rolled back and runs again. The file keeps its size "
+        "(the pages freed are reused; VACUUM returns them). PostgreSQL keeps its texts.",
+        statements=(),
+        sqlite_statements=(
+            # A write first: the driver opens the transaction at the first write, so every
+            # statement after it commits or rolls back with the migration's record.
+            "UPDATE choice_states SET state_hash = understudy_key(state_hash) "
+            "WHERE typeof(state_hash) = 'text'",
+            # The index rebuilt once rather than updated row by row.
+            "DROP INDEX ix_exchanges_state_hash",
+            # Every row is rewritten once: its base, when it is the parent, as '' too.
+            "UPDATE exchanges SET state_hash = understudy_key(state_hash), "
+            "request_base_id = CASE WHEN request_base_id = parent_id THEN '' "
+            "ELSE request_base_id END",
+            "CREATE INDEX ix_exchanges_state_hash ON exchanges (state_hash)",
+            # A copy in the order the parts were written (those of one conversation stay near
+            # each other, as readers want them), then the key's unique index built by one sort
+            # (its pages full), rather than an UPDATE of every key in place.
+            """CREATE TABLE blobs_009 (
+                hash BLOB NOT NULL,
+                body_json TEXT NOT NULL
+            )""",
+            "INSERT INTO blobs_009 (hash, body_json) "
+            "SELECT understudy_key(hash), body_json FROM blobs ORDER BY rowid",
+            "DROP TABLE blobs",
+            "ALTER TABLE blobs_009 RENAME TO blobs",
+            "CREATE UNIQUE INDEX ix_blobs_hash ON blobs (hash)",
+        ),
+    ),
 )
 
 
@@ -351,6 +398,9 @@ async def migrate(engine: AsyncEngine) -> list[str]:
                 continue
             for statement in migration.statements:
                 await conn.execute(text(statement))
+            if conn.dialect.name == "sqlite":
+                for statement in migration.sqlite_statements:
+                    await conn.execute(text(statement))
             await conn.execute(
                 migrations_table.insert().values(name=migration.name, applied_utc=utc_now())
             )

@@ -19,18 +19,25 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import orjson
 
 from proxy.core import fastjson
 from proxy.core.bodies import splice_request
-from proxy.core.packing import unpack_text
+from proxy.core.packing import (
+    PACKED_REFS,
+    key_text,
+    refs_of_packed,
+    register_sqlite_functions,
+    unpack_text,
+)
 
 __all__ = [
     "DEFERRED_TOOLS",
     "LOOKUP_CHUNK",
     "PACKED_COLUMNS",
+    "PARENT_BASE",
     "USAGE_OF_RESPONSE",
     "WHOLE",
     "CutRow",
@@ -52,8 +59,15 @@ __all__ = [
 
 log = logging.getLogger("understudy.storage")
 
+PARENT_BASE: Final = ""
+"""`request_base_id` of a row whose base is its parent (`parent_id`), as the writer stores it
+since migration 009 (32 bytes less per row than the id again); `proxy.storage.bodies.BASE_ID`
+reads either form."""
+
 LOOKUP_CHUNK: Final = 10_000
 """Most ids or hashes sent in one lookup statement (as one JSON array parameter)."""
+
+_PACKED_REFS: Final = bytes((PACKED_REFS,))
 
 WHOLE: Final = "{}"
 """`request_refs_json` of a row whose `request_json` is the whole body (nothing was cut)."""
@@ -122,6 +136,8 @@ def chunks(values: Sequence[str]) -> Iterable[list[str]]:
 
 def _refs_of(text: Any) -> dict[str, Any] | None:
     """The parsed references of a row, None when its `request_json` is the whole body."""
+    if isinstance(text, bytes) and text[:1] == _PACKED_REFS:  # binary (009): no text made
+        return refs_of_packed(text) or None
     text = unpack_text(text)  # packed on SQLite (008)
     if text is None or text == WHOLE:
         return None
@@ -145,7 +161,9 @@ def chain_entries(
 def blob_entries(found_rows: Iterable[Sequence[Any]], found: dict[str, str]) -> None:
     """Add the `(hash, body_json)` rows of the parts statement to `found`, unpacked (a damaged
     one is logged and left out)."""
-    for blob_hash, text in found_rows:
+    for key, text in found_rows:
+        # the hash as its bytes on SQLite since 009 when read without `schema.HashKey`
+        blob_hash = cast(str, key_text(key))
         try:
             found[blob_hash] = text if isinstance(text, str) else unpack_text(text) or ""
         except ValueError as exc:
@@ -193,6 +211,8 @@ def cut_rows(rows: list[dict[str, Any]]) -> list[CutRow]:
         unpack_row(row)
         refs_text = row.pop("request_refs_json", None)
         base_id = row.pop("request_base_id", None)
+        if base_id == PARENT_BASE:  # a row selected whole, not through BASE_ID
+            base_id = row.get("parent_id")
         try:
             refs = _refs_of(refs_text)
         except ValueError:
@@ -378,6 +398,7 @@ class SqliteRows:
     ) -> None:
         uri = Path(path).resolve().as_uri() + "?mode=ro"
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        register_sqlite_functions(self._conn)  # what the statements call, as on the engine's
         self._statements = statements
         self._defer_tools = defer_tools
 

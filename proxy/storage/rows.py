@@ -8,6 +8,7 @@ exporter filter on (answering model, token counts, finish reason, tool-call coun
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -217,3 +218,13 @@ def trajectory_rows(entries: list[tuple[dict[str, Any], dict[str, Any]]]) -> lis
         entry["prompt_tokens"] += row["prompt_tokens"] or 0
         entry["completion_tokens"] += row["completion_tokens"] or 0
     return list(out.values())
+
+
+def batch_rows(
+    entries: Iterable[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """`(exchange_rows, trajectory_rows, shadow_rows)` for `Database.write_exchanges` from
+    journal entries (`{"exchange": row, "trajectory": meta}` or `{"shadow": row}`)."""
+    pairs = [(entry["exchange"], entry["trajectory"]) for entry in entries if "exchange" in entry]
+    shadows = [entry["shadow"] for entry in entries if "shadow" in entry]
+    return [row for row, _ in pairs], trajectory_rows(pairs), shadows

@@ -12,7 +12,34 @@ through `proxy.storage.bodies.unpack_row` / `rebuild_requests`, and in SQL throu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from sqlalchemy import BigInteger, Boolean, Column, Float, Integer, MetaData, Table, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+from proxy.core.packing import key_text, stored_key
+
+
+class HashKey(TypeDecorator[str]):
+    """A hash looked up by value (`exchanges.state_hash`, `choice_states.state_hash`,
+    `blobs.hash`): hex text to Python and in PostgreSQL; on SQLite since migration 009 the bytes
+    the hex spells (`proxy.core.packing.stored_key`: half the bytes in the row and in its index).
+    Bound values and results are converted here, so queries compare hex strings as before; SQL
+    that binds keys another way (a JSON array) converts them with `understudy_key(...)`."""
+
+    impl = Text
+    cache_ok = True
+
+    # The processors themselves, not process_bind_param: no wrapper call per value (the
+    # recorder binds a few keys per exchange), nothing at all on PostgreSQL.
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        return stored_key if dialect.name == "sqlite" else None
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
+        return key_text if dialect.name == "sqlite" else None
+
 
 metadata = MetaData()
 
@@ -81,7 +108,8 @@ exchanges = Table(
     Column("tool_call_count", Integer, nullable=False),
     # Rolling hash of the request messages, and of request messages + response message.
     Column("request_hash", Text, nullable=False),
-    Column("state_hash", Text),
+    # Stored as bytes on SQLite (`HashKey`, migration 009).
+    Column("state_hash", HashKey),
     # logit_bias entries the proxy added to the request (tool-call promotion), if any.
     Column("injected_logit_bias_json", Text),
     # A teacher's answer to the same request, recorded beside the student's, never returned.
@@ -94,8 +122,9 @@ exchanges = Table(
     # Responses API: the id of the response this exchange produced (`previous_response_id` of
     # the next step names it).
     Column("response_id", Text),
-    # The exchange whose request items are the first items of this one's (its parent, usually):
-    # `request_refs_json` then lists only the items after them.
+    # The exchange whose request items are the first items of this one's: `request_refs_json`
+    # then lists only the items after them. '' (written since 009) means the parent
+    # (`parent_id`): read it through `proxy.storage.bodies.BASE_ID`, never this column alone.
     Column("request_base_id", Text),
     # `{"at": offset, "items": [hash, ...], "tools_at": offset, "tools": hash}` (the keys of what
     # was cut), `{}` when nothing was (request_json is the whole body), NULL before conversion.
@@ -104,11 +133,13 @@ exchanges = Table(
 
 # Each distinct request item (a message, a Responses input item) and each distinct tool list, once:
 # `hash` is BLAKE2b-128 (hex) of `body_json`, the compact JSON text (`proxy.core.bodies`; packed on
-# SQLite, the hash is still that of the text).
+# SQLite, the hash is still that of the text). On SQLite since 009 the hash is stored as its 16
+# bytes (`HashKey`), in the row and in its unique index `ix_blobs_hash` (the key, as the primary
+# key is on PostgreSQL; inserts of a known part are ignored through either).
 blobs = Table(
     "blobs",
     metadata,
-    Column("hash", Text, primary_key=True),
+    Column("hash", HashKey, primary_key=True),
     Column("body_json", Text, nullable=False),
 )
 
@@ -133,7 +164,7 @@ choice_states = Table(
     metadata,
     Column("exchange_id", Text, primary_key=True),
     Column("choice_index", Integer, primary_key=True),
-    Column("state_hash", Text, nullable=False),  # indexed: ix_choice_states_state_hash
+    Column("state_hash", HashKey, nullable=False),  # indexed: ix_choice_states_state_hash
 )
 
 migrations_table = Table(

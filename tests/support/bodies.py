@@ -2,7 +2,8 @@
 
 Since migration 003 an exchange row holds its request's options and references, the items and
 tool lists living in `blobs` (`proxy.storage.bodies`), and since 008 SQLite stores those texts
-packed (`proxy.core.packing`); `whole_requests` gives such rows their whole body back, with the
+packed (`proxy.core.packing`), since 009 a base that is the parent as '' and part hashes as
+their bytes; `whole_requests` gives such rows their whole body back, with the
 same functions the storage layer uses.
 """
 
@@ -15,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from proxy.core.bodies import splice_request
-from proxy.core.packing import unpack_text
-from proxy.storage.bodies import WHOLE, item_lists, unpack_row
+from proxy.core.packing import key_text, unpack_text
+from proxy.storage.bodies import PARENT_BASE, WHOLE, item_lists, unpack_row
 
 
 def whole_requests(db: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -25,14 +26,17 @@ def whole_requests(db: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
     with contextlib.closing(sqlite3.connect(db)) as conn:
         try:
             chains = {
-                exchange_id: (base, json.loads(refs) if refs not in (None, WHOLE) else None)
-                for exchange_id, base, packed in conn.execute(
-                    "SELECT id, request_base_id, request_refs_json FROM exchanges"
+                exchange_id: (
+                    parent if base == PARENT_BASE else base,
+                    json.loads(refs) if refs not in (None, WHOLE) else None,
+                )
+                for exchange_id, parent, base, packed in conn.execute(
+                    "SELECT id, parent_id, request_base_id, request_refs_json FROM exchanges"
                 )
                 for refs in [unpack_text(packed)]  # SQLite texts are packed (008)
             }
             texts = {
-                blob_hash: unpack_text(text)
+                key_text(blob_hash): unpack_text(text)  # 16-byte keys since 009
                 for blob_hash, text in conn.execute("SELECT hash, body_json FROM blobs")
             }
         except sqlite3.OperationalError:  # not migrated to 003: bodies are whole
@@ -42,6 +46,8 @@ def whole_requests(db: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
         unpack_row(row)
         refs_text = row.pop("request_refs_json", None)
         base = row.pop("request_base_id", None)
+        if base == PARENT_BASE:
+            base = row.get("parent_id")
         if refs_text in (None, WHOLE):
             continue
         refs = json.loads(refs_text)

@@ -15,6 +15,11 @@ timing or a client that goes away mid-stream need a real server (`tests.support.
 A database URL (PostgreSQL) without a `journal` gets one in the test's directory
 (`journal_beside`), never the proxy's default in the working directory.
 
+Apps started here write their batches on the event loop (`record_writer="loop"`) unless a test
+asks for the writer process: starting one per app would cost every test ~0.4 s. The writer
+process is what `python -m proxy` uses: the tests that start real processes cover it, and
+`tests/test_writer_process.py` drives it in-process.
+
 `served_proxy(tmp_path, upstream=...)` serves the same app with uvicorn in a thread of this
 process (lifespan run): a real loopback URL for synchronous clients (the `openai` SDK, httpx,
 the demo's agent loop), without starting a process; `.stop()` drains the recorder.
@@ -105,6 +110,7 @@ async def in_process_proxy(directory: Path, **settings: Any) -> AsyncIterator[In
     SQLite file in `directory`), run its lifespan and yield it with a client; on exit the
     lifespan ends (the recorder drains, the database closes)."""
     settings.setdefault("db", str(directory / "understudy-inprocess.db"))
+    settings.setdefault("record_writer", "loop")
     journal_beside(directory, settings)
     config = Settings(**settings)
     app = create_app(config)
@@ -122,7 +128,10 @@ async def in_process_proxy(directory: Path, **settings: Any) -> AsyncIterator[In
 @contextlib.asynccontextmanager
 async def running_app(settings: Settings) -> AsyncIterator[Callable[..., httpx.AsyncClient]]:
     """Run the app's lifespan; yield `client(address="127.0.0.1")`, which makes an
-    `httpx.AsyncClient` whose requests come from `address` (close it, or use `async with`)."""
+    `httpx.AsyncClient` whose requests come from `address` (close it, or use `async with`).
+    The recorder writes on the event loop unless `settings` names a `record_writer`."""
+    if "record_writer" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"record_writer": "loop"})
     app: FastAPI = create_app(settings)
     entry = FastPath(app)
     try:
@@ -234,6 +243,8 @@ def served_proxy(
     settings.setdefault("db", str(directory / f"understudy-{port}.db"))
     journal_beside(directory, settings)
     settings.setdefault("port", port)
+    if "UNDERSTUDY_RECORD_WRITER" not in settings_env:
+        settings.setdefault("record_writer", "loop")
     logs = _LogCollector()
     logs.attach()
     try:

@@ -24,6 +24,9 @@ async def apply_first_migrations(conn: AsyncConnection, count: int) -> None:
     for migration in MIGRATIONS[:count]:
         for statement in migration.statements:
             await conn.execute(text(statement))
+        if conn.dialect.name == "sqlite":
+            for statement in migration.sqlite_statements:
+                await conn.execute(text(statement))
         await conn.execute(
             text("INSERT INTO understudy_migrations VALUES (:n, 'x')"), {"n": migration.name}
         )

@@ -1,9 +1,11 @@
 """Reading what a proxy recorded in a SQLite file (after `ProxyServer.stop()`, or while it runs
-with `wait_recorded` / `wait_for_ids`), and following trajectories (`leaves`, `path_to`)."""
+with `wait_recorded` / `wait_for_ids`), and following trajectories (`leaves`, `path_to`); and
+`user_record`, a one-message exchange record to hand the recorder directly."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import sqlite3
 import time
@@ -11,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from proxy.recording.recorder import ExchangeRecord
+from proxy.storage import new_id, utc_now
 from proxy.storage.bodies import unpack_row
 from tests.support.bodies import whole_requests
 
@@ -123,3 +127,26 @@ def database_bytes(db: Path) -> bytes:
     """The raw bytes of a SQLite database and its side files (-wal, -shm, -journal)."""
     files = [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal"))]
     return b"".join(path.read_bytes() for path in files if path.exists())
+
+
+def user_record(text: str) -> ExchangeRecord:
+    """A first-step chat exchange asking `text` (as the message and as the body's `user`),
+    answered 200 without a body, with a request hash of its own."""
+    body = {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": text}], "user": text}
+    return ExchangeRecord(
+        id=new_id(),
+        trajectory_id=new_id(),
+        parent_id=None,
+        step=0,
+        new_trajectory=True,
+        id_source="hash",
+        route="student",
+        shadow=False,
+        started_utc=utc_now(),
+        path="/v1/chat/completions",
+        stream=False,
+        request=body,
+        request_text=json.dumps(body),
+        request_hash=hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+        status_code=200,
+    )

@@ -41,7 +41,7 @@ async def in_process_proxy(
             db=str(db),
             journal=str(db.with_suffix(".journal")),
             flush_interval_ms=5,
-            **settings,
+            **{"record_writer": "loop", **settings},
         )
     )
     async with (
