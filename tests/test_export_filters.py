@@ -381,11 +381,12 @@ async def test_worker_processes_write_the_same_file(
     assert first.written >= 1
 
 
+# Worker processes read SQLite files themselves; on PostgreSQL the export streams.
+@pytest.mark.parametrize("filled", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("preference", [False, True], ids=["leaves", "pairs"])
 async def test_sqlite_rows_are_the_streamed_rows(db: Any, preference: bool) -> None:
     database, _, _ = db
-    if database.sqlite_file is None:
-        pytest.skip("worker processes read SQLite files themselves; PostgreSQL streams")
+    assert database.sqlite_file is not None
     query = query_for(ExportOptions(labels=("any",), format="dpo" if preference else "openai"))
     streamed = [row async for rows in stream_batches(database, query) for row in rows]
     ids = [row["id"] for row in streamed]

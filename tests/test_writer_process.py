@@ -18,7 +18,9 @@ import httpx
 import pytest
 from sqlalchemy.exc import IntegrityError
 
+from proxy.recording.journal import Journal
 from proxy.recording.recorder import (
+    Recorder,
     _line_bytes,
     is_transient,
     trajectory_meta,
@@ -181,6 +183,38 @@ async def test_the_child_imports_the_parents_proxy_whatever_the_working_director
         await writer.close()
         await db.close()
     assert recorded_ids(tmp_path / "u.db") == [record.id]
+
+
+async def test_a_background_writer_that_falls_behind_is_replaced_at_normal_priority(
+    tmp_path: Path,
+) -> None:
+    """The writer process runs under SCHED_IDLE; when records queue up behind it (here: 3),
+    the recorder writes through a new one at normal priority and the old one exits."""
+    db = await Database.open(str(tmp_path / "u.db"))
+    recorder = Recorder(
+        db,
+        journal=Journal(tmp_path / "u.db.journal.jsonl"),
+        flush_interval_s=0.2,
+        writer_lag_records=3,
+    )
+    await recorder.start()
+    try:
+        background = recorder.writer_pid
+        assert background is not None
+        assert os.sched_getscheduler(background) == os.SCHED_IDLE
+        records = [user_record(f"queued {n}") for n in range(5)]
+        for record in records:
+            recorder.submit(record)
+        await poll_async(lambda: recorder.stats["written"] == 5, what="5 records written")
+        promoted = recorder.writer_pid
+        assert promoted is not None and promoted != background
+        assert os.sched_getscheduler(promoted) == os.SCHED_OTHER
+        assert not _alive(background)
+        assert recorder.stats["writer_promoted"] == 1
+    finally:
+        await recorder.stop()
+        await db.close()
+    assert sorted(recorded_ids(tmp_path / "u.db")) == sorted(r.id for r in records)
 
 
 def test_an_error_that_does_not_pickle_keeps_its_text_and_judgement() -> None:

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -195,7 +196,7 @@ class Recorder:
     `buffer_bytes`, and retried; meanwhile `impaired` is true (`/ready` answers 503). Only
     what exceeds the buffer is lost (counted). Counters in `stats`: submitted, written,
     failed_batches, journaled, spilled (queue full), replayed, rejected, held, lost,
-    wal_failed.
+    wal_failed, writer_promoted (a background writer process fell behind: see `_promote_writer`).
     """
 
     def __init__(
@@ -211,10 +212,13 @@ class Recorder:
         retry_interval_s: float = 1.0,
         write_ahead: bool = True,
         writer: Literal["process", "loop"] = "process",
+        writer_lag_records: int | None = None,
     ) -> None:
         self._db = db
         self._writer_kind = writer
         self._writer: WriterProcess | None = None
+        # Records queued behind a background writer process that mean it is starved of CPU.
+        self._writer_lag = writer_lag_records or max(4 * batch_size, 1000)
         self.journal = journal
         self._redact = redactor or Redactor()
         self._flush_interval_s = flush_interval_s
@@ -480,11 +484,38 @@ class Recorder:
             if wait > 0 and self._queue.qsize() < self._batch_size - 1:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_event.wait(), wait)
+            if (
+                self._writer is not None
+                and self._writer.background
+                and self._queue.qsize() + 1 >= self._writer_lag
+            ):
+                await self._promote_writer()
             batch = [first, *self._take(self._batch_size - 1)]
             if self.wal is not None and time.monotonic() >= self._next_sync:
                 self._next_sync = time.monotonic() + _WAL_SYNC_INTERVAL_S
                 await asyncio.to_thread(self.wal.sync)  # batched fsync, off the event loop
             await self._write(batch)
+
+    async def _promote_writer(self) -> None:
+        """The background writer process fell behind (every core busy with work that outranks
+        it): write through a new one at normal priority from now on; the old one finishes what
+        it was sent and exits. Should the new one not start, the old one goes on."""
+        assert self._writer is not None
+        queued = self._queue.qsize() + 1
+        self._writer_lag = sys.maxsize  # tried once, whatever comes of it
+        writer = WriterProcess(background=False)
+        try:
+            await writer.open(self._db)
+        except Exception as exc:
+            log.warning("no writer process at normal priority (%s)", loggable_error(exc))
+            return
+        old, self._writer = self._writer, writer
+        await old.close()
+        self.stats["writer_promoted"] += 1
+        log.warning(
+            "the writer process fell behind (%d records queued): writing at normal priority",
+            queued,
+        )
 
     async def _recover(self) -> None:
         """No traffic for a while and something is waiting: probe the write-ahead log, retry

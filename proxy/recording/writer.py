@@ -91,13 +91,23 @@ class WriterProcess:
     handle did); `write` runs `Database.write_exchanges` there and returns or raises what it did
     (`WriterGone` if the child ended first); `close` lets it finish and waits for it to exit.
     Calls are answered in the order they were sent; the recorder sends one batch at a time.
+
+    background: run the child under Linux's `SCHED_IDLE` policy, so that it only gets a CPU
+    no serving task wants and gives it up the moment one wakes. A nice value is not enough:
+    on the 2-core bench machine a batch being written still put 2-3 ms on one call in fifty
+    at one connection (added p99 4.3 ms with nice 19 or 0; 2.0 ms under `SCHED_IDLE`;
+    `python -m bench.proxy_bench`). Such a child can starve on a machine whose every core is
+    busy: the recorder then starts a child at normal priority instead (`Recorder`). Where the
+    policy does not exist, the child runs at normal priority (`background` reads False).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, background: bool = True) -> None:
         self._process: asyncio.subprocess.Process | None = None
         self._replies: collections.deque[asyncio.Future[tuple[str, Any]]] = collections.deque()
         self._reader: asyncio.Task[None] | None = None
         self._gone: str | None = None
+        self._want_background = background
+        self.background = False
 
     @property
     def pid(self) -> int | None:
@@ -121,6 +131,12 @@ class WriterProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
+        if self._want_background and hasattr(os, "SCHED_IDLE"):
+            try:  # lowering a child's priority needs no privilege
+                os.sched_setscheduler(self._process.pid, os.SCHED_IDLE, os.sched_param(0))
+                self.background = True
+            except OSError as exc:
+                log.info("the writer process runs at normal priority (%s)", exc)
         self._reader = asyncio.create_task(self._read_replies(), name="understudy-writer-replies")
         try:
             await asyncio.wait_for(self._call("open", (db.target, db.shared)), OPEN_TIMEOUT_S)
