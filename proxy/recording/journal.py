@@ -21,7 +21,7 @@ import fcntl
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -127,12 +127,18 @@ class Journal:
     def _replaying_path(self) -> Path:
         return self.path.with_name(self.path.name + ".replaying")
 
-    def append(self, entries: list[dict[str, Any]]) -> None:
-        """Append entries (one line each) and flush them to the OS. Raises OSError when the disk
-        refuses (the caller counts it as lost)."""
+    def append(self, entries: Sequence[dict[str, Any] | bytes]) -> None:
+        """Append entries (one line each: a dict, or a record's line as the write-ahead log
+        holds it, UTF-8 JSON ending in a newline) and flush them to the OS. Raises OSError when
+        the disk refuses (the caller counts it as lost)."""
         if not entries:
             return
-        data = "".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in entries)
+        data = "".join(
+            entry.decode()
+            if isinstance(entry, bytes)
+            else json.dumps(entry, separators=(",", ":")) + "\n"
+            for entry in entries
+        )
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with _open_private(self.path) as handle:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import orjson
 
+from proxy.core.fastjson import loads
 from proxy.core.redaction import Redactor, loggable_error
 from proxy.recording.journal import Journal, Segment, WriteAhead
 from proxy.recording.writer import (
@@ -139,7 +140,9 @@ class _Pending:
     """A record made ready for storage on submit: its journal line (redacted rows), its size
     in bytes, and the write-ahead segment holding it (None when that append failed)."""
 
-    line: dict[str, Any]
+    # The journal line as a dict: kept only while batches are written on the event loop (with a
+    # writer process, a queued record is its bytes alone: one object the collector never scans).
+    line: dict[str, Any] | None
     data: bytes  # the line as written to the write-ahead log: what the writer process is sent
     queued_at: float
     segment: Segment | None = None
@@ -147,6 +150,15 @@ class _Pending:
     @property
     def size(self) -> int:
         return len(self.data)
+
+
+def _entry(pending: _Pending) -> dict[str, Any]:
+    """A queued record's journal line as a dict (parsed from its bytes when only those were kept:
+    its writer process went away)."""
+    if pending.line is not None:
+        return pending.line
+    entry: dict[str, Any] = loads(pending.data)
+    return entry
 
 
 def _line_bytes(line: dict[str, Any]) -> bytes:
@@ -291,7 +303,7 @@ class Recorder:
             self.stats["lost"] += 1
             log.exception("could not prepare a record for storage; it is lost")
             return
-        pending = _Pending(line, data, time.monotonic())
+        pending = _Pending(line if self._writer is None else None, data, time.monotonic())
         if self.wal is not None:
             try:
                 pending.segment = self.wal.append(data)
@@ -333,7 +345,7 @@ class Recorder:
         """The database did not take `batch`: append it to the journal (fsynced), else hold it
         in memory up to the buffer limit; what exceeds it is lost (counted and logged)."""
         try:
-            self.journal.append([p.line for p in batch])
+            self.journal.append([p.data for p in batch])
         except OSError as exc:
             kept = 0
             for pending in batch:
@@ -553,7 +565,7 @@ class Recorder:
             if self._writer is not None:  # the rows are built there, from the lines
                 await self._store([], [], lines=[p.data for p in batch])
             else:
-                await self._store(*batch_rows([p.line for p in batch]))
+                await self._store(*batch_rows([_entry(p) for p in batch]))
         except Exception as exc:
             self.stats["failed_batches"] += 1
             if not retrying:
