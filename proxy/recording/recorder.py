@@ -137,8 +137,9 @@ _WAL_SYNC_INTERVAL_S = 1.0
 
 @dataclass
 class _Pending:
-    """A record made ready for storage on submit: its journal line (redacted rows), its size
-    in bytes, and the write-ahead segment holding it (None when that append failed)."""
+    """A record made ready for storage on submit: its journal line (redacted rows) as the bytes
+    the write-ahead log holds (`size` is theirs), and the write-ahead segment holding it (None
+    when that append failed)."""
 
     # The journal line as a dict: kept only while batches are written on the event loop (with a
     # writer process, a queued record is its bytes alone: one object the collector never scans).
