@@ -13,9 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select, text
 
-from proxy.core.canonical import chain_hash, prefix_hashes
 from proxy.core.packing import PACKED_REFS, PACKED_V1, pack_text, unpack_text
-from proxy.recording.recorder import ExchangeRecord
 from proxy.storage import Database, new_id
 from proxy.storage.bodies import BASE_ID, BodyWriter
 from proxy.storage.engine import create_engines, database_url
@@ -26,6 +24,7 @@ from proxy.storage.states import StateRef
 from proxy.testing.openai_shapes import chat_completion, openai_usage
 from tests.support.bodies import whole_requests
 from tests.support.migrations import apply_first_migrations, run_migrate_command
+from tests.support.records import tool_step_record
 
 TOOLS = [{"type": "function", "function": {"name": "lookup_order", "parameters": {}}}]
 HASH = "0123456789abcdef" * 2
@@ -56,28 +55,14 @@ def conversation(trajectory_id: str, steps: int, *, choices: int = 1) -> list[di
                 {**response["choices"][0], "index": i, "message": {**message, "content": f"{i}"}}
                 for i in range(1, choices)
             ]
-        request = {"model": "gpt-4.1-mini", "messages": list(messages), "tools": TOOLS}
-        hashes = prefix_hashes(messages)
-        record = ExchangeRecord(
-            id=new_id(),
-            trajectory_id=trajectory_id,
-            parent_id=rows[-1]["id"] if rows else None,
-            step=step,
-            new_trajectory=step == 0,
-            id_source="hash",
-            route="student",
-            shadow=False,
-            started_utc=f"2026-11-21T10:00:{step:02d}.000+00:00",
-            path="/v1/chat/completions",
-            stream=False,
-            request=request,
-            request_text=json.dumps(request, separators=(",", ":")),
-            request_hash=hashes[-1],
-            status_code=200,
-            response=response,
-            response_text=json.dumps(response, indent=2),
-            state_hash=chain_hash(hashes[-1], message),
-            duration_ms=500.0,
+        record = tool_step_record(
+            trajectory_id,
+            step,
+            messages,
+            message,
+            response,
+            rows[-1]["id"] if rows else None,
+            TOOLS,
         )
         rows.append(exchange_row(record) | {"_meta": trajectory_meta(record)})
         messages += [message, {"role": "tool", "tool_call_id": f"call_{step}", "content": "ok"}]

@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 
-from proxy.core.canonical import chain_hash, prefix_hashes
+from proxy.core.canonical import chain_hash
 from proxy.core.packing import PACKED_HEX, PACKED_V1, pack_text, unpack_text
-from proxy.recording.recorder import ExchangeRecord
 from proxy.storage import Database, new_id
 from proxy.storage.bodies import PACKED_COLUMNS, USAGE_OF_RESPONSE, BodyWriter
 from proxy.storage.browse import TrajectoryFilter, chart_rows, list_trajectories
@@ -25,6 +24,7 @@ from proxy.storage.rows import exchange_row, trajectory_meta, trajectory_rows
 from proxy.storage.schema import blobs, exchanges, trajectories
 from proxy.testing.openai_shapes import chat_completion, openai_usage
 from tests.support.migrations import apply_first_migrations, run_migrate_command
+from tests.support.records import tool_step_record
 
 TOOLS = [
     {
@@ -69,29 +69,15 @@ def conversation(trajectory_id: str, steps: int, final: str) -> list[dict[str, A
                 "content": None,
                 "tool_calls": [{"id": f"call_{step}", "type": "function", "function": call}],
             }
-        request = {"model": "gpt-4.1-mini", "messages": list(messages), "tools": TOOLS}
-        hashes = prefix_hashes(messages)
         response = completion(message, step)
-        record = ExchangeRecord(
-            id=new_id(),
-            trajectory_id=trajectory_id,
-            parent_id=rows[-1]["id"] if rows else None,
-            step=step,
-            new_trajectory=step == 0,
-            id_source="hash",
-            route="student",
-            shadow=False,
-            started_utc=f"2026-11-21T10:00:{step:02d}.000+00:00",
-            path="/v1/chat/completions",
-            stream=False,
-            request=request,
-            request_text=json.dumps(request, separators=(",", ":")),
-            request_hash=hashes[-1],
-            status_code=200,
-            response=response,
-            response_text=json.dumps(response, indent=2),
-            state_hash=chain_hash(hashes[-1], message),
-            duration_ms=500.0,
+        record = tool_step_record(
+            trajectory_id,
+            step,
+            messages,
+            message,
+            response,
+            rows[-1]["id"] if rows else None,
+            TOOLS,
             upstream_request_id=f"req_{new_id()}",
         )
         rows.append(exchange_row(record) | {"_meta": trajectory_meta(record)})

@@ -1,6 +1,7 @@
 """Reading what a proxy recorded in a SQLite file (after `ProxyServer.stop()`, or while it runs
 with `wait_recorded` / `wait_for_ids`), and following trajectories (`leaves`, `path_to`); and
-`user_record`, a one-message exchange record to hand the recorder directly."""
+`user_record` and `tool_step_record`, exchange records to hand the recorder or the storage
+directly."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from proxy.core.canonical import chain_hash, prefix_hashes
 from proxy.recording.recorder import ExchangeRecord
 from proxy.storage import new_id, utc_now
 from proxy.storage.bodies import unpack_row
@@ -149,4 +151,43 @@ def user_record(text: str) -> ExchangeRecord:
         request_text=json.dumps(body),
         request_hash=hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
         status_code=200,
+    )
+
+
+def tool_step_record(
+    trajectory_id: str,
+    step: int,
+    messages: list[dict[str, Any]],
+    message: dict[str, Any],
+    response: dict[str, Any],
+    parent_id: str | None,
+    tools: list[dict[str, Any]],
+    **extra: Any,
+) -> ExchangeRecord:
+    """Step `step` of a tool-calling conversation as the recorder sees it: `messages` and
+    `tools` sent as compact JSON, `response` (holding `message`) answered as the API
+    pretty-prints it, the request and state hashes stitching computes; `extra` fields too."""
+    request = {"model": "gpt-4.1-mini", "messages": list(messages), "tools": tools}
+    hashes = prefix_hashes(messages)
+    return ExchangeRecord(
+        id=new_id(),
+        trajectory_id=trajectory_id,
+        parent_id=parent_id,
+        step=step,
+        new_trajectory=step == 0,
+        id_source="hash",
+        route="student",
+        shadow=False,
+        started_utc=f"2026-11-21T10:00:{step:02d}.000+00:00",
+        path="/v1/chat/completions",
+        stream=False,
+        request=request,
+        request_text=json.dumps(request, separators=(",", ":")),
+        request_hash=hashes[-1],
+        status_code=200,
+        response=response,
+        response_text=json.dumps(response, indent=2),
+        state_hash=chain_hash(hashes[-1], message),
+        duration_ms=500.0,
+        **extra,
     )
