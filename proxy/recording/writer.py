@@ -114,11 +114,6 @@ class WriterProcess:
         """The child's process id, once started."""
         return self._process.pid if self._process is not None else None
 
-    @property
-    def alive(self) -> bool:
-        """Whether the child is running and its pipe open."""
-        return self._process is not None and self._gone is None
-
     async def open(self, db: Any) -> None:
         """Start the child and open its handle on `db`'s target (same `shared` mode). Raises
         what `Database.open` raises there, `WriterGone` if the child does not start, or
