@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
+from proxy.core.packing import register_sqlite_functions
 from proxy.storage import Database
 from proxy.storage.browse import (
     CursorError,
@@ -25,7 +26,6 @@ from proxy.storage.browse import (
     recent_models,
     trajectory_details,
 )
-from proxy.storage.engine import register_sqlite_functions
 from proxy.storage.schema import exchanges, trajectories
 from tests.support.exporter import completion, record, write_records
 

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from proxy.core.packing import register_sqlite_functions  # also imported from here
+from proxy.core.packing import register_sqlite_functions
 
 POOL_SIZE: Final = 5
 POOL_OVERFLOW: Final = 5
