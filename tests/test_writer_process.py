@@ -99,6 +99,27 @@ async def test_a_writer_process_that_dies_loses_nothing(
     assert "writing on the event loop from now on" in caplog.text
 
 
+async def test_a_writer_process_lost_at_shutdown_loses_nothing(
+    tmp_path: Path, fake_upstream: FakeUpstream
+) -> None:
+    """The child dies and the proxy stops before the recorder noticed: the batch sent to the dead
+    child is journaled, and a lost child is not a database refusing writes, so the shutdown still
+    writes the rest on the event loop and replays the journal: all stored before the stop returns."""
+    async with in_process_proxy(
+        tmp_path, upstream=fake_upstream.base_url, record_writer="process", flush_interval_ms=5
+    ) as proxy:
+        recorder = proxy.app.state.proxy.recorder
+        await proxy.client.post("/v1/chat/completions", json=_ask("before"))
+        await poll_async(lambda: _written(proxy.db) == 1, what="1 exchange written")
+        os.kill(recorder.writer_pid, signal.SIGKILL)
+        for n in range(3):
+            answer = await proxy.client.post("/v1/chat/completions", json=_ask(f"after {n}"))
+            assert answer.status_code == 200
+    ids = recorded_ids(proxy.db)
+    assert len(ids) == len(set(ids)) == 4
+    assert recorder.stats["lost"] == 0 and not recorder.journal.pending()
+
+
 async def test_a_refused_batch_raises_the_database_error_itself(tmp_path: Path) -> None:
     """What the child's database raised comes back as that exception, so the recorder tells a
     bad record (set aside one by one) from an unavailable database (kept and retried)."""

@@ -241,6 +241,9 @@ class Recorder:
         self._stopping = False
         self._stop_event = asyncio.Event()
         self._idle = True
+        # Batches the database itself refused (a lost writer process is not one): at shutdown,
+        # one refusal journals the rest at once instead of trying every batch in turn.
+        self._refused_batches = 0
         self._buffer_limit = buffer_bytes
         self._held: collections.deque[_Pending] = collections.deque()
         self._held_bytes = 0  # of the records in `_held`
@@ -415,14 +418,14 @@ class Recorder:
         then end the writer task (a batch being written completes)."""
         self._stopping = True
         self._stop_event.set()
-        failed_before = self.stats["failed_batches"]
+        refused_before = self._refused_batches
         if self._task is not None:
             if self._idle:
                 self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         while not self._queue.empty():
-            if self.stats["failed_batches"] > failed_before:
+            if self._refused_batches > refused_before:
                 # The database refused during shutdown: journal the rest at once, so a large
                 # queue never outlasts the orchestrator's grace period.
                 self._fall_back(self._take(self._queue.qsize()))
@@ -430,7 +433,7 @@ class Recorder:
                 await self._write(self._take(self._batch_size))
         if self._held:
             await self._retry_held()
-        if self.stats["failed_batches"] == failed_before and self.journal.pending():
+        if self._refused_batches == refused_before and self.journal.pending():
             await self.replay()
         if self._held:
             self.stats["lost"] += len(self._held)
@@ -569,6 +572,8 @@ class Recorder:
                 await self._store(*batch_rows([_entry(p) for p in batch]))
         except Exception as exc:
             self.stats["failed_batches"] += 1
+            if not isinstance(exc, WriterGone):  # the database itself is fine then
+                self._refused_batches += 1
             if not retrying:
                 log.warning(
                     "database write of %d records failed (%s): journaling them",
