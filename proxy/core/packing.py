@@ -185,6 +185,7 @@ class _Codecs(threading.local):
 
 
 _codecs = _Codecs()
+_V1: Final = bytes((PACKED_V1,))
 _MAGIC_LENGTH: Final = 4  # the zstd frame magic number, left out of a packed value
 
 
@@ -213,6 +214,8 @@ _HAS_ITEMS: Final = 1
 _HAS_TOOLS: Final = 2
 _REFS_START: Final = ('{"at":', '{"tools_at":')
 _HASH_HEX: Final = re.compile(r"[0-9a-f]{32}")
+_KEY: Final = re.compile(rb".{16}", re.DOTALL)
+"""Each 16 bytes of a run of hashes (`findall` splits the run at C speed)."""
 
 
 def _varint(number: int) -> bytes:
@@ -280,34 +283,50 @@ def unpack_refs(value: bytes) -> str:
     return orjson.dumps(refs_of_packed(value)).decode()  # compact, keys in order: that text
 
 
-def refs_of_packed(value: bytes) -> dict[str, Any]:
+def refs_of_packed(value: bytes, *, hex_keys: bool = True) -> dict[str, Any]:
     """The references `pack_refs` packed, as the dict their text parses to (`{"at", "items",
-    "tools_at", "tools"}`, either part optional), without making the text. Raises ValueError for
-    bytes that are not its form."""
+    "tools_at", "tools"}`, either part optional), without making the text. hex_keys=False: each
+    hash as its 16 bytes instead of its hex text (the key `blobs.hash` has on SQLite since 009,
+    `stored_key`), no text made for it either. Raises ValueError for bytes that are not its
+    form."""
     refs: dict[str, Any] = {}
+    size = len(value)
     try:
         flags = value[1]
         at = 2
         if flags & _HAS_ITEMS:
-            offset, at = _read_varint(value, at)
-            count, at = _read_varint(value, at)
+            offset = value[2]  # offsets and counts under 128 take one byte: the usual case
+            at = 3
+            if offset >= 0x80:
+                offset, at = _read_varint(value, 2)
+            count = value[at]
+            at += 1
+            if count >= 0x80:
+                count, at = _read_varint(value, at - 1)
             end = at + 16 * count
-            if end > len(value):
+            if end > size:
                 raise ValueError("truncated request references")
             refs["at"] = offset
-            # One hex text with a comma between hashes (C speed), split.
-            refs["items"] = value[at:end].hex(",", 16).split(",") if count else []
+            if not count:
+                refs["items"] = []
+            elif hex_keys:  # one hex text with a comma between hashes (C speed), split
+                refs["items"] = value[at:end].hex(",", 16).split(",")
+            else:
+                refs["items"] = _KEY.findall(value, at, end)
             at = end
         if flags & _HAS_TOOLS:
-            offset, at = _read_varint(value, at)
-            if at + 16 > len(value):
+            offset = value[at]
+            at += 1
+            if offset >= 0x80:
+                offset, at = _read_varint(value, at - 1)
+            if at + 16 > size:
                 raise ValueError("truncated request references")
             refs["tools_at"] = offset
-            refs["tools"] = value[at : at + 16].hex()
+            refs["tools"] = value[at : at + 16].hex() if hex_keys else value[at : at + 16]
             at += 16
     except IndexError as exc:
         raise ValueError("truncated request references") from exc
-    if at != len(value) or not flags or flags & ~(_HAS_ITEMS | _HAS_TOOLS):
+    if at != size or not flags or flags & ~(_HAS_ITEMS | _HAS_TOOLS):
         raise ValueError("damaged request references")
     return refs
 
@@ -317,6 +336,12 @@ def unpack_text(value: str | bytes | None) -> str | None:
 
     Raises ValueError for bytes that are not a packed text (unknown version, damaged frame).
     """
+    if value.__class__ is bytes and value[:1] == _V1:  # the common case first, in few steps
+        decompressor = _codecs.decompressors.get(PACKED_V1) or _codecs.decompressor(PACKED_V1)
+        try:
+            return decompressor.decompress(value[1:]).decode("utf-8")
+        except (zstandard.ZstdError, UnicodeDecodeError) as exc:
+            raise ValueError(f"damaged packed text: {exc}") from exc
     if value is None or isinstance(value, str):
         return value
     if not value:
@@ -326,8 +351,6 @@ def unpack_text(value: str | bytes | None) -> str | None:
         return bytes(value[1:]).hex()
     if version == PACKED_REFS:
         return unpack_refs(bytes(value))
-    # the common case in one step: this thread's decompressor of the version (readers unpack
-    # several texts per row, so the lookup is kept short)
     decompressor = _codecs.decompressors.get(version) or _codecs.decompressor(version)
     try:
         return decompressor.decompress(value[1:]).decode("utf-8")

@@ -66,6 +66,7 @@ from proxy.core.bodies import (
 )
 from proxy.core.packing import KEY_FUNCTION, STORED_TEXT_FUNCTION, pack_text
 from proxy.storage.rebuild import (
+    KEY_BYTES,
     LOOKUP_CHUNK,
     PACKED_COLUMNS,
     PARENT_BASE,
@@ -372,18 +373,28 @@ async def rebuild_requests(
     return rows
 
 
-def sqlite_lookups() -> tuple[str, str, str]:
+def sqlite_lookups() -> tuple[str, str, str, str]:
     """The statements of `rebuild_requests_sqlite` as SQL text for the standard library's
-    sqlite3, one `?` each: `SqliteStatements.chains` and `.parts` (`rebuild_requests`' two:
-    the JSON array of ids, then of hashes), and `.trajectory_chains` (`(id, request_base_id,
+    sqlite3, one parameter each: `SqliteStatements.chains` and `.parts` (`rebuild_requests`'
+    two: the JSON array of ids, then of hashes), `.trajectory_chains` (`(id, request_base_id,
     request_refs_json)` of every exchange of the trajectories whose ids are given, through the
-    `(trajectory_id, step)` index)."""
+    `(trajectory_id, step)` index) and `.parts_by_key` (`(hash, body_json)` of the
+    `KEY_BYTES`-byte keys given concatenated as one blob, in their order: each key cut out in
+    SQL and looked up in the `blobs.hash` index, no SQL function called per key)."""
     chain, parts = _lookups("sqlite")
     e = exchanges.c
     of_trajectories = select(e.id, BASE_ID, e.request_refs_json).where(
         e.trajectory_id.in_(json_array_values("ids", "sqlite"))
     )
-    return sqlite_sql(chain), sqlite_sql(parts), sqlite_sql(of_trajectories)
+    h = blobs.c
+    parts_by_key = (
+        f"WITH RECURSIVE key_at(at) AS (SELECT 1 UNION ALL SELECT at + {KEY_BYTES} FROM key_at "
+        f"WHERE at + {KEY_BYTES} <= length(?1)) "
+        f"SELECT {blobs.name}.{h.hash.name}, {blobs.name}.{h.body_json.name} "
+        f"FROM key_at CROSS JOIN {blobs.name} "
+        f"ON {blobs.name}.{h.hash.name} = substr(?1, key_at.at, {KEY_BYTES})"
+    )
+    return sqlite_sql(chain), sqlite_sql(parts), sqlite_sql(of_trajectories), parts_by_key
 
 
 def sqlite_sql(statement: Select[Any]) -> str:

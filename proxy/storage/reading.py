@@ -200,12 +200,13 @@ def rows_by_id_query(preference: bool) -> Select[Any]:
 def sqlite_row_statements(preference: bool) -> SqliteStatements:
     """The statements a worker process's `proxy.storage.rebuild.SqliteRows` runs to read the
     rows of `shadow_query` (`preference`) or `leaves_query` by id, as SQLite SQL text."""
-    chains, parts, trajectory_chains = sqlite_lookups()
+    chains, parts, trajectory_chains, parts_by_key = sqlite_lookups()
     return SqliteStatements(
         rows=sqlite_sql(rows_by_id_query(preference)),
         chains=chains,
         parts=parts,
         trajectory_chains=trajectory_chains,
+        parts_by_key=parts_by_key,
     )
 
 

@@ -30,11 +30,13 @@ from proxy.core.packing import (
     key_text,
     refs_of_packed,
     register_sqlite_functions,
+    stored_key,
     unpack_text,
 )
 
 __all__ = [
     "DEFERRED_TOOLS",
+    "KEY_BYTES",
     "LOOKUP_CHUNK",
     "PACKED_COLUMNS",
     "PARENT_BASE",
@@ -68,6 +70,7 @@ LOOKUP_CHUNK: Final = 10_000
 """Most ids or hashes sent in one lookup statement (as one JSON array parameter)."""
 
 _PACKED_REFS: Final = bytes((PACKED_REFS,))
+_REFS: Final = "request_refs_json"
 
 WHOLE: Final = "{}"
 """`request_refs_json` of a row whose `request_json` is the whole body (nothing was cut)."""
@@ -115,17 +118,24 @@ def unpack_row(row: dict[str, Any]) -> dict[str, Any]:
     unpacked (a damaged file) becomes None and is logged; nothing raises for one bad row.
     `USAGE_OF_RESPONSE` needs the row's `response_json` (select both, as `select(exchanges)`
     does); without it the usage reads as None."""
-    for column in PACKED_COLUMNS:
+    _unpack_columns(row, PACKED_COLUMNS)
+    if row.get("usage_json") == USAGE_OF_RESPONSE:
+        row["usage_json"] = usage_of(row.get("response_json"))
+    return row
+
+
+def _unpack_columns(row: dict[str, Any], columns: Iterable[str]) -> None:
+    """`unpack_row`'s unpacking (and logging) of `columns`, without the usage."""
+    for column in columns:
         value = row.get(column)
+        if value is None or value.__class__ is str:  # the quick test first: most are one of these
+            continue
         if isinstance(value, bytes | bytearray | memoryview) and value != USAGE_OF_RESPONSE:
             try:
                 row[column] = unpack_text(bytes(value))
             except ValueError as exc:
                 log.warning("exchange %s: %s cannot be read (%s)", row.get("id"), column, exc)
                 row[column] = None
-    if row.get("usage_json") == USAGE_OF_RESPONSE:
-        row["usage_json"] = usage_of(row.get("response_json"))
-    return row
 
 
 def chunks(values: Sequence[str]) -> Iterable[list[str]]:
@@ -143,6 +153,22 @@ def _refs_of(text: Any) -> dict[str, Any] | None:
         return None
     value = orjson.loads(text)  # our own compact JSON of hash strings: orjson reads it exactly
     return value if isinstance(value, dict) and value else None
+
+
+def _stored_refs_of(value: Any) -> dict[str, Any] | None:
+    """`_refs_of`, each hash in the form `blobs.hash` stores it on SQLite (`stored_key`: the
+    16 bytes of a binary reference are kept as they are, no hex text made)."""
+    if value.__class__ is bytes and value[:1] == _PACKED_REFS:
+        return refs_of_packed(value, hex_keys=False) or None
+    refs = _refs_of(value)
+    if refs is None:
+        return None
+    stored = dict(refs)
+    if "items" in refs:
+        stored["items"] = [stored_key(item_hash) for item_hash in refs["items"]]
+    if "tools" in refs:
+        stored["tools"] = stored_key(refs["tools"])
+    return stored
 
 
 def json_array(values: list[str]) -> str:
@@ -262,12 +288,12 @@ def splice_rows(
     defer_tools: bool = False,
 ) -> None:
     """Put each cut row's whole body in its `request_json` (`proxy.core.bodies.splice_request`)
-    from its item hashes (`items_of`, None: a base is missing) and the part texts by hash; a
-    body that cannot be rebuilt keeps its options and is logged. defer_tools: see
-    `rebuild_requests_sqlite`."""
+    from its item hashes (`items_of`, None: a base is missing) and the part texts by hash (hex
+    texts, or keys as `blobs.hash` stores them: `rebuild_requests_sqlite`); a body that cannot
+    be rebuilt keeps its options and is logged. defer_tools: see `rebuild_requests_sqlite`."""
     for (row, refs, _base_id), items in zip(cut, items_of, strict=True):
         try:
-            item_texts = [texts[h] for h in items] if items is not None else None
+            item_texts = list(map(texts.__getitem__, items)) if items is not None else None
             tools_text = texts.get(refs["tools"]) if "tools" in refs else None
             options_json = row["request_json"]
             if (
@@ -278,7 +304,7 @@ def splice_rows(
             ):
                 # `tools` stays null in the text: the reader parses the list once per hash
                 refs = {key: value for key, value in refs.items() if key != "tools_at"}
-                row[DEFERRED_TOOLS] = (refs["tools"], tools_text)
+                row[DEFERRED_TOOLS] = (key_text(refs["tools"]), tools_text)
                 tools_text = None
             row["request_json"] = splice_request(options_json, refs, item_texts, tools_text)
         except (KeyError, ValueError) as exc:
@@ -295,23 +321,35 @@ def _tools_placeholder(options_json: Any, refs: dict[str, Any]) -> bool:
         isinstance(at, int)
         and isinstance(options_json, str)
         and options_json.startswith("null", at)
-        and _TOOLS_MEMBER.search(options_json, max(0, at - 64), at) is not None
+        and (  # compact JSON (the usual case) needs no search
+            (at >= 0 and options_json.endswith('"tools":', 0, at))
+            or _TOOLS_MEMBER.search(options_json, max(0, at - 64), at) is not None
+        )
     )
 
 
 @dataclass(frozen=True)
 class SqliteStatements:
-    """The SQL texts `SqliteRows` runs, each with one `?` parameter bound to a JSON array text:
-    `rows` (the export's columns of the exchanges whose ids are given,
+    """The SQL texts `SqliteRows` runs, each with one parameter: `rows` (the export's columns
+    of the exchanges whose ids are given as a JSON array text,
     `proxy.storage.reading.sqlite_row_statements`), `chains` (`(id, request_base_id,
-    request_refs_json)` of those ids and of every base exchange their chains name), `parts`
-    (`(hash, body_json)` of the part hashes given) and `trajectory_chains` (`(id,
-    request_base_id, request_refs_json)` of every exchange of the trajectories given)."""
+    request_refs_json)` of the ids given as a JSON array text and of every base exchange their
+    chains name), `parts` (`(hash, body_json)` of the part hashes given as a JSON array of hex
+    texts), `trajectory_chains` (`(id, request_base_id, request_refs_json)` of every exchange of
+    the trajectories whose ids are given as a JSON array text) and `parts_by_key` (`(hash,
+    body_json)` of the 16-byte part keys given as one blob, their concatenation, in that order).
+    """
 
     rows: str
     chains: str
     parts: str
     trajectory_chains: str
+    parts_by_key: str
+
+
+KEY_BYTES: Final = 16
+"""The size of a part's key as SQLite stores it (`blobs.hash`: a 16-byte BLAKE2b digest's bytes,
+`proxy.core.packing.stored_key`), as `SqliteStatements.parts_by_key` reads the keys it is given."""
 
 
 def rebuild_requests_sqlite(
@@ -322,30 +360,111 @@ def rebuild_requests_sqlite(
     defer_tools: bool = False,
 ) -> list[dict[str, Any]]:
     """`proxy.storage.bodies.rebuild_requests` on a standard-library sqlite3 connection: the
-    same result and logging.
+    same result and logging. `rows` are those of one statement (the same columns).
 
     The base exchanges are looked up in the rows' own trajectories first
     (`statements.trajectory_chains`: one index range per trajectory, its exchanges stored side
     by side), then, for any base found elsewhere, as `rebuild_requests` does
-    (`statements.chains`); the parts as `rebuild_requests` does (`statements.parts`).
+    (`statements.chains`). Part hashes stay in the form `blobs.hash` stores them (16 bytes, no
+    hex text made): the parts are looked up by those bytes (`statements.parts_by_key`), any key
+    of another form as `rebuild_requests` does (`statements.parts`).
 
     defer_tools: a chat row's tool list, when it was stored as a part, is not spliced in: its
     `request_json` keeps `"tools":null` and the row gets `DEFERRED_TOOLS` = (hash, text) of the
     list instead (a reader that sees the same list in every row parses it once)."""
-    cut = cut_rows(rows)
+    cut = _cut_stored_rows(rows)
     if not cut:
         return rows
     chains: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
     elsewhere = _bases_in_trajectories(conn, cut, statements.trajectory_chains, chains)
     for part in chunks(elsewhere):
-        found = conn.execute(statements.chains, (json_array(part),)).fetchall()
-        chains.update(chain_entries(found))
+        for exchange_id, base_id, refs in conn.execute(statements.chains, (json_array(part),)):
+            chains[exchange_id] = (base_id, _stored_refs_of(refs))
     items_of, wanted = wanted_parts(cut, item_lists(chains) if chains else {})
-    texts: dict[str, str] = {}
-    for part in chunks(sorted(wanted)):
-        blob_entries(conn.execute(statements.parts, (json_array(part),)).fetchall(), texts)
-    splice_rows(cut, items_of, texts, defer_tools)
+    splice_rows(cut, items_of, _part_texts(conn, statements, wanted), defer_tools)
     return rows
+
+
+def _cut_stored_rows(rows: list[dict[str, Any]]) -> list[CutRow]:
+    """`cut_rows` (the same unpacking, logging and rows), the references' hashes as
+    `blobs.hash` stores them (`_stored_refs_of`). Only the `PACKED_COLUMNS` the first row has
+    are looked at (rows of one statement)."""
+    if not rows:
+        return []
+    columns = [column for column in PACKED_COLUMNS if column in rows[0]]
+    # unpack_row's order (its log lines come in it): the columns before the references, after
+    refs_at = columns.index(_REFS) if _REFS in columns else len(columns)
+    before, after = columns[:refs_at], columns[refs_at + 1 :]
+    with_usage = "usage_json" in columns
+    cut: list[CutRow] = []
+    for row in rows:
+        _unpack_columns(row, before)
+        value = row.pop(_REFS, None)
+        refs: dict[str, Any] | None = None
+        text = value.__class__ is not bytes or value[:1] != _PACKED_REFS
+        if not text:  # binary references (009): parsed straight from their bytes
+            try:
+                refs = refs_of_packed(value, hex_keys=False)
+            except ValueError as exc:
+                log.warning("exchange %s: %s cannot be read (%s)", row.get("id"), _REFS, exc)
+        elif isinstance(value, bytes | bytearray | memoryview) and value != USAGE_OF_RESPONSE:
+            try:
+                value = unpack_text(bytes(value))
+            except ValueError as exc:
+                log.warning("exchange %s: %s cannot be read (%s)", row.get("id"), _REFS, exc)
+                value = None
+        _unpack_columns(row, after)
+        if with_usage and row.get("usage_json") == USAGE_OF_RESPONSE:
+            row["usage_json"] = usage_of(row.get("response_json"))
+        base_id = row.pop("request_base_id", None)
+        if base_id == PARENT_BASE:  # a row selected whole, not through BASE_ID
+            base_id = row.get("parent_id")
+        if text:
+            try:
+                refs = _stored_refs_of(value)
+            except ValueError:
+                log.warning("exchange %s: unreadable request references", row.get("id"))
+                continue
+        if refs:
+            cut.append((row, refs, base_id))
+    return cut
+
+
+def _part_texts(
+    conn: sqlite3.Connection, statements: SqliteStatements, wanted: set[Any]
+) -> dict[Any, str]:
+    """key -> text of the stored parts among `wanted` (keys as `blobs.hash` stores them:
+    `KEY_BYTES` bytes, or another key's text), unpacked; a damaged one is logged (by its hex)
+    and left out."""
+    keys = sorted(key for key in wanted if key.__class__ is bytes and len(key) == KEY_BYTES)
+    others = sorted(
+        {
+            cast(str, key_text(key))
+            for key in wanted
+            if key.__class__ is not bytes or len(key) != KEY_BYTES
+        }
+    )
+    texts: dict[Any, str] = {}
+    for start in range(0, len(keys), LOOKUP_CHUNK):
+        found = conn.execute(
+            statements.parts_by_key, (b"".join(keys[start : start + LOOKUP_CHUNK]),)
+        ).fetchall()
+        _add_parts(found, texts)
+    for part in chunks(others):
+        _add_parts(conn.execute(statements.parts, (json_array(part),)).fetchall(), texts)
+    return texts
+
+
+def _add_parts(found_rows: list[tuple[Any, Any]], texts: dict[Any, str]) -> None:
+    """`blob_entries`, the hash kept as the driver gives it (`blobs.hash` as stored)."""
+    for key, text in found_rows:
+        if text.__class__ is str:
+            texts[key] = text
+            continue
+        try:
+            texts[key] = unpack_text(text) or ""
+        except ValueError as exc:
+            log.warning("request part %s cannot be read (%s)", key_text(key), exc)
 
 
 def _bases_in_trajectories(
@@ -355,8 +474,8 @@ def _bases_in_trajectories(
     chains: dict[str, tuple[str | None, dict[str, Any] | None]],
 ) -> list[str]:
     """Fill `chains` with the chains of the cut rows' bases found among the exchanges of the
-    rows' trajectories; return the ids (sorted) where a chain leaves them: those are looked up
-    by id."""
+    rows' trajectories (references as `_stored_refs_of` gives them); return the ids (sorted)
+    where a chain leaves them: those are looked up by id."""
     trajectories: list[str] = sorted(
         {
             trajectory_id
@@ -364,20 +483,20 @@ def _bases_in_trajectories(
             if base_id is not None and isinstance(trajectory_id := row.get("trajectory_id"), str)
         }
     )  # a row without the column: its bases are looked up by id
-    stored: dict[str, tuple[str | None, Any]] = {}
+    stored: dict[str, tuple[str, str | None, Any]] = {}  # id -> (id, request_base_id, refs)
     for part in chunks(trajectories):
-        for exchange_id, base_id, refs in conn.execute(statement, (json_array(part),)):
-            stored[exchange_id] = (base_id, refs)
+        found = conn.execute(statement, (json_array(part),)).fetchall()
+        stored.update({exchange[0]: exchange for exchange in found})
     elsewhere: set[str] = set()
     for start in bases_of(cut):
         current: str | None = start
         while current is not None and current not in chains:
-            if current not in stored:
+            exchange = stored.get(current)
+            if exchange is None:
                 elsewhere.add(current)
                 break
-            base_id, refs = stored[current]
-            chains[current] = (base_id, _refs_of(refs))
-            current = base_id
+            current = exchange[1]
+            chains[exchange[0]] = (current, _stored_refs_of(exchange[2]))
     return sorted(elsewhere)
 
 
