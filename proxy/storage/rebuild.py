@@ -71,6 +71,8 @@ LOOKUP_CHUNK: Final = 10_000
 
 _PACKED_REFS: Final = bytes((PACKED_REFS,))
 _REFS: Final = "request_refs_json"
+_OPTIONS: Final = "request_json"
+_OPTIONS_COLUMN: Final = (_OPTIONS,)
 
 WHOLE: Final = "{}"
 """`request_refs_json` of a row whose `request_json` is the whole body (nothing was cut)."""
@@ -303,8 +305,8 @@ def splice_rows(
                 and _tools_placeholder(options_json, refs)
             ):
                 # `tools` stays null in the text: the reader parses the list once per hash
-                refs = {key: value for key, value in refs.items() if key != "tools_at"}
                 row[DEFERRED_TOOLS] = (key_text(refs["tools"]), tools_text)
+                refs = {"at": refs["at"]} if "at" in refs else {}  # what is spliced
                 tools_text = None
             row["request_json"] = splice_request(options_json, refs, item_texts, tools_text)
         except (KeyError, ValueError) as exc:
@@ -337,7 +339,7 @@ class SqliteStatements:
     chains name), `parts` (`(hash, body_json)` of the part hashes given as a JSON array of hex
     texts), `trajectory_chains` (`(id, request_base_id, request_refs_json)` of every exchange of
     the trajectories whose ids are given as a JSON array text) and `parts_by_key` (`(hash,
-    body_json)` of the 16-byte part keys given as one blob, their concatenation, in that order).
+    body_json)` of the 16-byte part keys given as one blob, their concatenation, sorted by key).
     """
 
     rows: str
@@ -396,9 +398,25 @@ def _cut_stored_rows(rows: list[dict[str, Any]]) -> list[CutRow]:
     refs_at = columns.index(_REFS) if _REFS in columns else len(columns)
     before, after = columns[:refs_at], columns[refs_at + 1 :]
     with_usage = "usage_json" in columns
+    # The requests' options repeat (the same model and settings every call): each distinct
+    # packed value is unpacked once.
+    options = before[:1] == [_OPTIONS]
+    if options:
+        before = before[1:]
+    options_texts: dict[bytes, str] = {}
     cut: list[CutRow] = []
     for row in rows:
-        _unpack_columns(row, before)
+        if options:
+            packed = row.get(_OPTIONS)
+            known = options_texts.get(packed) if packed.__class__ is bytes else None
+            if known is not None:
+                row[_OPTIONS] = known
+            else:
+                _unpack_columns(row, _OPTIONS_COLUMN)
+                if packed.__class__ is bytes and row[_OPTIONS].__class__ is str:
+                    options_texts[packed] = row[_OPTIONS]
+        if before:
+            _unpack_columns(row, before)
         value = row.pop(_REFS, None)
         refs: dict[str, Any] | None = None
         text = value.__class__ is not bytes or value[:1] != _PACKED_REFS
@@ -436,20 +454,21 @@ def _part_texts(
     """key -> text of the stored parts among `wanted` (keys as `blobs.hash` stores them:
     `KEY_BYTES` bytes, or another key's text), unpacked; a damaged one is logged (by its hex)
     and left out."""
-    keys = sorted(key for key in wanted if key.__class__ is bytes and len(key) == KEY_BYTES)
-    others = sorted(
-        {
-            cast(str, key_text(key))
-            for key in wanted
-            if key.__class__ is not bytes or len(key) != KEY_BYTES
-        }
+    keys = [key for key in wanted if key.__class__ is bytes and len(key) == KEY_BYTES]
+    others = (
+        sorted(
+            {
+                cast(str, key_text(key))
+                for key in wanted
+                if key.__class__ is not bytes or len(key) != KEY_BYTES
+            }
+        )
+        if len(keys) < len(wanted)
+        else []
     )
     texts: dict[Any, str] = {}
-    for start in range(0, len(keys), LOOKUP_CHUNK):
-        found = conn.execute(
-            statements.parts_by_key, (b"".join(keys[start : start + LOOKUP_CHUNK]),)
-        ).fetchall()
-        _add_parts(found, texts)
+    if keys:  # one statement, however many keys: its rows come in the keys' order (sorted)
+        _add_parts(conn.execute(statements.parts_by_key, (b"".join(keys),)).fetchall(), texts)
     for part in chunks(others):
         _add_parts(conn.execute(statements.parts, (json_array(part),)).fetchall(), texts)
     return texts
@@ -476,7 +495,7 @@ def _bases_in_trajectories(
     """Fill `chains` with the chains of the cut rows' bases found among the exchanges of the
     rows' trajectories (references as `_stored_refs_of` gives them); return the ids (sorted)
     where a chain leaves them: those are looked up by id."""
-    trajectories: list[str] = sorted(
+    trajectories = list(
         {
             trajectory_id
             for row, _, base_id in cut
@@ -488,8 +507,7 @@ def _bases_in_trajectories(
         found = conn.execute(statement, (json_array(part),)).fetchall()
         stored.update({exchange[0]: exchange for exchange in found})
     elsewhere: set[str] = set()
-    for start in bases_of(cut):
-        current: str | None = start
+    for _row, _refs, current in cut:
         while current is not None and current not in chains:
             exchange = stored.get(current)
             if exchange is None:
