@@ -4,16 +4,19 @@ server): what is stored, what every reader reads back, NUL, the 003 conversion o
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import random
 import sqlite3
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select
 
-from proxy.core.packing import unpack_text
+from proxy.core.packing import PACKED_REFS, refs_of_packed, unpack_text
 from proxy.storage import Database, new_id
 from proxy.storage.bodies import BASE_ID, PARENT_BASE, BodyWriter, stored_text
 from proxy.storage.browse import (
@@ -25,7 +28,15 @@ from proxy.storage.browse import (
 from proxy.storage.conversion import convert_batch, unconverted_count
 from proxy.storage.engine import create_engines, database_url
 from proxy.storage.migrations import MIGRATIONS
-from proxy.storage.reading import LeafFilter, leaves_query, shadow_query, stream_batches
+from proxy.storage.reading import (
+    LeafFilter,
+    leaves_query,
+    rows_by_id_query,
+    shadow_query,
+    sqlite_row_statements,
+    stream_batches,
+)
+from proxy.storage.rebuild import SqliteRows, json_array
 from proxy.storage.schema import blobs, exchanges, trajectories
 from tests.support.migrations import apply_first_migrations, run_migrate_command
 from tests.support.shapes import SHAPES, TOOLS
@@ -323,6 +334,123 @@ async def test_reading_many_leaves_costs_a_few_queries_not_one_per_message(db: D
     assert len(leaves) == 40 and all(len(sent(r)["messages"]) == 12 for r in leaves)
     # the leaves, one recursive query for their bases, one for their parts
     assert len([s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]) <= 4
+
+
+def continued(row: dict[str, Any], tool_result: str) -> dict[str, Any]:
+    """The next request body after `row`: its messages, its answer's tool call, a result."""
+    body = sent(row)
+    call = json.loads(row["response_json"])["choices"][0]["message"]
+    call_id = call["tool_calls"][0]["id"]
+    body["messages"] = [
+        *body["messages"],
+        call,
+        {"role": "tool", "tool_call_id": call_id, "content": tool_result},
+    ]
+    return body
+
+
+def responses_steps(trajectory_id: str) -> list[dict[str, Any]]:
+    """Two chained Responses API exchanges (their `input` items are cut like messages)."""
+    items: list[Any] = [{"role": "user", "content": [{"type": "input_text", "text": "Go"}]}]
+    rows: list[dict[str, Any]] = []
+    for step in range(2):
+        body = {"model": "gpt-4.1", "input": list(items), "tools": [{"type": "web_search"}]}
+        row = exchange_row(trajectory_id, step, body, parent_id=rows[-1]["id"] if rows else None)
+        rows.append({**row, "path": "/v1/responses", "kind": "responses"})
+        items += [{"type": "function_call_output", "call_id": f"c{step}", "output": f"{step}"}]
+    return rows
+
+
+@pytest.mark.parametrize("db_target", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("preference", [False, True], ids=["leaves", "pairs"])
+async def test_a_worker_reads_what_the_engine_reads_from_a_damaged_file(
+    db: Database, preference: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An export worker reads rows by id with the standard library's sqlite3 (`SqliteRows`):
+    # the same rows and the same log lines as `rebuild_requests`, however the chains run.
+    loop = agent_loop("loop", 4)
+    fork = exchange_row("loop", 2, continued(loop[1], "other"), parent_id=loop[1]["id"])
+    moved = exchange_row("moved", 4, continued(loop[3], "r3"), parent_id=loop[3]["id"])
+    lost, damaged, refs, text = (
+        agent_loop(name, 3, extra=name) for name in ("lost", "dmg", "r", "t")
+    )
+    answers = responses_steps("responses")
+    everything = [*loop, fork, moved, *lost, *damaged, *refs, *text, *answers]
+    await write(db, [*loop, *lost, *damaged, *refs, *text])
+    await write(db, [fork, moved])  # its own batch: the fork's base is a stored row
+    await write(db, answers)  # a batch of rows with a `kind` (one insert: one set of columns)
+    await db.write_exchanges(
+        [],
+        [],
+        [
+            {
+                "id": loop[2]["id"],
+                "shadow_model": "o3",
+                "shadow_response_json": loop[2]["response_json"],
+                "shadow_error_json": None,
+                "shadow_duration_ms": 1.0,
+            }
+        ],
+    )
+    assert db.sqlite_file is not None
+    with contextlib.closing(sqlite3.connect(db.sqlite_file)) as conn, conn:
+        (packed,) = conn.execute(
+            "SELECT request_refs_json FROM exchanges WHERE id = ?", (damaged[0]["id"],)
+        ).fetchone()
+        assert packed[0] == PACKED_REFS  # binary references: the parts are found by key
+        user = refs_of_packed(packed, hex_keys=False)["items"][1]  # in this trajectory only
+        conn.execute("UPDATE blobs SET body_json = x'01ffff' WHERE hash = ?", (user,))
+        conn.execute("DELETE FROM exchanges WHERE id = ?", (lost[1]["id"],))  # a base missing
+        conn.execute(
+            "UPDATE exchanges SET request_refs_json = substr(request_refs_json, 1, 9) WHERE id = ?",
+            (refs[2]["id"],),
+        )
+        conn.execute(
+            "UPDATE exchanges SET response_json = x'01ffff' WHERE id = ?", (refs[1]["id"],)
+        )
+        for exchange_id, stored in conn.execute(
+            "SELECT id, request_refs_json FROM exchanges WHERE trajectory_id = 't'"
+        ).fetchall():  # references as text, as rows written before 009 hold them
+            conn.execute(
+                "UPDATE exchanges SET request_refs_json = ? WHERE id = ?",
+                (unpack_text(stored), exchange_id),
+            )
+    ids = [row["id"] for row in reversed(everything)] + ["no-such-id"]
+    query = rows_by_id_query(preference).params(ids=json_array(ids))
+    caplog.set_level(logging.WARNING, logger="understudy.storage")
+    by_id = {row["id"]: row async for rows in db.stream_batches(query) for row in rows}
+    engine_logs = Counter(record.getMessage() for record in caplog.records)
+    caplog.clear()
+    reader = SqliteRows(db.sqlite_file, sqlite_row_statements(preference))
+    try:
+        direct = reader.read(ids)
+    finally:
+        reader.close()
+    assert direct == [by_id[exchange_id] for exchange_id in ids if exchange_id in by_id]
+    assert Counter(record.getMessage() for record in caplog.records) == engine_logs
+    # what both read is right: the damage logged (a part by its hex), every other body whole
+    unpacked = f"request part {user.hex()} cannot be read (damaged packed text:"
+    assert sum(line.startswith(unpacked) for line in engine_logs) == 1
+    not_rebuilt = {
+        line.split(":")[0].removeprefix("exchange ")
+        for line in engine_logs
+        if "cannot be rebuilt" in line
+    }
+    assert not_rebuilt == {lost[2]["id"], *(row["id"] for row in damaged)}
+    assert (
+        f"exchange {refs[2]['id']}: request_refs_json cannot be read (truncated request references)"
+        in engine_logs
+    )
+    assert any(
+        line.startswith(f"exchange {refs[1]['id']}: response_json cannot be")
+        for line in engine_logs
+    )
+    assert len(engine_logs) == 1 + len(not_rebuilt) + 2
+    for original in everything:
+        row = by_id.get(original["id"])
+        if row is not None and row["id"] not in not_rebuilt | {refs[2]["id"]}:
+            assert json.loads(row["request_json"]) == sent(original), original["id"]
+    assert {row["kind"] for row in direct} == {"chat", "responses"}
 
 
 # -- migration 003: converting rows written before it ---------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select, text
 
-from proxy.core.packing import PACKED_REFS, PACKED_V1, pack_text, unpack_text
+from proxy.core.packing import PACKED_REFS, PACKED_V1, pack_text, refs_of_packed, unpack_text
 from proxy.storage import Database, new_id
 from proxy.storage.bodies import BASE_ID, BodyWriter
 from proxy.storage.engine import create_engines, database_url
@@ -92,6 +92,14 @@ def test_request_references_are_packed_as_offsets_and_hash_bytes() -> None:
         packed = pack_text(refs)
         assert isinstance(packed, bytes) and packed[0] == PACKED_REFS
         assert unpack_text(packed) == refs
+        # a reader that looks the parts up by key gets each hash as its bytes, no text made
+        as_keys = refs_of_packed(packed, hex_keys=False)
+        expected = json.loads(refs)
+        if "items" in expected:
+            expected["items"] = [bytes.fromhex(item) for item in expected["items"]]
+        if "tools" in expected:
+            expected["tools"] = bytes.fromhex(expected["tools"])
+        assert as_keys == expected
     assert len(pack_text(shapes[0])) == 2 + 1 + 1 + 2 * 16 + 1 + 16
     # Anything unpack_refs would not give back byte for byte is packed as any text.
     for other in (
@@ -106,6 +114,8 @@ def test_request_references_are_packed_as_offsets_and_hash_bytes() -> None:
     for bad in (pack_text(shapes[0])[:-1], pack_text(shapes[0]) + b"\x00", bytes((PACKED_REFS, 0))):
         with pytest.raises(ValueError):
             unpack_text(bad)
+        with pytest.raises(ValueError):
+            refs_of_packed(bad, hex_keys=False)
 
 
 # -- stored --------------------------------------------------------------------------------------

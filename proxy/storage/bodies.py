@@ -379,20 +379,21 @@ def sqlite_lookups() -> tuple[str, str, str, str]:
     two: the JSON array of ids, then of hashes), `.trajectory_chains` (`(id, request_base_id,
     request_refs_json)` of every exchange of the trajectories whose ids are given, through the
     `(trajectory_id, step)` index) and `.parts_by_key` (`(hash, body_json)` of the
-    `KEY_BYTES`-byte keys given concatenated as one blob, sorted by key: each key cut out in
-    SQL, no SQL function called per key)."""
+    distinct `KEY_BYTES`-byte keys given concatenated as one blob, in their order: each key cut
+    out in SQL, no SQL function called per key)."""
     chain, parts = _lookups("sqlite")
     e = exchanges.c
     of_trajectories = select(e.id, BASE_ID, e.request_refs_json).where(
         e.trajectory_id.in_(json_array_values("ids", "sqlite"))
     )
     h = blobs.c
+    # CROSS JOIN: SQLite keeps the keys as the outer loop, one index lookup each, in their order
     parts_by_key = (
         f"WITH RECURSIVE key_at(at) AS (SELECT 1 UNION ALL SELECT at + {KEY_BYTES} FROM key_at "
         f"WHERE at + {KEY_BYTES} <= length(?1)) "
-        f"SELECT {blobs.name}.{h.hash.name}, {blobs.name}.{h.body_json.name} FROM {blobs.name} "
-        f"WHERE {blobs.name}.{h.hash.name} IN (SELECT substr(?1, at, {KEY_BYTES}) FROM key_at) "
-        f"ORDER BY {blobs.name}.{h.hash.name}"  # as the index gives them: no sorting step
+        f"SELECT {blobs.name}.{h.hash.name}, {blobs.name}.{h.body_json.name} "
+        f"FROM key_at CROSS JOIN {blobs.name} "
+        f"ON {blobs.name}.{h.hash.name} = substr(?1, key_at.at, {KEY_BYTES})"
     )
     return sqlite_sql(chain), sqlite_sql(parts), sqlite_sql(of_trajectories), parts_by_key
 

@@ -311,6 +311,8 @@ def splice_rows(
             row["request_json"] = splice_request(options_json, refs, item_texts, tools_text)
         except (KeyError, ValueError) as exc:
             row.pop(DEFERRED_TOOLS, None)
+            if isinstance(exc, KeyError) and exc.args:  # a part missing: named by its hex text
+                exc = KeyError(key_text(exc.args[0]))
             log.warning("exchange %s: request body cannot be rebuilt (%s)", row.get("id"), exc)
 
 
@@ -339,7 +341,8 @@ class SqliteStatements:
     chains name), `parts` (`(hash, body_json)` of the part hashes given as a JSON array of hex
     texts), `trajectory_chains` (`(id, request_base_id, request_refs_json)` of every exchange of
     the trajectories whose ids are given as a JSON array text) and `parts_by_key` (`(hash,
-    body_json)` of the 16-byte part keys given as one blob, their concatenation, sorted by key).
+    body_json)` of the distinct 16-byte part keys given as one blob, their concatenation, in
+    that order).
     """
 
     rows: str
@@ -454,7 +457,7 @@ def _part_texts(
     """key -> text of the stored parts among `wanted` (keys as `blobs.hash` stores them:
     `KEY_BYTES` bytes, or another key's text), unpacked; a damaged one is logged (by its hex)
     and left out."""
-    keys = [key for key in wanted if key.__class__ is bytes and len(key) == KEY_BYTES]
+    keys = sorted(key for key in wanted if key.__class__ is bytes and len(key) == KEY_BYTES)
     others = (
         sorted(
             {
@@ -467,7 +470,7 @@ def _part_texts(
         else []
     )
     texts: dict[Any, str] = {}
-    if keys:  # one statement, however many keys: its rows come in the keys' order (sorted)
+    if keys:  # one statement, however many keys, its rows in the keys' order (as `parts` gives)
         _add_parts(conn.execute(statements.parts_by_key, (b"".join(keys),)).fetchall(), texts)
     for part in chunks(others):
         _add_parts(conn.execute(statements.parts, (json_array(part),)).fetchall(), texts)
