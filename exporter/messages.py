@@ -105,31 +105,22 @@ def arguments_string(arguments: Any, where: str) -> str:
     object is dumped compactly (`{"a":1}`, non-ASCII kept). Raises Rejected('invalid_arguments')
     when it is not JSON or not a JSON object.
     """
-    return _arguments(arguments, "%s", where)
-
-
-def _arguments(arguments: Any, where: str, *args: Any) -> str:
-    """`arguments_string`, with `where` `%`-formatted with `args` only when raising."""
-    if isinstance(arguments, str) and arguments:
-        try:
-            parsed = orjson.loads(arguments)  # what orjson reads, the standard library reads alike
-        except orjson.JSONDecodeError:
-            try:
-                parsed = json.loads(arguments)
-            except ValueError:
-                raise Rejected(
-                    "invalid_arguments", f"{where % args} arguments are not valid JSON"
-                ) from None
-        if not isinstance(parsed, dict):
-            raise Rejected("invalid_arguments", f"{where % args} arguments are not a JSON object")
-        return arguments
     if isinstance(arguments, dict):
         return json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
     if arguments is None or arguments == "":
-        raise Rejected("invalid_arguments", f"{where % args} has no arguments")
-    raise Rejected(
-        "invalid_arguments", f"{where % args} arguments are a {type(arguments).__name__}"
-    )
+        raise Rejected("invalid_arguments", f"{where} has no arguments")
+    if not isinstance(arguments, str):
+        raise Rejected("invalid_arguments", f"{where} arguments are a {type(arguments).__name__}")
+    try:
+        parsed = orjson.loads(arguments)  # what orjson reads, the standard library reads alike
+    except orjson.JSONDecodeError:
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            raise Rejected("invalid_arguments", f"{where} arguments are not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise Rejected("invalid_arguments", f"{where} arguments are not a JSON object")
+    return arguments
 
 
 _GOOD_NAMES: set[str] = set()  # names already checked (tool names repeat in every sample)
@@ -152,24 +143,49 @@ def _check_name(name: Any, where: str, *args: Any) -> str:
 # -- messages ----------------------------------------------------------------------------------
 
 
-def _tool_call(call: Any, where: str, *args: Any) -> dict[str, Any]:
-    """One tool call in training form (its id not yet renumbered). where: as `_check_name`'s."""
-    if not isinstance(call, dict):
-        raise Rejected("invalid_tool_call", f"{where % args} is not an object")
-    kind = call.get("type")
-    if kind and kind != "function":
-        raise Rejected("unsupported_tool", f"{where % args} has type {kind!r}")
-    function = call.get("function")
-    if not isinstance(function, dict):
-        raise Rejected("invalid_tool_call", f"{where % args} has no function")
-    return {
-        "id": call.get("id"),
-        "type": "function",
-        "function": {
-            "name": _check_name(function.get("name"), where, *args),
-            "arguments": _arguments(function.get("arguments"), where, *args),
-        },
-    }
+def _tool_calls(calls: list[Any], index: int, legacy: bool = False) -> list[dict[str, Any]]:
+    """Message `index`'s tool calls in training form, ids not yet renumbered (legacy: the one
+    `function_call`, wrapped as a call). Raises Rejected for a call that is not an object, not
+    a function call, or has a bad name or bad arguments."""
+    out = []
+    for number, call in enumerate(calls):
+        if not isinstance(call, dict):
+            raise Rejected(
+                "invalid_tool_call", f"{_call_place(index, number, legacy)} is not an object"
+            )
+        kind = call.get("type")
+        if kind and kind != "function":
+            raise Rejected(
+                "unsupported_tool", f"{_call_place(index, number, legacy)} has type {kind!r}"
+            )
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise Rejected(
+                "invalid_tool_call", f"{_call_place(index, number, legacy)} has no function"
+            )
+        name = function.get("name")
+        if not (isinstance(name, str) and name in _GOOD_NAMES):
+            name = _check_name(name, "%s", _call_place(index, number, legacy))
+        arguments = function.get("arguments")
+        try:  # the common case, a string holding a JSON object, checked without a call
+            plain = isinstance(arguments, str) and isinstance(orjson.loads(arguments), dict)
+        except orjson.JSONDecodeError:
+            plain = False
+        if not plain:  # an object to dump, JSON only the standard library reads, or an error
+            arguments = arguments_string(arguments, _call_place(index, number, legacy))
+        out.append(
+            {
+                "id": call.get("id"),
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
+    return out
+
+
+def _call_place(index: int, number: int, legacy: bool) -> str:
+    """Where a tool call is, for an error's detail."""
+    return f"message {index} function_call" if legacy else f"message {index} tool call {number}"
 
 
 def _named(message: dict[str, Any], role: str, index: int) -> dict[str, Any]:
@@ -203,21 +219,21 @@ def normalize_assistant(message: dict[str, Any], index: int) -> dict[str, Any]:
     tool calls and for a message with neither text nor tool calls."""
     out = _named(message, "assistant", index)
     content = message.get("content")
-    if not isinstance(content, str):
+    if content is None:
+        content = ""
+    elif not isinstance(content, str):
         content = text_of(content, f"message {index}")
     calls = message.get("tool_calls")
     tool_calls: list[dict[str, Any]] | None = None
     if calls:
         if not isinstance(calls, list):
             raise Rejected("invalid_tool_call", f"message {index} tool_calls is not an array")
-        tool_calls = [
-            _tool_call(c, "message %d tool call %d", index, i) for i, c in enumerate(calls)
-        ]
+        tool_calls = _tool_calls(calls, index)
     else:
         function_call = message.get("function_call")
         if isinstance(function_call, dict):
             legacy = {"id": None, "type": "function", "function": function_call}
-            tool_calls = [_tool_call(legacy, "message %d function_call", index)]
+            tool_calls = _tool_calls([legacy], index, legacy=True)
     if content:
         out["content"] = content
     if tool_calls:
