@@ -241,6 +241,11 @@ class SampleBuilder:
         self.counter = TokenCounter(encoding_name(options.model_for_tokens))
         self._render = RENDERERS.get(options.format)
         self._floats = options.format not in FLOAT_FREE_FORMATS
+        self._preference = options.preference
+        # whether `apply_options` can change a conversation whose tools come from the cache
+        self._reshapes = (
+            options.train_on != "all" or options.system_prompt is not None or options.drop_system
+        )
         self._tools = ToolsCache(options.strip_tool_descriptions)
         self._parsed_tools: dict[str, tuple[Any, bool]] = {}
 
@@ -301,7 +306,7 @@ class SampleBuilder:
             raise Rejected("unreadable", "the request is not a JSON object")
         if options.tags and not (isinstance(tags, list) and all(t in tags for t in options.tags)):
             raise Rejected("missing_tag", "the trajectory lacks a --tag")
-        if options.preference:
+        if self._preference:
             record = build_pair(
                 request,
                 response,
@@ -339,13 +344,14 @@ class SampleBuilder:
         )
         if options.min_tool_calls > 0 and conversation.tool_call_count < options.min_tool_calls:
             raise Rejected("below_min_tool_calls", f"{conversation.tool_call_count} tool calls")
-        conversation = apply_options(
-            conversation,
-            train_on=options.train_on,
-            system_prompt=options.system_prompt,
-            drop_system=options.drop_system,
-            strip_tool_descriptions=options.strip_tool_descriptions and cached is None,
-        )
+        if self._reshapes or (options.strip_tool_descriptions and cached is None):
+            conversation = apply_options(
+                conversation,
+                train_on=options.train_on,
+                system_prompt=options.system_prompt,
+                drop_system=options.drop_system,
+                strip_tool_descriptions=options.strip_tool_descriptions and cached is None,
+            )
         assert self._render is not None
         line, tools_json = _line_with_tools(
             self._render(conversation), conversation.tools, fast, cached, self._floats

@@ -348,7 +348,7 @@ def pair_and_renumber(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if role == "assistant" and message.get("tool_calls"):
             for call_index, call in enumerate(message["tool_calls"]):
                 counter += 1
-                new = tool_call_id(counter)
+                new = _FIRST_IDS[counter] if counter < len(_FIRST_IDS) else tool_call_id(counter)
                 old = call.get("id")
                 if old is None:
                     old = ("__legacy__", index, call_index)
