@@ -8,7 +8,9 @@ tokens. It holds no export state (duplicates, limits and the split are `SampleCo
 worker process starts in a fraction of a second.
 
 Lines are byte for byte what `json.dumps(record, ensure_ascii=False, separators=(",", ":"))`
-writes (`json_bytes`, `json_line`). What repeats across samples is done once per distinct value:
+writes (`json_bytes`, `json_line`); the records of `formats.FLOAT_FREE_FORMATS` hold no float,
+so orjson's line needs no look for one, and a cached tool list goes into it as written once (an
+`orjson.Fragment`). What repeats across samples is done once per distinct value:
 a request's tool list is normalized, written and counted once per distinct list (`ToolsCache`),
 and parsed once per stored part when the rows come from `exporter.direct` (`DEFERRED_TOOLS`), a
 system prompt counted once (`exporter.tokens.TokenCounter`).

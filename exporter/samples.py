@@ -216,10 +216,10 @@ def build_conversation(
         calls = message.get("tool_calls")
         if calls:
             for call in calls:
-                if call["function"]["name"] not in declared:
+                name = call["function"]["name"]
+                if name not in declared:
                     raise Rejected(
-                        "undeclared_tool",
-                        f"tool call to {call['function']['name']!r}, which the request's tools lack",
+                        "undeclared_tool", f"tool call to {name!r}, which the request's tools lack"
                     )
             parallel_calls = parallel_calls or len(calls) > 1
     parallel = request.get("parallel_tool_calls")
