@@ -151,8 +151,8 @@ def _line_with_tools(
     else:
         tools_bytes = json_bytes(tools, fast)
         tools_json = tools_bytes.decode()
-    if record.get("tools") is not tools:
-        return json_bytes(record, fast, floats), tools_json
+    if record.get("tools") is not tools:  # a tool list inside the record may hold floats
+        return json_bytes(record, fast, floats or isinstance(record.get("tools"), list)), tools_json
     rest = {k: v for k, v in record.items() if k != "tools"}
     if not floats and cached is not None and cached.fragment is not None:
         # one orjson pass writes the cached tools' JSON in place (no float to look for after)
