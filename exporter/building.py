@@ -8,7 +8,9 @@ tokens. It holds no export state (duplicates, limits and the split are `SampleCo
 worker process starts in a fraction of a second.
 
 Lines are byte for byte what `json.dumps(record, ensure_ascii=False, separators=(",", ":"))`
-writes (`json_bytes`, `json_line`). What repeats across samples is done once per distinct value:
+writes (`json_bytes`, `json_line`); the records of `formats.FLOAT_FREE_FORMATS` hold no float,
+so orjson's line needs no look for one, and a cached tool list goes into it as written once (an
+`orjson.Fragment`). What repeats across samples is done once per distinct value:
 a request's tool list is normalized, written and counted once per distinct list (`ToolsCache`),
 and parsed once per stored part when the rows come from `exporter.direct` (`DEFERRED_TOOLS`), a
 system prompt counted once (`exporter.tokens.TokenCounter`).
@@ -26,7 +28,7 @@ from typing import Any, Final
 
 import orjson
 
-from exporter.formats import RENDERERS
+from exporter.formats import FLOAT_FREE_FORMATS, RENDERERS
 from exporter.formats.dpo import build_pair
 from exporter.formats.hf_dpo import render_pair
 from exporter.messages import normalize_tools
@@ -79,20 +81,25 @@ def json_line(record: Any, fast: bool = True) -> str:
     return data.decode() if data is not None else _stdlib_line(record)
 
 
-def json_bytes(record: Any, fast: bool = True) -> bytes:
+def json_bytes(record: Any, fast: bool = True, floats: bool = True) -> bytes:
     """`json_line(record, fast)` encoded as UTF-8 (what the export writes), without decoding
-    orjson's output. Raises UnicodeEncodeError for a text holding a lone surrogate."""
-    data = _orjson_line(record) if fast else None
+    orjson's output. Raises UnicodeEncodeError for a text holding a lone surrogate.
+
+    floats: False when `record` cannot hold a float (a `FLOAT_FREE_FORMATS` record: every value
+    a string, a boolean, a small integer or null), so orjson's output is kept without looking
+    for one."""
+    data = _orjson_line(record, floats) if fast else None
     return data if data is not None else _stdlib_line(record).encode()
 
 
-def _orjson_line(record: Any) -> bytes | None:
-    """orjson's compact JSON of `record` when it is what the standard library writes too."""
+def _orjson_line(record: Any, floats: bool = True) -> bytes | None:
+    """orjson's compact JSON of `record` when it is what the standard library writes too
+    (floats: as `json_bytes`)."""
     try:
         data = orjson.dumps(record)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return None
-    return None if _may_hold_float(data) else data
+    return None if floats and _may_hold_float(data) else data
 
 
 def _stdlib_line(record: Any) -> str:
@@ -127,35 +134,46 @@ def _line_with_tools(
     tools: list[dict[str, Any]],
     fast: bool = True,
     cached: _Tools | None = None,
+    floats: bool = True,
 ) -> tuple[bytes, str | None]:
     """(JSON line of `record` as UTF-8 bytes, compact JSON of `tools`), dumping the tools at
     most once.
 
     When the record holds `tools` itself at the top level (openai, hf, axolotl), its line is
-    spliced from the rest of the record and the tools' JSON (`cached`'s when the caller has
-    it already), which the token count reuses. fast: as `json_line`.
+    the rest of the record followed by `"tools":` and the tools' JSON (`cached`'s when the
+    caller has it already), which the token count reuses. fast: as `json_line`; floats: as
+    `json_bytes` (for the record without its tools).
     """
     if not tools:
-        return json_bytes(record, fast), None
+        return json_bytes(record, fast, floats), None
     if cached is not None and cached.tools_bytes is not None:
         tools_bytes, tools_json = cached.tools_bytes, cached.tools_json
     else:
         tools_bytes = json_bytes(tools, fast)
         tools_json = tools_bytes.decode()
-    if record.get("tools") is tools:
-        rest = json_bytes({k: v for k, v in record.items() if k != "tools"}, fast)
-        return b"".join((rest[:-1], b',"tools":', tools_bytes, b"}")), tools_json
-    return json_bytes(record, fast), tools_json
+    if record.get("tools") is not tools:  # a tool list inside the record may hold floats
+        return json_bytes(record, fast, floats or isinstance(record.get("tools"), list)), tools_json
+    rest = {k: v for k, v in record.items() if k != "tools"}
+    if not floats and cached is not None and cached.fragment is not None:
+        # one orjson pass writes the cached tools' JSON in place (no float to look for after)
+        try:
+            return orjson.dumps({**rest, "tools": cached.fragment}), tools_json
+        except TypeError:  # what orjson refuses: the standard library writes the rest
+            pass
+    rest_bytes = json_bytes(rest, fast, floats)
+    return b"".join((rest_bytes[:-1], b',"tools":', tools_bytes, b"}")), tools_json
 
 
 @dataclass(frozen=True)
 class _Tools:
     """One distinct tool list in training form: `tools` (`messages.normalize_tools`, descriptions
-    stripped when the options say so) and their compact JSON (None when empty)."""
+    stripped when the options say so), their compact JSON (None when empty), and that JSON as
+    an `orjson.Fragment` (written as is inside a record)."""
 
     tools: list[dict[str, Any]]
     tools_json: str | None
     tools_bytes: bytes | None
+    fragment: orjson.Fragment | None = None
 
 
 class ToolsCache:
@@ -194,7 +212,11 @@ class ToolsCache:
                 return None
             tools = without_tool_descriptions(normalized) if self.strip_descriptions else normalized
             data = json_bytes(tools) if tools else None
-            entry = _Tools(tools, data.decode() if data is not None else None, data)
+            entry = (
+                _Tools(tools, data.decode(), data, orjson.Fragment(data))
+                if data is not None
+                else _Tools(tools, None, None)
+            )
             if len(self._entries) >= self.capacity:
                 self._entries.clear()
             self._entries[key] = entry
@@ -220,6 +242,12 @@ class SampleBuilder:
         self.options = options
         self.counter = TokenCounter(encoding_name(options.model_for_tokens))
         self._render = RENDERERS.get(options.format)
+        self._floats = options.format not in FLOAT_FREE_FORMATS
+        self._preference = options.preference
+        # whether `apply_options` can change a conversation whose tools come from the cache
+        self._reshapes = (
+            options.train_on != "all" or options.system_prompt is not None or options.drop_system
+        )
         self._tools = ToolsCache(options.strip_tool_descriptions)
         self._parsed_tools: dict[str, tuple[Any, bool]] = {}
 
@@ -280,7 +308,7 @@ class SampleBuilder:
             raise Rejected("unreadable", "the request is not a JSON object")
         if options.tags and not (isinstance(tags, list) and all(t in tags for t in options.tags)):
             raise Rejected("missing_tag", "the trajectory lacks a --tag")
-        if options.preference:
+        if self._preference:
             record = build_pair(
                 request,
                 response,
@@ -316,18 +344,19 @@ class SampleBuilder:
             outcome=row.get("outcome") or "ok",
             tools=cached.tools if cached is not None else None,
         )
-        if conversation.tool_call_count < options.min_tool_calls:
+        if options.min_tool_calls > 0 and conversation.tool_call_count < options.min_tool_calls:
             raise Rejected("below_min_tool_calls", f"{conversation.tool_call_count} tool calls")
-        conversation = apply_options(
-            conversation,
-            train_on=options.train_on,
-            system_prompt=options.system_prompt,
-            drop_system=options.drop_system,
-            strip_tool_descriptions=options.strip_tool_descriptions and cached is None,
-        )
+        if self._reshapes or (options.strip_tool_descriptions and cached is None):
+            conversation = apply_options(
+                conversation,
+                train_on=options.train_on,
+                system_prompt=options.system_prompt,
+                drop_system=options.drop_system,
+                strip_tool_descriptions=options.strip_tool_descriptions and cached is None,
+            )
         assert self._render is not None
         line, tools_json = _line_with_tools(
-            self._render(conversation), conversation.tools, fast, cached
+            self._render(conversation), conversation.tools, fast, cached, self._floats
         )
         return line, conversation.messages, tools_json, conversation.cut
 

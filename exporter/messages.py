@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -125,11 +126,15 @@ def arguments_string(arguments: Any, where: str) -> str:
 _GOOD_NAMES: set[str] = set()  # names already checked (tool names repeat in every sample)
 
 
-def _check_name(name: Any, where: str) -> str:
+def _check_name(name: Any, where: str, *args: Any) -> str:
+    """`name` when it is a name OpenAI accepts (`NAME_PATTERN`). Raises Rejected('invalid_name');
+    where: the place named in its detail, `%`-formatted with `args` only when raising."""
     if isinstance(name, str) and name in _GOOD_NAMES:
         return name
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise Rejected("invalid_name", f"{where} name {name!r} is not ^[a-zA-Z0-9_-]{{1,64}}$")
+        raise Rejected(
+            "invalid_name", f"{where % args} name {name!r} is not ^[a-zA-Z0-9_-]{{1,64}}$"
+        )
     if len(_GOOD_NAMES) < 10_000:
         _GOOD_NAMES.add(name)
     return name
@@ -138,78 +143,152 @@ def _check_name(name: Any, where: str) -> str:
 # -- messages ----------------------------------------------------------------------------------
 
 
-def _tool_call(call: Any, where: str) -> dict[str, Any]:
-    if not isinstance(call, dict):
-        raise Rejected("invalid_tool_call", f"{where} is not an object")
-    if (call.get("type") or "function") != "function":
-        raise Rejected("unsupported_tool", f"{where} has type {call.get('type')!r}")
-    function = call.get("function")
-    if not isinstance(function, dict):
-        raise Rejected("invalid_tool_call", f"{where} has no function")
+def _tool_calls(calls: list[Any], index: int, legacy: bool = False) -> list[dict[str, Any]]:
+    """Message `index`'s tool calls in training form, ids not yet renumbered (legacy: the one
+    `function_call`, wrapped as a call). Raises Rejected for a call that is not an object, not
+    a function call, or has a bad name or bad arguments."""
+    out = []
+    for number, call in enumerate(calls):
+        if not isinstance(call, dict):
+            raise Rejected(
+                "invalid_tool_call", f"{_call_place(index, number, legacy)} is not an object"
+            )
+        kind = call.get("type")
+        if kind and kind != "function":
+            raise Rejected(
+                "unsupported_tool", f"{_call_place(index, number, legacy)} has type {kind!r}"
+            )
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise Rejected(
+                "invalid_tool_call", f"{_call_place(index, number, legacy)} has no function"
+            )
+        name = function.get("name")
+        if not (isinstance(name, str) and name in _GOOD_NAMES):
+            name = _check_name(name, "%s", _call_place(index, number, legacy))
+        arguments = function.get("arguments")
+        try:  # the common case, a string holding a JSON object, checked without a call
+            plain = isinstance(arguments, str) and isinstance(orjson.loads(arguments), dict)
+        except orjson.JSONDecodeError:
+            plain = False
+        if not plain:  # an object to dump, JSON only the standard library reads, or an error
+            arguments = arguments_string(arguments, _call_place(index, number, legacy))
+        out.append(
+            {
+                "id": call.get("id"),
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
+    return out
+
+
+def _call_place(index: int, number: int, legacy: bool) -> str:
+    """Where a tool call is, for an error's detail."""
+    return f"message {index} function_call" if legacy else f"message {index} tool call {number}"
+
+
+def _named(message: dict[str, Any], role: str, index: int) -> dict[str, Any]:
+    """`{"role": role}`, plus the message's `name` when it has one (checked)."""
+    name = message.get("name")
+    if name:
+        return {"role": role, "name": _check_name(name, "message %d", index)}
+    return {"role": role}
+
+
+def _system(message: dict[str, Any], index: int) -> dict[str, Any]:
+    out = _named(message, "system", index)
+    content = message.get("content")
+    out["content"] = content if isinstance(content, str) else text_of(content, f"message {index}")
+    return out
+
+
+def _user(message: dict[str, Any], index: int) -> dict[str, Any]:
+    out = _named(message, "user", index)
+    content = message.get("content")
+    out["content"] = (
+        content if isinstance(content, str) else _user_content(content, f"message {index}")
+    )
+    return out
+
+
+def normalize_assistant(message: dict[str, Any], index: int) -> dict[str, Any]:
+    """An assistant message (whatever its `role` says: a response's answer is one) in training
+    form, as `normalize_message` makes it: role, name, content (a non-empty string) and
+    tool_calls (`function_call` becomes one), each only when present. Raises Rejected for bad
+    tool calls and for a message with neither text nor tool calls."""
+    out = _named(message, "assistant", index)
+    content = message.get("content")
+    if content is None:
+        content = ""
+    elif not isinstance(content, str):
+        content = text_of(content, f"message {index}")
+    calls = message.get("tool_calls")
+    tool_calls: list[dict[str, Any]] | None = None
+    if calls:
+        if not isinstance(calls, list):
+            raise Rejected("invalid_tool_call", f"message {index} tool_calls is not an array")
+        tool_calls = _tool_calls(calls, index)
+    else:
+        function_call = message.get("function_call")
+        if isinstance(function_call, dict):
+            legacy = {"id": None, "type": "function", "function": function_call}
+            tool_calls = _tool_calls([legacy], index, legacy=True)
+    if content:
+        out["content"] = content
+    if tool_calls:
+        out["tool_calls"] = tool_calls
+    elif not content:
+        raise Rejected(
+            "empty_assistant_message", f"message {index} has neither content nor tool calls"
+        )
+    return out
+
+
+def _tool(message: dict[str, Any], index: int) -> dict[str, Any]:
+    content = message.get("content")
     return {
-        "id": call.get("id"),
-        "type": "function",
-        "function": {
-            "name": _check_name(function.get("name"), where),
-            "arguments": arguments_string(function.get("arguments"), where),
-        },
+        "role": "tool",
+        "tool_call_id": message.get("tool_call_id"),
+        "content": content if isinstance(content, str) else text_of(content, f"message {index}"),
     }
+
+
+def _function(message: dict[str, Any], index: int) -> dict[str, Any]:
+    return {
+        "role": "tool",
+        "tool_call_id": None,
+        "_function_name": message.get("name"),
+        "content": text_of(message.get("content"), f"message {index}"),
+    }
+
+
+_BY_ROLE: dict[str, Callable[[dict[str, Any], int], dict[str, Any]]] = {
+    "system": _system,
+    "developer": _system,
+    "user": _user,
+    "assistant": normalize_assistant,
+    "tool": _tool,
+    "function": _function,
+}
 
 
 def normalize_message(message: Any, index: int) -> dict[str, Any]:
     """One recorded chat message in training form (ids not yet renumbered).
 
     Keeps only role, content, name (system/user/assistant), tool_calls (assistant) and
-    tool_call_id (tool). Legacy shapes: role `function` becomes a tool message with its `name`
-    kept under `_function_name` until pairing; an assistant `function_call` becomes one tool call.
-    Raises Rejected for unknown roles, empty assistant messages and bad tool calls.
+    tool_call_id (tool). Legacy shapes: role `developer` becomes `system`; role `function`
+    becomes a tool message with its `name` kept under `_function_name` until pairing; an
+    assistant `function_call` becomes one tool call. Raises Rejected for unknown roles, empty
+    assistant messages and bad tool calls.
     """
-    where = f"message {index}"
     if not isinstance(message, dict):
-        raise Rejected("invalid_message", f"{where} is not an object")
+        raise Rejected("invalid_message", f"message {index} is not an object")
     role = message.get("role")
-    if role == "developer":
-        role = "system"
-    out: dict[str, Any] = {"role": role}
-    if role in ("system", "user", "assistant"):
-        name = message.get("name")
-        if name:
-            out["name"] = _check_name(name, where)
-    if role == "system":
-        out["content"] = text_of(message.get("content"), where)
-    elif role == "user":
-        out["content"] = _user_content(message.get("content"), where)
-    elif role == "assistant":
-        content = text_of(message.get("content"), where)
-        calls = message.get("tool_calls")
-        function_call = message.get("function_call")
-        tool_calls: list[dict[str, Any]] = []
-        if calls:
-            if not isinstance(calls, list):
-                raise Rejected("invalid_tool_call", f"{where} tool_calls is not an array")
-            tool_calls = [_tool_call(c, f"{where} tool call {i}") for i, c in enumerate(calls)]
-        elif isinstance(function_call, dict):
-            tool_calls = [
-                _tool_call(
-                    {"id": None, "type": "function", "function": function_call},
-                    f"{where} function_call",
-                )
-            ]
-        if content:
-            out["content"] = content
-        if tool_calls:
-            out["tool_calls"] = tool_calls
-        if not content and not tool_calls:
-            raise Rejected("empty_assistant_message", f"{where} has neither content nor tool calls")
-    elif role == "tool":
-        out["tool_call_id"] = message.get("tool_call_id")
-        out["content"] = text_of(message.get("content"), where)
-    elif role == "function":
-        out = {"role": "tool", "tool_call_id": None, "_function_name": message.get("name")}
-        out["content"] = text_of(message.get("content"), where)
-    else:
-        raise Rejected("unsupported_role", f"{where} has role {role!r}")
-    return out
+    normalize = _BY_ROLE.get(role) if isinstance(role, str) else None
+    if normalize is None:
+        raise Rejected("unsupported_role", f"message {index} has role {role!r}")
+    return normalize(message, index)
 
 
 def tool_call_id(number: int) -> str:
@@ -219,11 +298,17 @@ def tool_call_id(number: int) -> str:
     sample, so every format and chat template (Mistral's included) takes it. Raises
     Rejected('too_many_tool_calls') past `MAX_TOOL_CALLS`.
     """
+    if 0 < number < len(_FIRST_IDS):
+        return _FIRST_IDS[number]
     if not 0 < number <= MAX_TOOL_CALLS:
         raise Rejected(
             "too_many_tool_calls", f"more than {MAX_TOOL_CALLS} tool calls in one sample"
         )
     return f"call{number:05d}"
+
+
+_FIRST_IDS: tuple[str, ...] = tuple(f"call{number:05d}" for number in range(256))
+"""`tool_call_id` of the numbers below 256 (index 0 unused): what almost every sample needs."""
 
 
 def pair_and_renumber(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -263,7 +348,7 @@ def pair_and_renumber(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if role == "assistant" and message.get("tool_calls"):
             for call_index, call in enumerate(message["tool_calls"]):
                 counter += 1
-                new = tool_call_id(counter)
+                new = _FIRST_IDS[counter] if counter < len(_FIRST_IDS) else tool_call_id(counter)
                 old = call.get("id")
                 if old is None:
                     old = ("__legacy__", index, call_index)

@@ -32,6 +32,7 @@ from exporter.messages import (
     NAME_PATTERN,
     Rejected,
     arguments_string,
+    normalize_assistant,
     normalize_message,
     normalize_tools,
     pair_and_renumber,
@@ -199,7 +200,7 @@ def build_conversation(
             cut = why
     messages = [normalize_message(m, i) for i, m in enumerate(raw_messages)]
     if cut is None:
-        messages.append(normalize_message({**answer, "role": "assistant"}, len(messages)))
+        messages.append(normalize_assistant(answer, len(messages)))
     while messages and messages[-1]["role"] != "assistant":
         messages.pop()
     if not messages:
@@ -210,16 +211,20 @@ def build_conversation(
     if tools is None:
         tools = normalize_tools(request)
     declared = {t["function"]["name"] for t in tools}
+    parallel_calls = False
     for message in messages:
-        for call in message.get("tool_calls") or ():
-            if call["function"]["name"] not in declared:
-                raise Rejected(
-                    "undeclared_tool",
-                    f"tool call to {call['function']['name']!r}, which the request's tools lack",
-                )
+        calls = message.get("tool_calls")
+        if calls:
+            for call in calls:
+                name = call["function"]["name"]
+                if name not in declared:
+                    raise Rejected(
+                        "undeclared_tool", f"tool call to {name!r}, which the request's tools lack"
+                    )
+            parallel_calls = parallel_calls or len(calls) > 1
     parallel = request.get("parallel_tool_calls")
     parallel = parallel if isinstance(parallel, bool) and tools else None
-    if parallel is False and any(len(m.get("tool_calls") or ()) > 1 for m in messages):
+    if parallel is False and parallel_calls:
         raise Rejected(
             "parallel_calls_disallowed", "parallel tool calls while parallel_tool_calls is false"
         )

@@ -140,17 +140,18 @@ class TokenCounter:
 
         tools_json: the compact JSON of `tools` when the caller has it already (saves a dump).
         """
-        fixed = TOKENS_REPLY_PRIMING
+        fixed = TOKENS_REPLY_PRIMING + (TOKENS_PER_MESSAGE + 1) * len(messages)  # role: 1 token
         prompt_parts: list[str] = []
         trained_parts: list[str] = []
         trained_fixed = 0
         for message in messages:
-            overhead = TOKENS_PER_MESSAGE + 1  # the role is one token
-            trained = message.get("role") == "assistant" and message.get("weight", 1) != 0
+            role = message.get("role")
+            trained = role == "assistant" and message.get("weight", 1) != 0
             parts = trained_parts if trained else prompt_parts
+            overhead = 0
             content = message.get("content")
             if isinstance(content, str):
-                if message.get("role") == "system":
+                if role == "system":
                     overhead += self._cached(content)
                 else:
                     parts.append(content)
@@ -160,15 +161,17 @@ class TokenCounter:
             if isinstance(name, str):
                 parts.append(name)
                 overhead += TOKENS_PER_NAME
-            for call in message.get("tool_calls") or ():
-                function = call.get("function") or {}
-                parts.append(str(function.get("name", "")))
-                arguments = function.get("arguments", "")
-                parts.append(arguments if isinstance(arguments, str) else json.dumps(arguments))
-                overhead += TOKENS_PER_TOOL_CALL
+            calls = message.get("tool_calls")
+            if calls:
+                for call in calls:
+                    function = call.get("function") or {}
+                    parts.append(str(function.get("name", "")))
+                    arguments = function.get("arguments", "")
+                    parts.append(arguments if isinstance(arguments, str) else json.dumps(arguments))
+                overhead += TOKENS_PER_TOOL_CALL * len(calls)
             fixed += overhead
             if trained:
-                trained_fixed += overhead
+                trained_fixed += TOKENS_PER_MESSAGE + 1 + overhead
         if tools_json is None and tools:
             tools_json = json.dumps(tools, separators=(",", ":"), ensure_ascii=False)
         if tools_json:

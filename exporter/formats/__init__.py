@@ -36,6 +36,12 @@ RENDERERS: dict[str, Callable[[Conversation], dict[str, Any]]] = {
 }
 """Leaf-based formats: name -> `render(conversation) -> record` (raises samples.Rejected)."""
 
+FLOAT_FREE_FORMATS: frozenset[str] = frozenset({"openai", "sharegpt"})
+"""Leaf-based formats whose records never hold a float, whatever was recorded: every value is a
+string (content, names, arguments as JSON strings), a boolean, a 0/1 weight or null, and the
+tools (`openai`) are written apart. (`hf` and `axolotl` parse `arguments` into objects, which
+may hold floats.) Their lines need no look for floats (`exporter.building.json_bytes`)."""
+
 TRAIN_ON_SUPPORT: dict[str, tuple[str, ...]] = {
     "openai": ("all", "final", "tool-calls", "last"),
     "hf": ("all", "last"),
@@ -48,4 +54,4 @@ TRAIN_ON_SUPPORT: dict[str, tuple[str, ...]] = {
 per-message `training` field take any choice; TRL's prompt/completion layout and LLaMA-Factory's
 `mask_history` train the last turn only; a preference pair trains its one answer."""
 
-__all__ = ["FORMATS", "PREFERENCE_FORMATS", "RENDERERS", "TRAIN_ON_SUPPORT"]
+__all__ = ["FLOAT_FREE_FORMATS", "FORMATS", "PREFERENCE_FORMATS", "RENDERERS", "TRAIN_ON_SUPPORT"]

@@ -19,10 +19,10 @@ Source: TRL documentation, "Dataset formats and types".
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from exporter.samples import Conversation
+from proxy.core.fastjson import loads
 
 
 def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -45,7 +45,7 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                             "type": "function",
                             "function": {
                                 "name": function["name"],
-                                "arguments": json.loads(function["arguments"]),
+                                "arguments": loads(function["arguments"]),
                             },
                         }
                     )

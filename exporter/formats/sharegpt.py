@@ -25,6 +25,7 @@ from typing import Any
 
 from exporter.messages import Rejected
 from exporter.samples import Conversation
+from proxy.core.fastjson import loads
 
 
 def observation_value(results: list[str]) -> str:
@@ -62,7 +63,7 @@ def render(conversation: Conversation) -> dict[str, Any]:
             if message.get("content"):
                 raise _unrepresentable("assistant text beside tool calls")
             calls = [
-                {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
+                {"name": c["function"]["name"], "arguments": loads(c["function"]["arguments"])}
                 for c in message["tool_calls"]
             ]
             value = calls[0] if len(calls) == 1 else calls
