@@ -320,9 +320,13 @@ def test_sigterm_with_the_database_locked_journals_the_queue_promptly(
     """A clean shutdown while the database cannot be written must not try every queued batch
     against the busy timeout (5 s each): an orchestrator's grace period (Kubernetes: 30 s) ends
     with SIGKILL and the queue is lost. Once one write has failed, the rest belongs in the
-    journal at once."""
+    journal at once. The batches are written on the event loop: that policy is the subject here,
+    not the writer process, whose background priority can stretch a busy timeout on a machine
+    the rest of the suite keeps busy (its own shutdown: `test_writer_process`)."""
     db = tmp_path / "locked-stop.db"
-    proxy = start_proxy(db=db, record_batch_size=5, flush_interval_ms=10_000)
+    proxy = start_proxy(
+        db=db, record_batch_size=5, flush_interval_ms=10_000, record_writer="loop"
+    )
     with exclusive_lock(db):
         answers = in_threads([functools.partial(chat, proxy, f"queued {i}") for i in range(15)])
         started = time.monotonic()

@@ -26,7 +26,7 @@ from proxy.recording.recorder import (
     trajectory_meta,
     trajectory_rows,
 )
-from proxy.recording.writer import WriteFailed, WriterGone, WriterProcess
+from proxy.recording.writer import IDLE_CLOSE_TIMEOUT_S, WriteFailed, WriterGone, WriterProcess
 from proxy.storage import Database
 from proxy.storage.rows import batch_rows
 from proxy.testing.servers import child_env, free_port, wait_for_http
@@ -236,6 +236,32 @@ async def test_a_background_writer_that_falls_behind_is_replaced_at_normal_prior
         await recorder.stop()
         await db.close()
     assert sorted(recorded_ids(tmp_path / "u.db")) == sorted(r.id for r in records)
+
+
+async def test_a_child_with_no_cpu_left_is_ended_once_every_batch_was_answered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A background child on a machine whose every core is busy may never run again to see its
+    input close (simulated: SIGSTOP). Every batch it was sent was answered, so nothing is left
+    to write: `close` kills it after a short wait instead of holding the recorder (a promotion,
+    a shutdown) for the long timeout meant for a batch still being written."""
+    caplog.set_level(logging.INFO, logger="understudy.recorder")
+    db = await Database.open(str(tmp_path / "u.db"))
+    writer = WriterProcess()
+    await writer.open(db)
+    pid = writer.pid
+    assert pid is not None
+    try:
+        record = user_record("answered before the stop")
+        entries = [(record.to_row(), trajectory_meta(record))]
+        await writer.write([row for row, _ in entries], trajectory_rows(entries))
+        os.kill(pid, signal.SIGSTOP)
+        await writer.close()
+    finally:
+        await db.close()
+    assert not _alive(pid)
+    assert f"did not exit in {IDLE_CLOSE_TIMEOUT_S:.0f} s: killed" in caplog.text
+    assert recorded_ids(tmp_path / "u.db") == [record.id]
 
 
 def test_an_error_that_does_not_pickle_keeps_its_text_and_judgement() -> None:

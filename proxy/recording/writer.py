@@ -56,7 +56,10 @@ OPEN_TIMEOUT_S: Final = 60.0
 """How long the child may take to start and open the database (imports included; seconds on a
 loaded machine) before the recorder writes on the event loop instead."""
 CLOSE_TIMEOUT_S: Final = 30.0
-"""How long `close` waits for the child to finish its last batch and exit before killing it."""
+"""How long `close` waits for the child to finish a batch still unanswered and exit before
+killing it."""
+IDLE_CLOSE_TIMEOUT_S: Final = 2.0
+"""How long `close` waits for a child that has answered every call to exit before killing it."""
 
 
 class WriterGone(OSError):
@@ -126,18 +129,20 @@ class WriterProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
-        if self._want_background and hasattr(os, "SCHED_IDLE"):
-            try:  # lowering a child's priority needs no privilege
-                os.sched_setscheduler(self._process.pid, os.SCHED_IDLE, os.sched_param(0))
-                self.background = True
-            except OSError as exc:
-                log.info("the writer process runs at normal priority (%s)", exc)
         self._reader = asyncio.create_task(self._read_replies(), name="understudy-writer-replies")
         try:
             await asyncio.wait_for(self._call("open", (db.target, db.shared)), OPEN_TIMEOUT_S)
         except BaseException:
             await self.close()
             raise
+        # Only once started: its imports at idle priority could wait for as long as every core
+        # stays busy.
+        if self._want_background and hasattr(os, "SCHED_IDLE"):
+            try:  # lowering a child's priority needs no privilege
+                os.sched_setscheduler(self._process.pid, os.SCHED_IDLE, os.sched_param(0))
+                self.background = True
+            except OSError as exc:
+                log.info("the writer process runs at normal priority (%s)", exc)
 
     async def write(
         self,
@@ -196,16 +201,23 @@ class WriterProcess:
 
     async def close(self) -> None:
         """Close the child's input (it finishes what it was sent, closes its handle and
-        exits) and wait for it; after `CLOSE_TIMEOUT_S` it is killed."""
+        exits) and wait for it. It is killed after `CLOSE_TIMEOUT_S` while a call is still
+        unanswered, after `IDLE_CLOSE_TIMEOUT_S` when every call was answered: then nothing is
+        left to write (each batch was committed or refused before its answer), and a background
+        child on a machine whose every core is busy may get no CPU to exit at all."""
         process, self._process = self._process, None
         if process is None:
             return
         if process.stdin is not None:
             process.stdin.close()
+        in_flight = any(not reply.done() for reply in self._replies)
+        timeout = CLOSE_TIMEOUT_S if in_flight else IDLE_CLOSE_TIMEOUT_S
         try:
-            await asyncio.wait_for(process.wait(), CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(process.wait(), timeout)
         except TimeoutError:
-            log.warning("the writer process did not exit in %.0f s: killed", CLOSE_TIMEOUT_S)
+            (log.warning if in_flight else log.info)(
+                "the writer process did not exit in %.0f s: killed", timeout
+            )
             process.kill()
             await process.wait()
         if self._reader is not None:
