@@ -324,9 +324,7 @@ def test_sigterm_with_the_database_locked_journals_the_queue_promptly(
     not the writer process, whose background priority can stretch a busy timeout on a machine
     the rest of the suite keeps busy (its own shutdown: `test_writer_process`)."""
     db = tmp_path / "locked-stop.db"
-    proxy = start_proxy(
-        db=db, record_batch_size=5, flush_interval_ms=10_000, record_writer="loop"
-    )
+    proxy = start_proxy(db=db, record_batch_size=5, flush_interval_ms=10_000, record_writer="loop")
     with exclusive_lock(db):
         answers = in_threads([functools.partial(chat, proxy, f"queued {i}") for i in range(15)])
         started = time.monotonic()
