@@ -46,6 +46,7 @@ from proxy.storage.rebuild import DEFERRED_TOOLS
 
 __all__ = [
     "BUILD_KEYS",
+    "INVALID_TEXT",
     "Built",
     "SampleBuilder",
     "ToolsCache",
@@ -223,6 +224,9 @@ class ToolsCache:
         return entry
 
 
+INVALID_TEXT: Final = "invalid_text"
+"""The drop reason of a sample holding a text that UTF-8 cannot encode (a lone surrogate)."""
+
 Built = tuple[str, str, bytes, int, int, str | None, int] | tuple[str, str, str]
 """One row's outcome: `("ok", exchange_id, line, total_tokens, trained_tokens, cut, key)` (line:
 the JSON line as UTF-8 bytes, without its newline)
@@ -270,6 +274,12 @@ class SampleBuilder:
                 line, messages, tools_json, cut = self._sample(row)
             except Rejected as exc:
                 out.append(("drop", row["id"], exc.reason))
+                continue
+            except UnicodeEncodeError:
+                # A text holds a lone surrogate escape (`\ud83d`: half an emoji, cut by a client):
+                # JSON carries it, a UTF-8 training file cannot, and no trainer's tokenizer reads
+                # it. The exchange stays stored as it came.
+                out.append(("drop", row["id"], INVALID_TEXT))
                 continue
             tokens = self.counter.count(messages, tools_json=tools_json)
             out.append(("ok", row["id"], line, tokens.total, tokens.trained, cut, line_key(line)))

@@ -200,7 +200,8 @@ class ExportSummary:
     written (train + valid). train / valid: samples per file. dropped: reason -> count (reasons
     from `samples.Rejected`: 'error', 'cancelled', 'length', 'content_filter',
     'pending_tool_call', 'refusal', 'audio', ...; plus 'duplicate', 'over_token_limit',
-    'below_min_tool_calls', 'missing_tag', 'unreadable'). dropped_examples: reason -> up to 5
+    'below_min_tool_calls', 'missing_tag', 'unreadable', 'invalid_text': a lone surrogate that
+    UTF-8 cannot carry). dropped_examples: reason -> up to 5
     exchange ids. cut: reason -> written samples whose leaf answer was left out
     (`--include-incomplete`: an answer cut by 'length' or 'content_filter', a 'refusal', ... is
     never trained; the sample ends at the assistant message before it). notes: what the trainer's

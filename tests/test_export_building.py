@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from exporter.building import SampleBuilder, slim_row
+from exporter.building import INVALID_TEXT, SampleBuilder, slim_row
 from exporter.messages import normalize_tools
 from exporter.options import ExportOptions
 
@@ -133,3 +133,19 @@ def test_the_cli_loads_no_command_library_before_a_command_runs() -> None:
     )
     for command in ("export", "validate", "stats", "upload", "eval"):
         assert f"    {command} " in listed.stdout
+
+
+def test_a_text_utf8_cannot_carry_drops_its_sample_with_a_reason() -> None:
+    """A stored text may hold a lone surrogate escape (half an emoji a client cut: JSON carries
+    it); a UTF-8 training file cannot. That sample is dropped as 'invalid_text', in every format
+    and wherever the text is (question or answer), and the rows after it are still built."""
+    question = _row(1, None)
+    question["request_json"] = question["request_json"].replace("question 1", "half \\ud83d")
+    answer = _row(2, None)
+    answer["response_json"] = answer["response_json"].replace("answer 2", "half \\udfff")
+    for format_name in ("openai", "hf", "axolotl", "sharegpt"):
+        built = SampleBuilder(ExportOptions(format=format_name)).build(
+            [question, answer, _row(3, None)]
+        )
+        assert [b[0] for b in built] == ["drop", "drop", "ok"], format_name
+        assert built[0][2] == built[1][2] == INVALID_TEXT == "invalid_text"
