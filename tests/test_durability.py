@@ -230,7 +230,9 @@ def test_disk_full_loses_nothing_turns_ready_503_and_resumes_by_itself(
         ready = httpx.get(proxy.root_url + "/ready", timeout=10).json()
         assert any("recording impaired" in problem for problem in ready["problems"]), ready
         assert metric(proxy, "understudy_recording_impaired") == 1
-        assert health(proxy)["record_buffer_bytes"] > 0
+        # Held in memory, unless a retry already fitted them into pages SQLite had free (then
+        # only the write-ahead log refuses appends, which keeps /ready at 503 as well).
+        assert health(proxy)["record_buffer_bytes"] > 0 or during <= stored_ids(db)
         filler.unlink()  # space returns
         poll(
             lambda: first | during <= stored_ids(db),
