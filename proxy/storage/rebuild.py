@@ -73,6 +73,7 @@ _PACKED_REFS: Final = bytes((PACKED_REFS,))
 _REFS: Final = "request_refs_json"
 _OPTIONS: Final = "request_json"
 _OPTIONS_COLUMN: Final = (_OPTIONS,)
+_REFS_COLUMN: Final = (_REFS,)
 
 WHOLE: Final = "{}"
 """`request_refs_json` of a row whose `request_json` is the whole body (nothing was cut)."""
@@ -420,7 +421,7 @@ def _cut_stored_rows(rows: list[dict[str, Any]]) -> list[CutRow]:
                     options_texts[packed] = row[_OPTIONS]
         if before:
             _unpack_columns(row, before)
-        value = row.pop(_REFS, None)
+        value = row.get(_REFS)
         refs: dict[str, Any] | None = None
         text = value.__class__ is not bytes or value[:1] != _PACKED_REFS
         if not text:  # binary references (009): parsed straight from their bytes
@@ -428,12 +429,9 @@ def _cut_stored_rows(rows: list[dict[str, Any]]) -> list[CutRow]:
                 refs = refs_of_packed(value, hex_keys=False)
             except ValueError as exc:
                 log.warning("exchange %s: %s cannot be read (%s)", row.get("id"), _REFS, exc)
-        elif isinstance(value, bytes | bytearray | memoryview) and value != USAGE_OF_RESPONSE:
-            try:
-                value = unpack_text(bytes(value))
-            except ValueError as exc:
-                log.warning("exchange %s: %s cannot be read (%s)", row.get("id"), _REFS, exc)
-                value = None
+        else:  # a text, packed (008) or not
+            _unpack_columns(row, _REFS_COLUMN)
+        value = row.pop(_REFS, None)
         _unpack_columns(row, after)
         if with_usage and row.get("usage_json") == USAGE_OF_RESPONSE:
             row["usage_json"] = usage_of(row.get("response_json"))
