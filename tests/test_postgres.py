@@ -45,9 +45,10 @@ from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.schema import metadata
 from proxy.testing.servers import REPOSITORY_ROOT as ROOT
 from proxy.testing.servers import child_env
-from tests.support.inprocess import run_proxy_cli
+from tests.support.inprocess import in_process_proxy, run_proxy_cli
 from tests.support.postgres import pg_admin
 from tests.support.processes import FakeUpstream
+from tests.support.waiting import poll_async
 
 pytestmark = pytest.mark.e2e
 
@@ -401,6 +402,60 @@ async def test_the_stitcher_fails_open_when_the_database_is_gone(
     await stitcher.remember("s", StateRef("e", "run-down", 0, "student"))
     assert stitcher.db_errors == 4  # states, route, claim, write-through
     assert (await stitcher.link([*messages[:2]], "run-down", "header")).route == "student"
+
+
+async def test_a_replica_forwards_a_call_while_its_stitching_read_waits(
+    pg_url: str, tmp_path: Path, fake_upstream: FakeUpstream
+) -> None:
+    """Without a teacher the route cannot depend on the trajectory, so the call goes upstream
+    first and is stitched while the upstream works: a stitching read held up by a lock delays
+    neither the forward nor (once it returns) the link to the step before."""
+    marker = f"forward-before-stitching-{secrets.token_hex(4)}"
+    first = [{"role": "user", "content": f"{marker}: what is the weather in Lyon?"}]
+    async with in_process_proxy(tmp_path / "a", upstream=fake_upstream.base_url, db=pg_url) as a:
+        answer = await a.client.post(
+            "/v1/chat/completions", json={"model": "gpt-4.1-mini", "messages": first}
+        )
+        assert answer.status_code == 200, answer.text
+    reply = answer.json()["choices"][0]["message"]
+    follow_up = f"{marker}: and tomorrow?"
+    second = [*first, reply, {"role": "user", "content": follow_up}]
+
+    def forwarded() -> bool:
+        return any(follow_up in json.dumps(seen["body"]) for seen in fake_upstream.requests())
+
+    # Replica B has nothing in memory: linking step 1 reads the database.
+    async with in_process_proxy(tmp_path / "b", upstream=fake_upstream.base_url, db=pg_url) as b:
+        holder = await asyncpg.connect(pg_url, timeout=5)
+        try:
+            locked = holder.transaction()
+            await locked.start()
+            await holder.execute(
+                "LOCK TABLE exchanges, conversation_states, choice_states IN ACCESS EXCLUSIVE MODE"
+            )
+            call = asyncio.create_task(
+                b.client.post(
+                    "/v1/chat/completions", json={"model": "gpt-4.1-mini", "messages": second}
+                )
+            )
+            await poll_async(forwarded, timeout_s=30, what="the call to reach the upstream")
+            assert not call.done(), "answered before its stitching read could return"
+            await locked.rollback()
+        finally:
+            await holder.close()
+        answered = await call
+        assert answered.status_code == 200, answered.text
+        step_ids = (
+            answered.headers["x-understudy-exchange-id"],
+            answer.headers["x-understudy-exchange-id"],
+        )
+    rows = {
+        row["id"]: row
+        for row in await _fetch(pg_url, "SELECT id, trajectory_id, parent_id, step FROM exchanges")
+    }
+    later, earlier = rows[step_ids[0]], rows[step_ids[1]]
+    assert later["parent_id"] == earlier["id"] and later["step"] == 1
+    assert later["trajectory_id"] == earlier["trajectory_id"]
 
 
 from tests.support.replicas import Replicas  # noqa: E402  (the fixture comes from conftest)

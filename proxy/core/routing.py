@@ -62,6 +62,13 @@ def _decision(route: str, reason: str) -> RouteDecision:
     return RouteDecision(route, False, reason)
 
 
+def check_route_header(header: str | None) -> None:
+    """Raise RouteHeaderError unless `header` (an `X-Understudy-Route` value) is absent or one
+    of ROUTES (any case, surrounding spaces ignored)."""
+    if header is not None and header.strip().lower() not in ROUTES:
+        raise RouteHeaderError(f"{ROUTE_HEADER} must be one of {', '.join(ROUTES)}")
+
+
 def decide_route(
     body: Mapping[str, Any], header: str | None, request_hash: str, settings: Settings
 ) -> RouteDecision:
@@ -70,10 +77,7 @@ def decide_route(
     header: the `X-Understudy-Route` value (teacher|student|shadow), or None. Without a teacher
     configured every trajectory is 'student'. Raises RouteHeaderError for an unknown header value.
     """
-    if header is not None:
-        value = header.strip().lower()
-        if value not in ROUTES:
-            raise RouteHeaderError(f"{ROUTE_HEADER} must be one of {', '.join(ROUTES)}")
+    check_route_header(header)
     if settings.teacher_model is None:
         return RouteDecision("student", False, "no teacher")
     if header is not None:

@@ -101,19 +101,21 @@ class ChatApi(RecordedApi):
         for _, later in choice_state_rows(request_hash, response):
             await stitcher.remember(later, exchange.ref)
 
-    def forwarded(self, exchange: Exchange, body: dict[str, Any], raw: bytes) -> bytes:
-        """The client's bytes, or the body with `logit_bias` added when promotion is on."""
-        settings = exchange.proxy.settings
+    def forwarded(
+        self, proxy: ProxyState, body: dict[str, Any], raw: bytes
+    ) -> tuple[bytes, dict[str, int | float] | None]:
+        """The client's bytes, or the body with `logit_bias` added when promotion is on (then
+        also what was added)."""
+        settings = proxy.settings
         if settings.promote_tool_calls is None:
-            return raw
+            return raw, None
         forwarded = dict(body)
         injected = promote_tool_calls(
             forwarded, settings.promote_tool_calls, drop_sampling=settings.promote_drop_sampling
         )
         if not injected:
-            return raw
-        exchange.record.injected_logit_bias = injected
-        return json.dumps(forwarded).encode()
+            return raw, None
+        return json.dumps(forwarded).encode(), injected
 
     async def teacher_complete(
         self, exchange: Exchange, teacher: Teacher, body: dict[str, Any], key: str | None

@@ -4,7 +4,9 @@ Flow per request: read the body (size and content-type limits), parse and check 
 find the trajectory (an explicit id, or the API's own stitching), decide or keep the route, then
 either ask the teacher or forward the exact body bytes upstream and relay the answer: a whole JSON
 body, or SSE events passed on as they arrive while the API's assembler builds the answer on the
-side. The exchange's state is remembered before the client can send its next step; the record
+side. Without a teacher configured every call goes upstream whatever its trajectory, so the call
+is forwarded first and stitched while the upstream works (hashing, and on PostgreSQL the
+database reads, then cost the call nothing); every refusal (400) still comes before forwarding. The exchange's state is remembered before the client can send its next step; the record
 goes to the recorder's queue. Recording never changes what the client receives.
 
 Body limits and the checks every API shares are `proxy.http.body`. An API plugs in as a
@@ -29,7 +31,7 @@ import anyio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from proxy.core.routing import ROUTE_HEADER, RouteHeaderError, decide_route
+from proxy.core.routing import ROUTE_HEADER, RouteHeaderError, check_route_header, decide_route
 from proxy.http.body import (
     MAX_NESTING,
     check_common,
@@ -219,9 +221,12 @@ class RecordedApi(abc.ABC):
         API then calls `exchange.submit()` itself. Default: never."""
         return False
 
-    def forwarded(self, exchange: Exchange, body: dict[str, Any], raw: bytes) -> bytes:
-        """The body bytes to send upstream (the client's own bytes unless the API changes them)."""
-        return raw
+    def forwarded(
+        self, proxy: ProxyState, body: dict[str, Any], raw: bytes
+    ) -> tuple[bytes, dict[str, int | float] | None]:
+        """The body bytes to send upstream (the client's own bytes unless the API changes them)
+        and the `logit_bias` the proxy added to them (recorded), or None."""
+        return raw, None
 
     @abc.abstractmethod
     async def teacher_complete(
@@ -262,11 +267,13 @@ async def open_exchange(
     headers: Any,
     path: str,
     start: float,
+    explicit: tuple[str | None, str] | None = None,
 ) -> Exchange:
     """Link a checked request `body` to its trajectory, decide or keep its route, and build its
-    in-flight exchange. Raises InvalidRequest (bad trajectory id), RouteHeaderError, and
-    RecursionError for input nested too deeply to hash."""
-    explicit_id, id_source = explicit_trajectory_id(headers, body)
+    in-flight exchange. explicit: `explicit_trajectory_id(headers, body)` when the caller has it
+    already. Raises InvalidRequest (bad trajectory id), RouteHeaderError, and RecursionError for
+    input nested too deeply to hash."""
+    explicit_id, id_source = explicit or explicit_trajectory_id(headers, body)
     link = await api.link(proxy, body, explicit_id, id_source)
     if link.route is None:
         decision = decide_route(body, headers.get(ROUTE_HEADER), link.request_hash, proxy.settings)
@@ -294,6 +301,24 @@ async def open_exchange(
         kind=api.kind,
     )
     return Exchange(proxy, api, record, link, start)
+
+
+async def _open_once_sent(
+    proxy: ProxyState,
+    api: RecordedApi,
+    body: dict[str, Any],
+    request_text: str,
+    request: Request,
+    start: float,
+    explicit: tuple[str | None, str],
+) -> Exchange:
+    """`open_exchange` run beside the upstream call (see `_call`). It first lets the loop go
+    round once, so that the upstream request's bytes leave before this work starts: aiohttp
+    writes a body in a task of its own on Python < 3.12, queued after this one."""
+    await asyncio.sleep(0)
+    return await open_exchange(
+        proxy, api, body, request_text, request.headers, request.url.path, start, explicit
+    )
 
 
 def refused(
@@ -324,12 +349,22 @@ async def _call(
             code="recording_impaired",
             headers={"retry-after": "5"},
         )
+    opening: asyncio.Future[Exchange] | None = None
     try:
         raw = await read_body(request, settings.max_body_bytes)
         body, request_text = api.parse(raw)
-        exchange = await open_exchange(
-            proxy, api, body, request_text, request.headers, request.url.path, start
-        )
+        explicit = explicit_trajectory_id(request.headers, body)
+        if proxy.teacher is None:
+            # Without a teacher every call goes upstream, whatever its trajectory: forward it
+            # now and stitch while the upstream works (`_open_once_sent`). Refusals come first.
+            check_route_header(request.headers.get(ROUTE_HEADER))
+            opening = asyncio.ensure_future(
+                _open_once_sent(proxy, api, body, request_text, request, start, explicit)
+            )
+        else:
+            exchange = await open_exchange(
+                proxy, api, body, request_text, request.headers, request.url.path, start, explicit
+            )
     except InvalidRequest as exc:
         return refused(proxy, api, exc.status, exc.message, exc.param, exc.code)
     except ClientDisconnect:
@@ -340,17 +375,18 @@ async def _call(
         return refused(proxy, api, 400, message, api.items_param, None)
     except RouteHeaderError as exc:
         return refused(proxy, api, 400, str(exc), ROUTE_HEADER, None)
-    record = exchange.record
-    route, shadow = record.route, record.shadow
-    holder.append(exchange)
     key = client_key(request.headers)
-    if route == "teacher" and proxy.teacher is not None:
-        return await _teacher_call(exchange, proxy.teacher, body, key)
-    if shadow and proxy.teacher is not None:
-        proxy.track(_shadow_call(exchange, proxy.teacher, body, key))
+    if opening is None:
+        holder.append(exchange)
+        if exchange.record.route == "teacher" and proxy.teacher is not None:
+            return await _teacher_call(exchange, proxy.teacher, body, key)
+        if exchange.record.shadow and proxy.teacher is not None:
+            proxy.track(_shadow_call(exchange, proxy.teacher, body, key))
 
-    content = api.forwarded(exchange, body, raw)
+    content, injected = api.forwarded(proxy, body, raw)
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+    upstream: aiohttp.ClientResponse | None = None
+    failure: BaseException | None = None
     try:
         upstream = await proxy.client.request(
             "POST",
@@ -366,20 +402,38 @@ async def _call(
             allow_redirects=False,
         )
     except UPSTREAM_ERRORS as exc:
-        status, message, code = transport_error(exc, settings)
+        failure = exc
+    except BaseException:  # cancelled (the client went away), or a bug: stop stitching too
+        if opening is not None:
+            opening.cancel()
+        raise
+    if opening is not None:
+        try:
+            exchange = await opening
+        except BaseException:
+            if upstream is not None:
+                upstream.close()
+            raise
+        holder.append(exchange)
+    record = exchange.record
+    record.injected_logit_bias = injected
+    if failure is not None:
+        status, message, code = transport_error(failure, settings)
         return exchange.failed(status, error_body(message, "upstream_error", code=code))
+    assert upstream is not None
 
     record.status_code = upstream.status
     record.upstream_request_id = upstream.headers.get("x-request-id")
     content_type = upstream.headers.get("content-type", "")
     if upstream.status == 200 and content_type.startswith("text/event-stream"):
+        response_to = upstream
 
         def close() -> None:
-            upstream.release()  # back to the pool; closed instead when the body was not all read
+            response_to.release()  # back to the pool; closed instead when the body was not all read
 
         def ended() -> bool:
             """The exchange is recorded and the upstream body complete: no chunk can follow."""
-            return exchange.submitted.is_set() and upstream.content.at_eof()
+            return exchange.submitted.is_set() and response_to.content.at_eof()
 
         response = RelayResponse(
             relay_stream(

@@ -421,7 +421,7 @@ def _cut_stored_rows(rows: list[dict[str, Any]]) -> list[CutRow]:
                     options_texts[packed] = row[_OPTIONS]
         if before:
             _unpack_columns(row, before)
-        value = row.get(_REFS)
+        value: Any = row.get(_REFS)
         refs: dict[str, Any] | None = None
         text = value.__class__ is not bytes or value[:1] != _PACKED_REFS
         if not text:  # binary references (009): parsed straight from their bytes
