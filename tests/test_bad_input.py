@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from proxy.core.packing import unpack_text
+from proxy.http.body import MAX_NESTING, deeper_than, nesting_depth
 from tests.support.bodies import whole_requests
 from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
 from tests.support.records import db_rows, recorded_ids
@@ -363,6 +364,42 @@ def test_nesting_up_to_the_limit_is_forwarded_and_recorded_deeper_is_refused(
     refused = post(client, proxy, body(500))
     assert_openai_error(refused, 400)
     assert "nested" in refused.json()["error"]["message"]
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.text(alphabet='[]{}"\\ab', max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4)
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    st.dictionaries(st.sampled_from(["messages", "tools", "x", "model"]), JSON_VALUES),
+    st.integers(0, 9),
+)
+def test_the_cheap_nesting_check_agrees_with_the_walk(document: dict[str, Any], limit: int) -> None:
+    """Property: `deeper_than` (brackets counted per part, a part walked only when they could
+    go past the limit) is `nesting_depth(...) > limit`, brackets and escapes in strings included."""
+    assert deeper_than(document, limit) == (nesting_depth(document) > limit)
+
+
+def test_a_long_conversation_is_not_walked_for_its_nesting_but_a_deep_message_in_it_is() -> None:
+    """Hundreds of shallow messages (more brackets in all than the limit) pass; one message
+    nested past the limit among them is found."""
+    messages: list[Any] = [{"role": "user", "content": "[{" * 20, "parts": [[{"a": [1]}]]}] * 300
+    body = {"model": "m", "messages": messages}
+    assert not deeper_than(body, MAX_NESTING)
+    deep: Any = "bottom"
+    for _ in range(MAX_NESTING):
+        deep = [deep]
+    body["messages"] = [*messages, {"role": "user", "content": deep}]
+    assert deeper_than(body, MAX_NESTING) and nesting_depth(body) == MAX_NESTING + 3
 
 
 def test_accepted_nesting_does_not_break_the_pages_that_show_it(

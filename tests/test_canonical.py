@@ -13,11 +13,14 @@ import copy
 import json
 from typing import Any
 
+import orjson
 import pytest
 from openai.types.chat import ChatCompletionMessage
 
 from proxy.core.canonical import (
+    CanonicalCache,
     canonical_arguments,
+    canonical_bytes,
     canonical_content,
     canonical_message,
     chain_hash,
@@ -440,3 +443,38 @@ def test_continuation_candidates_are_assistant_prefixes_longest_first() -> None:
     assert continuation_candidates(messages[:2], hashes[:2]) == []
     ends_in_assistant = messages[:5]
     assert continuation_candidates(ends_in_assistant, hashes[:5])[0] == hashes[4]
+
+
+def test_a_canonical_cache_gives_the_same_hashes_and_canonicalizes_a_resent_message_once() -> None:
+    """An agent's history, resent at every step, hashes the same through the cache; each message
+    is canonicalized once. What orjson cannot dump (a lone surrogate, an integer beyond 64 bits)
+    is canonicalized each time, and a cache over its budget forgets the oldest."""
+    canonicalized: list[Any] = []
+
+    def counted(message: Any) -> bytes:
+        canonicalized.append(message)
+        return canonical_bytes(message)
+
+    cache = CanonicalCache(counted)
+    history: list[Any] = [{"role": "user", "content": "weather in Paris?"}]
+    for step in range(5):
+        history.append(assistant_call(f"call_{step}"))
+        history.append({"role": "tool", "tool_call_id": f"call_{step}", "content": "sunny"})
+        assert prefix_hashes(history, cache) == prefix_hashes(history)
+    assert len(canonicalized) == len(history)  # each message once, whatever the step
+    assert cache.hits == sum(1 + 2 * k for k in range(1, 5))  # step k resent 2k + 1 known
+
+    odd = [
+        json.loads('{"role": "user", "content": "broken \\ud83d emoji"}'),
+        {"role": "user", "content": "big", "n": 2**70},
+    ]
+    for _ in range(2):
+        assert prefix_hashes(odd, cache) == prefix_hashes(odd)
+    assert canonicalized[-4:] == [*odd, *odd]
+
+    first, second = history[1], history[3]
+    sizes = [len(orjson.dumps(m)) + len(canonical_bytes(m)) for m in (first, second)]
+    small = CanonicalCache(counted, limit_bytes=sum(sizes) - 1)  # room for one of them
+    before = len(canonicalized)
+    small(first), small(first), small(second), small(second), small(first)
+    assert canonicalized[before:] == [first, second, first]

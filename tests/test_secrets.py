@@ -460,6 +460,89 @@ def test_the_pre_check_is_sound_for_every_rule(index: int) -> None:
     check()
 
 
+def agent_request(steps: int, last: str) -> dict[str, Any]:
+    """A chat request after `steps` tool calls (system prompt, tools, the history resent),
+    ending in a user message `last`."""
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "You are a support agent. Look facts up with the tools."},
+        {"role": "user", "content": "Where is order A-1?"},
+    ]
+    for step in range(steps):
+        call = {"id": f"call_{step}", "type": "function"}
+        call["function"] = {"name": "lookup", "arguments": json.dumps({"order": f"A-{step}"})}
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        messages.append({"role": "tool", "tool_call_id": f"call_{step}", "content": "in transit"})
+    messages.append({"role": "user", "content": last})
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    return {"model": "gpt-4.1-mini", "messages": messages, "tools": [tool], "temperature": 0.2}
+
+
+def test_a_resent_history_is_looked_at_once_and_a_new_secret_in_it_is_still_masked() -> None:
+    """`document_json` gives `json_text`'s result; of a request that resends what an earlier one
+    held, it looks only at what is new."""
+    redactor = Redactor()
+    first = json.dumps(agent_request(3, "thanks"))
+    assert redactor.document_json(first, json.loads(first)) == first
+    scanned = redactor.scanned_bytes
+    parts = [*json.loads(first)["messages"], *json.loads(first)["tools"]]
+    assert scanned >= sum(len(json.dumps(part, separators=(",", ":"))) for part in parts)
+
+    body = agent_request(4, "and order A-9?")
+    second = json.dumps(body)
+    assert redactor.document_json(second, body) == second
+    new_parts = [*body["messages"][-3:], {k: v for k, v in body.items() if k != "messages"}]
+    new_bytes = sum(len(json.dumps(part, separators=(",", ":"))) for part in new_parts)
+    assert redactor.scanned_bytes - scanned <= new_bytes + 80  # the rest: key names of arrays
+    assert redactor.scanned_bytes - scanned < len(second) / 3
+
+    for where in ("message", "tool", "option", "key"):
+        body = agent_request(4, "and order A-9?")
+        if where == "message":
+            body["messages"].append({"role": "user", "content": f"my key is {OPENAI_KEY}"})
+        elif where == "tool":
+            body["tools"][0]["function"]["description"] = f"uses {OPENAI_KEY}"
+        elif where == "option":
+            body["metadata"] = {"note": f"Bearer {OPENAI_KEY}"}
+        else:
+            body["messages"][1][OPENAI_KEY] = 1
+        text = json.dumps(body)
+        masked = redactor.document_json(text, body) or ""
+        assert masked == Redactor().json_text(text), where
+        assert OPENAI_KEY not in masked and SECRET_MASK in masked, where
+        assert json.loads(masked), where
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "assistant", "tool"])},
+            optional={
+                "content": st.one_of(
+                    st.text(max_size=40),
+                    st.sampled_from([f"key {OPENAI_KEY}", "mail a@b.co", "call +1 415 555 0100"]),
+                ),
+                "n": st.integers(min_value=-(2**70), max_value=2**70),
+            },
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from([(), ("email", "phone")]),
+)
+def test_document_json_is_json_text_whatever_it_has_seen(
+    messages: list[dict[str, Any]], pii: tuple[str, ...]
+) -> None:
+    """Property: for any request (lone surrogates, integers beyond 64 bits, secrets and PII),
+    first seen or resent with one more message, `document_json` equals `json_text`."""
+    redactor = Redactor(pii)
+    for shown in (messages[:-1], messages, messages):
+        body = {"model": "m", "messages": shown}
+        text = json.dumps(body, ensure_ascii=False)
+        expected = Redactor(pii).json_text(text)
+        assert redactor.document_json(text, json.loads(text)) == expected
+
+
 def test_a_trajectory_id_is_redacted_stably() -> None:
     first = redact_identifier(f"run-{ID_KEY}")
     assert ID_KEY[-16:] not in first and first.startswith("run-[REDACTED:")

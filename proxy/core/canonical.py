@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+import orjson
+from cachetools import LRUCache
 
 # Fields a message can carry that matter to the conversation. Everything else (refusal,
 # annotations, audio, reasoning fields some providers add, SDK extras) is left out of the hash.
@@ -126,7 +129,8 @@ def canonical_message(message: Any) -> dict[str, Any]:
     return out
 
 
-def _message_bytes(message: Any) -> bytes:
+def canonical_bytes(message: Any) -> bytes:
+    """`canonical_message(message)` as the bytes hashed: JSON, sorted keys, compact, UTF-8."""
     # surrogatepass: JSON may carry a lone surrogate escape ("\ud83d", half an emoji cut by a
     # client); it must hash, not raise.
     return json.dumps(
@@ -137,18 +141,59 @@ def _message_bytes(message: Any) -> bytes:
 def chain_hash(previous: str, message: Any) -> str:
     """`sha256(previous || canon(message))` as hex: one step of the rolling hash."""
     digest = hashlib.sha256(previous.encode("ascii"))
-    digest.update(_message_bytes(message))
+    digest.update(canonical_bytes(message))
     return digest.hexdigest()
 
 
-def prefix_hashes(messages: Iterable[Any]) -> list[str]:
-    """Rolling hashes of every prefix: element i is the hash of messages[0..i] (inclusive)."""
+def prefix_hashes(
+    messages: Iterable[Any], message_bytes: Callable[[Any], bytes] = canonical_bytes
+) -> list[str]:
+    """Rolling hashes of every prefix: element i is the hash of messages[0..i] (inclusive).
+    message_bytes: a message's canonical bytes (a `CanonicalCache` of them, or computed)."""
     hashes: list[str] = []
     previous = ""
     for message in messages:
-        previous = chain_hash(previous, message)
+        digest = hashlib.sha256(previous.encode("ascii"))
+        digest.update(message_bytes(message))
+        previous = digest.hexdigest()
         hashes.append(previous)
     return hashes
+
+
+class CanonicalCache:
+    """The canonical bytes of messages (or Responses items) seen lately, by their compact JSON.
+
+    An agent resends its whole history at every step. Canonicalizing is the costly part of a
+    message's hash (keys sorted, `arguments` parsed and dumped again), so with this cache each
+    message is canonicalized once, and a later step pays a compact dump (orjson) and a lookup per
+    message it resends. Equal compact JSON means equal messages, so the bytes are the same ones
+    `canonical(message)` gives. A message orjson cannot dump (a lone surrogate, an integer beyond
+    64 bits) is canonicalized each time. At most `limit_bytes` of keys and values are kept; the
+    least recently used go first. Not thread-safe (one per event loop).
+    """
+
+    def __init__(self, canonical: Callable[[Any], bytes], limit_bytes: int = 8 << 20) -> None:
+        self._canonical = canonical
+        self._limit = limit_bytes
+        self._cache: LRUCache[bytes, tuple[bytes, int]] = LRUCache(
+            limit_bytes, getsizeof=lambda entry: entry[1]
+        )
+        self.hits = 0
+
+    def __call__(self, message: Any) -> bytes:
+        try:
+            key = orjson.dumps(message)
+        except TypeError:
+            return self._canonical(message)
+        found = self._cache.get(key)
+        if found is not None:
+            self.hits += 1
+            return found[0]
+        value = self._canonical(message)
+        size = len(key) + len(value)
+        if size <= self._limit:
+            self._cache[key] = (value, size)
+        return value
 
 
 def continuation_candidates(messages: Sequence[Any], hashes: Sequence[str]) -> list[str]:

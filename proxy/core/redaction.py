@@ -26,7 +26,9 @@ from re import _constants as _c  # type: ignore[attr-defined]  # re's own regex 
 from re import _parser  # type: ignore[attr-defined]
 from typing import Any
 
+import orjson
 from ahocorasick_rs import AhoCorasick
+from cachetools import LRUCache
 
 SECRET_MASK = "[REDACTED:secret]"
 PII_KINDS = ("email", "phone", "card")
@@ -377,6 +379,9 @@ class Redactor:
     prefix. Raises ValueError for an unknown kind.
     """
 
+    CLEAN_CACHE_BYTES = 8 << 20
+    """Most bytes of JSON kept of parts found clean (`document_json`)."""
+
     def __init__(self, pii: Iterable[str] = (), phone_region: str = "US") -> None:
         kinds = [k.strip().lower() for k in pii if k.strip()]
         unknown = sorted(set(kinds) - set(PII_KINDS))
@@ -395,6 +400,10 @@ class Redactor:
         # The rules and the pre-check's tables, built here rather than by the first call (the
         # proxy builds its Redactor at start-up, before it freezes the start-up heap).
         _hint_index()
+        # Compact JSON (orjson) of parts found to hold nothing to mask -> its length.
+        self._clean: LRUCache[bytes, int] = LRUCache(self.CLEAN_CACHE_BYTES, getsizeof=int)
+        self.scanned_bytes = 0
+        """Bytes of JSON text `document_json` has looked at (not counting the parts it knew)."""
 
     def __call__(self, text: str | None) -> str | None:
         """The redacted plain text (None stays None); lone surrogates become U+FFFD."""
@@ -448,6 +457,51 @@ class Redactor:
 
         redacted = walk(document, 0)
         return json.dumps(redacted, ensure_ascii=False) if changed else text
+
+    def document_json(self, text: str | None, document: Any) -> str | None:
+        """`json_text(text)` for a JSON text whose parsed value is `document`, without looking
+        again at a part it found clean before.
+
+        The parts of an object are the elements of each of its arrays (chat `messages` and
+        `tools`, Responses `input` items) and, together, everything else (its keys and other
+        values). An agent resends its whole history at every step, so each message is looked at
+        once, not once per step: a request costs what its new messages cost. When every part is
+        clean, so is the text (each string value lies within one part and is masked on its own),
+        and it is returned unchanged; otherwise the text is redacted whole. `document` must be
+        `json.loads(text)`; any other value is redacted whole too.
+        """
+        if not text or not isinstance(document, dict):
+            self.scanned_bytes += len(text or "")
+            return self.json_text(text)
+        rest: dict[str, Any] = {}
+        for key, value in document.items():
+            if isinstance(value, list):
+                rest[key] = None  # the key still counts
+                for item in value:
+                    if not self._known_clean(item):
+                        return self._whole(text)
+            else:
+                rest[key] = value
+        return text if self._known_clean(rest) else self._whole(text)
+
+    def _whole(self, text: str) -> str | None:
+        self.scanned_bytes += len(text)
+        return self.json_text(text)
+
+    def _known_clean(self, value: Any) -> bool:
+        """Whether `value` holds nothing to mask (remembered by its compact JSON when so)."""
+        try:
+            key = orjson.dumps(value)
+        except TypeError:  # a lone surrogate, an integer beyond 64 bits: looked at whole
+            return False
+        if self._clean.get(key) is not None:  # (a read marks it recently used)
+            return True
+        part = key.decode("utf-8")
+        self.scanned_bytes += len(part)
+        if self.json_text(part) != part:
+            return False
+        self._clean[key] = len(key)
+        return True
 
 
 _MAX_DEPTH = 200

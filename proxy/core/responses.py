@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from proxy.core.canonical import canonical_arguments
@@ -157,20 +157,32 @@ def _item_bytes(canonical: dict[str, Any]) -> bytes:
 
 def chain_hash(previous: str, item: Any) -> str:
     """`sha256(previous || canon(item))` as hex; `previous` unchanged for an item not hashed."""
+    return _chain(previous, item_bytes(item))
+
+
+def item_bytes(item: Any) -> bytes:
+    """An item's canonical bytes as hashed, or b"" for an item that is not hashed."""
     canonical = canonical_item(item)
-    if canonical is None:
+    return b"" if canonical is None else _item_bytes(canonical)
+
+
+def _chain(previous: str, data: bytes) -> str:
+    if not data:
         return previous
     digest = hashlib.sha256(b"responses:" + previous.encode("ascii"))
-    digest.update(_item_bytes(canonical))
+    digest.update(data)
     return digest.hexdigest()
 
 
-def prefix_hashes(items: Iterable[Any]) -> list[str]:
-    """Rolling hashes of every prefix: element i is the hash of items[0..i] (inclusive)."""
+def prefix_hashes(
+    items: Iterable[Any], item_bytes_of: Callable[[Any], bytes] = item_bytes
+) -> list[str]:
+    """Rolling hashes of every prefix: element i is the hash of items[0..i] (inclusive).
+    item_bytes_of: `item_bytes`, or a `proxy.core.canonical.CanonicalCache` of it."""
     hashes: list[str] = []
     previous = ""
     for item in items:
-        previous = chain_hash(previous, item)
+        previous = _chain(previous, item_bytes_of(item))
         hashes.append(previous)
     return hashes
 

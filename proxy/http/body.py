@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 
 from proxy.core import fastjson
@@ -91,10 +92,42 @@ def check_common(body: dict[str, Any], raw: bytes) -> None:
         isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
     ):
         raise InvalidRequest("'tools' must be an array of objects", param="tools")
-    if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and nesting_depth(body) > MAX_NESTING:
+    if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and deeper_than(body, MAX_NESTING):
         raise InvalidRequest(
             f"request body is nested deeper than {MAX_NESTING} levels", code="invalid_json"
         )
+
+
+def deeper_than(document: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` levels in `document` (a parsed JSON
+    value): `nesting_depth(document) > limit`, at a fraction of its cost on a long request.
+
+    A value nests at most as deeply as it holds arrays and objects, and each of them puts one
+    `[` or `{` in its compact JSON (those in strings only add to the count). So each element
+    of a top-level array (a message, a tool) and each other top-level value is dumped (orjson)
+    and its brackets counted; only one holding more than the levels left is walked.
+    """
+    if not isinstance(document, dict) or limit < 2:
+        return nesting_depth(document) > limit
+    for value in document.values():
+        if isinstance(value, list):
+            if any(_part_deeper_than(item, limit - 2) for item in value):
+                return True
+        elif _part_deeper_than(value, limit - 1):
+            return True
+    return False
+
+
+def _part_deeper_than(value: Any, limit: int) -> bool:
+    if not isinstance(value, dict | list):
+        return False  # limit >= 0 here
+    try:
+        data = orjson.dumps(value)
+    except TypeError:  # a lone surrogate, an integer beyond 64 bits
+        return nesting_depth(value) > limit
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    return nesting_depth(value) > limit
 
 
 def nesting_depth(value: Any) -> int:

@@ -113,8 +113,7 @@ class ShadowUpdate:
         }
 
 
-_REDACTED_JSON_COLUMNS = (
-    "request_json",
+_REDACTED_JSON_COLUMNS = (  # besides request_json (`Redactor.document_json`)
     "response_json",
     "error_json",
     "request_headers_json",
@@ -328,6 +327,7 @@ class Recorder:
         redacted shadow row."""
         row = item.to_row()
         if isinstance(item, ExchangeRecord):
+            row["request_json"] = self._redact.document_json(row["request_json"], item.request)
             for column in _REDACTED_JSON_COLUMNS:
                 row[column] = self._redact.json_text(row[column])
             for column in _REDACTED_TEXT_COLUMNS:

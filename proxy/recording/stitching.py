@@ -39,7 +39,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.core import responses as items_core
-from proxy.core.canonical import continuation_candidates, prefix_hashes
+from proxy.core.canonical import (
+    CanonicalCache,
+    canonical_bytes,
+    continuation_candidates,
+    prefix_hashes,
+)
 from proxy.core.redaction import loggable_error
 from proxy.storage import Database, StateRef, new_id
 
@@ -188,6 +193,9 @@ class Stitcher:
         # Background responses (`background: true`) whose answer is still to come: response id
         # -> the in-flight exchange, recorded when the answer is retrieved (or at shutdown).
         self._awaiting: OrderedDict[str, Any] = OrderedDict()
+        # Canonical bytes of the messages and items resent at every step, hashed once each.
+        self.message_bytes = CanonicalCache(canonical_bytes)
+        self.item_bytes = CanonicalCache(items_core.item_bytes)
         self.cache_hits = 0
         self.db_lookups = 0
         self.db_errors = 0
@@ -298,7 +306,7 @@ class Stitcher:
         explicit_id: a client-chosen trajectory id (then only that trajectory's exchanges can be
         the parent). Reads the database at most twice; never scans.
         """
-        hashes = prefix_hashes(messages)
+        hashes = prefix_hashes(messages, self.message_bytes)
         request_hash = hashes[-1] if hashes else ""
         candidates = continuation_candidates(messages, hashes)
         parent = await self._find_parent(candidates, explicit_id) if candidates else None
@@ -390,7 +398,7 @@ class Stitcher:
             context = inherited or ()
             own, _ = items_core.resolve_references(items_core.input_items(body), known)
             items = items_core.conversation_items({**body, "input": own}, context)
-            hashes = items_core.prefix_hashes(items)
+            hashes = items_core.prefix_hashes(items, self.item_bytes)
             request_hash = hashes[-1] if hashes else ""
             if parent is not None:
                 return _continuing(parent, explicit_id, id_source, request_hash, context)
@@ -398,7 +406,7 @@ class Stitcher:
             return Link(**{**link.__dict__, "truncated": True})
         resolved, _ = items_core.resolve_references(items_core.input_items(body), known)
         items = items_core.conversation_items({**body, "input": resolved})
-        hashes = items_core.prefix_hashes(items)
+        hashes = items_core.prefix_hashes(items, self.item_bytes)
         request_hash = hashes[-1] if hashes else ""
         candidates = items_core.continuation_candidates(items, hashes)
         parent = await self._find_parent(candidates, explicit_id) if candidates else None
