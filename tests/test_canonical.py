@@ -27,6 +27,7 @@ from proxy.core.canonical import (
     continuation_candidates,
     prefix_hashes,
 )
+from proxy.core.memo import SizedMemo
 
 ARGS = '{"city": "Paris", "units": {"temp": "C", "wind": "kmh"}, "days": [1, 2]}'
 
@@ -478,3 +479,15 @@ def test_a_canonical_cache_gives_the_same_hashes_and_canonicalizes_a_resent_mess
     before = len(canonicalized)
     small(first), small(first), small(second), small(second), small(first)
     assert canonicalized[before:] == [first, second, first]
+
+
+def test_a_sized_memo_keeps_to_its_budget_and_never_holds_an_entry_bigger_than_it() -> None:
+    memo: SizedMemo[bytes, int] = SizedMemo(100)
+    memo.put(b"a", 1, 60)
+    memo.put(b"a", 1, 60)  # the same key again takes no more room
+    memo.put(b"b", 2, 40)
+    assert (memo.get(b"a"), memo.get(b"b"), len(memo)) == (1, 2, 2)
+    memo.put(b"c", 3, 10)  # past the budget: emptied first
+    assert (memo.get(b"a"), memo.get(b"b"), memo.get(b"c"), len(memo)) == (None, None, 3, 1)
+    memo.put(b"huge", 4, 101)
+    assert memo.get(b"huge") is None and memo.get(b"c") == 3

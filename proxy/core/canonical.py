@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
-from cachetools import LRUCache
+
+from proxy.core.memo import SizedMemo
 
 # Fields a message can carry that matter to the conversation. Everything else (refusal,
 # annotations, audio, reasoning fields some providers add, SDK extras) is left out of the hash.
@@ -168,16 +169,13 @@ class CanonicalCache:
     message is canonicalized once, and a later step pays a compact dump (orjson) and a lookup per
     message it resends. Equal compact JSON means equal messages, so the bytes are the same ones
     `canonical(message)` gives. A message orjson cannot dump (a lone surrogate, an integer beyond
-    64 bits) is canonicalized each time. At most `limit_bytes` of keys and values are kept; the
-    least recently used go first. Not thread-safe (one per event loop).
+    64 bits) is canonicalized each time. At most `limit_bytes` of keys and values are kept
+    (`proxy.core.memo.SizedMemo`). Not thread-safe (one per event loop).
     """
 
     def __init__(self, canonical: Callable[[Any], bytes], limit_bytes: int = 8 << 20) -> None:
         self._canonical = canonical
-        self._limit = limit_bytes
-        self._cache: LRUCache[bytes, tuple[bytes, int]] = LRUCache(
-            limit_bytes, getsizeof=lambda entry: entry[1]
-        )
+        self._memo: SizedMemo[bytes, bytes] = SizedMemo(limit_bytes)
         self.hits = 0
 
     def __call__(self, message: Any) -> bytes:
@@ -185,14 +183,12 @@ class CanonicalCache:
             key = orjson.dumps(message)
         except TypeError:
             return self._canonical(message)
-        found = self._cache.get(key)
+        found = self._memo.get(key)
         if found is not None:
             self.hits += 1
-            return found[0]
+            return found
         value = self._canonical(message)
-        size = len(key) + len(value)
-        if size <= self._limit:
-            self._cache[key] = (value, size)
+        self._memo.put(key, value, len(key) + len(value))
         return value
 
 

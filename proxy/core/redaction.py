@@ -28,7 +28,8 @@ from typing import Any
 
 import orjson
 from ahocorasick_rs import AhoCorasick
-from cachetools import LRUCache
+
+from proxy.core.memo import SizedMemo
 
 SECRET_MASK = "[REDACTED:secret]"
 PII_KINDS = ("email", "phone", "card")
@@ -400,8 +401,8 @@ class Redactor:
         # The rules and the pre-check's tables, built here rather than by the first call (the
         # proxy builds its Redactor at start-up, before it freezes the start-up heap).
         _hint_index()
-        # Compact JSON (orjson) of parts found to hold nothing to mask -> its length.
-        self._clean: LRUCache[bytes, int] = LRUCache(self.CLEAN_CACHE_BYTES, getsizeof=int)
+        # Compact JSON (orjson) of parts found to hold nothing to mask.
+        self._clean: SizedMemo[bytes, bool] = SizedMemo(self.CLEAN_CACHE_BYTES)
         self.scanned_bytes = 0
         """Bytes of JSON text `document_json` has looked at (not counting the parts it knew)."""
 
@@ -494,13 +495,13 @@ class Redactor:
             key = orjson.dumps(value)
         except TypeError:  # a lone surrogate, an integer beyond 64 bits: looked at whole
             return False
-        if self._clean.get(key) is not None:  # (a read marks it recently used)
+        if self._clean.get(key):
             return True
         part = key.decode("utf-8")
         self.scanned_bytes += len(part)
         if self.json_text(part) != part:
             return False
-        self._clean[key] = len(key)
+        self._clean.put(key, True, len(key))
         return True
 
 
