@@ -6,8 +6,9 @@ either ask the teacher or forward the exact body bytes upstream and relay the an
 body, or SSE events passed on as they arrive while the API's assembler builds the answer on the
 side. Without a teacher configured every call goes upstream whatever its trajectory, so the call
 is forwarded first and stitched while the upstream works (hashing, and on PostgreSQL the
-database reads, then cost the call nothing); every refusal (400) still comes before forwarding. The exchange's state is remembered before the client can send its next step; the record
-goes to the recorder's queue. Recording never changes what the client receives.
+database reads, then cost the call nothing); every refusal (400) still comes before forwarding.
+The exchange's state is remembered before the client can send its next step; the record goes to
+the recorder's queue. Recording never changes what the client receives.
 
 Body limits and the checks every API shares are `proxy.http.body`. An API plugs in as a
 `RecordedApi` subclass (`proxy.http.chat.ChatApi`,
@@ -383,11 +384,13 @@ async def _call(
         if exchange.record.shadow and proxy.teacher is not None:
             proxy.track(_shadow_call(exchange, proxy.teacher, body, key))
 
-    content, injected = api.forwarded(proxy, body, raw)
-    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
     upstream: aiohttp.ClientResponse | None = None
     failure: BaseException | None = None
     try:
+        content, injected = api.forwarded(proxy, body, raw)
+        api_key = (
+            settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+        )
         upstream = await proxy.client.request(
             "POST",
             upstream_url(
