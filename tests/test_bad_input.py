@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from proxy.core.packing import unpack_text
+from proxy.core.redaction import MAX_PARTS
 from proxy.http.body import MAX_NESTING, deeper_than, nesting_depth
 from tests.support.bodies import whole_requests
 from tests.support.processes import FakeUpstream, ProxyServer, launch_proxy
@@ -400,6 +401,9 @@ def test_a_long_conversation_is_not_walked_for_its_nesting_but_a_deep_message_in
         deep = [deep]
     body["messages"] = [*messages, {"role": "user", "content": deep}]
     assert deeper_than(body, MAX_NESTING) and nesting_depth(body) == MAX_NESTING + 3
+    many = [{}] * MAX_PARTS  # past MAX_PARTS elements an array is walked whole
+    assert not deeper_than({"model": "m", "x": many}, MAX_NESTING)
+    assert deeper_than({"model": "m", "x": [*many, deep]}, MAX_NESTING)
 
 
 def test_accepted_nesting_does_not_break_the_pages_that_show_it(

@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 
 from proxy.core.packing import unpack_text
 from proxy.core.redaction import (
+    MAX_PARTS,
     SECRET_MASK,
     Redactor,
     _active_rules,
@@ -510,6 +511,18 @@ def test_a_resent_history_is_looked_at_once_and_a_new_secret_in_it_is_still_mask
         assert masked == Redactor().json_text(text), where
         assert OPENAI_KEY not in masked and SECRET_MASK in masked, where
         assert json.loads(masked), where
+
+
+def test_a_body_of_more_array_elements_than_any_agent_sends_is_redacted_whole() -> None:
+    """Past MAX_PARTS elements a lookup per element would cost more than the text's scan: the
+    text is redacted whole, with the same result, and its parts are not remembered."""
+    redactor = Redactor()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}] * MAX_PARTS}
+    body["messages"] = [*body["messages"], {"role": "user", "content": f"key {OPENAI_KEY}"}]
+    text = json.dumps(body)
+    masked = redactor.document_json(text, body) or ""
+    assert masked == Redactor().json_text(text) and OPENAI_KEY not in masked
+    assert redactor.scanned_bytes == len(text)
 
 
 @settings(max_examples=80, deadline=None, derandomize=True, database=None)

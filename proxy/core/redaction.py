@@ -32,6 +32,8 @@ from ahocorasick_rs import AhoCorasick
 from proxy.core.memo import SizedMemo
 
 SECRET_MASK = "[REDACTED:secret]"
+MAX_PARTS = 4096
+"""Most array elements `Redactor.document_json` looks at one by one."""
 PII_KINDS = ("email", "phone", "card")
 
 # What the maintained ruleset (detect-secrets' plugins) lacks or finds only in one spelling; each
@@ -469,9 +471,15 @@ class Redactor:
         once, not once per step: a request costs what its new messages cost. When every part is
         clean, so is the text (each string value lies within one part and is masked on its own),
         and it is returned unchanged; otherwise the text is redacted whole. `document` must be
-        `json.loads(text)`; any other value is redacted whole too.
+        `json.loads(text)`; any other value is redacted whole too, and so is an object whose
+        arrays hold more than MAX_PARTS elements in all (a body no agent sends, where a lookup
+        per element would cost more than the text's scan).
         """
-        if not text or not isinstance(document, dict):
+        if (
+            not text
+            or not isinstance(document, dict)
+            or sum(len(v) for v in document.values() if isinstance(v, list)) > MAX_PARTS
+        ):
             self.scanned_bytes += len(text or "")
             return self.json_text(text)
         rest: dict[str, Any] = {}

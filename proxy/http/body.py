@@ -10,7 +10,7 @@ import orjson
 from starlette.requests import Request
 
 from proxy.core import fastjson
-from proxy.core.redaction import redact_identifier
+from proxy.core.redaction import MAX_PARTS, redact_identifier
 from proxy.http.errors import InvalidRequest
 from proxy.recording.stitching import MAX_TRAJECTORY_ID_LENGTH, TRAJECTORY_HEADER
 
@@ -105,13 +105,17 @@ def deeper_than(document: Any, limit: int) -> bool:
     A value nests at most as deeply as it holds arrays and objects, and each of them puts one
     `[` or `{` in its compact JSON (those in strings only add to the count). So each element
     of a top-level array (a message, a tool) and each other top-level value is dumped (orjson)
-    and its brackets counted; only one holding more than the levels left is walked.
+    and its brackets counted; only one holding more than the levels left is walked (an array of
+    more than MAX_PARTS elements is walked whole).
     """
     if not isinstance(document, dict) or limit < 2:
         return nesting_depth(document) > limit
     for value in document.values():
         if isinstance(value, list):
-            if any(_part_deeper_than(item, limit - 2) for item in value):
+            if len(value) > MAX_PARTS:  # no agent's body: walked whole, as before
+                if nesting_depth(value) > limit - 1:
+                    return True
+            elif any(_part_deeper_than(item, limit - 2) for item in value):
                 return True
         elif _part_deeper_than(value, limit - 1):
             return True
