@@ -141,8 +141,12 @@ def canonical_bytes(message: Any) -> bytes:
 
 def chain_hash(previous: str, message: Any) -> str:
     """`sha256(previous || canon(message))` as hex: one step of the rolling hash."""
+    return _chain(previous, canonical_bytes(message))
+
+
+def _chain(previous: str, data: bytes) -> str:
     digest = hashlib.sha256(previous.encode("ascii"))
-    digest.update(canonical_bytes(message))
+    digest.update(data)
     return digest.hexdigest()
 
 
@@ -154,9 +158,7 @@ def prefix_hashes(
     hashes: list[str] = []
     previous = ""
     for message in messages:
-        digest = hashlib.sha256(previous.encode("ascii"))
-        digest.update(message_bytes(message))
-        previous = digest.hexdigest()
+        previous = _chain(previous, message_bytes(message))
         hashes.append(previous)
     return hashes
 
