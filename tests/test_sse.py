@@ -661,3 +661,91 @@ def test_a_payload_that_is_not_utf8_reads_as_its_text_with_replacements() -> Non
     assembler.close()
     assert assembler.done and assembler.invalid_events == 0
     assert assembler.result()["choices"][0]["message"]["content"] == "fine caf\ufffd"
+
+
+def long_tool_call_stream(argument_bytes: int) -> tuple[list[Any], str]:
+    """A tool call writing a file, its arguments (about `argument_bytes`) streamed 8 characters
+    per chunk as OpenAI streams them; (the events, [DONE] last; the arguments text)."""
+    arguments = json.dumps(
+        {"path": "src/app.py", "content": "print('é')\n" * (argument_bytes // 12)}
+    )
+    call = {"index": 0, "id": "call_w", "type": "function"}
+    events: list[Any] = [
+        chunk(
+            {
+                "role": "assistant",
+                "tool_calls": [{**call, "function": {"name": "write_file", "arguments": ""}}],
+            }
+        )
+    ]
+    for start in range(0, len(arguments), 8):
+        piece = arguments[start : start + 8]
+        events.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+    events += [chunk({}, finish="tool_calls"), "[DONE]"]
+    return events, arguments
+
+
+def test_a_long_stream_is_parsed_in_bounded_steps_as_it_arrives() -> None:
+    """300 KB of tool-call arguments, one event per read: what waits unparsed stays under
+    `flush_bytes` after every read (no single parse of the whole stream at its end, which held
+    the event loop for ~0.5 s at 400 KB), `done` turns true on the [DONE] read, and the answer
+    is the plain assembler's, the arguments joined exactly."""
+    events, arguments = long_tool_call_stream(300_000)
+    reads = [sse([event]) for event in events]
+    deferred, plain, done_deferred, done_plain = feed_deferred(
+        reads, StreamAssembler, CHAT_TERMINAL_MARKERS
+    )
+    assert done_deferred == done_plain == [False] * (len(reads) - 1) + [True]
+    assert deferred.result() == plain.result()
+    message = deferred.result()["choices"][0]["message"]
+    assert message["tool_calls"][0]["function"] == {"name": "write_file", "arguments": arguments}
+    pending = []
+    bounded = DeferredAssembly(StreamAssembler(), CHAT_TERMINAL_MARKERS)
+    for read in reads:
+        bounded.feed(read)
+        pending.append(bounded.pending_bytes)
+    assert max(pending) < DeferredAssembly.FLUSH_BYTES
+    assert sum(map(len, reads)) > 10 * DeferredAssembly.FLUSH_BYTES  # it did flush on the way
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_small_flush_size_changes_nothing_but_when_events_are_parsed(seed: int) -> None:
+    """Flushing after every few bytes, reads cut anywhere (inside events and inside [DONE]):
+    the same `done` per read and the same answer as per-read feeding."""
+    rng = random.Random(11_000 + seed)
+    events, _ = long_tool_call_stream(2_000)
+    data = sse(events, newline=rng.choice(["\n", "\r\n"]))
+    parts = pieces(data, [rng.randrange(1, len(data)) for _ in range(60)])
+    deferred = DeferredAssembly(
+        StreamAssembler(), CHAT_TERMINAL_MARKERS, flush_bytes=rng.randrange(1, 400)
+    )
+    plain = StreamAssembler()
+    for part in parts:
+        deferred.feed(part)
+        plain.feed(part)
+        assert deferred.done == plain.done
+    assert deferred.done
+    assert deferred.result() == plain.result()
+
+
+def test_integers_beyond_64_bits_and_nan_in_a_read_of_many_events_stay_exact() -> None:
+    """One look for long integers covers a whole read: an event holding 2**64 (orjson would make
+    it a float) is read exactly, the events around it too, and a NaN literal (not JSON, which
+    the standard library reads) is kept; a read without them is read by orjson alone."""
+    big = 2**64
+    events = [
+        chunk({"role": "assistant", "content": "a"}),
+        chunk({"content": "b"}, seed_value=big),
+        chunk({"content": "c"}),
+        chunk({}, finish="stop", usage={"prompt_tokens": big + 1, "completion_tokens": 1}),
+        "[DONE]",
+    ]
+    data = sse(events)
+    nan_event = b'data: {"id":"chatcmpl-1","choices":[],"usage":{"prompt_tokens":NaN}}\n\n'
+    for feed in ([data], [data[:300], data[300:]]):
+        result = assemble(feed).result()
+        assert result["seed_value"] == big and isinstance(result["seed_value"], int)
+        assert result["usage"]["prompt_tokens"] == big + 1
+        assert result["choices"][0]["message"]["content"] == "abc"
+    with_nan = assemble([sse(events[:1]) + nan_event]).result()
+    assert with_nan["usage"]["prompt_tokens"] != with_nan["usage"]["prompt_tokens"]  # NaN

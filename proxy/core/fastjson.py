@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["loads", "loads_checked"]
+__all__ = ["loads", "loads_checked", "may_hold_a_long_integer"]
 
 _NINETEEN_DIGITS: Final = b"0" * 19
 _DIGITS_AS_ZERO: Final = bytes(c if 48 <= c <= 57 else 32 for c in range(256)).replace(
@@ -35,7 +35,11 @@ text that has such runs inside strings, such as a stream's chunk ids, is checked
 searches, one per run)."""
 
 
-def _may_hold_a_long_integer(data: bytes) -> bool:
+def may_hold_a_long_integer(data: bytes) -> bool:
+    """Whether the UTF-8 JSON text `data` may hold an integer beyond 64 bits (19 digits in a row
+    where a number can start, see `_NUMBER_STARTS`). False: orjson reads it to the value
+    `json.loads` gives, or refuses it. One look can cover several texts joined by a newline (a
+    number start itself): False for the joined text is False for each."""
     digits = data.translate(_DIGITS_AS_ZERO)
     at = digits.find(_NINETEEN_DIGITS)
     while at >= 0:
@@ -78,7 +82,7 @@ def loads_checked(
         data = text
     else:
         raise TypeError(f"the JSON object must be str or bytes, not {type(text).__name__}")
-    if _may_hold_a_long_integer(data):
+    if may_hold_a_long_integer(data):
         return json.loads(text, parse_constant=parse_constant), False
     try:
         return orjson.loads(data), True

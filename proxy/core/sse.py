@@ -12,9 +12,11 @@ and the final `usage` chunk that `stream_options.include_usage` adds. Every othe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from proxy.core.fastjson import loads
+import orjson
+
+from proxy.core.fastjson import loads, may_hold_a_long_integer
 
 DONE = "[DONE]"
 _DONE_BYTES = DONE.encode()
@@ -88,10 +90,25 @@ class SSEParser:
         return bool(self._buffer or self._data)
 
 
-def _event_json(payload: bytes) -> Any:
+def _exact(payloads: list[bytes]) -> bool:
+    """Whether orjson reads each of `payloads` to the value `json.loads` gives (or refuses it):
+    no integer beyond 64 bits in any (one look over them all, `fastjson.may_hold_a_long_integer`;
+    a stream's many small events are not looked at one by one)."""
+    return bool(payloads) and not may_hold_a_long_integer(
+        payloads[0] if len(payloads) == 1 else b"\n".join(payloads)
+    )
+
+
+def _event_json(payload: bytes, exact: bool = False) -> Any:
     """The JSON value of an event's data, as `json.loads` gives it for the payload decoded
     with invalid UTF-8 replaced (`fastjson.loads` on the bytes; the decoded text when they are
-    not UTF-8). Raises ValueError when it is not JSON."""
+    not UTF-8). exact: `_exact` said so for the payload (orjson's value is taken as it is).
+    Raises ValueError when it is not JSON."""
+    if exact:
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            pass  # NaN, a lone surrogate, bad UTF-8 or not JSON: as below
     try:
         return loads(payload)
     except ValueError:
@@ -166,6 +183,28 @@ def _joined(value: Any) -> Any:
     return value
 
 
+_NOT_TOP_LEVEL: Final = frozenset({"choices", "usage", "object"})
+"""Chunk keys that are not copied to the assembled completion's top level as they are."""
+
+
+@dataclass(slots=True)
+class _ToolCallState:
+    """One tool call of a choice, as its deltas arrived: `arguments` in pieces."""
+
+    id: str | None = None
+    type: str = "function"
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The call in a `chat.completion` message's shape."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "function": {"name": self.name, "arguments": "".join(self.arguments)},
+        }
+
+
 @dataclass
 class _ChoiceState:
     index: int
@@ -173,7 +212,7 @@ class _ChoiceState:
     content: list[str] = field(default_factory=list)
     refusal: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    tool_calls: dict[int, _ToolCallState] = field(default_factory=dict)
     function_call: dict[str, Any] | None = None
     finish_reason: str | None = None
     logprobs: dict[str, list[Any]] | None = None
@@ -199,8 +238,10 @@ class StreamAssembler:
 
     def feed(self, data: bytes) -> None:
         """Consume raw (decoded) stream bytes."""
-        for payload in self._parser.feed_raw(data):
-            self._event(payload)
+        payloads = self._parser.feed_raw(data)
+        exact = _exact(payloads)
+        for payload in payloads:
+            self._event(payload, exact)
 
     def close(self) -> None:
         """Flush an unterminated last event (streams that end without a blank line)."""
@@ -212,12 +253,12 @@ class StreamAssembler:
         """Bytes fed so far end inside an event (see `SSEParser.partial`)."""
         return self._parser.partial
 
-    def _event(self, payload: bytes) -> None:
-        if payload.strip() == _DONE_BYTES:
+    def _event(self, payload: bytes, exact: bool = False) -> None:
+        if len(payload) < 16 and payload.strip() == _DONE_BYTES:
             self.done = True
             return
         try:
-            chunk = _event_json(payload)
+            chunk = _event_json(payload, exact)
         except ValueError:
             self.invalid_events += 1
             return
@@ -228,45 +269,49 @@ class StreamAssembler:
             self.error = chunk
             return
         self.chunks += 1
+        top = self._top
         for key, value in chunk.items():
-            if key in ("choices", "usage", "object"):
-                continue
-            if value is not None or key not in self._top:
-                self._top[key] = value
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
-            if isinstance(choice, dict):
-                self._choice(choice)
+            if (value is not None or key not in top) and key not in _NOT_TOP_LEVEL:
+                top[key] = value
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage
+        choices = chunk.get("choices")
+        if choices:
+            for choice in choices:
+                if isinstance(choice, dict):
+                    self._choice(choice)
 
     def _choice(self, choice: dict[str, Any]) -> None:
         index = choice.get("index", 0)
         state = self._choices.get(index)
         if state is None:
             state = self._choices[index] = _ChoiceState(index=index)
-        delta = choice.get("delta") or {}
-        for key, value in delta.items():
-            if value is None:
-                continue
-            if key == "role":
-                state.role = value
-            elif key == "content":
-                state.content.append(value)
-            elif key == "refusal":
-                state.refusal.append(value)
-            elif key == "tool_calls":
-                for position, call in enumerate(value):
-                    self._tool_call(state, position, call)
-            elif key == "function_call":
-                fc = state.function_call or {"name": "", "arguments": ""}
-                if value.get("name") and not fc["name"]:
-                    fc["name"] = value["name"]
-                fc["arguments"] += value.get("arguments") or ""
-                state.function_call = fc
-            else:  # audio, reasoning_content and any other field: merged as the SDK merges them
-                state.extra[key] = merge_delta(state.extra.get(key), value)
-        if choice.get("finish_reason") is not None:
-            state.finish_reason = choice["finish_reason"]
+        delta = choice.get("delta")
+        if delta:
+            for key, value in delta.items():
+                if value is None:
+                    continue
+                if key == "content":  # the usual delta first
+                    state.content.append(value)
+                elif key == "tool_calls":
+                    for position, call in enumerate(value):
+                        self._tool_call(state, position, call)
+                elif key == "role":
+                    state.role = value
+                elif key == "refusal":
+                    state.refusal.append(value)
+                elif key == "function_call":
+                    fc = state.function_call or {"name": "", "arguments": ""}
+                    if value.get("name") and not fc["name"]:
+                        fc["name"] = value["name"]
+                    fc["arguments"] += value.get("arguments") or ""
+                    state.function_call = fc
+                else:  # audio, reasoning_content and any other field: merged as the SDK does
+                    state.extra[key] = merge_delta(state.extra.get(key), value)
+        finish_reason = choice.get("finish_reason")
+        if finish_reason is not None:
+            state.finish_reason = finish_reason
         logprobs = choice.get("logprobs")
         if isinstance(logprobs, dict):
             if state.logprobs is None:
@@ -280,19 +325,18 @@ class StreamAssembler:
         index = call.get("index", position)
         current = state.tool_calls.get(index)
         if current is None:
-            current = state.tool_calls[index] = {
-                "id": None,
-                "type": "function",
-                "function": {"name": "", "arguments": ""},
-            }
-        if call.get("id") and not current["id"]:
-            current["id"] = call["id"]
+            current = state.tool_calls[index] = _ToolCallState()
+        if call.get("id") and not current.id:
+            current.id = call["id"]
         if call.get("type"):
-            current["type"] = call["type"]
-        function = call.get("function") or {}
-        if function.get("name") and not current["function"]["name"]:
-            current["function"]["name"] = function["name"]
-        current["function"]["arguments"] += function.get("arguments") or ""
+            current.type = call["type"]
+        function = call.get("function")
+        if function:
+            if function.get("name") and not current.name:
+                current.name = function["name"]
+            arguments = function.get("arguments")
+            if arguments:
+                current.arguments.append(arguments)  # joined once, by `result()`
 
     def result(self) -> dict[str, Any]:
         """The assembled response as a `chat.completion` object (OpenAI's non-stream shape)."""
@@ -307,7 +351,9 @@ class StreamAssembler:
             for key, value in state.extra.items():
                 message[key] = _joined(value)
             if state.tool_calls:
-                message["tool_calls"] = [state.tool_calls[i] for i in sorted(state.tool_calls)]
+                message["tool_calls"] = [
+                    state.tool_calls[i].as_dict() for i in sorted(state.tool_calls)
+                ]
             if state.function_call is not None:
                 message["function_call"] = state.function_call
             choices.append(
@@ -363,8 +409,10 @@ class ResponsesStreamAssembler:
 
     def feed(self, data: bytes) -> None:
         """Consume raw (decoded) stream bytes."""
-        for payload in self._parser.feed_raw(data):
-            self._event(payload)
+        payloads = self._parser.feed_raw(data)
+        exact = _exact(payloads)
+        for payload in payloads:
+            self._event(payload, exact)
 
     def close(self) -> None:
         """Flush an unterminated last event (streams that end without a blank line)."""
@@ -376,9 +424,9 @@ class ResponsesStreamAssembler:
         """Bytes fed so far end inside an event (see `SSEParser.partial`)."""
         return self._parser.partial
 
-    def _event(self, payload: bytes) -> None:
+    def _event(self, payload: bytes, exact: bool = False) -> None:
         try:
-            event = _event_json(payload)
+            event = _event_json(payload, exact)
         except ValueError:
             self.invalid_events += 1
             return
@@ -496,14 +544,24 @@ class DeferredAssembly:
 
     For a stream of many small reads this parses once instead of once per read (the events are
     still parsed before the chunk holding the terminal event is passed on, so the exchange can
-    be recorded first). markers: non-empty byte strings.
+    be recorded first). What is collected is also parsed once it reaches `flush_bytes`, so a
+    long stream (a file written through a tool call, a long reasoning answer) is parsed in
+    bounded steps as it goes, not in one stall of the event loop at its end. markers: non-empty
+    byte strings.
     """
 
-    def __init__(self, assembler: Any, markers: tuple[bytes, ...]) -> None:
+    FLUSH_BYTES: Final = 64 * 1024
+    """Default `flush_bytes`: about 1-2 ms of parsing at a time on a 2-vCPU VM (bench/)."""
+
+    def __init__(
+        self, assembler: Any, markers: tuple[bytes, ...], flush_bytes: int = FLUSH_BYTES
+    ) -> None:
         self._assembler = assembler
         self._markers = markers
         self._overlap = max(map(len, markers)) - 1
+        self._flush_bytes = flush_bytes
         self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._tail = b""
         self._eager = False  # the last parse ended inside an event: parse the next chunk too
 
@@ -514,10 +572,13 @@ class DeferredAssembly:
         if not data:
             return
         self._pending.append(data)
+        self._pending_bytes += len(data)
         edge = self._tail + data[: self._overlap] if self._tail else b""
         if self._eager or any(marker in data or marker in edge for marker in self._markers):
             self._flush()
             self._eager = bool(self._assembler.partial)
+        elif self._pending_bytes >= self._flush_bytes:
+            self._flush()  # no marker in it: nothing here can end the stream
         if len(data) >= self._overlap:
             self._tail = data[len(data) - self._overlap :] if self._overlap else b""
         else:
@@ -527,7 +588,13 @@ class DeferredAssembly:
         if self._pending:
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending = []
+            self._pending_bytes = 0
             self._assembler.feed(data)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes collected and not parsed yet (below `flush_bytes` after each `feed`)."""
+        return self._pending_bytes
 
     def close(self) -> None:
         """End of stream: parse what is collected, then flush an unterminated last event."""
