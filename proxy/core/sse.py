@@ -254,7 +254,7 @@ class StreamAssembler:
         return self._parser.partial
 
     def _event(self, payload: bytes, exact: bool = False) -> None:
-        if len(payload) < 16 and payload.strip() == _DONE_BYTES:
+        if payload[:1] != b"{" and payload.strip() == _DONE_BYTES:  # a chunk is never [DONE]
             self.done = True
             return
         try:
