@@ -1,6 +1,6 @@
 """Benchmark: export 100,000 recorded trajectories (issue 3: "seconds, not minutes").
 
-    python -m bench.bench_export [--trajectories 100000] [--db PATH] [--reuse]
+    python -m bench.bench_export [--trajectories 100000] [--db PATH] [--reuse] [--stages N]
 
 Builds a SQLite database the way the recorder writes it (`ExchangeRecord.to_row`,
 `trajectory_rows`, `Database.write_exchanges`, in large batches), shaped like the seed use case:
@@ -10,8 +10,9 @@ times `python -m exporter export` (the real CLI, as a subprocess, tokens counted
 checked) and `validate` on the output, and prints one JSON line with the numbers: wall-clock
 rate beside issue 13's floor (20,000 samples/s), the export's own CPU time (process and
 workers, and each apart: the steadier figures on a shared machine), and its largest resident
-set; then one line
-for people: the rate, PASS or MISS against the floor, the load average.
+set; then one line for people: the rate, PASS or MISS against the floor, the load average.
+With `--stages N`, it then times each stage of a worker process on N samples (`stage_costs`)
+and prints them beside the CPU the floor allows per sample.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import os
 import random
@@ -245,11 +247,87 @@ def cpu_split(result: subprocess.CompletedProcess[str]) -> dict[str, float]:
     return {key: round(value, 2) for key, value in split.items()}
 
 
+async def _leaf_ids(db: Path, count: int) -> list[str]:
+    """The ids of the first `count` leaves an export reads, in its order."""
+    from exporter.options import ExportOptions
+    from exporter.reader import read_ids
+
+    database = await Database.open(str(db), migrate=False, must_exist=True)
+    ids: list[str] = []
+    try:
+        async for batch in read_ids(database, ExportOptions()):
+            ids.extend(exchange_id for exchange_id, _ in batch)
+            if len(ids) >= count:
+                break
+    finally:
+        await database.close()
+    return ids[:count]
+
+
+def stage_costs(db: Path, out: Path, count: int) -> dict[str, float]:
+    """CPU microseconds per sample of each stage of a worker process, in this process, on the
+    first `count` samples (the export's own classes, batches of 1,000; the least of three
+    passes): `read` (`exporter.direct.DirectReader`: SQLite, unpacking, splicing bodies back),
+    `build` (`exporter.building.SampleBuilder.build`: parse, build, render, line, key, the two
+    token counts), `tokens` (those counts alone, `exporter.tokens.TokenCounter.count` on the
+    exported messages: the same texts, the same cache)."""
+    from exporter.building import SampleBuilder
+    from exporter.direct import DirectReader
+    from exporter.options import ExportOptions
+    from exporter.tokens import TokenCounter, encoding_name
+    from proxy.storage.reading import sqlite_row_statements
+
+    options = ExportOptions()
+    ids = asyncio.run(_leaf_ids(db, count))
+    batches = [ids[start : start + 1000] for start in range(0, len(ids), 1000)]
+    reader = DirectReader(db, sqlite_row_statements(options.preference), options)
+    builder = SampleBuilder(options)
+    counter = TokenCounter(encoding_name(options.model_for_tokens))
+    with out.open(encoding="utf-8") as lines:
+        samples = [json.loads(next(lines)) for _ in range(len(ids))]
+    # each sample's tool list as the builder hands it to the counter: its compact JSON, written once
+    tools_json = [
+        json.dumps(s["tools"], separators=(",", ":"), ensure_ascii=False)
+        if s.get("tools")
+        else None
+        for s in samples
+    ]
+
+    def least(run: Any) -> float:
+        best = float("inf")
+        for _ in range(3):
+            started = time.process_time()
+            run()
+            best = min(best, time.process_time() - started)
+        return round(best / len(ids) * 1e6, 1)
+
+    rows = [reader.read(batch) for batch in batches]
+    gc.collect()
+    gc.freeze()  # as a worker does after its start: what is loaded here is not scanned again
+    return {
+        "read": least(lambda: [reader.read(batch) for batch in batches]),
+        "build": least(lambda: [builder.build([dict(row) for row in batch]) for batch in rows]),
+        "tokens": least(
+            lambda: [
+                counter.count(s["messages"], tools_json=tools)
+                for s, tools in zip(samples, tools_json, strict=True)
+            ]
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--trajectories", type=int, default=100_000)
     parser.add_argument("--db", type=Path, help="database file (default: a temporary directory)")
     parser.add_argument("--reuse", action="store_true", help="use --db as it is if it exists")
+    parser.add_argument(
+        "--stages",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then time each stage of a worker on N samples in this process (`stage_costs`)",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="understudy-bench-"))
     db = args.db or workdir / "bench.db"
@@ -265,6 +343,8 @@ def main() -> None:
     export_rss_mb = _children_max_rss_mb()  # the export and its workers (validate runs next)
     validate_s, _, checked = timed("validate", str(out), "--json")
     rate = summary["written"] / export_s
+    split = cpu_split(result)
+    stages = stage_costs(db, out, min(args.stages, summary["written"])) if args.stages else None
     print(
         json.dumps(
             {
@@ -274,7 +354,7 @@ def main() -> None:
                 "export_s": round(export_s, 2),
                 "export_pipeline_s": summary["seconds"],
                 "export_cpu_s": round(export_cpu_s, 2),
-                **{f"export_{key}": value for key, value in cpu_split(result).items()},
+                **{f"export_{key}": value for key, value in split.items()},
                 "export_max_rss_mb": round(export_rss_mb, 1),
                 "samples_per_s": round(rate),
                 "samples_per_cpu_s": round(summary["written"] / export_cpu_s),
@@ -286,6 +366,7 @@ def main() -> None:
                 "out_mb": round(out.stat().st_size / 1e6, 1),
                 "validate_s": round(validate_s, 2),
                 "valid": json.loads(checked.stdout)["valid"] if checked.stdout else False,
+                "stages_us_per_sample": stages,
             }
         )
     )
@@ -295,6 +376,15 @@ def main() -> None:
         f"{'PASS' if rate >= TARGET_SAMPLES_PER_S else 'MISS'} against {TARGET_SAMPLES_PER_S:,}/s; "
         f"max RSS {export_rss_mb:.0f} MB; load average {os.getloadavg()[0]:.1f}"
     )
+    if stages is not None:
+        budget = 2 * 1e6 / TARGET_SAMPLES_PER_S  # two cores' microseconds per sample at the floor
+        main_us = split.get("main_cpu_s", 0) / summary["written"] * 1e6
+        print(
+            f"per sample, CPU us: worker read {stages['read']}, build {stages['build']} (of "
+            f"which the two exact token counts {stages['tokens']}), main process "
+            f"{main_us:.1f} (all of it, start included); {TARGET_SAMPLES_PER_S:,}/s on two "
+            f"cores leaves {budget:.0f} us per sample for everything"
+        )
 
 
 if __name__ == "__main__":
