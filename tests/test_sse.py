@@ -686,11 +686,11 @@ def long_tool_call_stream(argument_bytes: int) -> tuple[list[Any], str]:
 
 
 def test_a_long_stream_is_parsed_in_bounded_steps_as_it_arrives() -> None:
-    """300 KB of tool-call arguments, one event per read: what waits unparsed stays under
+    """100 KB of tool-call arguments, one event per read: what waits unparsed stays under
     `flush_bytes` after every read (no single parse of the whole stream at its end, which held
     the event loop for ~0.5 s at 400 KB), `done` turns true on the [DONE] read, and the answer
     is the plain assembler's, the arguments joined exactly."""
-    events, arguments = long_tool_call_stream(300_000)
+    events, arguments = long_tool_call_stream(100_000)
     reads = [sse([event]) for event in events]
     deferred, plain, done_deferred, done_plain = feed_deferred(
         reads, StreamAssembler, CHAT_TERMINAL_MARKERS
@@ -749,3 +749,55 @@ def test_integers_beyond_64_bits_and_nan_in_a_read_of_many_events_stay_exact() -
         assert result["choices"][0]["message"]["content"] == "abc"
     with_nan = assemble([sse(events[:1]) + nan_event]).result()
     assert with_nan["usage"]["prompt_tokens"] != with_nan["usage"]["prompt_tokens"]  # NaN
+
+
+def test_a_long_responses_stream_is_parsed_in_bounded_steps_too() -> None:
+    """A Responses function call of ~200 KB of arguments, one event per read: what waits stays
+    under `flush_bytes`, `done` turns true on the `response.completed` read, and the response is
+    the plain assembler's, arguments whole."""
+    arguments = json.dumps({"path": "notes.md", "content": "- item\n" * 28_000})
+    item = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "write_file"}
+    events: list[dict[str, Any]] = [
+        {
+            "type": "response.created",
+            "response": {"id": "r", "status": "in_progress", "output": []},
+        },
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**item, "arguments": ""},
+        },
+    ]
+    for start in range(0, len(arguments), 8):
+        events.append(
+            {
+                "type": "response.function_call_arguments.delta",
+                "output_index": 0,
+                "delta": arguments[start : start + 8],
+            }
+        )
+    done_item = {**item, "arguments": arguments, "status": "completed"}
+    events += [
+        {"type": "response.output_item.done", "output_index": 0, "item": done_item},
+        {
+            "type": "response.completed",
+            "response": {"id": "r", "status": "completed", "output": []},
+        },
+    ]
+    reads = [
+        f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': n})}\n\n".encode()
+        for n, e in enumerate(events)
+    ]
+    deferred, plain, done_deferred, done_plain = feed_deferred(
+        reads, ResponsesStreamAssembler, RESPONSES_TERMINAL_MARKERS
+    )
+    assert done_deferred == done_plain == [False] * (len(reads) - 1) + [True]
+    assert deferred.result() == plain.result()
+    assert deferred.result()["output"] == [done_item]
+    bounded = DeferredAssembly(ResponsesStreamAssembler(), RESPONSES_TERMINAL_MARKERS)
+    most = 0
+    for read in reads:
+        bounded.feed(read)
+        most = max(most, bounded.pending_bytes)
+    assert most < DeferredAssembly.FLUSH_BYTES
+    assert sum(map(len, reads)) > 10 * DeferredAssembly.FLUSH_BYTES
