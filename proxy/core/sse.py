@@ -573,8 +573,9 @@ class DeferredAssembly:
             return
         self._pending.append(data)
         self._pending_bytes += len(data)
-        edge = self._tail + data[: self._overlap] if self._tail else b""
-        if self._eager or any(marker in data or marker in edge for marker in self._markers):
+        # one look per marker, at the read and the end of the one before (a marker may straddle)
+        window = self._tail + data if self._tail else data
+        if self._eager or any(marker in window for marker in self._markers):
             self._flush()
             self._eager = bool(self._assembler.partial)
         elif self._pending_bytes >= self._flush_bytes:
