@@ -23,13 +23,21 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
 from proxy.testing.servers import serve_in_thread
 from tests.support.inprocess import ThreadedProxy
 from tests.support.inprocess import served_proxy as launch_proxy
 from tests.support.processes import FakeUpstream
 from tests.support.records import db_rows, recorded_exchanges, response_message, wait_for_ids
-from tests.support.scripted import SCRIPTED_COMPLETION, ScriptedUpstream, create_scripted_app
+from tests.support.scripted import (
+    LONG_TOOL_ARGUMENTS,
+    SCRIPTED_COMPLETION,
+    ScriptedUpstream,
+    create_scripted_app,
+    long_tool_sse_events,
+)
 
 API_KEY = "sk-test-fidelity"
 AUTH = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
@@ -314,6 +322,37 @@ def test_gzip_stream_reaches_the_sdk_and_is_assembled(scripted_proxy: ThreadedPr
     assert row["outcome"] == "ok"
     assert response_message(row)["content"] == "scripted answer"
     assert row["usage"] == SCRIPTED_COMPLETION["usage"]
+
+
+def test_a_long_streamed_tool_call_is_relayed_as_sent_and_recorded_whole(
+    scripted_proxy: ThreadedProxy,
+) -> None:
+    """~3,900 events (~940 KB) carrying a 31 KB file write (the proxy parses such a stream 64 KiB at a
+    time as it passes): the client gets the upstream's bytes unchanged and the SDK's own
+    accumulator the whole call; the record holds the same arguments, character for character."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "write it"}], "stream": True}
+    with httpx.Client(timeout=60) as client:
+        response = client.post(
+            scripted_proxy.base_url + "/chat/completions",
+            json=body,
+            headers={**AUTH, "x-script": "long-tool-sse"},
+        )
+    assert response.status_code == 200
+    assert response.content == b"".join(long_tool_sse_events())
+    state: ChatCompletionStreamState[Any] = ChatCompletionStreamState()
+    for line in response.text.split("\n\n"):
+        if line.startswith("data: {"):
+            state.handle_chunk(ChatCompletionChunk.model_validate_json(line[6:]))
+    sdk_call = state.get_final_completion().choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert sdk_call.function.arguments == LONG_TOOL_ARGUMENTS
+    row = row_of(scripted_proxy, response)
+    assert row["outcome"] == "ok"
+    recorded = response_message(row)["tool_calls"][0]
+    assert recorded == {
+        "id": "call_long",
+        "type": "function",
+        "function": {"name": "write_file", "arguments": LONG_TOOL_ARGUMENTS},
+    }
 
 
 def test_upstream_is_only_offered_codings_the_proxy_can_decode(

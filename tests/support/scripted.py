@@ -57,13 +57,40 @@ def scripted_sse_events() -> list[bytes]:
     ]
 
 
+LONG_TOOL_ARGUMENTS = json.dumps(
+    {"path": "src/report.py", "content": "total = sum(values)  # €\n" * 1_000}
+)
+"""The arguments of the `long-tool-sse` stream's one tool call (~31 KB: a file written)."""
+
+
+def long_tool_sse_events() -> list[bytes]:
+    """A stream whose one tool call writes a file: `LONG_TOOL_ARGUMENTS` in 8-character deltas
+    (one event each, ~3,900 events, ~940 KB of SSE), then finish and [DONE]."""
+    base = {"id": "chatcmpl-long", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return b"data: " + json.dumps({**base, "choices": [choice]}).encode() + b"\n\n"
+
+    call = {"index": 0, "id": "call_long", "type": "function"}
+    events = [
+        event({"role": "assistant", "tool_calls": [{**call, "function": {"name": "write_file"}}]})
+    ]
+    for start in range(0, len(LONG_TOOL_ARGUMENTS), 8):
+        piece = LONG_TOOL_ARGUMENTS[start : start + 8]
+        events.append(event({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+    return [*events, event({}, "tool_calls"), b"data: [DONE]\n\n"]
+
+
 @dataclass
 class ScriptedUpstream:
     """An in-process upstream whose behaviour each request picks with the `x-script` header.
 
     `x-script`: `json` (default; also sends two `set-cookie` headers), `gzip-json`, `gzip-sse`
     (gzip, flushed per event), `sse-break` (two events, then the connection is dropped),
-    `not-json` (a 200 text body), `html-502` (a load balancer's HTML error page). `x-script-delay-ms: N` waits before answering at all.
+    `not-json` (a 200 text body), `html-502` (a load balancer's HTML error page),
+    `long-tool-sse` (a tool call of ~31 KB of arguments, 8 characters per event,
+    `long_tool_sse_events`). `x-script-delay-ms: N` waits before answering at all.
     `received` holds each request: method, path, query, headers (raw pairs), body (bytes).
     """
 
@@ -118,6 +145,13 @@ def create_scripted_app(received: list[dict[str, Any]]) -> Starlette:
                 raise RuntimeError("upstream dropped the connection (scripted)")
 
             return StreamingResponse(breaking(), media_type="text/event-stream", headers=headers)
+        if script == "long-tool-sse":
+
+            async def long_stream() -> AsyncIterator[bytes]:
+                for event in long_tool_sse_events():
+                    yield event
+
+            return StreamingResponse(long_stream(), media_type="text/event-stream", headers=headers)
         if script == "not-json":
             return Response(b"upstream says: not json", media_type="text/plain", headers=headers)
         if script == "html-502":
