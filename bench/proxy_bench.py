@@ -12,7 +12,8 @@ One run, all on 127.0.0.1, bounded (about 1.5 minutes with the defaults):
 4. stops the proxy with SIGTERM (the recorder drains) and checks that the SQLite database holds
    exactly one exchange per request the proxy answered.
 
-It prints a table and writes `bench/RESULTS.md`. The request is an SDK-shaped chat.completions
+It prints a table and writes the head of `bench/RESULTS.md` (`--out`): what is above its
+`KEPT_BELOW` line; the rest of the file is kept as it is. The request is an SDK-shaped chat.completions
 call (system prompt, user message, 3 tools); the answer a tool call (JSON or SSE).
 
 Run (from the repository root, in the project's venv):
@@ -65,6 +66,9 @@ from bench import loadgen, mock_upstream
 from proxy.testing.servers import child_env, free_port, stop_process
 
 BENCH = Path(__file__).resolve().parent
+KEPT_BELOW = "<!-- bench/proxy_bench.py rewrites what is above this line; what follows is kept -->"
+"""The line of `--out` below which a run keeps the file as it is (bench/RESULTS.md goes on with
+the runs compared by hand, the storage and the export figures)."""
 ROOT = BENCH.parent
 
 
@@ -691,7 +695,18 @@ served ~{LITELLM_RPS:.0f} requests/s on the same request.
   {recording["recorder"]}
 - check: {"PASS" if recording["ok"] else "FAIL"}{"".join(f"; {p}" for p in problems)}
 """
-    path.write_text(text)
+    write_keeping(path, text)
+
+
+def write_keeping(path: Path, text: str) -> None:
+    """Write `text` to `path`, followed by what the file holds from its `KEPT_BELOW` line on
+    (a file without that line is replaced whole)."""
+    kept = ""
+    if path.exists():
+        existing = path.read_text(encoding="utf-8")
+        at = existing.find(KEPT_BELOW)
+        kept = existing[at:] if at >= 0 else ""
+    path.write_text(text + ("\n" + kept if kept else ""), encoding="utf-8")
 
 
 def print_tables(
