@@ -5,7 +5,8 @@ calls): this one must never be the bottleneck, so it answers from pre-encoded by
 
     POST /v1/chat/completions   JSON `chat.completion` with one tool call (about 800 bytes), or,
                                 when the body has `"stream": true`, the same answer as an SSE
-                                stream (chunked, one write per event, `[DONE]` last).
+                                stream (chunked, one write per event, `[DONE]` last; with
+                                `--pace-ms N`, each event N ms after the one before).
     POST /v1/responses          the same answer as a Responses API `response` (one
                                 `function_call` item), or its event stream with
                                 `sequence_number`s (no `[DONE]`) for `"stream": true`.
@@ -167,6 +168,9 @@ MODELS = json.dumps(
     }
 ).encode()
 
+PACE_S = 0.0
+"""Seconds between a stream's events (`--pace-ms`); 0: all written at once."""
+
 _request_ids = itertools.count(1)
 _date = {"second": 0, "value": b""}
 
@@ -306,11 +310,29 @@ class MockProtocol(asyncio.Protocol):
             b"HTTP/1.1 200 OK\r\n%stransfer-encoding: chunked\r\n\r\n"
             % _openai_headers(b"text/event-stream; charset=utf-8")
         )
-        for piece in chunks or STREAM_CHUNKS:
+        pieces = [*(chunks or STREAM_CHUNKS), b"0\r\n\r\n"]
+        if PACE_S > 0:
+            self._paced(pieces, 0, self.transport, close)
+            return
+        for piece in pieces:
             self.transport.write(piece)
-        self.transport.write(b"0\r\n\r\n")
         if close:
             self.transport.close()
+            self.transport = None
+
+    def _paced(
+        self, pieces: list[bytes], at: int, transport: asyncio.Transport, close: bool
+    ) -> None:
+        """Write `pieces[at]`, and the next one `PACE_S` later (`--pace-ms`)."""
+        if self.transport is not transport:  # the connection went away meanwhile
+            return
+        transport.write(pieces[at])
+        if at + 1 < len(pieces):
+            asyncio.get_running_loop().call_later(
+                PACE_S, self._paced, pieces, at + 1, transport, close
+            )
+        elif close:
+            transport.close()
             self.transport = None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -329,7 +351,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Fast mock OpenAI upstream for the benchmark.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument(
+        "--pace-ms",
+        type=float,
+        default=0.0,
+        help="write a stream's events this many ms apart, as a model writes tokens (default: "
+        "all at once)",
+    )
     args = parser.parse_args()
+    global PACE_S
+    PACE_S = max(0.0, args.pace_ms) / 1000
     try:
         import uvloop
 

@@ -647,7 +647,9 @@ process (one uvicorn worker) with recording on (SQLite, WAL), in front of a fast
 (system prompt, user message, 3 tools, {
         len(loadgen.chat_body(False))
     } bytes); the answer a tool call,
-as JSON or as an SSE stream of {len(mock_upstream.EVENTS)} events.
+as JSON or as an SSE stream of {len(mock_upstream.EVENTS)} events{
+        f", written {args.pace_ms:g} ms apart (--pace-ms)" if args.pace_ms > 0 else ""
+    }.
 
 - date: {info["date"]}
 - machine: {info["cpus"]}; Python {info["python"]}; load average at start {info["load"]}
@@ -770,6 +772,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 500 requests, 3 s runs")
     parser.add_argument(
+        "--pace-ms",
+        type=float,
+        default=0.0,
+        help="the mock writes a stream's events this many ms apart (each then reaches the proxy "
+        "as a read of its own, as a model's tokens do); default: all at once",
+    )
+    parser.add_argument(
         "--prefill",
         type=int,
         default=0,
@@ -835,7 +844,13 @@ def main(argv: list[str] | None = None) -> int:
             "warning",
         ]
     console.print(f"[bold]Understudy proxy benchmark[/] ({info['cpus']}, Python {info['python']})")
-    mock = start([sys.executable, "-m", "bench.mock_upstream", "--port", str(mock_port)])
+    mock = start(
+        [
+            sys.executable,
+            *("-m", "bench.mock_upstream", "--port", str(mock_port)),
+            *("--pace-ms", str(args.pace_ms)),
+        ]
+    )
     # Anonymous (nothing in a directory to sweep); closed in the `finally` below.
     proxy_log = tempfile.TemporaryFile()  # noqa: SIM115
     proxy: subprocess.Popen[bytes] | None = None
