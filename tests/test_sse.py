@@ -28,6 +28,7 @@ from proxy.core.sse import (
     StreamAssembler,
 )
 from proxy.testing.fake_openai import _stream_chunks, plan_message
+from tests.support.scripted import LONG_TOOL_ARGUMENTS, long_tool_sse_events
 
 
 def chunk(
@@ -663,42 +664,22 @@ def test_a_payload_that_is_not_utf8_reads_as_its_text_with_replacements() -> Non
     assert assembler.result()["choices"][0]["message"]["content"] == "fine caf\ufffd"
 
 
-def long_tool_call_stream(argument_bytes: int) -> tuple[list[Any], str]:
-    """A tool call writing a file, its arguments (about `argument_bytes`) streamed 8 characters
-    per chunk as OpenAI streams them; (the events, [DONE] last; the arguments text)."""
-    arguments = json.dumps(
-        {"path": "src/app.py", "content": "print('é')\n" * (argument_bytes // 12)}
-    )
-    call = {"index": 0, "id": "call_w", "type": "function"}
-    events: list[Any] = [
-        chunk(
-            {
-                "role": "assistant",
-                "tool_calls": [{**call, "function": {"name": "write_file", "arguments": ""}}],
-            }
-        )
-    ]
-    for start in range(0, len(arguments), 8):
-        piece = arguments[start : start + 8]
-        events.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
-    events += [chunk({}, finish="tool_calls"), "[DONE]"]
-    return events, arguments
-
-
 def test_a_long_stream_is_parsed_in_bounded_steps_as_it_arrives() -> None:
-    """100 KB of tool-call arguments, one event per read: what waits unparsed stays under
-    `flush_bytes` after every read (no single parse of the whole stream at its end, which held
-    the event loop for ~0.5 s at 400 KB), `done` turns true on the [DONE] read, and the answer
-    is the plain assembler's, the arguments joined exactly."""
-    events, arguments = long_tool_call_stream(100_000)
-    reads = [sse([event]) for event in events]
+    """A 31 KB file written through a tool call (~940 KB of SSE), one event per read: what
+    waits unparsed stays under `flush_bytes` after every read (no single parse of the whole
+    stream at its end, which held the event loop for ~0.5 s at 400 KB), `done` turns true on
+    the [DONE] read, and the answer is the plain assembler's, the arguments joined exactly."""
+    reads = long_tool_sse_events()
     deferred, plain, done_deferred, done_plain = feed_deferred(
         reads, StreamAssembler, CHAT_TERMINAL_MARKERS
     )
     assert done_deferred == done_plain == [False] * (len(reads) - 1) + [True]
     assert deferred.result() == plain.result()
     message = deferred.result()["choices"][0]["message"]
-    assert message["tool_calls"][0]["function"] == {"name": "write_file", "arguments": arguments}
+    assert message["tool_calls"][0]["function"] == {
+        "name": "write_file",
+        "arguments": LONG_TOOL_ARGUMENTS,
+    }
     pending = []
     bounded = DeferredAssembly(StreamAssembler(), CHAT_TERMINAL_MARKERS)
     for read in reads:
@@ -713,8 +694,8 @@ def test_a_small_flush_size_changes_nothing_but_when_events_are_parsed(seed: int
     """Flushing after every few bytes, reads cut anywhere (inside events and inside [DONE]):
     the same `done` per read and the same answer as per-read feeding."""
     rng = random.Random(11_000 + seed)
-    events, _ = long_tool_call_stream(2_000)
-    data = sse(events, newline=rng.choice(["\n", "\r\n"]))
+    arguments = json.dumps({"path": "src/app.py", "content": "print('é')\n" * 160})
+    data = b"".join(long_tool_sse_events(arguments, newline=rng.choice([b"\n", b"\r\n"])))
     parts = pieces(data, [rng.randrange(1, len(data)) for _ in range(60)])
     deferred = DeferredAssembly(
         StreamAssembler(), CHAT_TERMINAL_MARKERS, flush_bytes=rng.randrange(1, 400)

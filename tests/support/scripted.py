@@ -63,23 +63,27 @@ LONG_TOOL_ARGUMENTS = json.dumps(
 """The arguments of the `long-tool-sse` stream's one tool call (~31 KB: a file written)."""
 
 
-def long_tool_sse_events() -> list[bytes]:
-    """A stream whose one tool call writes a file: `LONG_TOOL_ARGUMENTS` in 8-character deltas
-    (one event each, ~3,900 events, ~940 KB of SSE), then finish and [DONE]."""
+def long_tool_sse_events(
+    arguments: str = LONG_TOOL_ARGUMENTS, newline: bytes = b"\n"
+) -> list[bytes]:
+    """A stream whose one tool call writes a file: `arguments` in 8-character deltas (one event
+    each: ~3,900 events, ~940 KB of SSE for `LONG_TOOL_ARGUMENTS`), then finish and [DONE];
+    lines end with `newline`."""
+    end = newline * 2
     base = {"id": "chatcmpl-long", "object": "chat.completion.chunk", "created": 1, "model": "m"}
 
     def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return b"data: " + json.dumps({**base, "choices": [choice]}).encode() + b"\n\n"
+        return b"data: " + json.dumps({**base, "choices": [choice]}).encode() + end
 
     call = {"index": 0, "id": "call_long", "type": "function"}
     events = [
         event({"role": "assistant", "tool_calls": [{**call, "function": {"name": "write_file"}}]})
     ]
-    for start in range(0, len(LONG_TOOL_ARGUMENTS), 8):
-        piece = LONG_TOOL_ARGUMENTS[start : start + 8]
+    for start in range(0, len(arguments), 8):
+        piece = arguments[start : start + 8]
         events.append(event({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
-    return [*events, event({}, "tool_calls"), b"data: [DONE]\n\n"]
+    return [*events, event({}, "tool_calls"), b"data: [DONE]" + end]
 
 
 @dataclass
