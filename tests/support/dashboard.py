@@ -31,8 +31,11 @@ def record_traffic(
     run: str = "test",
 ) -> int:
     """Play conversations through the proxy with the openai SDK (`rounds` times, each round new
-    trajectories); wait until all are recorded."""
+    trajectories); wait until all are recorded (the database's count grows by the requests
+    made: it may hold earlier traffic). Returns the requests made."""
     client = openai.OpenAI(base_url=proxy.base_url, api_key="sk-test-key", max_retries=0)
+    stats_url = f"{proxy.root_url}/api/stats"
+    before = httpx.get(stats_url, headers=headers).json()["exchanges"]
     requests = 0
     for round_ in range(rounds):
         for convo in conversations:
@@ -42,11 +45,11 @@ def record_traffic(
                 requests += 1
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        stats = httpx.get(f"{proxy.root_url}/api/stats", headers=headers).json()
-        if stats["exchanges"] >= requests:
+        stats = httpx.get(stats_url, headers=headers).json()
+        if stats["exchanges"] >= before + requests:
             return requests
         time.sleep(0.05)
-    raise AssertionError(f"only {stats} of {requests} exchanges recorded")
+    raise AssertionError(f"{stats}: expected {before} + {requests} exchanges recorded")
 
 
 def by_name(*names: str) -> list[Conversation]:
