@@ -91,63 +91,71 @@ async def v1_request(request: Request) -> Response:
     return await passthrough(request)
 
 
+async def _stop_recorder(recorder: Recorder) -> None:
+    """Shutdown: write what the recorder holds (see `Recorder.stop`), then log its counters."""
+    await recorder.stop()
+    log.info("recorder: %s", dict(recorder.stats))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the proxy app. Resources (database, recorder, upstream client) open in its lifespan."""
     settings = settings or get_settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = await Database.open(settings.db, convert_in_background=True)
-        recorder = Recorder(
-            db,
-            journal=Journal(journal_path(settings)),
-            redactor=Redactor(settings.redact_pii, settings.phone_region),
-            flush_interval_s=settings.flush_interval_ms / 1000,
-            batch_size=settings.record_batch_size,
-            queue_size=settings.record_queue_size,
-            buffer_bytes=settings.record_buffer_bytes,
-            write_ahead=settings.write_ahead,
-            writer=settings.record_writer,
-        )
-        await recorder.start()
-        client = create_client(settings)
-        stitcher = Stitcher(db, settings.stitch_cache_size)
-        proxy = ProxyState(
-            settings=settings,
-            db=db,
-            recorder=recorder,
-            stitcher=stitcher,
-            client=client,
-            metrics=Metrics(recorder, stitcher),
-            teacher=Teacher(settings) if settings.teacher_model else None,
-        )
-        app.state.proxy = proxy
-        # What start-up allocated (modules, litellm, SQLAlchemy) lives forever: keep it out of
-        # every later collection, so a full collection does not walk it (it took ~300 ms).
-        gc.collect()
-        gc.freeze()
-        log.info(
-            "understudy proxy: upstream %s, database %s (%s stitching)",
-            settings.upstream,
-            display_target(settings.db),
-            proxy.stitcher.mode,
-        )
-        if proxy.teacher is not None:
-            log.info(
-                "teacher %s: rate %.2f, %d routing rules",
-                settings.teacher_model,
-                settings.teacher_rate,
-                len(settings.routing_rules),
+        # Each resource's close is pushed as soon as it is open: at shutdown they run in reverse
+        # order, and one that raises does not keep the others (the recorder's drain) from running.
+        async with contextlib.AsyncExitStack() as resources:
+            db = await Database.open(settings.db, convert_in_background=True)
+            resources.push_async_callback(db.close)
+            recorder = Recorder(
+                db,
+                journal=Journal(journal_path(settings)),
+                redactor=Redactor(settings.redact_pii, settings.phone_region),
+                flush_interval_s=settings.flush_interval_ms / 1000,
+                batch_size=settings.record_batch_size,
+                queue_size=settings.record_queue_size,
+                buffer_bytes=settings.record_buffer_bytes,
+                write_ahead=settings.write_ahead,
+                writer=settings.record_writer,
             )
-        try:
+            await recorder.start()
+            resources.push_async_callback(_stop_recorder, recorder)
+            client = create_client(settings)
+            resources.push_async_callback(client.close)
+            stitcher = Stitcher(db, settings.stitch_cache_size)
+            proxy = ProxyState(
+                settings=settings,
+                db=db,
+                recorder=recorder,
+                stitcher=stitcher,
+                client=client,
+                metrics=Metrics(recorder, stitcher),
+                teacher=Teacher(settings) if settings.teacher_model else None,
+            )
+            # Background responses never retrieved are recorded as they are, once the shadow
+            # calls (which may still submit records) are done.
+            resources.push_async_callback(drain_background, proxy)
+            resources.push_async_callback(proxy.drain_background, settings.read_timeout_s)
+            app.state.proxy = proxy
+            # What start-up allocated (modules, litellm, SQLAlchemy) lives forever: keep it out
+            # of every later collection, so a full collection does not walk it (it took ~300 ms).
+            gc.collect()
+            gc.freeze()
+            log.info(
+                "understudy proxy: upstream %s, database %s (%s stitching)",
+                settings.upstream,
+                display_target(settings.db),
+                proxy.stitcher.mode,
+            )
+            if proxy.teacher is not None:
+                log.info(
+                    "teacher %s: rate %.2f, %d routing rules",
+                    settings.teacher_model,
+                    settings.teacher_rate,
+                    len(settings.routing_rules),
+                )
             yield
-        finally:
-            await proxy.drain_background(settings.read_timeout_s)
-            await drain_background(proxy)  # background responses never retrieved: as they are
-            await client.close()
-            await recorder.stop()
-            await db.close()
-            log.info("recorder: %s", dict(recorder.stats))
 
     app = FastAPI(title="Understudy proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
     # Hot paths are plain Starlette routes: the body is forwarded as bytes, never re-modelled.

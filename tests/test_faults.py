@@ -455,7 +455,8 @@ def test_sigterm_finishes_streams_drains_the_queue_and_records_everything_answer
     for thread in threads:
         thread.join(timeout=60)
     assert proxy.process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises it
-    assert "Application shutdown complete" in proxy.stop()
+    output = proxy.stop()
+    assert "Application shutdown complete" in output, output[-6000:]  # with any traceback
 
     assembled = []
     for received in streams:
