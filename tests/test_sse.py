@@ -459,6 +459,21 @@ def test_provider_text_fields_and_legacy_function_call() -> None:
     assert message["function_call"] == {"name": "f", "arguments": '{"a": 1}'}
 
 
+def test_a_legacy_function_call_in_many_pieces_and_one_not_an_object() -> None:
+    pieces = ['{"path": "', *("a" for _ in range(5000)), '"}']
+    events = [
+        chunk({"role": "assistant", "function_call": {"name": "write", "arguments": ""}}),
+        *(chunk({"function_call": {"arguments": piece}}) for piece in pieces),
+        chunk({"function_call": {"name": "not the first name"}}, finish="function_call"),
+        "[DONE]",
+    ]
+    message = assemble(sse(events)).result()["choices"][0]["message"]
+    assert message["function_call"] == {"name": "write", "arguments": "".join(pieces)}
+    # An upstream's malformed delta is kept as it came, never a crash of the record.
+    odd = assemble(sse([chunk({"function_call": "f"}, finish="stop"), "[DONE]"]))
+    assert odd.result()["choices"][0]["message"]["function_call"] == "f"
+
+
 def test_later_null_top_level_fields_do_not_erase_earlier_values() -> None:
     events = [
         chunk({"role": "assistant", "content": "x"}, service_tier="default"),

@@ -189,7 +189,8 @@ _NOT_TOP_LEVEL: Final = frozenset({"choices", "usage", "object"})
 
 @dataclass(slots=True)
 class _ToolCallState:
-    """One tool call of a choice, as its deltas arrived: `arguments` in pieces."""
+    """One tool call of a choice (or its legacy `function_call`), as its deltas arrived:
+    `arguments` in pieces."""
 
     id: str | None = None
     type: str = "function"
@@ -213,7 +214,7 @@ class _ChoiceState:
     refusal: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     tool_calls: dict[int, _ToolCallState] = field(default_factory=dict)
-    function_call: dict[str, Any] | None = None
+    function_call: _ToolCallState | None = None
     finish_reason: str | None = None
     logprobs: dict[str, list[Any]] | None = None
 
@@ -301,12 +302,15 @@ class StreamAssembler:
                     state.role = value
                 elif key == "refusal":
                     state.refusal.append(value)
-                elif key == "function_call":
-                    fc = state.function_call or {"name": "", "arguments": ""}
-                    if value.get("name") and not fc["name"]:
-                        fc["name"] = value["name"]
-                    fc["arguments"] += value.get("arguments") or ""
-                    state.function_call = fc
+                elif key == "function_call" and isinstance(value, dict):  # legacy functions
+                    fc = state.function_call
+                    if fc is None:
+                        fc = state.function_call = _ToolCallState()
+                    if value.get("name") and not fc.name:
+                        fc.name = value["name"]
+                    arguments = value.get("arguments")
+                    if arguments:
+                        fc.arguments.append(arguments)  # joined once, by `result()`
                 else:  # audio, reasoning_content and any other field: merged as the SDK does
                     state.extra[key] = merge_delta(state.extra.get(key), value)
         finish_reason = choice.get("finish_reason")
@@ -355,7 +359,7 @@ class StreamAssembler:
                     state.tool_calls[i].as_dict() for i in sorted(state.tool_calls)
                 ]
             if state.function_call is not None:
-                message["function_call"] = state.function_call
+                message["function_call"] = state.function_call.as_dict()["function"]
             choices.append(
                 {
                     "index": index,
