@@ -1,14 +1,17 @@
 """The test suite's own rules (issue 10): helpers live in `tests/support/`, no test module imports
 another test module or `tests/conftest.py`, and `tests/` holds nothing but test modules, the
-conftest (fixtures only) and the support package. Also the order xdist gets the modules in."""
+conftest (fixtures only) and the support package. Also the order xdist gets the modules in, and
+the ports test servers are given (`proxy.testing.servers.free_port`)."""
 
 from __future__ import annotations
 
 import ast
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from proxy.testing.servers import free_port
 from tests.support.scheduling import E2E_SECONDS, order_heaviest_first
 
 TESTS = Path(__file__).resolve().parent
@@ -115,3 +118,20 @@ def test_modules_go_heaviest_first_and_keep_their_tests_together_in_order() -> N
         "tests/test_c.py",
         "tests/test_c.py",
     ]
+
+
+def test_free_ports_are_drawn_below_the_ephemeral_range_and_are_bindable() -> None:
+    # Outgoing connections get ephemeral ports: a server port drawn from that range could be taken
+    # by one between the draw and the server's bind.
+    ephemeral_from = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(20)]
+    assert len(set(ports)) == 20
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[-1] + 1))  # the next in turn, now in use: skipped
+        taken.listen()
+        following = free_port()
+    assert following not in ports and following != ports[-1] + 1
+    for port in [*ports, following]:
+        assert 1024 < port < ephemeral_from
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))

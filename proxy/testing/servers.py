@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import httpx
 
@@ -37,9 +38,42 @@ class ServerError(RuntimeError):
     """A server exited before it answered, or did not answer in time (carries its output)."""
 
 
+_PORTS_FROM: Final = 15_000
+"""The lowest port `free_port` hands out (above the usual fixed service ports)."""
+_next_port: list[int] = []  # this process's next candidate, once drawn
+_port_lock = threading.Lock()
+
+
+def _ephemeral_ports_from() -> int:
+    """The lowest port of the kernel's ephemeral range (Linux's setting; its default elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on now, on `host` (the OS picks it; another process may take it
-    before it is bound, which on loopback in tests does not happen in practice)."""
+    """A TCP port nothing listens on now, on `host`, for a server to bind soon after.
+
+    Drawn below the kernel's ephemeral range, from a random start per process, then in turn:
+    a port the kernel picked (bind to 0) comes from the ephemeral range, which the kernel also
+    hands to outgoing connections, and one of those took such a port before its server bound
+    it ("address already in use", seen once in a full test run). Falls back to the kernel's
+    pick when the range below is too small."""
+    low, high = _PORTS_FROM, _ephemeral_ports_from()
+    with _port_lock:
+        if high - low >= 1_000:
+            if not _next_port:
+                _next_port.append(random.randrange(low, high))
+            for _ in range(high - low):
+                port = _next_port[0]
+                _next_port[0] = low + (port + 1 - low) % (high - low)
+                with socket.socket() as sock:
+                    try:
+                        sock.bind((host, port))
+                    except OSError:
+                        continue
+                return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
