@@ -16,6 +16,7 @@ Servers are real processes (or a real uvicorn in a thread) on loopback, as users
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import signal
@@ -71,8 +72,10 @@ def free_port(host: str = "127.0.0.1") -> int:
                 with socket.socket() as sock:
                     try:
                         sock.bind((host, port))
-                    except OSError:
-                        continue
+                    except OSError as exc:
+                        if exc.errno == errno.EADDRINUSE:
+                            continue
+                        break  # not a port in use (e.g. an address this family cannot bind)
                 return port
     with socket.socket() as sock:
         sock.bind((host, 0))
