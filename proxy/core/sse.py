@@ -197,13 +197,13 @@ class _ToolCallState:
     name: str = ""
     arguments: list[str] = field(default_factory=list)
 
+    def function(self) -> dict[str, str]:
+        """`{"name", "arguments"}`: a tool call's `function`, or a legacy `function_call`."""
+        return {"name": self.name, "arguments": "".join(self.arguments)}
+
     def as_dict(self) -> dict[str, Any]:
         """The call in a `chat.completion` message's shape."""
-        return {
-            "id": self.id,
-            "type": self.type,
-            "function": {"name": self.name, "arguments": "".join(self.arguments)},
-        }
+        return {"id": self.id, "type": self.type, "function": self.function()}
 
 
 @dataclass
@@ -359,7 +359,7 @@ class StreamAssembler:
                     state.tool_calls[i].as_dict() for i in sorted(state.tool_calls)
                 ]
             if state.function_call is not None:
-                message["function_call"] = state.function_call.as_dict()["function"]
+                message["function_call"] = state.function_call.function()
             choices.append(
                 {
                     "index": index,
